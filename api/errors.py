@@ -1,0 +1,177 @@
+"""Every error leaves the API as RFC 9457 problem details (``application/problem+json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import InvalidArchive, InvalidSpec, ShearsError, UnsafeArchive, UnsupportedFormat
+from shears.db.repository import InvalidCursor
+from shears.storage import StorageError
+
+PROBLEM_JSON = "application/problem+json"
+log = structlog.get_logger("shears.api")
+
+
+class Problem(Exception):
+    """An error with its HTTP status, a stable type slug and a sentence a person can act on."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.title = title
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers
+
+
+def not_found(what: str, id_: str) -> Problem:
+    return Problem(404, "not-found", "Not found", f"No {what} with id {id_!r} exists.")
+
+
+def invalid_field(loc: list[str | int], message: str) -> Problem:
+    """A 422 for one field of a well-formed request whose value cannot work."""
+    return Problem(
+        422,
+        "validation-error",
+        "Invalid request",
+        message,
+        errors=[{"loc": loc, "msg": message, "type": "value_error"}],
+    )
+
+
+# core's errors, as the API reports them.
+_CORE_ERRORS: dict[type[ShearsError], tuple[int, str, str]] = {
+    UnsupportedFormat: (415, "unsupported-format", "Unsupported model format"),
+    UnsafeArchive: (422, "unsafe-archive", "Unsafe archive refused"),
+    InvalidArchive: (422, "invalid-archive", "Malformed archive"),
+    InvalidSpec: (422, "invalid-spec", "The spec does not fit this model"),
+}
+
+
+def from_core(exc: ShearsError) -> Problem:
+    for cls in type(exc).__mro__:
+        if cls in _CORE_ERRORS:
+            status, slug, title = _CORE_ERRORS[cls]
+            return Problem(status, slug, title, exc.message)
+    return Problem(422, exc.code.replace("_", "-"), "Request refused", exc.message)
+
+
+def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"/problems/{problem.slug}",
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+    }
+    if instance:
+        body["instance"] = instance
+    if problem.errors is not None:
+        body["errors"] = problem.errors
+    return JSONResponse(
+        body, status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers
+    )
+
+
+_HTTP_SLUGS = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    409: ("conflict", "Conflict"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc, request.url.path)
+
+    @app.exception_handler(ShearsError)
+    async def _core(request: Request, exc: ShearsError) -> JSONResponse:
+        return problem_response(from_core(exc), request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body") or "request"
+        detail = f"{where}: {first['msg']}" + (
+            f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        )
+        problem = Problem(422, "validation-error", "Invalid request", detail, errors=errors)
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
+        headers = dict(exc.headers) if exc.headers else None
+        problem = Problem(exc.status_code, slug, title, str(exc.detail), headers=headers)
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable", error=str(exc.orig))
+        problem = Problem(
+            503,
+            "database-unavailable",
+            "Database unavailable",
+            "The database cannot be reached right now; retry in a few seconds.",
+            headers={"Retry-After": "5"},
+        )
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:
+            return await _database_down(request, exc)  # type: ignore[arg-type]
+        log.exception("database error")
+        problem = Problem(500, "internal-error", "Internal error", "The request failed.")
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(InvalidCursor)
+    async def _cursor(request: Request, exc: InvalidCursor) -> JSONResponse:
+        problem = Problem(
+            400,
+            "invalid-cursor",
+            "Invalid cursor",
+            "Pass back the next_cursor of the previous page.",
+        )
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
+        log.error("storage failure", error=str(exc))
+        problem = Problem(
+            507, "storage-error", "Storage unavailable", f"The file could not be stored: {exc}"
+        )
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        problem = Problem(
+            500, "internal-error", "Internal error", "The request failed unexpectedly."
+        )
+        return problem_response(problem, request.url.path)

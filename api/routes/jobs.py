@@ -1,0 +1,197 @@
+"""``/v1/jobs``: submit, follow, cancel and delete pruning jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import structlog
+from celery import Celery
+from fastapi import APIRouter, Query, Response
+
+from api.deps import CeleryDep, SessionDep, StorageDep, TenantDep
+from api.errors import Problem, invalid_field, not_found
+from api.schemas import EventList, JobCreate, JobList, JobOut, JobStatus, LayerList
+from core.allocation import allocate
+from core.errors import InvalidSpec
+from core.spec import SPEC_VERSION, JobSpec
+from shears.db import repository as repo
+from shears.db.tables import Job, new_id, utcnow
+from worker.celery_app import RUN_JOB_TASK
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = structlog.get_logger("shears.api")
+
+
+def job_body(job: Job) -> dict[str, Any]:
+    """The contract's job object from its row."""
+    return {
+        "id": job.id,
+        "status": job.status,
+        "model_id": job.model_id,
+        "name": job.name,
+        "dry_run": bool(job.spec.get("dry_run", False)),
+        "spec": job.spec,
+        "spec_version": job.spec_version,
+        "attempts": job.attempts,
+        "progress": {"stage": job.progress_stage, "fraction": job.progress_fraction},
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "metrics": job.metrics or {},
+        "error": {"type": job.error_type, "message": job.error_message or ""}
+        if job.error_type
+        else None,
+        "result_model_id": job.result_model_id,
+        "artifacts": [
+            {
+                "id": a.id,
+                "kind": a.kind,
+                "format": a.format,
+                "size_bytes": a.size_bytes,
+                "sha256": a.sha256,
+                "download_url": f"/v1/artifacts/{a.id}/download",
+            }
+            for a in job.artifacts
+        ],
+    }
+
+
+def enqueue(celery: Celery, job_id: str) -> bool:
+    """Publish the job's id; the task id is the job id. False when the broker is unreachable:
+    the row stays queued and the sweeper publishes it later."""
+    try:
+        celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id)
+    except Exception:
+        log.warning("enqueue failed; the sweeper will retry", job_id=job_id, exc_info=True)
+        return False
+    return True
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={404: {}, 422: {}})
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    celery: CeleryDep,
+    tenant: TenantDep,
+) -> dict[str, Any]:
+    model = repo.get_model(session, tenant, body.model_id)
+    if model is None:
+        raise not_found("model", body.model_id)
+    try:
+        allocate(body.pruning, {layer["name"]: layer["params"] for layer in model.prunable_layers})
+    except InvalidSpec as exc:
+        raise invalid_field(["body", "pruning"], exc.message) from exc
+
+    spec = JobSpec(pruning=body.pruning, dry_run=body.dry_run)
+    job = Job(
+        id=new_id("job"),
+        tenant=tenant,
+        model_id=model.id,
+        name=body.name,
+        status="queued",
+        spec=spec.model_dump(mode="json"),
+        spec_version=SPEC_VERSION,
+        attempts=0,
+        progress_stage="queued",
+        progress_fraction=0.0,
+        cancel_requested=False,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    repo.add_event(session, job.id, "queued", "job accepted")
+    session.commit()  # the row is the truth: it exists before any worker can hear of it
+    if enqueue(celery, job.id):
+        job.enqueued_at = utcnow()
+        session.commit()
+    session.refresh(job)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_body(job)
+
+
+def _get(session: SessionDep, tenant: str, job_id: str) -> Job:
+    job = repo.get_job(session, tenant, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    return job_body(_get(session, tenant, job_id))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+    status: JobStatus | None = None,
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    items, next_cursor = repo.list_jobs(session, tenant, limit, cursor, status, model_id)
+    return {"items": [job_body(j) for j in items], "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}/layers", response_model=LayerList)
+def get_layers(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    job = _get(session, tenant, job_id)
+    return {"items": list(repo.job_layers(session, job.id))}
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def get_events(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    job = _get(session, tenant, job_id)
+    after: int | None = None
+    if cursor is not None:
+        if not cursor.isdigit():
+            raise Problem(400, "invalid-cursor", "Invalid cursor", "Use the next_cursor returned.")
+        after = int(cursor)
+    items, last = repo.job_events(session, job.id, limit, after)
+    return {"items": items, "next_cursor": str(last) if last is not None else None}
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses={409: {}})
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    job = _get(session, tenant, job_id)
+    outcome = repo.request_cancel(session, job.id)
+    if outcome is None:
+        raise Problem(
+            409,
+            "job-finished",
+            "Job already finished",
+            f"The job is {job.status}; nothing to cancel.",
+        )
+    if outcome == "cancelled":
+        repo.add_event(
+            session, job.id, "done", "cancelled before it started", {"status": "cancelled"}
+        )
+    else:
+        repo.add_event(session, job.id, job.progress_stage, "cancel requested")
+    session.commit()
+    session.refresh(job)
+    return job_body(job)
+
+
+@router.delete("/{job_id}", status_code=204, responses={409: {}})
+def delete_job(
+    job_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep
+) -> Response:
+    job = _get(session, tenant, job_id)
+    if job.status in repo.ACTIVE_STATUSES:
+        raise Problem(
+            409, "job-active", "Job still active", "Cancel the job first, or wait for it to finish."
+        )
+    keys = [a.storage_key for a in job.artifacts]
+    repo.delete_job(session, job.id)
+    session.commit()
+    for key in keys:
+        storage.delete(key)
+    return Response(status_code=204)

@@ -1,0 +1,135 @@
+"""``/v1/models``: upload, read, list and delete programs."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import Problem, not_found
+from api.schemas import ModelList, ModelOut
+from api.uploads import receive_upload
+from core.archive import inspect_archive
+from shears.db import repository as repo
+from shears.db.tables import Model, new_id, utcnow
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "A torch.export program (.pt2, torch.export.save).",
+                        },
+                        "name": {"type": "string", "maxLength": 255},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    openapi_extra=_UPLOAD_BODY,
+    summary="Upload a torch.export program",
+    responses={413: {}, 415: {}, 422: {}},
+)
+async def upload_model(
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> Model:
+    """Streamed to storage and hashed; the format is read from the content, and the archive is
+    validated from its metadata alone: no weight is deserialized."""
+    temp = storage.temp_path(".upload")
+    try:
+        upload = await receive_upload(request, temp, settings.max_upload_bytes)
+        name = upload.fields.get("name") or upload.filename or "model"
+        if len(name) > 255:
+            raise Problem(
+                422, "validation-error", "Invalid request", "name: at most 255 characters"
+            )
+        info = await run_in_threadpool(inspect_archive, temp)
+        model_id = new_id("mdl")
+        key = f"models/{tenant}/{model_id}.pt2"
+        storage.commit(temp, key)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    model = Model(
+        id=model_id,
+        tenant=tenant,
+        name=name,
+        format=info.format,
+        size_bytes=upload.size_bytes,
+        sha256=upload.sha256,
+        num_parameters=info.num_parameters,
+        inputs=[asdict(i) for i in info.inputs],
+        prunable_layers=[asdict(layer) for layer in info.prunable_layers],
+        storage_key=key,
+        created_at=utcnow(),
+    )
+    try:
+        session.add(model)
+        session.commit()
+    except Exception:
+        storage.delete(key)  # no file without its row
+        raise
+    return model
+
+
+@router.get("/{model_id}", response_model=ModelOut)
+def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> Model:
+    model = repo.get_model(session, tenant, model_id)
+    if model is None:
+        raise not_found("model", model_id)
+    return model
+
+
+@router.get("", response_model=ModelList)
+def list_models(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    items, next_cursor = repo.list_models(session, tenant, limit, cursor)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.delete("/{model_id}", status_code=204, responses={409: {}})
+def delete_model(
+    model_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep
+) -> Response:
+    model = repo.get_model(session, tenant, model_id)
+    if model is None:
+        raise not_found("model", model_id)
+    if repo.model_in_use(session, model_id):
+        raise Problem(
+            409,
+            "model-in-use",
+            "Model in use",
+            "A queued or running job uses this model; cancel it or wait for it to finish.",
+        )
+    model.deleted_at = utcnow()
+    session.commit()
+    storage.delete(model.storage_key)
+    return Response(status_code=204)

@@ -1,0 +1,165 @@
+"""Request and response bodies of the public contract (v1)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.spec import PruningSpec
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+
+class DynamicDimOut(_Out):
+    dim: int
+    min: int
+    max: int | None
+
+
+class ModelInputOut(_Out):
+    name: str
+    shape: list[int] = Field(
+        description="Example sizes; dynamic dimensions vary (see dynamic_dims)."
+    )
+    dtype: str
+    dynamic_dims: list[DynamicDimOut]
+
+
+class PrunableLayerOut(_Out):
+    name: str
+    kind: str
+    shape: list[int]
+    params: int
+
+
+class ModelOut(_Out):
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    num_parameters: int
+    inputs: list[ModelInputOut]
+    prunable_layers: list[PrunableLayerOut]
+    source_job_id: str | None = Field(description="The job that produced this model, if any.")
+    created_at: datetime
+
+
+class ModelList(_Out):
+    items: list[ModelOut]
+    next_cursor: str | None
+
+
+class JobCreate(BaseModel):
+    """``POST /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_id: str = Field(min_length=1, max_length=64)
+    name: str | None = Field(default=None, max_length=255)
+    dry_run: bool = Field(default=False, description="Report what would be pruned; prune nothing.")
+    pruning: PruningSpec
+
+
+class ProgressOut(_Out):
+    stage: str
+    fraction: float
+
+
+class EvalOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    accuracy: float | None = None
+    loss: float | None = None
+
+
+class MetricsOut(BaseModel):
+    """Each field is null until it has been measured."""
+
+    sparsity: float | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    nonzero_params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    size_bytes_before: int | None = None
+    size_bytes_after: int | None = None
+    sparse_size_bytes_after: int | None = None
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    latency_batch_size: int | None = None
+    device: str | None = None
+    eval_before: EvalOut | None = None
+    eval_after_pruning: EvalOut | None = None
+    eval_after_fine_tune: EvalOut | None = None
+
+
+class JobErrorOut(BaseModel):
+    type: str = Field(description="A stable snake_case code, e.g. invalid_spec, storage_error.")
+    message: str
+
+
+class ArtifactOut(_Out):
+    id: str
+    kind: Literal["model", "weights", "report"]
+    format: str
+    size_bytes: int
+    sha256: str
+    download_url: str
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: JobStatus
+    model_id: str
+    name: str | None
+    dry_run: bool
+    spec: dict[str, Any]
+    spec_version: int
+    attempts: int
+    progress: ProgressOut
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    metrics: MetricsOut
+    error: JobErrorOut | None
+    result_model_id: str | None
+    artifacts: list[ArtifactOut]
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class LayerOut(_Out):
+    name: str
+    kind: str
+    shape_before: list[int]
+    shape_after: list[int]
+    params: int
+    nonzero: int
+    sparsity: float
+
+
+class LayerList(BaseModel):
+    items: list[LayerOut]
+
+
+class EventOut(_Out):
+    at: datetime
+    stage: str
+    message: str
+    data: dict[str, Any] | None
+
+
+class EventList(BaseModel):
+    items: list[EventOut]
+    next_cursor: str | None

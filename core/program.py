@@ -1,0 +1,74 @@
+"""Loading, running and saving ``torch.export`` programs, always behind the validating gate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from core.archive import ArchiveInfo, ProgramInput, inspect_archive
+from core.errors import ModelLoadError
+
+
+def load_program(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, ArchiveInfo]:
+    """Gate the archive at ``path``, then load it.
+
+    ``torch.export.load`` may unpickle members with ``weights_only=False``; it only ever sees an
+    archive that :func:`core.archive.inspect_archive` has passed on the same bytes.
+
+    Raises:
+        UnsupportedFormat, InvalidArchive, UnsafeArchive: the gate refused the file.
+        ModelLoadError: the gated archive still did not load.
+    """
+    info = inspect_archive(path)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"the program passed validation but did not load: {exc}") from exc
+    return program, info
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> None:
+    """Write ``program`` as a ``.pt2`` archive."""
+    torch.export.save(program, str(Path(path)))
+
+
+_INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
+
+
+def batch_size_for(inputs: tuple[ProgramInput, ...], wanted: int) -> int:
+    """The batch size at which the program can run closest to ``wanted``.
+
+    A dynamic first dimension is clamped to its exported range; a static one is what it is.
+    """
+    if not inputs or not inputs[0].shape:
+        return 1
+    first = inputs[0]
+    dim0 = next((d for d in first.dynamic_dims if d.dim == 0), None)
+    if dim0 is None:
+        return first.shape[0]
+    upper = dim0.max if dim0.max is not None else wanted
+    return max(dim0.min, 1, min(wanted, upper))
+
+
+def synthetic_inputs(
+    inputs: tuple[ProgramInput, ...], batch_size: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Inputs the program accepts, at ``batch_size`` where the first dimension is dynamic.
+
+    Floating inputs are standard normal, integer and boolean ones zero (always a valid index).
+    Only shapes and dtypes come from the upload's metadata: nothing is unpickled.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for spec in inputs:
+        shape = list(spec.shape)
+        if any(d.dim == 0 for d in spec.dynamic_dims):
+            shape[0] = batch_size
+        dtype = getattr(torch, spec.dtype)
+        if spec.dtype in _INT_DTYPES:
+            tensors.append(torch.zeros(shape, dtype=dtype))
+        else:
+            tensors.append(torch.randn(shape, generator=generator).to(dtype))
+    return tuple(tensors)

@@ -1,0 +1,80 @@
+"""The pruning spec: what to remove, how to rank it and how much.
+
+A spec is stored with every job and may be replayed long after it was written, so it is frozen,
+strict (unknown fields are errors, not silently ignored) and versioned: ``SPEC_VERSION`` changes
+whenever a stored spec would mean something else.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SPEC_VERSION = 1
+
+Criterion = Literal["l1", "l2", "lp", "random"]
+Granularity = Literal["unstructured"]
+Scope = Literal["layer", "global"]
+
+Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OneShotSchedule(_Frozen):
+    """Prune everything at once."""
+
+    kind: Literal["one_shot"] = "one_shot"
+
+
+class PruningSpec(_Frozen):
+    """Importance criterion x granularity x ratio.
+
+    Example:
+        >>> PruningSpec(criterion="l1", granularity="unstructured", sparsity=0.8, scope="global")
+        PruningSpec(criterion='l1', ...)
+    """
+
+    criterion: Criterion = Field(description="How weights are ranked; the lowest go first.")
+    p: float | None = Field(default=None, gt=0, description="The norm's p; required with `lp`.")
+    seed: int = Field(default=0, description="Seed of the `random` criterion.")
+    granularity: Granularity = Field(description="What is removed: single weights (unstructured).")
+    sparsity: Ratio = Field(description="Fraction of weights removed in each ranking pool.")
+    scope: Scope = Field(
+        default="layer",
+        description="`layer`: every layer at `sparsity`; `global`: one ranking across layers.",
+    )
+    max_layer_sparsity: float = Field(
+        default=0.99,
+        gt=0.0,
+        le=1.0,
+        description="With `global`, no layer loses more than this fraction of its weights.",
+    )
+    layer_sparsity: dict[str, Ratio] = Field(
+        default_factory=dict,
+        description="Per-layer overrides: glob over layer names -> sparsity; first match wins.",
+    )
+    exclude: tuple[str, ...] = Field(
+        default=(), description="Globs over layer names that are never pruned."
+    )
+    schedule: OneShotSchedule = Field(default_factory=OneShotSchedule)
+
+    @model_validator(mode="after")
+    def _criterion_arguments(self) -> PruningSpec:
+        if self.criterion == "lp" and self.p is None:
+            raise ValueError("criterion 'lp' needs 'p', the norm's exponent (e.g. 1 or 2)")
+        if self.criterion != "lp" and self.p is not None:
+            raise ValueError("'p' only applies to criterion 'lp'")
+        return self
+
+
+class JobSpec(_Frozen):
+    """Everything the pipeline needs to know about one job, besides the model itself."""
+
+    pruning: PruningSpec
+    dry_run: bool = Field(
+        default=False, description="Report what would be pruned; prune and export nothing."
+    )

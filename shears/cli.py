@@ -1,0 +1,127 @@
+"""``shears``: run the service, apply migrations."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import typer
+
+from shears.db.migrate import upgrade
+from shears.settings import get_settings
+
+app = typer.Typer(help="Shears: pruning as a service.", no_args_is_help=True)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the latest revision (alembic upgrade head)."""
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    typer.echo("database at head")
+
+
+def api_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+    ]
+
+
+def worker_command(queue: str) -> list[str]:
+    # mingle and gossip use broadcast messages, which kombu's SQLAlchemy transport cannot carry;
+    # concurrency 1: one job at a time per worker (one GPU per process in production).
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        "1",
+        "--pool",
+        "prefork",
+        "-Q",
+        queue,
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
+
+
+def sweeper_command() -> list[str]:
+    return [sys.executable, "-m", "shears.cli", "sweeper"]
+
+
+@app.command()
+def sweeper() -> None:
+    """Publish again the jobs a lost message or a dead worker left behind (runs until stopped)."""
+    import threading
+
+    from shears.logs import configure_logging
+    from worker.celery_app import create_celery
+    from worker.sweeper import run_forever
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_forever(create_celery(settings), settings, stop)
+
+
+@app.command()
+def serve() -> None:
+    """Migrate, then run the API, one worker and the sweeper until Ctrl-C (`make run`)."""
+    settings = get_settings()
+    migrate()
+    procs = [
+        subprocess.Popen(api_command(settings.host, settings.port)),
+        subprocess.Popen(worker_command(settings.queue)),
+        subprocess.Popen(sweeper_command()),
+    ]
+    typer.echo(
+        f"Shears API on http://{settings.host}:{settings.port} (docs at /docs); Ctrl-C stops"
+    )
+    stopping = False
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+    code = next((p.returncode for p in procs if p.returncode not in (0, None, -15)), 0)
+    raise typer.Exit(0 if stopping else (code or 1))
+
+
+if __name__ == "__main__":
+    app()

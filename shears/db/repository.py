@@ -1,0 +1,281 @@
+"""Every query Shears makes. Callers own the transaction: nothing here commits."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import CursorResult, delete, exists, or_, select, update
+from sqlalchemy.orm import Session
+
+from shears.db.tables import Artifact, Job, JobEvent, JobLayer, Model, utcnow
+
+ACTIVE_STATUSES = ("queued", "running")
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+_Paged = TypeVar("_Paged", Model, Job)
+
+
+def _rowcount(result: Any) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+class InvalidCursor(ValueError):
+    """A list cursor that this service did not hand out."""
+
+
+def encode_cursor(created_at: datetime, id_: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{id_}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode()).decode()
+        stamp, id_ = raw.split("|", 1)
+        return datetime.fromisoformat(stamp), id_
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursor(cursor) from exc
+
+
+def _page(
+    session: Session, entity: type[_Paged], stmt: Any, limit: int, cursor: str | None
+) -> tuple[list[_Paged], str | None]:
+    """Newest first, keyset-paginated on (created_at, id) so pages stay stable under inserts."""
+    if cursor:
+        at, id_ = decode_cursor(cursor)
+        stmt = stmt.where(
+            or_(entity.created_at < at, (entity.created_at == at) & (entity.id < id_))
+        )
+    rows = list(
+        session.scalars(stmt.order_by(entity.created_at.desc(), entity.id.desc()).limit(limit + 1))
+    )
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
+    return rows, next_cursor
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def get_model(session: Session, tenant: str, model_id: str) -> Model | None:
+    return session.scalar(
+        select(Model).where(
+            Model.id == model_id, Model.tenant == tenant, Model.deleted_at.is_(None)
+        )
+    )
+
+
+def list_models(
+    session: Session, tenant: str, limit: int, cursor: str | None
+) -> tuple[list[Model], str | None]:
+    stmt = select(Model).where(Model.tenant == tenant, Model.deleted_at.is_(None))
+    return _page(session, Model, stmt, limit, cursor)
+
+
+def model_in_use(session: Session, model_id: str) -> bool:
+    stmt = select(exists().where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)))
+    return bool(session.scalar(stmt))
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+
+
+def get_job_any_tenant(session: Session, job_id: str) -> Job | None:
+    """For the worker, which acts on ids the API already scoped."""
+    return session.get(Job, job_id)
+
+
+def list_jobs(
+    session: Session,
+    tenant: str,
+    limit: int,
+    cursor: str | None,
+    status: str | None = None,
+    model_id: str | None = None,
+) -> tuple[list[Job], str | None]:
+    stmt = select(Job).where(Job.tenant == tenant)
+    if status:
+        stmt = stmt.where(Job.status == status)
+    if model_id:
+        stmt = stmt.where(Job.model_id == model_id)
+    return _page(session, Job, stmt, limit, cursor)
+
+
+def job_layers(session: Session, job_id: str) -> Sequence[JobLayer]:
+    return session.scalars(
+        select(JobLayer).where(JobLayer.job_id == job_id).order_by(JobLayer.position)
+    ).all()
+
+
+def job_events(
+    session: Session, job_id: str, limit: int, after_id: int | None
+) -> tuple[list[JobEvent], int | None]:
+    """Oldest first; the cursor is the last event id seen."""
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after_id is not None:
+        stmt = stmt.where(JobEvent.id > after_id)
+    rows = list(session.scalars(stmt.order_by(JobEvent.id).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (rows[-1].id if more and rows else None)
+
+
+def add_event(
+    session: Session, job_id: str, stage: str, message: str, data: dict[str, Any] | None = None
+) -> None:
+    session.add(JobEvent(job_id=job_id, stage=stage, message=message, data=data, at=utcnow()))
+
+
+def claim_job(session: Session, job_id: str, lease_seconds: float) -> int | None:
+    """Take ``job_id`` for this worker in one conditional update.
+
+    Claimable: ``queued`` (and not being cancelled), or ``running`` with an expired lease (its
+    worker died). Returns the job's attempt number, or None when someone else owns it, it is
+    finished, or it is gone: then the delivery is a duplicate and must do nothing.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.cancel_requested.is_(False),
+            or_(
+                Job.status == "queued",
+                (Job.status == "running") & (Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+            progress_stage="loading",
+            progress_fraction=0.0,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) != 1:
+        return None
+    return session.scalar(select(Job.attempts).where(Job.id == job_id))
+
+
+def _owned(job_id: str, attempt: int) -> Any:
+    """A running job still held by the attempt that claimed it (a zombie writes nothing)."""
+    return (Job.id == job_id) & (Job.status == "running") & (Job.attempts == attempt)
+
+
+def renew_lease(session: Session, job_id: str, attempt: int, lease_seconds: float) -> bool | None:
+    """Extend the lease. Returns whether a cancel was requested, or None if the job is not ours."""
+    result = session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(Job.cancel_requested)
+    )
+    row = result.first()
+    return None if row is None else bool(row[0])
+
+
+def set_progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float) -> None:
+    session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(progress_stage=stage, progress_fraction=fraction)
+    )
+
+
+def finish_job(
+    session: Session, job_id: str, attempt: int, status: str, values: dict[str, Any]
+) -> bool:
+    """Move an owned running job to a final ``status``; False if the attempt lost ownership.
+
+    Success also needs that no cancel was asked for meanwhile: a cancelled job keeps no results.
+    """
+    condition = _owned(job_id, attempt)
+    if status == "succeeded":
+        condition = condition & Job.cancel_requested.is_(False)
+    result = session.execute(
+        update(Job)
+        .where(condition)
+        .values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
+    )
+    return _rowcount(result) == 1
+
+
+def fail_unclaimable(session: Session, job_id: str, message: str) -> bool:
+    """Fail a job that ran out of attempts without running it again."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+        .values(
+            status="failed",
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            error_type="too_many_attempts",
+            error_message=message,
+        )
+    )
+    return _rowcount(result) == 1
+
+
+def request_cancel(session: Session, job_id: str) -> str | None:
+    """Cancel a queued job at once, flag a running one; returns the new status or None if final."""
+    queued = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="cancelled", cancel_requested=True, finished_at=utcnow(), progress_stage="done"
+        )
+    )
+    if _rowcount(queued) == 1:
+        return "cancelled"
+    running = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)
+    )
+    return "running" if _rowcount(running) == 1 else None
+
+
+def stale_jobs(session: Session, enqueued_before: datetime, limit: int = 100) -> list[str]:
+    """Jobs a lost message or a dead worker left behind: queued jobs never published or published
+    before ``enqueued_before``, and running jobs whose lease expired."""
+    now = utcnow()
+    stmt = (
+        select(Job.id)
+        .where(
+            or_(
+                (Job.status == "queued")
+                & Job.cancel_requested.is_(False)
+                & (Job.enqueued_at.is_(None) | (Job.enqueued_at < enqueued_before)),
+                (Job.status == "running") & (Job.lease_expires_at < now),
+            )
+        )
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def mark_enqueued(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+
+
+def delete_job(session: Session, job_id: str) -> None:
+    session.execute(delete(Job).where(Job.id == job_id))
+
+
+# --- artifacts ----------------------------------------------------------------------------------
+
+
+def get_artifact(session: Session, tenant: str, artifact_id: str) -> Artifact | None:
+    return session.scalar(
+        select(Artifact).where(Artifact.id == artifact_id, Artifact.tenant == tenant)
+    )

@@ -1,0 +1,92 @@
+"""The one typed settings object for the API, the worker and the CLI (``SHEARS_`` environment)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field reads ``SHEARS_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SHEARS_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".shears"),
+        description="Root of everything the embedded default keeps: SQLite files and artifacts.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; unset: SQLite.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker, e.g. redis://host:6379/0. Unset: kombu's SQLAlchemy "
+        "transport on a SQLite file in data_dir (no server).",
+    )
+    storage_dir: Path | None = Field(
+        default=None, description="Where models and artifacts live. Unset: data_dir/storage."
+    )
+    port: int = Field(default=8000, description="Port of the API that `make run` starts.")
+    host: str = Field(default="127.0.0.1", description="Interface the API listens on.")
+    max_upload_bytes: int = Field(
+        default=4 * 1024**3, gt=0, description="Largest accepted upload; bigger ones get 413."
+    )
+    queue: str = Field(default="shears", description="Celery queue the jobs travel on.")
+    job_lease_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A running job whose worker has not renewed its lease for this long is taken "
+        "over by the next delivery.",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="A job that has been claimed this many times fails instead."
+    )
+    sweep_interval_seconds: float = Field(
+        default=15.0, gt=0, description="How often the sweeper looks for lost or stalled jobs."
+    )
+    requeue_after_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="A queued job whose message reached the broker this long ago is published "
+        "again (in case the message was lost); duplicates are harmless, the claim refuses them.",
+    )
+    job_time_limit_seconds: int = Field(
+        default=24 * 3600, gt=0, description="Hard limit on one job; the soft limit is 95% of it."
+    )
+    latency_batch_size: int = Field(
+        default=32, gt=0, description="Batch size at which latency before/after is measured."
+    )
+    latency_warmup: int = Field(default=3, ge=0, description="Untimed runs before measuring.")
+    latency_repeats: int = Field(
+        default=10, ge=1, description="Timed runs; the median is reported."
+    )
+    log_level: str = Field(default="INFO", description="Log level of API and worker (JSON logs).")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'shears.db').resolve()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "storage").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

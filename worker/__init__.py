@@ -1,0 +1,1 @@
+"""The Celery worker: runs prune jobs from the queue through ``core.pipeline``."""

@@ -1,0 +1,286 @@
+"""The life of a job in the worker: claim -> run the core pipeline -> store -> record.
+
+This is the only place that moves ``Job.status`` after the API created the row. Every write is
+conditional on still owning the job (status ``running`` and our attempt number), so a worker that
+lost its lease can never overwrite the one that took over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+
+from core.archive import inspect_archive
+from core.errors import Cancelled, ModelLoadError, ShearsError
+from core.pipeline import MeasureConfig, PipelineResult, Stage
+from core.pipeline import run as run_pipeline
+from core.spec import JobSpec
+from shears.db import repository as repo
+from shears.db.tables import Artifact, JobLayer, Model, new_id, utcnow
+from shears.settings import Settings, get_settings
+from shears.storage import LocalStorage, StorageError, StoredFile
+from worker.db import sessions
+
+log = structlog.get_logger("shears.worker")
+
+_PROGRESS_EVERY_S = 0.5
+
+
+class Heartbeat:
+    """Renews the job's lease from a thread while the pipeline runs; notices cancel requests."""
+
+    def __init__(self, job_id: str, attempt: int, lease_seconds: float) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.lease_seconds = lease_seconds
+        self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def beat(self) -> None:
+        with sessions().begin() as session:
+            state = repo.renew_lease(session, self.job_id, self.attempt, self.lease_seconds)
+        if state is None:
+            self.lost.set()
+        elif state:
+            self.cancel_requested.set()
+
+    def _loop(self) -> None:
+        interval = max(self.lease_seconds / 4, 0.2)
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                log.warning("lease renewal failed", exc_info=True)
+
+
+class Progress:
+    """The pipeline's progress callback: throttled writes, and the place a cancel takes effect."""
+
+    def __init__(self, job_id: str, attempt: int, heartbeat: Heartbeat) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.heartbeat = heartbeat
+        self._stage: str | None = None
+        self._last_write = 0.0
+
+    def __call__(self, stage: Stage, fraction: float, message: str) -> None:
+        if self.heartbeat.cancel_requested.is_set():
+            raise Cancelled("the job was cancelled")
+        if self.heartbeat.lost.is_set():
+            raise Cancelled("another worker took this job over")
+        new_stage = stage != self._stage
+        now = time.monotonic()
+        if not new_stage and now - self._last_write < _PROGRESS_EVERY_S:
+            return
+        with sessions().begin() as session:
+            repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
+            if new_stage:
+                repo.add_event(session, self.job_id, stage, message)
+        self._stage = stage
+        self._last_write = now
+
+
+def run_job(job_id: str) -> None:
+    """Claim and run ``job_id``; a duplicate delivery for a live or finished job does nothing."""
+    settings = get_settings()
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    try:
+        with sessions().begin() as session:
+            attempt = repo.claim_job(session, job_id, settings.job_lease_seconds)
+        if attempt is None:
+            log.info("job not claimable (finished, cancelled, owned elsewhere or gone); skipping")
+            return
+        if attempt > settings.max_attempts:
+            with sessions().begin() as session:
+                repo.fail_unclaimable(
+                    session,
+                    job_id,
+                    f"the job was started {attempt - 1} times without finishing "
+                    f"(limit {settings.max_attempts}); its worker may be crashing on it",
+                )
+            log.error("job exceeded its attempts", attempt=attempt)
+            return
+        log.info("job claimed", attempt=attempt)
+        _run_claimed(job_id, attempt, settings)
+    finally:
+        structlog.contextvars.unbind_contextvars("job_id")
+
+
+def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
+    storage = LocalStorage(settings.resolved_storage_dir)
+    workdir = storage.temp_path(f".job-{job_id}-{attempt}")
+    with sessions().begin() as session:
+        job = repo.get_job_any_tenant(session, job_id)
+        assert job is not None  # we hold the claim, so the row exists
+        model = session.get(Model, job.model_id)
+        spec_data, tenant = job.spec, job.tenant
+        model_key = model.storage_key if model and model.deleted_at is None else None
+        repo.add_event(
+            session, job_id, "loading", f"attempt {attempt} started", {"attempt": attempt}
+        )
+
+    stored: list[StoredFile] = []
+    try:
+        with Heartbeat(job_id, attempt, settings.job_lease_seconds) as heartbeat:
+            if model_key is None:
+                raise ModelLoadError("the job's model was deleted before the job ran")
+            spec = JobSpec.model_validate(spec_data)
+            result = run_pipeline(
+                spec,
+                storage.path(model_key),
+                workdir,
+                measure=MeasureConfig(
+                    batch_size=settings.latency_batch_size,
+                    warmup=settings.latency_warmup,
+                    repeats=settings.latency_repeats,
+                ),
+                on_progress=Progress(job_id, attempt, heartbeat),
+            )
+            if heartbeat.cancel_requested.is_set():
+                raise Cancelled("the job was cancelled")
+            _record_success(job_id, attempt, tenant, result, storage, stored)
+    except Cancelled as exc:
+        _discard(storage, stored)
+        _finish(job_id, attempt, "cancelled", None, exc.message)
+    except ShearsError as exc:
+        _discard(storage, stored)
+        _finish(job_id, attempt, "failed", exc.code, exc.message)
+    except StorageError as exc:
+        _discard(storage, stored)
+        _finish(job_id, attempt, "failed", "storage_error", str(exc))
+    except Exception as exc:
+        log.exception("job crashed")
+        _discard(storage, stored)
+        _finish(job_id, attempt, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _finish(job_id: str, attempt: int, status: str, code: str | None, message: str) -> None:
+    values: dict[str, Any] = {"progress_stage": "done"}
+    if status == "failed":
+        values.update(error_type=code, error_message=message)
+    with sessions().begin() as session:
+        if repo.finish_job(session, job_id, attempt, status, values):
+            repo.add_event(session, job_id, "done", message, {"status": status, "error": code})
+    log.info("job finished", status=status, error=code, message=message)
+
+
+def _discard(storage: LocalStorage, stored: list[StoredFile]) -> None:
+    for item in stored:
+        storage.delete(item.key)
+
+
+_ARTIFACT_FORMATS = {"model": "pt2", "weights": "safetensors", "report": "json"}
+
+
+def _record_success(
+    job_id: str,
+    attempt: int,
+    tenant: str,
+    result: PipelineResult,
+    storage: LocalStorage,
+    stored: list[StoredFile],
+) -> None:
+    """Make the files durable first, then write everything about them in one transaction."""
+    files = {"report": result.report_path}
+    if result.model_path is not None:
+        files["model"] = result.model_path
+    if result.weights_path is not None:
+        files["weights"] = result.weights_path
+
+    result_model: Model | None = None
+    if result.model_path is not None:
+        # The pruned program is a model of its own, so it can be pruned again; its own copy keeps
+        # it alive when the job (and its artifacts) are deleted.
+        model_id = new_id("mdl")
+        info = inspect_archive(result.model_path)
+        copy = storage.put_file(result.model_path, f"models/{tenant}/{model_id}.pt2")
+        stored.append(copy)
+        result_model = Model(
+            id=model_id,
+            tenant=tenant,
+            name=f"{job_id} pruned",
+            format=info.format,
+            size_bytes=copy.size_bytes,
+            sha256=copy.sha256,
+            num_parameters=info.num_parameters,
+            inputs=[asdict(i) for i in info.inputs],
+            prunable_layers=[asdict(layer) for layer in info.prunable_layers],
+            storage_key=copy.key,
+            source_job_id=job_id,
+            created_at=utcnow(),
+        )
+
+    artifacts = []
+    for kind, path in files.items():
+        fmt = _ARTIFACT_FORMATS[kind]
+        item = storage.adopt(path, f"artifacts/{tenant}/{job_id}/{kind}.{fmt}")
+        stored.append(item)
+        artifacts.append(
+            Artifact(
+                id=new_id("art"),
+                tenant=tenant,
+                job_id=job_id,
+                kind=kind,
+                format=fmt,
+                size_bytes=item.size_bytes,
+                sha256=item.sha256,
+                storage_key=item.key,
+                created_at=utcnow(),
+            )
+        )
+
+    with sessions().begin() as session:
+        if result_model is not None:
+            session.add(result_model)
+        session.add_all(artifacts)
+        session.add_all(
+            JobLayer(
+                job_id=job_id,
+                position=i,
+                name=layer.name,
+                kind=layer.kind,
+                shape_before=list(layer.shape_before),
+                shape_after=list(layer.shape_after),
+                params=layer.params,
+                nonzero=layer.nonzero,
+                sparsity=layer.sparsity,
+            )
+            for i, layer in enumerate(result.layers)
+        )
+        session.flush()
+        owned = repo.finish_job(
+            session,
+            job_id,
+            attempt,
+            "succeeded",
+            {
+                "metrics": asdict(result.metrics),
+                "result_model_id": result_model.id if result_model else None,
+                "progress_stage": "done",
+                "progress_fraction": 1.0,
+            },
+        )
+        if not owned:
+            # Cancelled or taken over while we stored: the transaction rolls back, and the
+            # caller's handler removes the files and records the cancel if the job is still ours.
+            raise Cancelled("the job was cancelled or taken over before its results were recorded")
+        repo.add_event(session, job_id, "done", "succeeded", {"status": "succeeded"})
+    log.info("job succeeded", sparsity=result.metrics.sparsity, pid=os.getpid())

@@ -1,0 +1,11 @@
+"""Celery tasks: thin wrappers that take ids and hand them to the lifecycle."""
+
+from __future__ import annotations
+
+from worker import lifecycle
+from worker.celery_app import RUN_JOB_TASK, app
+
+
+@app.task(name=RUN_JOB_TASK)  # type: ignore[untyped-decorator]
+def run_job(job_id: str) -> None:
+    lifecycle.run_job(job_id)
