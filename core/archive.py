@@ -282,7 +282,8 @@ _WEIGHT_RANK: Final[Mapping[str, int]] = {
 _MAX_EXPR_CHARS: Final = 10_000
 # Characters torch's printers use. Everything else is refused before parsing: comments (#) hide
 # text from the syntax tree, newlines/quotes/backslashes could break out of the source line torch
-# pastes a guard into, and non-ASCII letters are NFKC-normalised by Python ("ｅｖａｌ" is eval).
+# pastes a guard into, and Python NFKC-normalises non-ASCII identifiers (fullwidth "eval" is
+# eval).
 _CODE_CHARS: Final = re.compile(r"[A-Za-z0-9_ ()\[\],.'=<>!+\-*/%&|^~]*", re.ASCII)
 _MAX_GUARDS: Final = 10_000
 _MAX_LITERAL: Final = 2**63
@@ -1161,8 +1162,10 @@ def _parse_expression(source: str, where: str) -> ast.Expression:
 
 def _check_guard(guard: object, where: str) -> None:
     """Accept only shape guards over input sizes (ExportedProgram.module() exec()s them)."""
-    if not isinstance(guard, str) or len(guard) > _MAX_EXPR_CHARS or not _CODE_CHARS.fullmatch(
-        guard
+    if (
+        not isinstance(guard, str)
+        or len(guard) > _MAX_EXPR_CHARS
+        or not _CODE_CHARS.fullmatch(guard)
     ):
         raise UnsafeArchive(f"{_MODEL_JSON}: {where} is not a plausible shape guard.")
     tree = _parse_expression(guard, where)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from safetensors.torch import save_file
@@ -32,8 +31,16 @@ from core.spec import SPEC_VERSION, JobSpec
 from core.unstructured import unstructured_masks
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
-ProgressCallback = Callable[[Stage, float, str], None]
-"""Called as ``(stage, fraction of the whole job done, message)``; may raise to stop the job."""
+
+
+class ProgressCallback(Protocol):
+    """Told where the job is: ``stage``, the fraction of the whole job done, a message, and
+    optional ``data`` worth keeping as an event (an epoch's loss, say). Called often (every
+    optimizer step while training), so it must be cheap; it may raise to stop the job."""
+
+    def __call__(
+        self, stage: Stage, fraction: float, message: str, data: dict[str, Any] | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class PipelineResult:
     weights_path: Path | None
 
 
-def _noop(stage: Stage, fraction: float, message: str) -> None:
+def _noop(stage: Stage, fraction: float, message: str, data: dict[str, Any] | None = None) -> None:
     return None
 
 

@@ -79,19 +79,22 @@ class Progress:
         self._stage: str | None = None
         self._last_write = 0.0
 
-    def __call__(self, stage: Stage, fraction: float, message: str) -> None:
+    def __call__(
+        self, stage: Stage, fraction: float, message: str, data: dict[str, Any] | None = None
+    ) -> None:
         if self.heartbeat.cancel_requested.is_set():
             raise Cancelled("the job was cancelled")
         if self.heartbeat.lost.is_set():
             raise Cancelled("another worker took this job over")
-        new_stage = stage != self._stage
+        # Stage changes and calls with data are events; plain progress is throttled.
+        is_event = stage != self._stage or data is not None
         now = time.monotonic()
-        if not new_stage and now - self._last_write < _PROGRESS_EVERY_S:
+        if not is_event and now - self._last_write < _PROGRESS_EVERY_S:
             return
         with sessions().begin() as session:
             repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
-            if new_stage:
-                repo.add_event(session, self.job_id, stage, message)
+            if is_event:
+                repo.add_event(session, self.job_id, stage, message, data)
         self._stage = stage
         self._last_write = now
 

@@ -46,7 +46,7 @@ def test_global_l1_removes_the_smallest_weights(resnet: Path, tmp_path: Path) ->
         resnet,
         tmp_path,
         measure=FAST,
-        on_progress=lambda stage, fraction, message: stages.append((stage, fraction)),
+        on_progress=lambda stage, fraction, message, data=None: stages.append((stage, fraction)),
     )
     assert [s for s, _ in stages] == ["loading", "pruning", "exporting", "evaluating", "done"]
     assert [f for _, f in stages] == sorted(f for _, f in stages)
