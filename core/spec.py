@@ -13,8 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SPEC_VERSION = 1
 
-Criterion = Literal["l1", "l2", "lp", "random"]
-Granularity = Literal["unstructured"]
+Criterion = Literal["l1", "l2", "lp", "random", "bn_scale"]
+Granularity = Literal["unstructured", "channel"]
+# Granularities that remove whole channels physically: the program gets smaller.
+STRUCTURED: frozenset[str] = frozenset({"channel"})
+# Criteria that only rank whole channels (a scale per channel has no per-weight meaning).
+_CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale"})
 Scope = Literal["layer", "global"]
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -41,8 +45,15 @@ class PruningSpec(_Frozen):
     criterion: Criterion = Field(description="How weights are ranked; the lowest go first.")
     p: float | None = Field(default=None, gt=0, description="The norm's p; required with `lp`.")
     seed: int = Field(default=0, description="Seed of the `random` criterion.")
-    granularity: Granularity = Field(description="What is removed: single weights (unstructured).")
-    sparsity: Ratio = Field(description="Fraction of weights removed in each ranking pool.")
+    granularity: Granularity = Field(
+        description="What is removed: single weights (`unstructured`) or whole output channels "
+        "of convolutions/linear layers with everything coupled to them (`channel`), removed "
+        "physically so the program gets smaller."
+    )
+    sparsity: Ratio = Field(
+        description="Fraction removed in each ranking pool: of weights (unstructured) or of "
+        "channels (channel)."
+    )
     scope: Scope = Field(
         default="layer",
         description="`layer`: every layer at `sparsity`; `global`: one ranking across layers.",
@@ -68,6 +79,10 @@ class PruningSpec(_Frozen):
             raise ValueError("criterion 'lp' needs 'p', the norm's exponent (e.g. 1 or 2)")
         if self.criterion != "lp" and self.p is not None:
             raise ValueError("'p' only applies to criterion 'lp'")
+        if self.criterion in _CHANNEL_ONLY and self.granularity not in STRUCTURED:
+            raise ValueError(
+                f"criterion {self.criterion!r} ranks whole channels; use granularity 'channel'"
+            )
         return self
 
 
