@@ -133,6 +133,10 @@ class GraphAnalysis:
     groups: list[ChannelGroup]
     root_of: dict[int, int]  # space id -> group id
 
+    @property
+    def groups_by_id(self) -> dict[int, ChannelGroup]:
+        return {g.id: g for g in self.groups}
+
     def group_of_layer(self, layer: str) -> ChannelGroup | None:
         for group in self.groups:
             if layer in group.layers:

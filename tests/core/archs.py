@@ -165,18 +165,18 @@ class Arch:
     """A model factory and the shape of one example input (batch first, batch dynamic)."""
 
     name: str
-    build: Callable[[], nn.Module]
+    build: Callable[[int], nn.Module]  # takes a width multiplier
     input_shape: tuple[int, ...]
 
 
 ARCHS = {
-    "residual": Arch("residual", lambda: ResidualCNN(), (3, 8, 8)),
-    "concat": Arch("concat", lambda: ConcatCNN(), (3, 8, 8)),
-    "depthwise": Arch("depthwise", lambda: DepthwiseCNN(), (3, 8, 8)),
-    "grouped": Arch("grouped", lambda: GroupedCNN(), (3, 8, 8)),
-    "mlp": Arch("mlp", lambda: MLP(), (12,)),
-    "transformer": Arch("transformer", lambda: Transformer(), (5, 6)),
-    "mha": Arch("mha", lambda: Transformer(mha=True), (5, 6)),
+    "residual": Arch("residual", lambda w: ResidualCNN(8 * w, blocks=w), (3, 8, 8)),
+    "concat": Arch("concat", lambda w: ConcatCNN(6 * w), (3, 8, 8)),
+    "depthwise": Arch("depthwise", lambda w: DepthwiseCNN(8 * w, expand=1 + w), (3, 8, 8)),
+    "grouped": Arch("grouped", lambda w: GroupedCNN(8 * w, groups=2 * w), (3, 8, 8)),
+    "mlp": Arch("mlp", lambda w: MLP(16 * w, depth=1 + w), (12,)),
+    "transformer": Arch("transformer", lambda w: Transformer(8 * w, 2, 16 * w), (5, 6)),
+    "mha": Arch("mha", lambda w: Transformer(8 * w, 2, 16 * w, mha=True), (5, 6)),
 }
 
 
