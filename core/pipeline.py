@@ -25,12 +25,11 @@ from safetensors.torch import save_file
 
 from core.allocation import allocate
 from core.archive import ArchiveInfo
-from core.importance import element_scores
+from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
 from core.spec import SPEC_VERSION, STRUCTURED, JobSpec
 from core.structure import StructuredResult, prune_program
-from core.unstructured import unstructured_masks
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
 
@@ -161,9 +160,7 @@ def run(
         spec.pruning, {layer.name: layer.params for layer in info.prunable_layers}
     )
     scored = [*allocation.per_layer, *allocation.global_pool]
-    scores = {n: element_scores(n, state[f"{n}.weight"], spec.pruning) for n in scored}
-    masks = unstructured_masks(scores, allocation)
-    del scores
+    masks = weight_masks(spec.pruning, {n: state[f"{n}.weight"] for n in scored}, allocation)
 
     layers = []
     with torch.no_grad():
