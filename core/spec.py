@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SPEC_VERSION = 1
 
 Criterion = Literal["l1", "l2", "lp", "random", "bn_scale", "lamp"]
-Granularity = Literal["unstructured", "channel", "n:m", "block"]
+Granularity = Literal["unstructured", "channel", "head", "n:m", "block"]
 # Granularities that remove whole channels physically: the program gets smaller.
-STRUCTURED: frozenset[str] = frozenset({"channel"})
+STRUCTURED: frozenset[str] = frozenset({"channel", "head"})
 # Criteria that only rank whole channels (a scale per channel has no per-weight meaning).
 _CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale"})
 Scope = Literal["layer", "global"]
@@ -46,13 +46,14 @@ class PruningSpec(_Frozen):
     p: float | None = Field(default=None, gt=0, description="The norm's p; required with `lp`.")
     seed: int = Field(default=0, description="Seed of the `random` criterion.")
     granularity: Granularity = Field(
-        description="What is removed: single weights (`unstructured`) or whole output channels "
-        "of convolutions/linear layers with everything coupled to them (`channel`), removed "
-        "physically so the program gets smaller."
+        description="What is removed: single weights (`unstructured`), n of every m weights "
+        "(`n:m`), whole blocks (`block`), or, physically so the program gets smaller, whole "
+        "output channels of convolutions/linear layers with everything coupled to them "
+        "(`channel`) or whole attention heads (`head`)."
     )
     sparsity: Ratio = Field(
-        description="Fraction removed in each ranking pool: of weights (unstructured, block) or "
-        "of channels (channel). Optional with `n:m`, where it is 1 - n/m."
+        description="Fraction removed in each ranking pool: of weights (unstructured, block), "
+        "of channels (channel) or of heads (head). Optional with `n:m`, where it is 1 - n/m."
     )
     n_m: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=2, le=64)]] | None = Field(
         default=None,
@@ -110,7 +111,8 @@ class PruningSpec(_Frozen):
             raise ValueError("'p' only applies to criterion 'lp'")
         if self.criterion in _CHANNEL_ONLY and self.granularity not in STRUCTURED:
             raise ValueError(
-                f"criterion {self.criterion!r} ranks whole channels; use granularity 'channel'"
+                f"criterion {self.criterion!r} ranks whole channels; use granularity 'channel' "
+                "or 'head'"
             )
         if self.criterion == "lamp" and self.granularity != "unstructured":
             raise ValueError(

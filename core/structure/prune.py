@@ -24,12 +24,15 @@ class GroupDecision:
     group: ChannelGroup
     remove: int = 0
     skipped: str | None = None  # excluded, or the criterion cannot rank it
+    units: int = 0  # what is counted: channels, or heads with head pruning
 
     def describe(self) -> dict[str, Any]:
+        units = self.units or self.group.size
         return {
             **self.group.describe(),
+            "unit": "head" if units != self.group.size else "channel",
             "remove": self.remove,
-            "keep": self.group.size - self.remove,
+            "keep": units - self.remove,
             "skipped": self.skipped,
         }
 
@@ -137,17 +140,24 @@ def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
         if score is None:
             decision.skipped = f"criterion {spec.criterion!r} has nothing to rank these channels by"
             continue
+        if spec.granularity == "head":
+            if group.unit == 1:
+                decision.skipped = "not attention heads"
+                continue
+            # Rank whole heads: a head's score is the sum over its channels.
+            score = score.reshape(-1, group.unit).sum(dim=1)
+        decision.units = len(score)
         override = _first_match(group.layers[0], list(spec.layer_sparsity))
         if override is not None:
             decision.remove = min(
-                removal_count(spec.layer_sparsity[override], group.size), group.size - 1
+                removal_count(spec.layer_sparsity[override], len(score)), len(score) - 1
             )
         elif spec.scope == "global":
             pool[str(group.id)] = score / score.mean().clamp_min(1e-12)
             continue
         else:
-            decision.remove = min(removal_count(spec.sparsity, group.size), group.size - 1)
-        plan.keep[group.id] = lowest_k_mask(score, decision.remove)
+            decision.remove = min(removal_count(spec.sparsity, len(score)), len(score) - 1)
+        plan.keep[group.id] = _expand(lowest_k_mask(score, decision.remove), group)
     if pool:
         sizes = {gid: int(s.numel()) for gid, s in pool.items()}
         total = removal_count(spec.sparsity, sum(sizes.values()))
@@ -163,8 +173,16 @@ def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
             key = str(decision.group.id)
             if key in counts:
                 decision.remove = counts[key]
-                plan.keep[decision.group.id] = lowest_k_mask(pool[key], decision.remove)
+                keep = lowest_k_mask(pool[key], decision.remove)
+                plan.keep[decision.group.id] = _expand(keep, decision.group)
     return plan
+
+
+def _expand(keep: torch.Tensor, group: ChannelGroup) -> torch.Tensor:
+    """A keep-mask over heads as one over their channels (channel masks pass unchanged)."""
+    if keep.numel() == group.size:
+        return keep
+    return keep.repeat_interleave(group.unit)
 
 
 def prune_program(
@@ -184,11 +202,11 @@ def prune_program(
         PruningError: the smaller program did not export again.
     """
     gm = program.module()
-    analysis = analyze(gm)
+    analysis = analyze(gm, heads=spec.granularity == "head")
     plan = plan_channels(gm, analysis, spec)
     kept = kept_by_space(analysis, plan.keep)
     sizes = {s.id: s.size for s in analysis.spaces}
-    kept_out = {analysis.spaces[s].producer: idx.tolist() for s, idx in kept.items()}
+    kept_out: dict[str, list[int]] = {}
     kept_in: dict[str, list[int]] = {}
     sliced: dict[str, torch.Tensor] = {}
     tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
@@ -200,8 +218,9 @@ def prune_program(
             current = sliced.get(member.target, tensors[member.target].detach())
             if current.shape[member.dim] == tensors[member.target].shape[member.dim]:
                 sliced[member.target] = current.index_select(member.dim, index)
-            if member.role == "in" and member.target.endswith(".weight"):
-                kept_in[member.target.removesuffix(".weight")] = index.tolist()
+            if member.target.endswith(".weight") and member.role in ("in", "out"):
+                layer = member.target.removesuffix(".weight")
+                (kept_in if member.role == "in" else kept_out)[layer] = index.tolist()
     shapes = {name: tuple(t.shape) for name, t in sliced.items()}
     nonzero = {name: int(t.count_nonzero()) for name, t in sliced.items()}
     del sliced

@@ -24,6 +24,9 @@ def label_indices(
         parts.append(offset + (keep if keep is not None else torch.arange(sizes[space])))
         offset += sizes[space]
     channels = torch.cat(parts)
+    if label.unit > 1:
+        # A heads dimension: whole heads are kept, so every unit-th kept channel starts one.
+        return channels[:: label.unit] // label.unit
     if label.inner == 1:
         return channels
     return (channels[:, None] * label.inner + torch.arange(label.inner)[None, :]).reshape(-1)
@@ -35,7 +38,8 @@ def kept_by_space(
     """Kept channel indices of every space whose group loses channels (``keep``: group -> mask)."""
     out: dict[int, torch.Tensor] = {}
     for space in analysis.spaces:
-        mask = keep.get(analysis.root_of[space.id])
+        root = analysis.root_of.get(space.id)  # None: split into parts, which carry the masks
+        mask = keep.get(root) if root is not None else None
         if mask is not None and not bool(mask.all()):
             out[space.id] = torch.nonzero(mask).flatten()
     return out

@@ -160,6 +160,32 @@ class Transformer(nn.Module):
         return self.head(self.ln_f(x).mean(dim=1))
 
 
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's manual path: matmul, causal mask buffer, masked_fill, softmax, matmul."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(tokens, tokens)).view(1, 1, tokens, tokens)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        hs = c // self.heads
+        q = self.q(x).view(b, t, self.heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(b, t, self.heads, hs).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, hs).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / hs**0.5)
+        att = att.masked_fill(self.mask[:, :, :t, :t] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
+        return x + self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
 @dataclass(frozen=True)
 class Arch:
     """A model factory and the shape of one example input (batch first, batch dynamic)."""
@@ -177,6 +203,7 @@ ARCHS = {
     "mlp": Arch("mlp", lambda w: MLP(16 * w, depth=1 + w), (12,)),
     "transformer": Arch("transformer", lambda w: Transformer(8 * w, 2, 16 * w), (5, 6)),
     "mha": Arch("mha", lambda w: Transformer(8 * w, 2, 16 * w, mha=True), (5, 6)),
+    "causal": Arch("causal", lambda w: CausalSelfAttention(16, 2 * w), (5, 16)),
 }
 
 

@@ -21,7 +21,7 @@ from core.structure.slicing import apply_channels, mask_channels, reexport
 from tests.core.archs import ARCHS, MLP, ResidualCNN, export
 
 FEW = settings(
-    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -39,16 +39,18 @@ def n_params(program: torch.export.ExportedProgram) -> int:
     width=st.integers(1, 2),
     sparsity=st.floats(0.1, 0.8),
     criterion=st.sampled_from(["l1", "l2", "random"]),
+    granularity=st.sampled_from(["channel", "head"]),
 )
 def test_smaller_program_computes_what_the_masked_one_does(
-    arch: str, width: int, sparsity: float, criterion: str
+    arch: str, width: int, sparsity: float, criterion: str, granularity: str
 ) -> None:
     torch.manual_seed(width)
     spec = ARCHS[arch]
     program = export(spec.build(width), spec.input_shape)
     gm = program.module()
-    analysis = analyze(gm)
-    plan = plan_channels(gm, analysis, channel(sparsity=sparsity, criterion=criterion))
+    analysis = analyze(gm, heads=granularity == "head")
+    pruning = channel(sparsity=sparsity, criterion=criterion, granularity=granularity)
+    plan = plan_channels(gm, analysis, pruning)
     # LayerNorm statistics over pruned channels change by design; compare the rest exactly.
     keep = {g: m for g, m in plan.keep.items() if not analysis.groups_by_id[g].normalized}
     reference = program.module()
@@ -67,7 +69,9 @@ def test_smaller_program_computes_what_the_masked_one_does(
 def test_half_the_channels_leaves_at_most_0_6_of_the_parameters(arch: str) -> None:
     spec = ARCHS[arch]
     program = export(spec.build(2), spec.input_shape)
-    result = prune_program(program, channel(sparsity=0.5))
+    # Attention alone has no channels to remove (its residual reaches the input): heads go.
+    granularity = "head" if arch == "causal" else "channel"
+    result = prune_program(program, channel(sparsity=0.5, granularity=granularity))
     x = torch.randn(5, *spec.input_shape)
     assert result.program.module()(x).shape == program.module()(x).shape
     ratio = n_params(result.program) / n_params(program)
@@ -243,3 +247,49 @@ def test_dry_run_reports_the_groups_and_prunes_nothing(tmp_path: Path) -> None:
 def test_bn_scale_needs_a_structured_granularity() -> None:
     with pytest.raises(ValueError, match="channel"):
         PruningSpec(criterion="bn_scale", granularity="unstructured", sparsity=0.5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_head_pruning_removes_whole_heads(attention: str) -> None:
+    from tests.core.archs import CausalSelfAttention, Transformer
+
+    torch.manual_seed(0)
+    if attention == "sdpa":
+        model: nn.Module = Transformer(16, 4, 32)
+        q_weights, proj = ["attn.qkv.weight"], "attn.proj.weight"
+    else:
+        model = CausalSelfAttention(16, 4)
+        q_weights, proj = ["q.weight", "k.weight", "v.weight"], "proj.weight"
+    with torch.no_grad():  # plant a useless head: head 2 of q, k and v produce nothing
+        for name in q_weights:
+            w = model.get_parameter(name)
+            for part in range(w.shape[0] // 16):
+                w[part * 16 + 8 : part * 16 + 12] = 0.0
+    shape = (5, 6) if attention == "sdpa" else (5, 16)
+    program = export(model, shape)
+    result = prune_program(program, channel(granularity="head", sparsity=0.25))
+    heads = [d for d in result.plan.decisions if d.group.unit > 1]
+    assert [(d.units, d.remove) for d in heads] == [(4, 1)]
+    assert heads[0].describe()["unit"] == "head"
+    state = result.program.state_dict
+    for name in q_weights:
+        assert state[name].shape[0] == program.state_dict[name].shape[0] * 3 // 4
+    assert state[proj].shape == (16, 12)
+    kept = result.kept_in[proj.removesuffix(".weight")]
+    assert kept == [*range(8), *range(12, 16)]  # the planted head went
+    reference = program.module()
+    mask_channels(reference, result.analysis, result.plan.keep)
+    for batch in (1, 6):
+        x = torch.randn(batch, *shape)
+        torch.testing.assert_close(result.program.module()(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_multihead_attention_module_is_reported_not_broken() -> None:
+    spec = ARCHS["mha"]
+    program = export(spec.build(1), spec.input_shape)
+    result = prune_program(program, channel(granularity="head", sparsity=0.5))
+    in_proj = next(d for d in result.plan.decisions if "attn.in_proj_weight" in d.group.layers)
+    assert in_proj.remove == 0
+    assert in_proj.group.blocked
+    x = torch.randn(2, *spec.input_shape)
+    torch.testing.assert_close(result.program.module()(x), program.module()(x))
