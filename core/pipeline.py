@@ -28,7 +28,8 @@ from core.archive import ArchiveInfo
 from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
-from core.spec import SPEC_VERSION, STRUCTURED, JobSpec
+from core.schedule import RoundHook, agp_fractions, at_fraction, relative_step, rounds_of
+from core.spec import SPEC_VERSION, STRUCTURED, JobSpec, PruningSpec
 from core.structure import StructuredResult, prune_program
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
@@ -129,12 +130,13 @@ def run(
     *,
     measure: MeasureConfig | None = None,
     on_progress: ProgressCallback | None = None,
+    on_round: RoundHook | None = None,
 ) -> PipelineResult:
     """Prune the program at ``model_path`` as ``spec`` says and write the artifacts to ``out_dir``.
 
     Writes ``report.json`` always; ``model.pt2`` (loads with ``torch.export.load``, same dynamic
     dimensions as the input) and ``weights.safetensors`` (original parameter names) unless
-    ``spec.dry_run``.
+    ``spec.dry_run``. With an iterative schedule, ``on_round`` runs between rounds (fine-tuning).
 
     Raises:
         core.errors.ShearsError: the file was refused, the spec does not fit this model, or a step
@@ -151,9 +153,13 @@ def run(
     params_before = sum(p.numel() for p in program.parameters())
     before = _measure(program, info, m, batch)
     if spec.pruning.granularity in STRUCTURED:
-        return _run_structured(spec, program, info, Path(model_path), out, m, progress, before)
+        return _run_structured(
+            spec, program, info, Path(model_path), out, m, progress, before, on_round
+        )
 
     progress("pruning", 0.3, "ranking weights")
+    if not spec.dry_run:
+        program = _early_rounds(spec.pruning, program, info, progress, on_round)
     state = program.state_dict
     layer_names = [layer.name for layer in info.prunable_layers]
     allocation = allocate(
@@ -235,6 +241,76 @@ def run(
     )
 
 
+def _early_rounds(
+    pruning: PruningSpec,
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    progress: ProgressCallback,
+    on_round: RoundHook | None,
+) -> torch.export.ExportedProgram:
+    """Rounds 1..n-1 of an iterative schedule, zeroing weights in place; the last round is the
+    one-shot step at the final ratios. Zeroed weights score lowest, so rounds are nested."""
+    rounds = rounds_of(pruning)
+    sizes = {layer.name: layer.params for layer in info.prunable_layers}
+    for t, fraction in enumerate(agp_fractions(rounds)[:-1], start=1):
+        step = at_fraction(pruning, fraction)
+        allocation = allocate(step, sizes)
+        names = [*allocation.per_layer, *allocation.global_pool]
+        state = program.state_dict
+        masks = weight_masks(step, {n: state[f"{n}.weight"] for n in names}, allocation)
+        _zero(state, masks)
+        progress(
+            "pruning",
+            0.3 + 0.05 * t / rounds,
+            f"round {t} of {rounds}: sparsity {step.sparsity:.3f}",
+            {"round": t, "rounds": rounds, "sparsity": step.sparsity},
+        )
+        if on_round is not None:
+            program = on_round(t, rounds, program) or program
+            _zero(program.state_dict, masks)  # fine-tuning must not regrow what was pruned
+    return program
+
+
+def _zero(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, keep in masks.items():
+            weight = state[f"{name}.weight"]
+            weight.mul_(keep.to(weight.dtype))
+
+
+def _structured_rounds(
+    pruning: PruningSpec,
+    program: torch.export.ExportedProgram,
+    progress: ProgressCallback,
+    on_round: RoundHook | None,
+    dry_run: bool,
+) -> tuple[StructuredResult, dict[str, list[int]], dict[str, list[int]]]:
+    """Every round of a structured schedule; the kept indices are composed across rounds so the
+    report names channels of the uploaded program."""
+    rounds = 1 if dry_run else rounds_of(pruning)
+    fractions = [0.0, *agp_fractions(rounds)]
+    kept_out: dict[str, list[int]] = {}
+    kept_in: dict[str, list[int]] = {}
+    for t in range(1, rounds + 1):
+        step = relative_step(pruning, fractions[t - 1], fractions[t]) if rounds > 1 else pruning
+        result = prune_program(program, step, dry_run=dry_run)
+        for composed, now in ((kept_out, result.kept_out), (kept_in, result.kept_in)):
+            for layer, kept in now.items():
+                previous = composed.get(layer)
+                composed[layer] = [previous[i] for i in kept] if previous is not None else kept
+        program = result.program
+        if t < rounds:
+            progress(
+                "pruning",
+                0.3 + 0.05 * t / rounds,
+                f"round {t} of {rounds}",
+                {"round": t, "rounds": rounds, "sparsity": pruning.sparsity * fractions[t]},
+            )
+            if on_round is not None:
+                program = on_round(t, rounds, program) or program
+    return result, kept_out, kept_in
+
+
 def _run_structured(
     spec: JobSpec,
     program: torch.export.ExportedProgram,
@@ -244,6 +320,7 @@ def _run_structured(
     m: MeasureConfig,
     progress: ProgressCallback,
     before: _Measured,
+    on_round: RoundHook | None,
 ) -> PipelineResult:
     """Channel pruning: remove whole channels with everything coupled to them, re-export.
 
@@ -253,13 +330,16 @@ def _run_structured(
     batch = batch_size_for(info.inputs, m.batch_size)
     params_before = sum(p.numel() for p in program.parameters())
     progress("pruning", 0.3, "building channel groups from the graph")
-    structured = prune_program(program, spec.pruning, dry_run=spec.dry_run)
+    structured, kept_out, kept_in = _structured_rounds(
+        spec.pruning, program, progress, on_round, spec.dry_run
+    )
+    structured.kept_out, structured.kept_in = kept_out, kept_in
     pruned = structured.program
     layers = []
     state = pruned.state_dict
     for layer in info.prunable_layers:
         name = f"{layer.name}.weight"
-        shape = structured.shapes.get(name, layer.shape)
+        shape = structured.shapes.get(name, layer.shape) if spec.dry_run else state[name].shape
         params = math.prod(shape)
         if spec.dry_run:
             nonzero = structured.nonzero.get(name, int(program.state_dict[name].count_nonzero()))

@@ -34,6 +34,18 @@ class OneShotSchedule(_Frozen):
     kind: Literal["one_shot"] = "one_shot"
 
 
+class IterativeSchedule(_Frozen):
+    """Prune in ``rounds`` steps towards the final sparsity, on the cubic schedule of Zhu & Gupta
+    (AGP): after round t of n the sparsity is ``s * (1 - (1 - t/n)^3)``. With fine-tuning, the
+    rounds interleave with it."""
+
+    kind: Literal["iterative"]
+    rounds: int = Field(default=5, ge=1, le=100, description="Number of pruning steps.")
+
+
+Schedule = Annotated[OneShotSchedule | IterativeSchedule, Field(discriminator="kind")]
+
+
 class PruningSpec(_Frozen):
     """Importance criterion x granularity x ratio.
 
@@ -84,7 +96,10 @@ class PruningSpec(_Frozen):
     exclude: tuple[str, ...] = Field(
         default=(), description="Globs over layer names that are never pruned."
     )
-    schedule: OneShotSchedule = Field(default_factory=OneShotSchedule)
+    schedule: Schedule = Field(
+        default_factory=OneShotSchedule,
+        description='`{"kind": "one_shot"}` or `{"kind": "iterative", "rounds": 5}` (cubic AGP).',
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +143,8 @@ class PruningSpec(_Frozen):
                 raise ValueError(
                     f"with n_m {list(self.n_m)} the sparsity is {1 - n / m}; leave 'sparsity' out"
                 )
+        if self.granularity == "n:m" and self.schedule.kind != "one_shot":
+            raise ValueError("n:m is a fixed pattern, applied in one shot; use kind 'one_shot'")
         if self.block is not None and self.granularity != "block":
             raise ValueError("'block' only applies to granularity 'block'")
         return self
