@@ -131,12 +131,15 @@ def run(
     measure: MeasureConfig | None = None,
     on_progress: ProgressCallback | None = None,
     on_round: RoundHook | None = None,
+    calibration: tuple[torch.Tensor, ...] | None = None,
 ) -> PipelineResult:
     """Prune the program at ``model_path`` as ``spec`` says and write the artifacts to ``out_dir``.
 
     Writes ``report.json`` always; ``model.pt2`` (loads with ``torch.export.load``, same dynamic
     dimensions as the input) and ``weights.safetensors`` (original parameter names) unless
     ``spec.dry_run``. With an iterative schedule, ``on_round`` runs between rounds (fine-tuning).
+    ``calibration`` holds the loaded calibration inputs (one tensor per program input, samples
+    first) that the data-aware criteria of ``spec.calibration`` need.
 
     Raises:
         core.errors.ShearsError: the file was refused, the spec does not fit this model, or a step
@@ -154,7 +157,7 @@ def run(
     before = _measure(program, info, m, batch)
     if spec.pruning.granularity in STRUCTURED:
         return _run_structured(
-            spec, program, info, Path(model_path), out, m, progress, before, on_round
+            spec, program, info, Path(model_path), out, m, progress, before, on_round, calibration
         )
 
     progress("pruning", 0.3, "ranking weights")
@@ -284,6 +287,7 @@ def _structured_rounds(
     progress: ProgressCallback,
     on_round: RoundHook | None,
     dry_run: bool,
+    calibration: tuple[torch.Tensor, ...] | None,
 ) -> tuple[StructuredResult, dict[str, list[int]], dict[str, list[int]]]:
     """Every round of a structured schedule; the kept indices are composed across rounds so the
     report names channels of the uploaded program."""
@@ -293,7 +297,7 @@ def _structured_rounds(
     kept_in: dict[str, list[int]] = {}
     for t in range(1, rounds + 1):
         step = relative_step(pruning, fractions[t - 1], fractions[t]) if rounds > 1 else pruning
-        result = prune_program(program, step, dry_run=dry_run)
+        result = prune_program(program, step, dry_run=dry_run, calibration=calibration)
         for composed, now in ((kept_out, result.kept_out), (kept_in, result.kept_in)):
             for layer, kept in now.items():
                 previous = composed.get(layer)
@@ -321,6 +325,7 @@ def _run_structured(
     progress: ProgressCallback,
     before: _Measured,
     on_round: RoundHook | None,
+    calibration: tuple[torch.Tensor, ...] | None,
 ) -> PipelineResult:
     """Channel pruning: remove whole channels with everything coupled to them, re-export.
 
@@ -331,7 +336,7 @@ def _run_structured(
     params_before = sum(p.numel() for p in program.parameters())
     progress("pruning", 0.3, "building channel groups from the graph")
     structured, kept_out, kept_in = _structured_rounds(
-        spec.pruning, program, progress, on_round, spec.dry_run
+        spec.pruning, program, progress, on_round, spec.dry_run, calibration
     )
     structured.kept_out, structured.kept_in = kept_out, kept_in
     pruned = structured.program

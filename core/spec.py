@@ -13,12 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SPEC_VERSION = 1
 
-Criterion = Literal["l1", "l2", "lp", "random", "bn_scale", "lamp"]
+Criterion = Literal["l1", "l2", "lp", "random", "bn_scale", "lamp", "apoz", "regression", "taylor"]
 Granularity = Literal["unstructured", "channel", "head", "n:m", "block"]
 # Granularities that remove whole channels physically: the program gets smaller.
 STRUCTURED: frozenset[str] = frozenset({"channel", "head"})
 # Criteria that only rank whole channels (a scale per channel has no per-weight meaning).
-_CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale"})
+_CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale", "apoz", "regression", "taylor"})
+# Criteria that run the model on calibration data: the job names it in `calibration`.
+DATA_AWARE: frozenset[str] = frozenset({"apoz", "regression", "taylor"})
 Scope = Literal["layer", "global"]
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -150,10 +152,29 @@ class PruningSpec(_Frozen):
         return self
 
 
+class CalibrationSpec(_Frozen):
+    """The data data-aware criteria (apoz, regression, taylor) run the model on."""
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    num_samples: int = Field(default=256, ge=1, le=100_000)
+
+
 class JobSpec(_Frozen):
     """Everything the pipeline needs to know about one job, besides the model itself."""
 
     pruning: PruningSpec
+    calibration: CalibrationSpec | None = Field(
+        default=None, description="Calibration data for apoz, regression and taylor."
+    )
     dry_run: bool = Field(
         default=False, description="Report what would be pruned; prune and export nothing."
     )
+
+    @model_validator(mode="after")
+    def _calibration_for_data_aware(self) -> JobSpec:
+        if self.pruning.criterion in DATA_AWARE and self.calibration is None:
+            raise ValueError(
+                f"criterion {self.pruning.criterion!r} ranks channels on data; add "
+                '"calibration": {"dataset_id": "...", "num_samples": 256}'
+            )
+        return self

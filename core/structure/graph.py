@@ -137,6 +137,7 @@ class GraphAnalysis:
     spaces: list[Space]
     groups: list[ChannelGroup]
     root_of: dict[int, int]  # space id -> group id
+    node_labels: dict[str, Label] = field(default_factory=dict)  # node -> its channels
 
     @property
     def groups_by_id(self) -> dict[int, ChannelGroup]:
@@ -906,4 +907,7 @@ def analyze(gm: fx.GraphModule, *, heads: bool = False) -> GraphAnalysis:
         for gid in dict.fromkeys(root_of[s] for s in rewrite.label.spaces):
             groups[gid].rewrites.append(rewrite)
     ordered = sorted(groups.values(), key=lambda g: g.id)
-    return GraphAnalysis(spaces=a.spaces, groups=ordered, root_of=root_of)
+    node_labels = {
+        node.name: expand(label) for node, label in a.labels.items() if isinstance(label, Label)
+    }
+    return GraphAnalysis(spaces=a.spaces, groups=ordered, root_of=root_of, node_labels=node_labels)

@@ -11,7 +11,14 @@ from torch import fx
 
 from core.allocation import _check_patterns_match, _first_match, removal_count
 from core.errors import InvalidSpec
-from core.spec import PruningSpec
+from core.spec import DATA_AWARE, PruningSpec
+from core.structure.calibration import (
+    Calibration,
+    apoz_scores,
+    refit_linear,
+    regression_scores,
+    taylor_scores,
+)
 from core.structure.graph import ChannelGroup, GraphAnalysis, Member, analyze
 from core.structure.slicing import apply_channels, kept_by_space, label_indices, reexport
 from core.unstructured import _global_counts, lowest_k_mask
@@ -73,7 +80,10 @@ def _segments(member: Member, analysis: GraphAnalysis) -> list[tuple[int, int, i
 
 
 def group_scores(
-    gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
+    gm: fx.GraphModule,
+    analysis: GraphAnalysis,
+    spec: PruningSpec,
+    calibration: Calibration | None = None,
 ) -> dict[int, torch.Tensor | None]:
     """Importance of every channel of every group (float32, higher keeps); None: cannot rank.
 
@@ -81,7 +91,17 @@ def group_scores(
     layer (the filters of all convolutions/linears writing to it, as in L1-filter pruning), so a
     zeroed filter ranks last. ``bn_scale`` sums ``|gamma|`` of the BatchNorm/LayerNorm scales that
     follow the channels (network slimming). ``random`` is seeded by the spec and the group.
+    ``apoz``, ``regression`` and ``taylor`` run the model on ``calibration``
+    (see :mod:`core.structure.calibration`).
     """
+    if spec.criterion in DATA_AWARE:
+        if calibration is None:
+            raise InvalidSpec(f"criterion {spec.criterion!r} needs calibration data")
+        if spec.criterion == "apoz":
+            return dict(apoz_scores(gm, analysis, calibration))
+        if spec.criterion == "regression":
+            return dict(regression_scores(gm, analysis, calibration)[0])
+        return dict(taylor_scores(gm, analysis, calibration))
     scores: dict[int, torch.Tensor | None] = {}
     for group in analysis.groups:
         if spec.criterion == "random":
@@ -111,7 +131,12 @@ def group_scores(
     return scores
 
 
-def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec) -> ChannelPlan:
+def plan_channels(
+    gm: fx.GraphModule,
+    analysis: GraphAnalysis,
+    spec: PruningSpec,
+    calibration: Calibration | None = None,
+) -> ChannelPlan:
     """How many channels each group loses and which, following ``spec``'s ratios and globs.
 
     A group is pruned at the sparsity of its first layer (``layer_sparsity`` globs apply by
@@ -125,7 +150,7 @@ def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
     layers = [name for g in analysis.groups for name in g.layers]
     _check_patterns_match("exclude", spec.exclude, layers)
     _check_patterns_match("layer_sparsity", list(spec.layer_sparsity), layers)
-    scores = group_scores(gm, analysis, spec)
+    scores = group_scores(gm, analysis, spec, calibration)
     plan = ChannelPlan()
     pool: dict[str, torch.Tensor] = {}  # str keys: the water-filling is shared with layers
     for group in analysis.groups:
@@ -186,11 +211,17 @@ def _expand(keep: torch.Tensor, group: ChannelGroup) -> torch.Tensor:
 
 
 def prune_program(
-    program: torch.export.ExportedProgram, spec: PruningSpec, *, dry_run: bool = False
+    program: torch.export.ExportedProgram,
+    spec: PruningSpec,
+    *,
+    dry_run: bool = False,
+    calibration: Calibration | None = None,
 ) -> StructuredResult:
     """Remove channels from ``program`` as ``spec`` says and export the smaller program.
 
     With ``dry_run`` the plan is made and reported but ``program`` is returned unchanged.
+    ``calibration`` (one tensor per program input, samples first) feeds the data-aware criteria;
+    with ``regression`` the linear layers that lose inputs are refitted by least squares.
 
     Example:
         >>> pruned = prune_program(torch.export.load("cnn.pt2"),
@@ -203,7 +234,7 @@ def prune_program(
     """
     gm = program.module()
     analysis = analyze(gm, heads=spec.granularity == "head")
-    plan = plan_channels(gm, analysis, spec)
+    plan = plan_channels(gm, analysis, spec, calibration)
     kept = kept_by_space(analysis, plan.keep)
     sizes = {s.id: s.size for s in analysis.spaces}
     kept_out: dict[str, list[int]] = {}
@@ -227,6 +258,9 @@ def prune_program(
     result = StructuredResult(program, analysis, plan, kept_out, kept_in, shapes, nonzero)
     if dry_run or not kept:
         return result
+    if spec.criterion == "regression" and calibration is not None:
+        captured = regression_scores(gm, analysis, calibration)[1]
+        refit_linear(gm, analysis, plan.keep, captured)
     apply_channels(gm, analysis, plan.keep)
     result.program = reexport(gm, program)
     return result
