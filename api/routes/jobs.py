@@ -83,7 +83,7 @@ def create_job(
     except InvalidSpec as exc:
         raise invalid_field(["body", "pruning"], exc.message) from exc
 
-    spec = JobSpec(pruning=body.pruning, dry_run=body.dry_run)
+    spec = JobSpec(pruning=body.pruning, dry_run=body.dry_run, calibration=body.calibration)
     job = Job(
         id=new_id("job"),
         tenant=tenant,
