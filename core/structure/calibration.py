@@ -193,7 +193,7 @@ def taylor_scores(
         (m, params[m.target])
         for g in analysis.groups
         for m in g.members
-        if m.target in params and m.role != "stat"
+        if m.target in params and m.role not in ("stat", "grouped_in")
     ]
     unique = {id(p): p for _, p in members}
     flags = {k: p.requires_grad for k, p in unique.items()}

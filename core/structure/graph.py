@@ -25,7 +25,8 @@ import sympy
 import torch
 from torch import fx
 
-Role = Literal["out", "in", "norm", "stat", "bias", "param"]
+# "grouped_in": the input dim of a grouped convolution's weight, sliced per group of rows.
+Role = Literal["out", "in", "grouped_in", "norm", "stat", "bias", "param"]
 
 # Ops whose output has the input's shape and mixes nothing across channels.
 _UNARY = {
@@ -68,12 +69,17 @@ class Label:
 
 @dataclass(frozen=True)
 class Member:
-    """A parameter or buffer (``target`` in the module) sliced along ``dim`` by ``label``."""
+    """A parameter or buffer (``target`` in the module) sliced along ``dim`` by ``label``.
+
+    For ``grouped_in`` the weight holds ``groups`` blocks of input channels side by side along
+    ``dim``; output row ``o`` reads block ``o // (rows / groups)``.
+    """
 
     target: str
     dim: int
     label: Label
     role: Role
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ class ChannelGroup:
     rewrites: list[Rewrite] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     normalized: bool = False  # a LayerNorm normalises over these channels
+    blocks: int = 1  # a grouped convolution needs as many channels removed from each block
     unit: int = 1  # channels per attention head when these channels are split into heads
 
     @property
@@ -127,6 +134,7 @@ class ChannelGroup:
             "prunable": self.prunable,
             "blocked": self.blocked,
             **({"heads": self.size // self.unit, "head_size": self.unit} if self.unit > 1 else {}),
+            **({"equal_blocks": self.blocks} if self.blocks > 1 else {}),
         }
 
 
@@ -196,6 +204,7 @@ class _Analyzer:
         self.heads = heads  # follow reshapes into attention heads instead of blocking them
         self.children: dict[int, tuple[int, ...]] = {}  # a space split by chunk -> its parts
         self.units: dict[int, int] = {}  # space -> head size
+        self.blocks: dict[int, int] = {}  # space -> equal blocks a grouped conv needs
         self.spaces: list[Space] = []
         self.parent: list[int] = []
         self.labels: dict[fx.Node, Any] = {}  # Label | None | tuple of them for tuple outputs
@@ -718,12 +727,31 @@ class _Analyzer:
                 self.member(bias, 0, label.moved(0), "bias")
             self.rewrites.append(Rewrite(node.name, groups_arg, None, label))
             return label
-        reason = f"{node.name}: grouped convolution (groups={groups}) keeps its channels"
-        self.block(label, reason)
+        # Grouped: block i of the inputs feeds block i of the outputs. Removing the same number
+        # of channels from every block keeps ``groups``; each row then reads its own block's
+        # surviving inputs (a per-block gather of the weight's input dim).
         out = self.new_space(out_channels, name, node, 1)
-        self.block(out, reason)
-        self._freeze_params(node, reason)
+        self._need_blocks(out.spaces, groups)
+        self.member(weight, 0, out.moved(0), "out")
+        if bias is not None:
+            self.member(bias, 0, out.moved(0), "bias")
+        if label is not None:
+            if label.inner != 1 or len(self.leaves(label.spaces)) != 1:
+                reason = f"{node.name}: grouped convolution over concatenated channels"
+                self.block(label, reason)
+            else:
+                self._need_blocks(label.spaces, groups)
+                target = self.param(weight)
+                if target is None:
+                    raise _Blocked(f"{node.name}: the grouped weight is not a parameter")
+                key = (target, 1)
+                self.used_params.add(target)
+                self.members[key] = Member(target, 1, label.moved(1), "grouped_in", groups)
         return out
+
+    def _need_blocks(self, spaces: tuple[int, ...], groups: int) -> None:
+        for s in self.leaves(spaces):
+            self.blocks[s] = math.lcm(self.blocks.get(s, 1), groups)
 
     def op_conv1d(self, node: fx.Node) -> Label:
         return self._conv(node, 6, False)
@@ -873,7 +901,8 @@ def analyze(gm: fx.GraphModule, *, heads: bool = False) -> GraphAnalysis:
         return Label(label.dim, a.leaves(label.spaces), label.inner, label.unit)
 
     a.members = {
-        key: Member(m.target, m.dim, expand(m.label), m.role) for key, m in a.members.items()
+        key: Member(m.target, m.dim, expand(m.label), m.role, m.groups)
+        for key, m in a.members.items()
     }
     a.rewrites = [Rewrite(r.node, r.arg, r.index, expand(r.label)) for r in a.rewrites]
     groups: dict[int, ChannelGroup] = {}
@@ -893,6 +922,7 @@ def analyze(gm: fx.GraphModule, *, heads: bool = False) -> GraphAnalysis:
                 group.blocked.append(reason)
         if space.id in a.normalized:
             group.normalized = True
+        group.blocks = math.lcm(group.blocks, a.blocks.get(space.id, 1))
         unit = a.units.get(space.id, 1)
         if unit > 1 and group.unit not in (1, unit):
             group.blocked.append("split into heads of different sizes")
@@ -906,6 +936,11 @@ def analyze(gm: fx.GraphModule, *, heads: bool = False) -> GraphAnalysis:
     for rewrite in a.rewrites:
         for gid in dict.fromkeys(root_of[s] for s in rewrite.label.spaces):
             groups[gid].rewrites.append(rewrite)
+    for group in groups.values():
+        if group.size % group.blocks:
+            group.blocked.append(
+                f"grouped convolutions need {group.blocks} equal blocks of {group.size} channels"
+            )
     ordered = sorted(groups.values(), key=lambda g: g.id)
     node_labels = {
         node.name: expand(label) for node, label in a.labels.items() if isinstance(label, Label)

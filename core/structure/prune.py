@@ -20,7 +20,14 @@ from core.structure.calibration import (
     taylor_scores,
 )
 from core.structure.graph import ChannelGroup, GraphAnalysis, Member, analyze
-from core.structure.slicing import apply_channels, kept_by_space, label_indices, reexport
+from core.structure.slicing import (
+    apply_channels,
+    kept_by_space,
+    label_indices,
+    ordered_members,
+    reexport,
+    slice_member,
+)
 from core.unstructured import _global_counts, lowest_k_mask
 
 
@@ -173,6 +180,17 @@ def plan_channels(
             score = score.reshape(-1, group.unit).sum(dim=1)
         decision.units = len(score)
         override = _first_match(group.layers[0], list(spec.layer_sparsity))
+        if group.blocks > 1:
+            # Grouped convolutions: the same number of channels from each block, so the count
+            # is rounded to a multiple of the blocks (and every block keeps one).
+            ratio = spec.layer_sparsity[override] if override is not None else spec.sparsity
+            block = len(score) // group.blocks
+            per_block = min(round(removal_count(ratio, len(score)) / group.blocks), block - 1)
+            decision.remove = per_block * group.blocks
+            rows = score.reshape(group.blocks, block)
+            keep = torch.stack([lowest_k_mask(row, per_block) for row in rows]).reshape(-1)
+            plan.keep[group.id] = _expand(keep, group)
+            continue
         if override is not None:
             decision.remove = min(
                 removal_count(spec.layer_sparsity[override], len(score)), len(score) - 1
@@ -241,17 +259,15 @@ def prune_program(
     kept_in: dict[str, list[int]] = {}
     sliced: dict[str, torch.Tensor] = {}
     tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
-    for group in analysis.groups:
-        for member in group.members:
-            if not any(s in kept for s in member.label.spaces):
-                continue
-            index = label_indices(member.label, kept, sizes)
-            current = sliced.get(member.target, tensors[member.target].detach())
-            if current.shape[member.dim] == tensors[member.target].shape[member.dim]:
-                sliced[member.target] = current.index_select(member.dim, index)
-            if member.target.endswith(".weight") and member.role in ("in", "out"):
-                layer = member.target.removesuffix(".weight")
-                (kept_in if member.role == "in" else kept_out)[layer] = index.tolist()
+    for member in ordered_members(analysis):
+        if not any(s in kept for s in member.label.spaces):
+            continue
+        index = label_indices(member.label, kept, sizes)
+        current = sliced.get(member.target, tensors[member.target].detach())
+        sliced[member.target] = slice_member(current, member, index, sizes)
+        if member.target.endswith(".weight") and member.role in ("in", "grouped_in", "out"):
+            layer = member.target.removesuffix(".weight")
+            (kept_out if member.role == "out" else kept_in)[layer] = index.tolist()
     shapes = {name: tuple(t.shape) for name, t in sliced.items()}
     nonzero = {name: int(t.count_nonzero()) for name, t in sliced.items()}
     del sliced

@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from core.errors import PruningError
-from core.structure.graph import GraphAnalysis, Label
+from core.structure.graph import GraphAnalysis, Label, Member
 
 
 def label_indices(
@@ -45,6 +45,45 @@ def kept_by_space(
     return out
 
 
+def grouped_positions(member: Member, index: torch.Tensor, channels: int) -> torch.Tensor:
+    """Kept positions inside each block of a grouped weight's input dim: ``(groups, kept)``.
+
+    ``index`` holds the kept input channels (of ``channels``); every block keeps as many.
+    """
+    per_block = channels // member.groups
+    block_of = index // per_block
+    counts = torch.bincount(block_of, minlength=member.groups)
+    if not bool((counts == counts[0]).all()):
+        raise PruningError(f"{member.target}: grouped convolution blocks would lose unequal counts")
+    return (index - block_of * per_block).reshape(member.groups, -1)
+
+
+def _grouped_rows(tensor: torch.Tensor, member: Member, positions: torch.Tensor) -> torch.Tensor:
+    """Row o of a grouped weight keeps the positions of its own block."""
+    rows = tensor.shape[0]
+    block = torch.arange(rows) // (rows // member.groups)
+    index = positions[block]  # (rows, kept)
+    index = index.reshape(*index.shape, *([1] * (tensor.dim() - 2)))
+    return tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+
+
+def slice_member(
+    tensor: torch.Tensor, member: Member, index: torch.Tensor, sizes: Mapping[int, int]
+) -> torch.Tensor:
+    """``tensor`` without the removed channels of ``member`` (``index``: the kept positions)."""
+    if member.role == "grouped_in":
+        channels = sum(sizes[s] for s in member.label.spaces)
+        return _grouped_rows(tensor, member, grouped_positions(member, index, channels))
+    return tensor.index_select(member.dim, index)
+
+
+def ordered_members(analysis: GraphAnalysis) -> list[Member]:
+    """Every member once; grouped input dims first, since which block a row reads is known only
+    before rows are removed."""
+    members = {(m.target, m.dim): m for g in analysis.groups for m in g.members}
+    return sorted(members.values(), key=lambda m: m.role != "grouped_in")
+
+
 def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -77,14 +116,13 @@ def apply_channels(
     if not kept:
         return
     sizes = {s.id: s.size for s in analysis.spaces}
-    members = {(m.target, m.dim): m for g in analysis.groups for m in g.members}
     with torch.no_grad():
-        for (target, dim), member in members.items():
+        for member in ordered_members(analysis):
             if not any(s in kept for s in member.label.spaces):
                 continue
-            tensor = _get_tensor(gm, target)
+            tensor = _get_tensor(gm, member.target)
             index = label_indices(member.label, kept, sizes)
-            _set_tensor(gm, target, tensor.index_select(dim, index).clone())
+            _set_tensor(gm, member.target, slice_member(tensor, member, index, sizes).clone())
     by_name = {n.name: n for n in gm.graph.nodes}
     rewrites = {(r.node, r.arg, r.index): r for g in analysis.groups for r in g.rewrites}
     for (node_name, arg, position), rewrite in rewrites.items():
@@ -113,13 +151,30 @@ def mask_channels(
     """
     kept = kept_by_space(analysis, keep)
     sizes = {s.id: s.size for s in analysis.spaces}
-    members = {(m.target, m.dim): m for g in analysis.groups for m in g.members if m.role == "in"}
+    members = {
+        (m.target, m.dim): m
+        for g in analysis.groups
+        for m in g.members
+        if m.role in ("in", "grouped_in")
+    }
     with torch.no_grad():
         for (target, dim), member in members.items():
             if not any(s in kept for s in member.label.spaces):
                 continue
             tensor = _get_tensor(gm, target)
             index = label_indices(member.label, kept, sizes)
+            if member.role == "grouped_in":
+                channels = sum(sizes[s] for s in member.label.spaces)
+                per_block = channels // member.groups
+                alive = torch.zeros(channels, dtype=torch.bool)
+                alive[index] = True
+                rows = tensor.shape[0]
+                block = torch.arange(rows) // (rows // member.groups)
+                # Row o reads input channels block(o) * per_block + p, p < per_block.
+                read = block[:, None] * per_block + torch.arange(per_block)[None, :]
+                reads = alive[read].reshape(rows, per_block, *([1] * (tensor.dim() - 2)))
+                tensor.mul_(reads.to(tensor.dtype))
+                continue
             mask = torch.zeros(tensor.shape[dim], dtype=torch.bool)
             mask[index] = True
             shape = [1] * tensor.dim()

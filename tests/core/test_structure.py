@@ -67,6 +67,7 @@ def test_smaller_program_computes_what_the_masked_one_does(
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_half_the_channels_leaves_at_most_0_6_of_the_parameters(arch: str) -> None:
+    # Grouped and depthwise convolutions included: they lose channels block by block.
     spec = ARCHS[arch]
     program = export(spec.build(2), spec.input_shape)
     # Attention alone has no channels to remove (its residual reaches the input): heads go.
@@ -75,13 +76,7 @@ def test_half_the_channels_leaves_at_most_0_6_of_the_parameters(arch: str) -> No
     x = torch.randn(5, *spec.input_shape)
     assert result.program.module()(x).shape == program.module()(x).shape
     ratio = n_params(result.program) / n_params(program)
-    if arch == "grouped":
-        # Grouped convolutions keep their channels (reported as blocked), the rest still shrinks.
-        assert ratio < 0.95
-        blocked = [g for g in result.analysis.groups if not g.prunable]
-        assert any("grouped convolution" in r for g in blocked for r in g.blocked)
-    else:
-        assert ratio <= 0.6, ratio
+    assert ratio <= 0.6, ratio
 
 
 @pytest.mark.parametrize("arch", ["residual", "transformer"])
@@ -237,10 +232,14 @@ def test_dry_run_reports_the_groups_and_prunes_nothing(tmp_path: Path) -> None:
     groups = {tuple(g["layers"]): g for g in report["groups"]}
     assert groups[("mid",)]["remove"] == 4
     assert groups[("mid",)]["keep"] == 4
-    blocked = groups[("stem",)]
+    # The grouped convolution's input and output lose the same number per block (2 groups).
+    assert groups[("stem",)]["equal_blocks"] == 2
+    assert groups[("stem",)]["remove"] == 4
+    assert groups[("grouped",)]["remove"] == 8
+    blocked = groups[("head",)]
     assert not blocked["prunable"]
     assert blocked["remove"] == 0
-    assert "grouped convolution" in blocked["blocked"][0]
+    assert blocked["blocked"] == ["reaches the model's outputs"]
     assert result.metrics.params_after < result.metrics.params_before
 
 
@@ -293,3 +292,20 @@ def test_multihead_attention_module_is_reported_not_broken() -> None:
     assert in_proj.group.blocked
     x = torch.randn(2, *spec.input_shape)
     torch.testing.assert_close(result.program.module()(x), program.module()(x))
+
+
+def test_grouped_convolution_keeps_every_block_balanced() -> None:
+    from tests.core.archs import GroupedCNN
+
+    torch.manual_seed(3)
+    program = export(GroupedCNN(8, groups=4), (3, 8, 8))  # stem 8 -> grouped 16 in 4 groups
+    result = prune_program(program, channel(sparsity=0.5, criterion="random", seed=3))
+    stem = result.kept_out["stem"]
+    assert [sum(1 for c in stem if c // 2 == block) for block in range(4)] == [1, 1, 1, 1]
+    grouped = result.kept_out["grouped"]
+    assert [sum(1 for c in grouped if c // 4 == block) for block in range(4)] == [2, 2, 2, 2]
+    assert result.program.state_dict["grouped.weight"].shape == (8, 1, 3, 3)
+    reference = program.module()
+    mask_channels(reference, result.analysis, result.plan.keep)
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(result.program.module()(x), reference(x), atol=1e-5, rtol=1e-5)
