@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from core.allocation import _check_patterns_match, _first_match, removal_count
-from core.errors import InvalidSpec
+from core.errors import InvalidSpec, PruningError
 from core.spec import DATA_AWARE, PruningSpec
 from core.structure.calibration import (
     Calibration,
@@ -27,6 +27,7 @@ from core.structure.slicing import (
     ordered_members,
     reexport,
     slice_member,
+    verify,
 )
 from core.unstructured import _global_counts, lowest_k_mask
 
@@ -251,7 +252,10 @@ def prune_program(
         PruningError: the smaller program did not export again.
     """
     gm = program.module()
-    analysis = analyze(gm, heads=spec.granularity == "head")
+    try:
+        analysis = analyze(gm, heads=spec.granularity == "head")
+    except Exception as exc:  # a graph the pass trips over: a clean job error, not a crash
+        raise PruningError(f"the channel analysis failed on this program: {exc}") from exc
     plan = plan_channels(gm, analysis, spec, calibration)
     kept = kept_by_space(analysis, plan.keep)
     sizes = {s.id: s.size for s in analysis.spaces}
@@ -274,12 +278,21 @@ def prune_program(
     result = StructuredResult(program, analysis, plan, kept_out, kept_in, shapes, nonzero)
     if dry_run or not kept:
         return result
+    refitted = False
     if spec.criterion == "regression" and calibration is not None:
         captured = regression_scores(gm, analysis, calibration)[1]
-        refit_linear(gm, analysis, plan.keep, captured)
+        refitted = bool(refit_linear(gm, analysis, plan.keep, captured))
     apply_channels(gm, analysis, plan.keep)
-    result.program = reexport(gm, program)
+    pruned = reexport(gm, program)
+    renormalised = any(analysis.groups_by_id[g].normalized for g in kept_groups(analysis, kept))
+    verify(program, pruned, analysis, plan.keep, exact=not (refitted or renormalised))
+    result.program = pruned
     return result
+
+
+def kept_groups(analysis: GraphAnalysis, kept: dict[int, torch.Tensor]) -> set[int]:
+    """Groups that lose channels."""
+    return {analysis.root_of[s] for s in kept}
 
 
 __all__ = ["ChannelPlan", "GroupDecision", "StructuredResult", "analyze", "plan_channels"]

@@ -173,13 +173,54 @@ def mask_channels(
                 # Row o reads input channels block(o) * per_block + p, p < per_block.
                 read = block[:, None] * per_block + torch.arange(per_block)[None, :]
                 reads = alive[read].reshape(rows, per_block, *([1] * (tensor.dim() - 2)))
-                tensor.mul_(reads.to(tensor.dtype))
+                _set_tensor(gm, target, tensor * reads.to(tensor.dtype))
                 continue
             mask = torch.zeros(tensor.shape[dim], dtype=torch.bool)
             mask[index] = True
             shape = [1] * tensor.dim()
             shape[dim] = -1
-            tensor.mul_(mask.reshape(shape).to(tensor.dtype))
+            # A new tensor: the module's parameters share storage with the program's.
+            _set_tensor(gm, target, tensor * mask.reshape(shape).to(tensor.dtype))
+
+
+def verify(
+    original: torch.export.ExportedProgram,
+    pruned: torch.export.ExportedProgram,
+    analysis: GraphAnalysis,
+    keep: Mapping[int, torch.Tensor],
+    *,
+    exact: bool,
+) -> None:
+    """Check the smaller program against the original with the removed channels masked.
+
+    With ``exact`` False (a LayerNorm renormalises over fewer channels, or a layer was refitted)
+    only the output shapes must agree.
+
+    Raises:
+        PruningError: they disagree: a bug in the graph pass, caught before anyone gets the model.
+    """
+    reference = original.module()
+    mask_channels(reference, analysis, keep)
+    placeholders = [n for n in reference.graph.nodes if n.op == "placeholder"]
+    args, kwargs = _example_inputs(original, placeholders)
+    with torch.no_grad():
+        expected = pytree.tree_leaves(reference(*args, **kwargs))
+        got = pytree.tree_leaves(pruned.module()(*args, **kwargs))
+    for a, b in zip(got, expected, strict=True):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            raise PruningError(
+                f"the smaller program's output has shape {list(a.shape)}, not "
+                f"{list(b.shape)}; nothing was pruned (please report this model)"
+            )
+        if exact and a.is_floating_point():
+            scale = float(b.abs().max()) if b.numel() else 1.0
+            if not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+                raise PruningError(
+                    "the smaller program does not compute what the original computes with those "
+                    "channels removed; nothing was pruned (please report this model)"
+                )
 
 
 def reexport(

@@ -309,3 +309,23 @@ def test_grouped_convolution_keeps_every_block_balanced() -> None:
     mask_channels(reference, result.analysis, result.plan.keep)
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(result.program.module()(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_smaller_program_is_caught_before_anyone_gets_it(monkeypatch) -> None:
+    from core.errors import PruningError
+    from core.structure import prune as prune_module
+
+    def broken(gm, analysis, keep) -> None:  # a slicing bug: right shapes, wrong weights
+        apply_channels(gm, analysis, keep)
+        with torch.no_grad():
+            gm.get_submodule("layers.1")._parameters["weight"] = nn.Parameter(
+                gm.get_parameter("layers.1.weight").flip(1)
+            )
+
+    monkeypatch.setattr(prune_module, "apply_channels", broken)
+    program = export(MLP(16), (12,))
+    before = {k: v.clone() for k, v in program.state_dict.items()}
+    with pytest.raises(PruningError, match="does not compute"):
+        prune_program(program, channel(sparsity=0.5))
+    for name, tensor in program.state_dict.items():  # and the original is untouched
+        assert torch.equal(tensor, before[name]), name
