@@ -528,6 +528,17 @@ class _Analyzer:
         labels = [self.label_of(t) for t in tensors]
         if all(lab is None for lab in labels):
             return None
+        first = next(lab for lab in labels if lab is not None)
+        if dim == first.dim and first.inner == 1 and first.unit == 1:
+            # An untracked tensor (a model input, say) joins with channels that all stay.
+            for i, lab in enumerate(labels):
+                if lab is None:
+                    size = _static((_shape(tensors[i]) or ())[dim])
+                    if size is None:
+                        raise _Blocked(f"{node.name} concatenates a tensor of unknown width")
+                    fixed = self.new_space(size, tensors[i].name, node, dim)
+                    self.block(fixed, f"{tensors[i].name} is not produced by a prunable layer")
+                    labels[i] = fixed
         if any(lab is None for lab in labels):
             raise _Blocked(f"{node.name} concatenates channels with an untracked tensor")
         known = [lab for lab in labels if lab is not None]
@@ -703,10 +714,19 @@ class _Analyzer:
         out_channels = int(wshape[0])
         name = _layer_name(self.param(weight), node)
         if transposed:
-            self.block(label, f"{node.name}: transposed convolutions are not supported yet")
+            # Weight (in, out / groups, *kernel): the roles of dims 0 and 1 swap.
             out = self.new_space(int(wshape[1]) * groups, name, node, 1)
-            self.block(out, f"{node.name}: transposed convolutions are not supported yet")
-            self._freeze_params(node, "transposed convolution")
+            if groups != 1 or (label is not None and (label.dim != 1 or label.unit != 1)):
+                reason = f"{node.name}: grouped transposed convolutions are not supported yet"
+                self.block(label, reason)
+                self.block(out, reason)
+                self._freeze_params(node, reason)
+                return out
+            if label is not None:
+                self.member(weight, 0, label.moved(0), "in")
+            self.member(weight, 1, out.moved(1), "out")
+            if bias is not None:
+                self.member(bias, 0, out.moved(0), "bias")
             return out
         if label is not None and (label.dim != 1 or label.unit != 1):
             raise _Blocked(f"{node.name} convolves a tensor whose channels are not dim 1")
@@ -758,6 +778,12 @@ class _Analyzer:
 
     op_conv2d = op_conv1d
     op_conv3d = op_conv1d
+
+    def op_conv_transpose1d(self, node: fx.Node) -> Label:
+        return self._conv(node, 6, True)
+
+    op_conv_transpose2d = op_conv_transpose1d
+    op_conv_transpose3d = op_conv_transpose1d
 
     def op_convolution(self, node: fx.Node) -> Label:
         return self._conv(node, 8, bool(_a(node)[6]))

@@ -211,3 +211,21 @@ def export(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.Expor
     batch = torch.export.Dim("batch", min=1, max=512)
     example = torch.randn(4, *input_shape)
     return torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+
+
+class UNet(nn.Module):
+    """Encoder-decoder: strided conv down, transposed conv up, skip concatenated with the input."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, width, 3, 2, 1)
+        self.bn = _bn(width)
+        self.up = nn.ConvTranspose2d(width, width, 2, 2)
+        self.out = nn.Conv2d(width + 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.up(F.relu(self.bn(self.down(x)))))
+        return self.out(torch.cat([y, x], dim=1))
+
+
+ARCHS["unet"] = Arch("unet", lambda w: UNet(8 * w), (3, 8, 8))
