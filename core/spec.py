@@ -56,7 +56,12 @@ class PruningSpec(_Frozen):
         PruningSpec(criterion='l1', ...)
     """
 
-    criterion: Criterion = Field(description="How weights are ranked; the lowest go first.")
+    criterion: Criterion = Field(
+        description="How weights, channels or heads are ranked; the lowest go first. `l1`, `l2`, "
+        "`lp` (with `p`): magnitude; `random` (with `seed`); `lamp`: layer-adaptive magnitude "
+        "(unstructured); `bn_scale`: |gamma| of the norm after each channel; `apoz`, "
+        "`regression`, `taylor`: data-aware, need `calibration` (channel/head)."
+    )
     p: float | None = Field(default=None, gt=0, description="The norm's p; required with `lp`.")
     seed: int = Field(default=0, description="Seed of the `random` criterion.")
     granularity: Granularity = Field(
