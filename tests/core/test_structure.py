@@ -329,3 +329,21 @@ def test_a_wrong_smaller_program_is_caught_before_anyone_gets_it(monkeypatch) ->
         prune_program(program, channel(sparsity=0.5))
     for name, tensor in program.state_dict.items():  # and the original is untouched
         assert torch.equal(tensor, before[name]), name
+
+
+def test_a_dynamic_sequence_length_survives_head_pruning() -> None:
+    from tests.core.archs import CausalSelfAttention
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("seq", min=2, max=15)
+    model = CausalSelfAttention(16, 4, tokens=16).eval()
+    program = torch.export.export(
+        model, (torch.randn(4, 6, 16),), dynamic_shapes=({0: batch, 1: seq},)
+    )
+    result = prune_program(program, channel(granularity="head", sparsity=0.5))
+    assert [str(r) for r in result.program.range_constraints.values()] == [
+        str(r) for r in program.range_constraints.values()
+    ]
+    for t in (2, 9, 15):
+        assert result.program.module()(torch.randn(3, t, 16)).shape == (3, t, 16)
+    assert n_params(result.program) < 0.6 * n_params(program)
