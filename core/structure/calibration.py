@@ -20,6 +20,7 @@ Calibration = tuple[torch.Tensor, ...]
 _RELU_LIKE = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "clamp_min", "threshold"}
 _CHUNK = 64
 _MAX_ROWS = 8192  # rows of consumer inputs kept for the least-squares refit
+_MAX_MAPS = 64  # feature maps (samples) of convolution inputs kept for the refit
 
 
 def _batches(inputs: Calibration) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -92,8 +93,11 @@ def apoz_scores(
     return {gid: 1.0 - zeros[gid] / counts[gid].clamp_min(1) for gid in zeros}
 
 
-def _consumers(gm: fx.GraphModule, analysis: GraphAnalysis) -> list[tuple[str, str, str, Label]]:
-    """(op, input node, weight target, input label) for every layer reading tracked channels."""
+def _consumers(
+    gm: fx.GraphModule, analysis: GraphAnalysis
+) -> list[tuple[str, str, str, Label, fx.Node]]:
+    """(op, input node, weight target, input label, node) of every layer reading tracked
+    channels."""
     out = []
     for node in gm.graph.nodes:
         name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
@@ -106,7 +110,7 @@ def _consumers(gm: fx.GraphModule, analysis: GraphAnalysis) -> list[tuple[str, s
         if weight.op == "get_attr" and label is not None and label.unit == 1:
             if name != "linear" and len(node.args) > 6 and node.args[6] != 1:
                 continue  # depthwise: its weight is not a consumer of the channels
-            out.append((name, x.name, str(weight.target), label))
+            out.append((name, x.name, str(weight.target), label, node))
     return out
 
 
@@ -119,8 +123,9 @@ def regression_scores(
     Also returns the consumers' sampled inputs (rows x features) for :func:`refit_linear`.
     """
     consumers = _consumers(gm, analysis)
-    energy = {x_name: torch.zeros(0) for _, x_name, _, _ in consumers}
+    energy = {x_name: torch.zeros(0) for _, x_name, _, _, _ in consumers}
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in energy}
+    conv_inputs = {x_name for op, x_name, _, _, _ in consumers if op == "conv2d"}
     seen = dict.fromkeys(energy, 0)
 
     def see(name: str, value: torch.Tensor) -> None:
@@ -129,7 +134,11 @@ def regression_scores(
         squares = moved.square().sum(dim=1)
         energy[name] = squares if energy[name].numel() == 0 else energy[name] + squares
         seen[name] += moved.shape[1]
-        if label.dim == value.dim() - 1 and sum(r.shape[0] for r in rows[name]) < _MAX_ROWS:
+        if name in conv_inputs and value.dim() == 4:
+            # Whole feature maps: the refit unfolds them into the convolution's patches.
+            if sum(r.shape[0] for r in rows[name]) < _MAX_MAPS:
+                rows[name].append(value)
+        elif label.dim == value.dim() - 1 and sum(r.shape[0] for r in rows[name]) < _MAX_ROWS:
             rows[name].append(value.reshape(-1, value.shape[-1]))
 
     with torch.no_grad():
@@ -137,7 +146,7 @@ def regression_scores(
         for batch in _batches(inputs):
             recorder.run(*batch)
     scores = {g.id: torch.zeros(g.size) for g in analysis.groups}
-    for _, x_name, target, label in consumers:
+    for _, x_name, target, label, _ in consumers:
         weight = _get_tensor(gm, target).detach().to(torch.float32)
         columns = weight.movedim(1, 0).reshape(weight.shape[1], -1).square().sum(dim=1)
         mean_sq = energy[x_name] / max(seen[x_name], 1)
@@ -145,7 +154,7 @@ def regression_scores(
         per_channel = per_position.reshape(-1, label.inner).sum(dim=1)
         for gid, start, size in _segments(analysis, label):
             scores[gid] += per_channel[start : start + size]
-    captured = {name: torch.cat(r)[:_MAX_ROWS] for name, r in rows.items() if r}
+    captured = {name: torch.cat(r) for name, r in rows.items() if r}
     return scores, captured
 
 
@@ -155,25 +164,61 @@ def refit_linear(
     keep: dict[int, torch.Tensor],
     captured: dict[str, torch.Tensor],
 ) -> list[str]:
-    """Least-squares refit of every linear layer that loses input channels, so its output on
-    calibration data stays as close as possible to the unpruned one (ThiNet). Returns the layers
-    refitted. The full weight is replaced (not updated in place), columns to drop included."""
+    """Least-squares refit of every linear layer and 2-d convolution that loses input channels,
+    so its output on calibration data stays as close as possible to the unpruned one (ThiNet).
+    Returns the layers refitted. The full weight is replaced (not updated in place), columns to
+    drop included."""
     kept = kept_by_space(analysis, keep)
     sizes = {s.id: s.size for s in analysis.spaces}
     refitted = []
-    for name, x_name, target, label in _consumers(gm, analysis):
+    for name, x_name, target, label, node in _consumers(gm, analysis):
         x = captured.get(x_name)
-        if name != "linear" or x is None or not any(s in kept for s in label.spaces):
+        if x is None or not any(s in kept for s in label.spaces):
             continue
         weight = _get_tensor(gm, target).detach()
         index = label_indices(label, kept, sizes)
-        y = x @ weight.T  # what the layer computed, bias aside
-        solution = torch.linalg.lstsq(x[:, index].double(), y.double()).solution
-        new = weight.clone()
-        new[:, index] = solution.T.to(weight.dtype)
+        if name == "conv2d" and x.dim() == 4:
+            patches = _patches(x, weight, node)
+            if patches is None:
+                continue
+            # Unfolded columns are (channel, kh, kw) in that order: keep whole channels.
+            span = weight.shape[2] * weight.shape[3]
+            columns = (index[:, None] * span + torch.arange(span)[None, :]).reshape(-1)
+            matrix = weight.reshape(weight.shape[0], -1)
+            y = patches @ matrix.T
+            solution = torch.linalg.lstsq(patches[:, columns].double(), y.double()).solution
+            new_matrix = matrix.clone()
+            new_matrix[:, columns] = solution.T.to(weight.dtype)
+            new = new_matrix.reshape(weight.shape)
+        elif name == "linear" and x.dim() == 2:
+            y = x @ weight.T  # what the layer computed, bias aside
+            solution = torch.linalg.lstsq(x[:, index].double(), y.double()).solution
+            new = weight.clone()
+            new[:, index] = solution.T.to(weight.dtype)
+        else:
+            continue
         _set_tensor(gm, target, new)
         refitted.append(target.removesuffix(".weight"))
     return refitted
+
+
+def _patches(x: torch.Tensor, weight: torch.Tensor, node: fx.Node) -> torch.Tensor | None:
+    """Rows of the convolution's input patches (samples x positions, channels x kernel)."""
+    args = [*node.args, None, None, None, None, None, None, None]
+    stride, padding, dilation = args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1]
+    if not all(isinstance(v, (list, tuple)) for v in (stride, padding, dilation)):
+        return None  # padding="same" and the like: keep the weights as they are
+    unfolded = F.unfold(
+        x,
+        kernel_size=tuple(weight.shape[2:]),
+        dilation=tuple(dilation),  # type: ignore[arg-type]
+        padding=tuple(padding),  # type: ignore[arg-type]
+        stride=tuple(stride),  # type: ignore[arg-type]
+    )  # (N, C*kh*kw, L)
+    rows = unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
+    if rows.shape[0] > _MAX_ROWS:
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, _MAX_ROWS).long()]
+    return rows
 
 
 def taylor_scores(

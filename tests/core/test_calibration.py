@@ -79,3 +79,29 @@ def test_pipeline_passes_calibration_through(tmp_path: Path) -> None:
         calibration=(torch.randn(32, 12),),
     )
     assert result.metrics.params_after < 0.6 * result.metrics.params_before
+
+
+class PlainCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_regression_refits_the_next_convolution() -> None:
+    torch.manual_seed(2)
+    program = export(PlainCNN(), (3, 8, 8))
+    x = torch.randn(48, 3, 8, 8)
+    result = prune_program(program, spec("regression", 0.5), calibration=(x,))
+    assert result.program.state_dict["b.weight"].shape == (8, 8, 3, 3)
+    original = program.module()(x)
+    masked = program.module()
+    mask_channels(masked, result.analysis, result.plan.keep)
+    refit_error = (result.program.module()(x) - original).square().mean()
+    plain_error = (masked(x) - original).square().mean()
+    assert refit_error < plain_error
