@@ -539,6 +539,12 @@ class _Analyzer:
                     fixed = self.new_space(size, tensors[i].name, node, dim)
                     self.block(fixed, f"{tensors[i].name} is not produced by a prunable layer")
                     labels[i] = fixed
+        elif dim != first.dim:
+            # Along another dim (a class token joining the patch tokens): a parameter, maybe
+            # expanded over the batch, is sliced with the channels.
+            for i, lab in enumerate(labels):
+                if lab is None and self._param_operand(node, tensors[i], first):
+                    labels[i] = first
         if any(lab is None for lab in labels):
             raise _Blocked(f"{node.name} concatenates channels with an untracked tensor")
         known = [lab for lab in labels if lab is not None]
@@ -557,6 +563,33 @@ class _Analyzer:
         return known[0]
 
     op_concat = op_cat
+
+    def _param_operand(self, node: fx.Node, tensor: object, label: Label) -> bool:
+        """Make a parameter (or ``expand`` of one) a member sliced like ``label``; False when
+        ``tensor`` is neither."""
+        if not isinstance(tensor, fx.Node):
+            return False
+        source, expand = tensor, None
+        if (
+            tensor.op == "call_function"
+            and _packet(tensor) == "expand"
+            and not tensor.users.keys() - {node}
+        ):
+            source, expand = _a(tensor)[0], tensor
+        if self.param(source) is None:
+            return False
+        rank = len(_shape(tensor) or ())
+        pos = label.dim - (rank - len(_shape(source) or ()))
+        if pos < 0:
+            return False
+        self.member(source, pos, label.moved(pos), "param")
+        if expand is not None:
+            size = _a(expand)[1][label.dim]
+            if isinstance(size, fx.Node):
+                raise _Blocked(f"{expand.name} expands to a computed channel count")
+            if isinstance(size, int) and size != -1:
+                self.rewrites.append(Rewrite(expand.name, 1, label.dim, label))
+        return True
 
     def _split(self, node: fx.Node) -> Any:
         label = self.label_of(_a(node)[0])

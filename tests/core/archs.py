@@ -229,3 +229,26 @@ class UNet(nn.Module):
 
 
 ARCHS["unet"] = Arch("unet", lambda w: UNet(8 * w), (3, 8, 8))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, a class token concatenated along the tokens, a positional parameter."""
+
+    def __init__(self, dim: int = 16, norm: bool = False) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 5, dim))
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, 4, dim)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = x + self.down(F.gelu(self.up(self.norm(x))))
+        return self.head(x[:, 0])
+
+
+ARCHS["vit"] = Arch("vit", lambda w: TinyViT(8 * w), (3, 8, 8))
