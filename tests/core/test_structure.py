@@ -347,3 +347,12 @@ def test_a_dynamic_sequence_length_survives_head_pruning() -> None:
     for t in (2, 9, 15):
         assert result.program.module()(torch.randn(3, t, 16)).shape == (3, t, 16)
     assert n_params(result.program) < 0.6 * n_params(program)
+
+
+def test_dropout_in_training_mode_does_not_trip_the_check() -> None:
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2)).train()
+    # Exported in training mode: dropout draws random masks, so runs differ anyway.
+    batch = torch.export.Dim("b", max=64)
+    program = torch.export.export(model, (torch.randn(4, 12),), dynamic_shapes=({0: batch},))
+    result = prune_program(program, channel(sparsity=0.5))
+    assert result.program.state_dict["0.weight"].shape == (8, 12)
