@@ -25,6 +25,8 @@ import sympy
 import torch
 from torch import fx
 
+from core.structure.mha import MhaMatch, match_mha
+
 # "grouped_in": the input dim of a grouped convolution's weight, sliced per group of rows.
 Role = Literal["out", "in", "grouped_in", "norm", "stat", "bias", "param"]
 
@@ -93,6 +95,7 @@ class Rewrite:
     arg: int
     index: int | None
     label: Label
+    factor: int = 1  # the constant is the kept count times this (B*H for a static batch B)
 
 
 @dataclass
@@ -281,8 +284,19 @@ class _Analyzer:
 
     # --- walking ----------------------------------------------------------------------------
     def run(self) -> None:
+        matches = []
+        internal: set[fx.Node] = set()
+        if self.heads:
+            for node in self.gm.graph.nodes:
+                if node.op == "call_function" and _packet(node) == "linear":
+                    match = match_mha(node)
+                    if match is not None:
+                        matches.append(match)
+                        internal |= match.internal
         for node in self.gm.graph.nodes:
-            if node.op in ("placeholder", "get_attr"):
+            if node in internal:
+                self.labels[node] = None  # followed as a whole by _attach_mha
+            elif node.op in ("placeholder", "get_attr"):
                 self.labels[node] = None
             elif node.op == "output":
                 for arg in _nodes_in(_a(node)):
@@ -306,6 +320,36 @@ class _Analyzer:
                         self.block(lab, f"{node.op} {node.target} is not understood")
                 self.labels[node] = None
                 self._freeze_params(node, f"{node.op} {node.target} is not understood")
+
+        for match in matches:
+            self._attach_mha(match)
+
+    def _attach_mha(self, m: MhaMatch) -> None:
+        """q, k, v of a MultiheadAttention lose the same heads; out_proj loses their columns."""
+        label = self.labels.get(m.in_proj)
+        if not isinstance(label, Label) or len(self.leaves(label.spaces)) != 1:
+            return
+        (space,) = self.leaves(label.spaces)
+        producer = self.spaces[space].producer
+        q, k, v = (
+            self.new_space(m.channels, producer, m.in_proj, label.dim).spaces[0] for _ in range(3)
+        )
+        self.children[space] = (q, k, v)
+        for part in (q, k, v):
+            self.units[part] = m.head_size
+        self.union(Label(0, (q,), 1, m.head_size), Label(0, (k,), 1, m.head_size), "attention")
+        self.union(Label(0, (q,), 1, m.head_size), Label(0, (v,), 1, m.head_size), "attention")
+        self.member(m.out_proj.args[1], 1, Label(1, (v,)), "in")
+        heads = Label(1, (q,), 1, m.head_size)
+        self.rewrites.append(Rewrite(m.unflatten.name, 2, 1, Label(0, (q,))))
+        for (view, batch_heads), back in zip(m.fold, m.unfold, strict=True):
+            if isinstance(batch_heads, fx.Node):
+                self.rewrites.append(Rewrite(batch_heads.name, 1, None, heads))
+            else:
+                factor = _int(batch_heads) // m.heads
+                self.rewrites.append(Rewrite(view.name, 1, 1, heads, factor))
+            self.rewrites.append(Rewrite(back.name, 1, 1, heads))
+        self.rewrites.append(Rewrite(m.merge.name, 1, 1, Label(1, (v,))))
 
     def _freeze_params(self, node: fx.Node, why: str) -> None:
         for arg in _nodes_in((_a(node), node.kwargs)):
@@ -963,7 +1007,7 @@ def analyze(gm: fx.GraphModule, *, heads: bool = False) -> GraphAnalysis:
         key: Member(m.target, m.dim, expand(m.label), m.role, m.groups)
         for key, m in a.members.items()
     }
-    a.rewrites = [Rewrite(r.node, r.arg, r.index, expand(r.label)) for r in a.rewrites]
+    a.rewrites = [Rewrite(r.node, r.arg, r.index, expand(r.label), r.factor) for r in a.rewrites]
     groups: dict[int, ChannelGroup] = {}
     root_of: dict[int, int] = {}
     live = [space for space in a.spaces if space.id not in a.children]

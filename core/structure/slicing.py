@@ -125,11 +125,12 @@ def apply_channels(
             _set_tensor(gm, member.target, slice_member(tensor, member, index, sizes).clone())
     by_name = {n.name: n for n in gm.graph.nodes}
     rewrites = {(r.node, r.arg, r.index): r for g in analysis.groups for r in g.rewrites}
+    # A rewrite may name a non-tensor node (operator.mul computing B*H): found by name too.
     for (node_name, arg, position), rewrite in rewrites.items():
         if not any(s in kept for s in rewrite.label.spaces):
             continue
         node = by_name[node_name]
-        value = len(label_indices(rewrite.label, kept, sizes))
+        value = len(label_indices(rewrite.label, kept, sizes)) * rewrite.factor
         args: list[Any] = list(node.args)
         if position is None:
             args[arg] = value

@@ -283,15 +283,30 @@ def test_head_pruning_removes_whole_heads(attention: str) -> None:
         torch.testing.assert_close(result.program.module()(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
-def test_multihead_attention_module_is_reported_not_broken() -> None:
-    spec = ARCHS["mha"]
-    program = export(spec.build(1), spec.input_shape)
-    result = prune_program(program, channel(granularity="head", sparsity=0.5))
-    in_proj = next(d for d in result.plan.decisions if "attn.in_proj_weight" in d.group.layers)
-    assert in_proj.remove == 0
-    assert in_proj.group.blocked
-    x = torch.randn(2, *spec.input_shape)
-    torch.testing.assert_close(result.program.module()(x), program.module()(x))
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_multihead_attention_module_loses_whole_heads(dynamic: bool) -> None:
+    from tests.core.archs import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(16, 4, 32, mha=True).eval()
+    with torch.no_grad():  # plant a useless head: head 1 of q, k and v
+        for part in range(3):
+            model.attn.in_proj_weight[part * 16 + 4 : part * 16 + 8] = 0.0
+    if dynamic:
+        program = export(model, (5, 6))
+    else:  # a static batch: B*H is a literal in the graph, rewritten as B*H'
+        program = torch.export.export(model, (torch.randn(4, 5, 6),))
+    result = prune_program(program, channel(granularity="head", sparsity=0.25))
+    heads = [d for d in result.plan.decisions if d.group.unit > 1]
+    assert [(d.units, d.remove) for d in heads] == [(4, 1)]
+    state = result.program.state_dict
+    assert state["attn.in_proj_weight"].shape == (36, 16)
+    assert state["attn.out_proj.weight"].shape == (16, 12)
+    assert result.kept_in["attn.out_proj"] == [*range(4), *range(8, 16)]
+    x = torch.randn(6 if dynamic else 4, 5, 6)
+    reference = program.module()
+    mask_channels(reference, result.analysis, result.plan.keep)
+    torch.testing.assert_close(result.program.module()(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_convolution_keeps_every_block_balanced() -> None:
