@@ -252,3 +252,25 @@ class TinyViT(nn.Module):
 
 
 ARCHS["vit"] = Arch("vit", lambda w: TinyViT(8 * w), (3, 8, 8))
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3-style gate: pooled channels -> reduce -> expand -> sigmoid -> scale."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = _bn(width)
+        self.reduce = nn.Conv2d(width, width // 4, 1)
+        self.expand = nn.Conv2d(width // 4, width, 1)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.hardswish(self.bn(self.stem(x)))
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        x = F.relu(self.conv(x * gate))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+ARCHS["se"] = Arch("se", lambda w: SqueezeExcite(8 * w), (3, 8, 8))
