@@ -24,6 +24,10 @@ from safetensors.torch import save_file
 
 from core.allocation import allocate
 from core.archive import ArchiveInfo
+from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
+from core.errors import InvalidSpec
+from core.evaluate import evaluate
+from core.finetune import Checkpointing, FineTuneResult, fine_tune, pick_device, snapshot_state
 from core.importance import element_scores
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
@@ -51,6 +55,26 @@ class MeasureConfig:
     warmup: int = 3
     repeats: int = 10
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PipelineData:
+    """Dataset files (``.npz``/``.safetensors``, see :mod:`core.data`) for the spec's
+    ``fine_tune``, ``evaluation`` and ``calibration``; each is required when its spec is given."""
+
+    fine_tune: Path | None = None
+    evaluation: Path | None = None
+    calibration: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Where fine-tuning and evaluation run (default: CUDA when available, else CPU), and where
+    fine-tuning checkpoints (``None``: it does not; an existing checkpoint is resumed)."""
+
+    device: str | None = None
+    checkpoint: Path | None = None
+    checkpoint_every_steps: int = 50
 
 
 @dataclass(frozen=True)
@@ -128,12 +152,16 @@ def run(
     *,
     measure: MeasureConfig | None = None,
     on_progress: ProgressCallback | None = None,
+    data: PipelineData | None = None,
+    training: TrainingConfig | None = None,
 ) -> PipelineResult:
     """Prune the program at ``model_path`` as ``spec`` says and write the artifacts to ``out_dir``.
 
     Writes ``report.json`` always; ``model.pt2`` (loads with ``torch.export.load``, same dynamic
     dimensions as the input) and ``weights.safetensors`` (original parameter names) unless
-    ``spec.dry_run``.
+    ``spec.dry_run``. With ``spec.evaluation`` the program is scored before pruning, after pruning
+    and after fine-tuning; with ``spec.fine_tune`` it is retrained with its pruned weights held
+    at zero (both skipped after pruning in a dry run). Their datasets come from ``data``.
 
     Raises:
         core.errors.ShearsError: the file was refused, the spec does not fit this model, or a step
@@ -149,6 +177,12 @@ def run(
     batch = batch_size_for(info.inputs, m.batch_size)
     params_before = sum(p.numel() for p in program.parameters())
     before = _measure(program, info, m, batch)
+    train = training or TrainingConfig()
+    feeds = _load_feeds(spec, data or PipelineData(), info)
+    teacher = snapshot_state(program) if _distills(spec) else None  # dense, before pruning
+    eval_before = _evaluate_stage(
+        program, info, spec, feeds, train, progress, 0.2, "before pruning"
+    )
 
     progress("pruning", 0.3, "ranking weights")
     state = program.state_dict
@@ -191,6 +225,18 @@ def run(
     nonzero_params = sum(int(p.count_nonzero()) for p in program.parameters()) - zeroed_by_plan
     sparse_bytes = sparse_size_bytes(state, (f"{n}.weight" for n in layer_names))
 
+    eval_after_pruning = eval_after_fine_tune = None
+    tuned: FineTuneResult | None = None
+    if not spec.dry_run:
+        eval_after_pruning = _evaluate_stage(
+            program, info, spec, feeds, train, progress, 0.32, "after pruning"
+        )
+        tuned = _fine_tune_stage(program, info, spec, feeds, teacher, train, progress)
+        if tuned is not None:
+            eval_after_fine_tune = _evaluate_stage(
+                program, info, spec, feeds, train, progress, 0.57, "after fine-tuning"
+            )
+
     model_file: Path | None = None
     weights_file: Path | None = None
     after: _Measured | None = None
@@ -221,9 +267,14 @@ def run(
         latency_ms_after=after.latency_ms if after else None,
         latency_batch_size=batch,
         device=m.device,
+        eval_before=eval_before,
+        eval_after_pruning=eval_after_pruning,
+        eval_after_fine_tune=eval_after_fine_tune,
     )
     report_file = out / "report.json"
-    _write_report(report_file, spec, metrics, layers, allocation.excluded)
+    _write_report(
+        report_file, spec, metrics, layers, allocation.excluded, fine_tune=_tuned_report(tuned)
+    )
     progress("done", 1.0, "finished")
     return PipelineResult(
         metrics=metrics,
@@ -252,6 +303,7 @@ def _write_report(
     metrics: Metrics,
     layers: list[LayerResult],
     excluded: tuple[str, ...],
+    fine_tune: dict[str, Any] | None = None,
 ) -> None:
     report: dict[str, Any] = {
         "spec_version": SPEC_VERSION,
@@ -264,4 +316,117 @@ def _write_report(
             for layer in layers
         ],
     }
+    if fine_tune is not None:
+        report["fine_tune"] = fine_tune
     path.write_text(json.dumps(report, indent=2))
+
+
+# --- datasets, evaluation and fine-tuning stages --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Feeds:
+    """The job's datasets, read and matched to the program's inputs."""
+
+    fine_tune: Dataset | None
+    evaluation: Dataset | None
+    limits: BatchRange
+
+
+def _distills(spec: JobSpec) -> bool:
+    return spec.fine_tune is not None and spec.fine_tune.loss == "distillation"
+
+
+def _load_feeds(spec: JobSpec, data: PipelineData, info: ArchiveInfo) -> _Feeds:
+    """Read the datasets the spec asks for and check them against the model before any work:
+    a dataset that cannot feed the program fails the job here, not hours into training."""
+    read: dict[Path, Dataset] = {}
+
+    def feed(what: str, path: Path | None, needs_targets: bool) -> Dataset:
+        if path is None:
+            raise InvalidSpec(f"'{what}' needs a dataset, and none was given")
+        if path not in read:
+            read[path] = match_program(load_dataset(path), info.inputs)
+        dataset = read[path]
+        if needs_targets and dataset.targets is None:
+            raise InvalidSpec(f"'{what}' needs a dataset with targets; this one has none")
+        return dataset
+
+    return _Feeds(
+        fine_tune=feed("fine_tune", data.fine_tune, spec.fine_tune.needs_targets)
+        if spec.fine_tune
+        else None,
+        evaluation=feed("evaluation", data.evaluation, True) if spec.evaluation else None,
+        limits=batch_range(info.inputs),
+    )
+
+
+def _evaluate_stage(
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    spec: JobSpec,
+    feeds: _Feeds,
+    train: TrainingConfig,
+    progress: ProgressCallback,
+    fraction: float,
+    when: str,
+) -> dict[str, float] | None:
+    if spec.evaluation is None or feeds.evaluation is None:
+        return None
+    progress("evaluating", fraction, f"evaluating {when}")
+    device = pick_device(train.device)
+    module = program.module().to(device)  # eval mode: the graph as it was exported
+    metrics = evaluate(module, feeds.evaluation, spec.evaluation, feeds.limits, device)
+    progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
+    return metrics
+
+
+def _fine_tune_stage(
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    spec: JobSpec,
+    feeds: _Feeds,
+    teacher: dict[str, torch.Tensor] | None,
+    train: TrainingConfig,
+    progress: ProgressCallback,
+) -> FineTuneResult | None:
+    if spec.fine_tune is None or feeds.fine_tune is None:
+        return None
+    start, span = 0.35, 0.2
+
+    # Every optimizer step reports progress: that is where a cancel stops training (the worker's
+    # callback raises), and it is throttled there. Each epoch's summary becomes an event.
+    def on_step(step: int, total: int, summary: dict[str, float] | None) -> None:
+        message = (
+            f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
+            if summary
+            else f"step {step}/{total}"
+        )
+        progress("fine_tuning", start + span * step / max(total, 1), message, summary)
+
+    checkpoint = (
+        Checkpointing(train.checkpoint, train.checkpoint_every_steps) if train.checkpoint else None
+    )
+    return fine_tune(
+        program,
+        feeds.fine_tune,
+        spec.fine_tune,
+        limits=feeds.limits,
+        masked=[f"{layer.name}.weight" for layer in info.prunable_layers],
+        teacher_state=teacher,
+        device=train.device,
+        checkpoint=checkpoint,
+        on_step=on_step,
+    )
+
+
+def _tuned_report(tuned: FineTuneResult | None) -> dict[str, Any] | None:
+    if tuned is None:
+        return None
+    return {
+        "steps": tuned.steps,
+        "epochs": tuned.epochs,
+        "device": tuned.device,
+        "resumed_from_step": tuned.resumed_from_step,
+        "history": list(tuned.history),
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,37 +13,10 @@ from core.evaluate import evaluate
 from core.finetune import Checkpointing, fine_tune, set_training, snapshot_state
 from core.program import load_program
 from core.spec import EvaluationSpec, FineTuneSpec
-from tests.factories import (
-    DIGITS_PRUNABLE,
-    accuracy,
-    digits_arrays,
-    export_digits,
-    save_npz,
-    train_digits_cnn,
-)
+from tests.core.conftest import Digits
+from tests.factories import DIGITS_PRUNABLE, digits_arrays, save_npz
 
 MASKED = [f"{n}.weight" for n in DIGITS_PRUNABLE]
-
-
-@dataclass
-class Digits:
-    model_path: Path
-    train: Path
-    test: Path
-    dense_accuracy: float
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
-    root = tmp_path_factory.mktemp("digits")
-    x_train, y_train, x_test, y_test = digits_arrays()
-    model = train_digits_cnn(x_train, y_train, dropout=0.1)
-    return Digits(
-        model_path=export_digits(model, root / "cnn.pt2"),
-        train=save_npz(root / "train.npz", inputs=x_train, targets=y_train),
-        test=save_npz(root / "test.npz", inputs=x_test, targets=y_test),
-        dense_accuracy=accuracy(model, x_test, y_test),
-    )
 
 
 def pruned(path: Path, sparsity: float = 0.9):
