@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import artifacts, health, jobs, models
+from api.routes import artifacts, datasets, health, jobs, models
 from shears.db.engine import make_engine, make_sessionmaker
 from shears.logs import configure_logging
 from shears.settings import Settings, get_settings
@@ -41,4 +41,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
+    app.include_router(datasets.router)
     return app

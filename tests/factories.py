@@ -171,3 +171,27 @@ def save_npz(path: Path, **arrays) -> Path:
     with path.open("wb") as f:
         np.savez(f, **arrays)
     return path
+
+
+from dataclasses import dataclass  # noqa: E402 -- this file grows by appending
+
+
+@dataclass
+class Digits:
+    """A DigitsCNN trained on the digits, exported with a dynamic batch, and its data as .npz."""
+
+    model_path: Path
+    train: Path
+    test: Path
+    dense_accuracy: float
+
+
+def make_digits(root: Path, seed: int = 0) -> Digits:
+    x_train, y_train, x_test, y_test = digits_arrays(seed)
+    model = train_digits_cnn(x_train, y_train, seed=seed, dropout=0.1)
+    return Digits(
+        model_path=export_digits(model, root / "cnn.pt2"),
+        train=save_npz(root / "train.npz", inputs=x_train, targets=y_train),
+        test=save_npz(root / "test.npz", inputs=x_test, targets=y_test),
+        dense_accuracy=accuracy(model, x_test, y_test),
+    )

@@ -13,8 +13,7 @@ from core.evaluate import evaluate
 from core.finetune import Checkpointing, fine_tune, set_training, snapshot_state
 from core.program import load_program
 from core.spec import EvaluationSpec, FineTuneSpec
-from tests.core.conftest import Digits
-from tests.factories import DIGITS_PRUNABLE, digits_arrays, save_npz
+from tests.factories import DIGITS_PRUNABLE, Digits, digits_arrays, save_npz
 
 MASKED = [f"{n}.weight" for n in DIGITS_PRUNABLE]
 

@@ -13,8 +13,7 @@ from core.errors import Cancelled, DatasetMismatch, InvalidSpec
 from core.pipeline import MeasureConfig, PipelineData, TrainingConfig, run
 from core.program import load_program
 from core.spec import EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec
-from tests.core.conftest import Digits
-from tests.factories import DIGITS_PRUNABLE, save_npz
+from tests.factories import DIGITS_PRUNABLE, Digits, save_npz
 
 FAST = MeasureConfig(batch_size=8, warmup=0, repeats=1)
 PRUNE_90 = PruningSpec(criterion="l1", granularity="unstructured", sparsity=0.9, scope="global")
