@@ -133,18 +133,18 @@ def service_env(
     data_dir: Path, port: int, database_url: str | None, broker_url: str | None, **extra: str
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHEARS_")}
-    env.update(
-        SHEARS_DATA_DIR=str(data_dir),
-        SHEARS_PORT=str(port),
-        SHEARS_QUEUE=f"shears-test-{uuid.uuid4().hex[:8]}",
-        SHEARS_LATENCY_REPEATS="3",
-        SHEARS_LATENCY_WARMUP="1",
-        SHEARS_MAX_UPLOAD_BYTES=str(4 * 1024 * 1024),
-        SHEARS_JOB_LEASE_SECONDS="10",
-        SHEARS_SWEEP_INTERVAL_SECONDS="1",
-        PYTHONUNBUFFERED="1",
-        **extra,
-    )
+    defaults = {
+        "SHEARS_DATA_DIR": str(data_dir),
+        "SHEARS_PORT": str(port),
+        "SHEARS_QUEUE": f"shears-test-{uuid.uuid4().hex[:8]}",
+        "SHEARS_LATENCY_REPEATS": "3",
+        "SHEARS_LATENCY_WARMUP": "1",
+        "SHEARS_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
+        "SHEARS_JOB_LEASE_SECONDS": "10",
+        "SHEARS_SWEEP_INTERVAL_SECONDS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update({**defaults, **extra})
     if database_url:
         env["SHEARS_DATABASE_URL"] = database_url
     if broker_url:
