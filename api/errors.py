@@ -21,7 +21,7 @@ from core.errors import (
     UnsupportedFormat,
 )
 from shears.db.repository import InvalidCursor
-from shears.storage import StorageError
+from shears.storage import StorageError, StorageQuotaExceeded
 
 PROBLEM_JSON = "application/problem+json"
 log = structlog.get_logger("shears.api")
@@ -168,6 +168,11 @@ def install_error_handlers(app: FastAPI) -> None:
             "Invalid cursor",
             "Pass back the next_cursor of the previous page.",
         )
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(StorageQuotaExceeded)
+    async def _quota(request: Request, exc: StorageQuotaExceeded) -> JSONResponse:
+        problem = Problem(413, "storage-quota-exceeded", "Storage quota exceeded", str(exc))
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(StorageError)

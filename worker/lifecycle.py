@@ -25,7 +25,7 @@ from shears.db import repository as repo
 from shears.db.tables import Artifact, Dataset, JobLayer, Model, new_id, utcnow
 from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
-from shears.storage import LocalStorage, StorageError, StoredFile
+from shears.storage import LocalStorage, StorageError, StoredFile, storage_from_settings
 from worker.db import sessions
 
 log = structlog.get_logger("shears.worker")
@@ -127,7 +127,7 @@ def run_job(job_id: str) -> None:
 
 
 def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
-    storage = LocalStorage(settings.resolved_storage_dir)
+    storage = storage_from_settings(settings)
     workdir = storage.temp_path(f".job-{job_id}-{attempt}")
     with sessions().begin() as session:
         job = repo.get_job_any_tenant(session, job_id)

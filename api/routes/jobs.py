@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any
 
 import structlog
 from celery import Celery
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.exc import IntegrityError
 
-from api.deps import CeleryDep, SessionDep, StorageDep, TenantDep
+from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, invalid_field, not_found
 from api.schemas import EventList, JobCreate, JobList, JobOut, JobStatus, LayerList
 from core.allocation import allocate
@@ -74,14 +77,41 @@ def enqueue(celery: Celery, job_id: str) -> bool:
     return True
 
 
-@router.post("", status_code=202, response_model=JobOut, responses={404: {}, 422: {}})
+def _request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(job: Job, request_hash: str, response: Response) -> dict[str, Any]:
+    if job.request_hash != request_hash:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "This Idempotency-Key was already used with a different request body; "
+            "use a new key for a new job.",
+        )
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_body(job)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={404: {}, 422: {}, 429: {}})
 def create_job(
     body: JobCreate,
     response: Response,
     session: SessionDep,
     celery: CeleryDep,
+    settings: SettingsDep,
     tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> dict[str, Any]:
+    """Validate, store the job, then enqueue it. With an ``Idempotency-Key``, the same key and
+    body return the first response again (a retried POST never makes a second job)."""
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        earlier = repo.job_by_idempotency_key(session, tenant, idempotency_key)
+        if earlier is not None:
+            return _replay(earlier, request_hash, response)
     model = repo.get_model(session, tenant, body.model_id)
     if model is None:
         raise not_found("model", body.model_id)
@@ -90,6 +120,15 @@ def create_job(
     except InvalidSpec as exc:
         raise invalid_field(["body", "pruning"], exc.message) from exc
 
+    if repo.count_queued(session, tenant) >= settings.max_queued_jobs_per_tenant:
+        raise Problem(
+            429,
+            "too-many-queued-jobs",
+            "Too many queued jobs",
+            f"This tenant already has {settings.max_queued_jobs_per_tenant} queued jobs; "
+            "retry when some have started.",
+            headers={"Retry-After": "30"},
+        )
     datasets = _dataset_sections(session, tenant, body)
     spec = JobSpec(
         pruning=body.pruning,
@@ -109,10 +148,20 @@ def create_job(
         progress_fraction=0.0,
         cancel_requested=False,
         created_at=utcnow(),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
     session.add(job)
     repo.add_event(session, job.id, "queued", "job accepted")
-    session.commit()  # the row is the truth: it exists before any worker can hear of it
+    try:
+        session.commit()  # the row is the truth: it exists before any worker can hear of it
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race: answer as it did.
+        session.rollback()
+        earlier = repo.job_by_idempotency_key(session, tenant, idempotency_key or "")
+        if earlier is None:
+            raise
+        return _replay(earlier, request_hash, response)
     if enqueue(celery, job.id):
         job.enqueued_at = utcnow()
         session.commit()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, exists, or_, select, update
+from sqlalchemy import CursorResult, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
@@ -127,6 +127,15 @@ def dataset_ids(spec: dict[str, Any]) -> dict[str, str]:
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+
+
+def job_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def count_queued(session: Session, tenant: str) -> int:
+    stmt = select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status == "queued")
+    return int(session.scalar(stmt) or 0)
 
 
 def get_job_any_tenant(session: Session, job_id: str) -> Job | None:
