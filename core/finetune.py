@@ -62,8 +62,10 @@ __all__ = [
 ]
 
 StepCallback = Callable[[int, int, dict[str, float] | None], None]
-"""Called as ``(step, total_steps, epoch_summary_or_None)`` before the first step and after every
-optimizer step; the summary is given at the end of each epoch. It may raise to stop training."""
+"""Called as ``(step, total_steps, data_or_None)`` before the first step and after every optimizer
+step; ``data`` is the epoch's summary at the end of each epoch, and
+``{"resumed_from_step": n}`` on the first call of a run resumed from a checkpoint. It may raise
+to stop training."""
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,8 @@ def fine_tune(
         fingerprint = _fingerprint(spec, student, n)
         if checkpoint is not None and checkpoint.path.exists():
             resumed = _restore(checkpoint.path, fingerprint, student, optimizer, progress, history)
-        notify(progress.step, total, None)
+        # A resumed run says so once, with data, so the service records it as an event.
+        notify(progress.step, total, {"resumed_from_step": float(resumed)} if resumed else None)
         order_epoch, order = -1, torch.empty(0, dtype=torch.long)
         checked = False
         while progress.step < total:

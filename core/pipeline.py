@@ -397,11 +397,12 @@ def _fine_tune_stage(
     # Every optimizer step reports progress: that is where a cancel stops training (the worker's
     # callback raises), and it is throttled there. Each epoch's summary becomes an event.
     def on_step(step: int, total: int, summary: dict[str, float] | None) -> None:
-        message = (
-            f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
-            if summary
-            else f"step {step}/{total}"
-        )
+        if summary and "epoch" in summary:
+            message = f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
+        elif summary:
+            message = f"resumed from the checkpoint at step {step}/{total}"
+        else:
+            message = f"step {step}/{total}"
         progress("fine_tuning", start + span * step / max(total, 1), message, summary)
 
     checkpoint = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from core.program import load_program
 from tests.e2e.service import Service
 from tests.e2e.test_bad_input import assert_problem, stored_files
+from tests.e2e.test_faults import make_service
 from tests.e2e.test_walkthrough import submit, upload
 from tests.factories import DIGITS_PRUNABLE, Canary, Digits, make_digits, save_npz
 
@@ -266,3 +268,34 @@ def test_bad_datasets_get_4xx_and_leave_nothing(service: Service, tmp_path: Path
     assert_problem(post_dataset(service, big), 413, "payload-too-large")
     assert stored_files(service) == before
     assert json.loads(service.client.get("/v1/datasets").text)["items"] is not None
+
+
+def test_a_worker_killed_while_fine_tuning_is_resumed_from_its_checkpoint(
+    tmp_path: Path, digits: Digits
+) -> None:
+    svc = make_service(tmp_path, None, None, with_worker=True, SHEARS_CHECKPOINT_EVERY_STEPS="50")
+    try:
+        model = upload(svc, digits.model_path)
+        train = upload_dataset(svc, digits.train)
+        body = prune_90(
+            model["id"], fine_tune={"dataset_id": train["id"], "steps": 1500, "batch_size": 8}
+        )
+        job_id = submit(svc, body)["id"]
+        deadline = time.monotonic() + 120
+        while not list(svc.storage_dir.glob(f"checkpoints/*/{job_id}/fine_tune.pt")):
+            assert time.monotonic() < deadline, svc.logs("worker")
+            time.sleep(0.05)
+        svc.stop_process("worker", signal.SIGKILL)  # the main process and its pool child
+        svc.start_worker()
+
+        job = svc.wait_for_job(job_id, timeout=180)
+        assert job["status"] == "succeeded", (job["error"], svc.logs("worker"))
+        assert job["attempts"] == 2
+        messages = [e["message"] for e in events(svc, job_id)]
+        assert any(m.startswith("resumed from the checkpoint at step") for m in messages)
+        (report,) = [a for a in job["artifacts"] if a["kind"] == "report"]
+        resumed = svc.client.get(report["download_url"]).json()["fine_tune"]["resumed_from_step"]
+        assert resumed >= 50
+        assert not list(svc.storage_dir.glob(f"checkpoints/*/{job_id}"))
+    finally:
+        svc.stop()
