@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from core.data import BatchRange, Dataset
 from core.errors import DatasetMismatch
@@ -56,6 +55,7 @@ __all__ = [
     "FineTuneResult",
     "StepCallback",
     "fine_tune",
+    "module_on",
     "pick_device",
     "set_training",
     "snapshot_state",
@@ -120,6 +120,39 @@ def set_training(module: torch.fx.GraphModule, mode: bool) -> int:
     if changed:
         module.recompile()
     return changed
+
+
+def module_on(
+    program: torch.export.ExportedProgram,
+    device: torch.device | str = "cpu",
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> torch.fx.GraphModule:
+    """``program.module()`` holding its own copies of the parameters and buffers on ``device``
+    (taken from ``state`` where it names them).
+
+    Why: the module ``program.module()`` returns shares its ``nn.Parameter`` objects with
+    ``program.state_dict``, and ``module.to(device)`` swaps their data in place -- it would move
+    the program's own weights (measured: ``.to(torch.float64)`` changed the program's dtype).
+    """
+    module = program.module()
+    copies: dict[int, torch.Tensor] = {}
+
+    def copy(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in copies:  # tied tensors stay tied
+            source = state[name] if state is not None and name in state else tensor
+            copies[id(tensor)] = source.detach().to(device, copy=True)
+        return copies[id(tensor)]
+
+    for name, param in list(module.named_parameters(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        new = copy(name, param)
+        if not isinstance(new, torch.nn.Parameter):
+            new = copies[id(param)] = torch.nn.Parameter(new, requires_grad=param.requires_grad)
+        setattr(module.get_submodule(owner), attr, new)
+    for name, buffer in list(module.named_buffers(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        module.get_submodule(owner)._buffers[attr] = copy(name, buffer)
+    return module
 
 
 def snapshot_state(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -200,14 +233,11 @@ def fine_tune(
     if spec.loss == "distillation" and teacher_state is None:
         raise ValueError("distillation needs the dense model's state (teacher_state)")
 
-    student = program.module()
+    student = module_on(program, dev)
     set_training(student, True)
-    student.to(dev)
     teacher: torch.nn.Module | None = None
-    teacher_on_device: dict[str, torch.Tensor] = {}
     if teacher_state is not None and spec.loss == "distillation":
-        teacher = program.module().to(dev)  # eval mode, as exported; weights come from the state
-        teacher_on_device = {k: v.to(dev) for k, v in teacher_state.items()}
+        teacher = module_on(program, dev, teacher_state)  # eval mode, as exported
 
     params = dict(student.named_parameters())
     for p in params.values():
@@ -230,6 +260,7 @@ def fine_tune(
         notify(progress.step, total, {"resumed_from_step": float(resumed)} if resumed else None)
         order_epoch, order = -1, torch.empty(0, dtype=torch.long)
         checked = False
+        use_targets = data.targets is not None
         while progress.step < total:
             epoch = progress.step // per_epoch
             if epoch != order_epoch:
@@ -245,13 +276,13 @@ def fine_tune(
                 soft = None
                 if teacher is not None:
                     with torch.no_grad():
-                        soft = first_tensor(
-                            functional_call(teacher, teacher_on_device, tuple(inputs))
-                        ).float()
+                        soft = first_tensor(teacher(*inputs)).float()
             output = output.float()
             if not checked and data.targets is not None:
-                check_targets(output, data.targets, spec.loss != "mse" and classification)
                 checked = True
+                use_targets = _check_training_targets(spec, output, data.targets)
+            if not use_targets:
+                targets = None
             loss = _loss(spec, output, targets, soft)
             loss.backward()  # type: ignore[no-untyped-call]
             with torch.no_grad():
@@ -288,6 +319,25 @@ def fine_tune(
         resumed_from_step=resumed,
         device=str(dev),
     )
+
+
+def _check_training_targets(
+    spec: FineTuneSpec, output: torch.Tensor, targets: torch.Tensor
+) -> bool:
+    """Whether training reads ``targets``; raises DatasetMismatch when the loss needs them and
+    they do not fit. Pure distillation only uses them, when they are class indices that fit, to
+    report accuracy."""
+    if spec.loss == "mse":
+        check_targets(output, targets, classification=False)
+        return True
+    if spec.needs_targets:
+        check_targets(output, targets, classification=True)
+        return True
+    try:
+        check_targets(output, targets, classification=True)
+    except DatasetMismatch:
+        return False
+    return True
 
 
 def _optimizer(spec: FineTuneSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -370,7 +420,7 @@ def _copy_back(module: torch.nn.Module, program: torch.export.ExportedProgram) -
     state = program.state_dict
     with torch.no_grad():
         for name, tensor in _named_state(module):
-            if name in state and state[name] is not tensor:
+            if name in state:
                 state[name].copy_(tensor.detach().to(state[name].device))
 
 

@@ -27,7 +27,14 @@ from core.archive import ArchiveInfo
 from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
 from core.errors import InvalidSpec
 from core.evaluate import evaluate
-from core.finetune import Checkpointing, FineTuneResult, fine_tune, pick_device, snapshot_state
+from core.finetune import (
+    Checkpointing,
+    FineTuneResult,
+    fine_tune,
+    module_on,
+    pick_device,
+    snapshot_state,
+)
 from core.importance import element_scores
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
@@ -375,7 +382,7 @@ def _evaluate_stage(
         return None
     progress("evaluating", fraction, f"evaluating {when}")
     device = pick_device(train.device)
-    module = program.module().to(device)  # eval mode: the graph as it was exported
+    module = module_on(program, device)  # eval mode: the graph as it was exported
     metrics = evaluate(module, feeds.evaluation, spec.evaluation, feeds.limits, device)
     progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
     return metrics

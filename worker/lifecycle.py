@@ -93,11 +93,16 @@ class Progress:
         if not is_event and now - self._last_write < _PROGRESS_EVERY_S:
             return
         with sessions().begin() as session:
-            repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
+            cancel = repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
             if is_event:
                 repo.add_event(session, self.job_id, stage, message, data)
         self._stage = stage
         self._last_write = now
+        # Progress is written every _PROGRESS_EVERY_S while training, so a cancel takes effect
+        # at the next optimizer step after that write, not at the next lease renewal.
+        if cancel:
+            self.heartbeat.cancel_requested.set()
+            raise Cancelled("the job was cancelled")
 
 
 def run_job(job_id: str) -> None:

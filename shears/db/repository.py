@@ -234,12 +234,19 @@ def renew_lease(session: Session, job_id: str, attempt: int, lease_seconds: floa
     return None if row is None else bool(row[0])
 
 
-def set_progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float) -> None:
-    session.execute(
+def set_progress(
+    session: Session, job_id: str, attempt: int, stage: str, fraction: float
+) -> bool | None:
+    """Record progress. Returns whether a cancel was requested, or None if the job is not ours:
+    the same write tells a training loop about a cancel without waiting for the next lease beat."""
+    result = session.execute(
         update(Job)
         .where(_owned(job_id, attempt))
         .values(progress_stage=stage, progress_fraction=fraction)
+        .returning(Job.cancel_requested)
     )
+    row = result.first()
+    return None if row is None else bool(row[0])
 
 
 def finish_job(

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.program import load_program
+from tests.e2e.conftest import start_service
 from tests.e2e.service import Service
 from tests.e2e.test_bad_input import assert_problem, stored_files
 from tests.e2e.test_faults import make_service
@@ -278,7 +279,7 @@ def test_a_worker_killed_while_fine_tuning_is_resumed_from_its_checkpoint(
         model = upload(svc, digits.model_path)
         train = upload_dataset(svc, digits.train)
         body = prune_90(
-            model["id"], fine_tune={"dataset_id": train["id"], "steps": 1500, "batch_size": 8}
+            model["id"], fine_tune={"dataset_id": train["id"], "steps": 600, "batch_size": 8}
         )
         job_id = submit(svc, body)["id"]
         deadline = time.monotonic() + 120
@@ -297,5 +298,34 @@ def test_a_worker_killed_while_fine_tuning_is_resumed_from_its_checkpoint(
         resumed = svc.client.get(report["download_url"]).json()["fine_tune"]["resumed_from_step"]
         assert resumed >= 50
         assert not list(svc.storage_dir.glob(f"checkpoints/*/{job_id}"))
+    finally:
+        svc.stop()
+
+
+def test_another_tenants_dataset_answers_404_and_cannot_be_used(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, digits: Digits
+) -> None:
+    # The queries are the same on both backends; one service keeps this cheap.
+    svc = start_service(
+        request,
+        tmp_path_factory,
+        "embedded",
+        SHEARS_API_KEYS="acme:key-acme-0123,globex:key-g-0123",
+    )
+    try:
+        acme, globex = svc.as_tenant("key-acme-0123"), svc.as_tenant("key-g-0123")
+        with digits.test.open("rb") as f:
+            dataset = acme.post("/v1/datasets", files={"file": ("t.npz", f)}).json()
+        assert_problem(svc.client.get("/v1/datasets"), 401, "unauthorized")
+        for method in ("GET", "DELETE"):
+            assert_problem(
+                globex.request(method, f"/v1/datasets/{dataset['id']}"), 404, "not-found"
+            )
+        assert globex.get("/v1/datasets").json()["items"] == []
+        with digits.model_path.open("rb") as f:
+            model = globex.post("/v1/models", files={"file": ("m.pt2", f)}).json()
+        body = prune_90(model["id"], evaluation={"dataset_id": dataset["id"]})
+        assert_problem(globex.post("/v1/jobs", json=body), 404, "not-found")
+        assert acme.get(f"/v1/datasets/{dataset['id']}").status_code == 200
     finally:
         svc.stop()
