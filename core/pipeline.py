@@ -338,6 +338,9 @@ class _Feeds:
     fine_tune: Dataset | None
     evaluation: Dataset | None
     limits: BatchRange
+    # The first ``calibration.num_samples`` inputs, one tensor per program input, for the
+    # data-aware criteria of the pruning step.
+    calibration: tuple[torch.Tensor, ...] | None = None
 
 
 def _distills(spec: JobSpec) -> bool:
@@ -359,12 +362,17 @@ def _load_feeds(spec: JobSpec, data: PipelineData, info: ArchiveInfo) -> _Feeds:
             raise InvalidSpec(f"'{what}' needs a dataset with targets; this one has none")
         return dataset
 
+    calibration = None
+    if spec.calibration is not None:
+        samples = feed("calibration", data.calibration, False)
+        calibration = tuple(t[: spec.calibration.num_samples] for t in samples.inputs)
     return _Feeds(
         fine_tune=feed("fine_tune", data.fine_tune, spec.fine_tune.needs_targets)
         if spec.fine_tune
         else None,
         evaluation=feed("evaluation", data.evaluation, True) if spec.evaluation else None,
         limits=batch_range(info.inputs),
+        calibration=calibration,
     )
 
 

@@ -10,7 +10,7 @@ Stored form (``jobs.spec``)::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, Field
 
@@ -38,11 +38,26 @@ class EvaluationRequest(EvaluationSpec):
     dataset_id: str = DatasetId
 
 
+def _section_model(section: str) -> type[BaseModel]:
+    """The core model of a JobSpec section (``fine_tune`` -> FineTuneSpec)."""
+    annotation = JobSpec.model_fields[section].annotation
+    for arg in (*get_args(annotation), annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    raise KeyError(section)
+
+
+def _core_keeps_id(section: str) -> bool:
+    # Robust to a core section that declares its own dataset_id (then it is stored as is).
+    return "dataset_id" in _section_model(section).model_fields
+
+
 def stored_spec(spec: JobSpec, ids: dict[str, str]) -> dict[str, Any]:
     """The JSON to store: ``spec`` with each section's ``dataset_id`` put back in."""
     data = spec.model_dump(mode="json")
     for section, dataset_id in ids.items():
-        data[section] = {"dataset_id": dataset_id, **data[section]}
+        if not _core_keeps_id(section):
+            data[section] = {"dataset_id": dataset_id, **data[section]}
     return data
 
 
@@ -52,7 +67,7 @@ def parse_stored(data: dict[str, Any]) -> tuple[JobSpec, dict[str, str]]:
     plain = {
         key: (
             {k: v for k, v in value.items() if k != "dataset_id"}
-            if key in ids and isinstance(value, dict)
+            if key in ids and isinstance(value, dict) and not _core_keeps_id(key)
             else value
         )
         for key, value in data.items()
@@ -60,13 +75,8 @@ def parse_stored(data: dict[str, Any]) -> tuple[JobSpec, dict[str, str]]:
     return JobSpec.model_validate(plain), ids
 
 
-_CORE: dict[type[BaseModel], type[BaseModel]] = {
-    CalibrationRequest: CalibrationSpec,
-    FineTuneRequest: FineTuneSpec,
-    EvaluationRequest: EvaluationSpec,
-}
-
-
-def core_section(request: CalibrationRequest | FineTuneRequest | EvaluationRequest) -> Any:
-    """The core spec of one request section (its fields without ``dataset_id``)."""
-    return _CORE[type(request)].model_validate(request.model_dump(exclude={"dataset_id"}))
+def core_section(section: str, request: BaseModel) -> BaseModel:
+    """The core spec of one request section: its fields, without ``dataset_id`` unless the core
+    model keeps it."""
+    exclude = set() if _core_keeps_id(section) else {"dataset_id"}
+    return _section_model(section).model_validate(request.model_dump(exclude=exclude))

@@ -133,7 +133,7 @@ def create_job(
     spec = JobSpec(
         pruning=body.pruning,
         dry_run=body.dry_run,
-        **{section: core_section(request) for section, request in datasets.items()},
+        **{section: core_section(section, request) for section, request in datasets.items()},
     )
     job = Job(
         id=new_id("job"),

@@ -12,7 +12,7 @@ import torch
 from core.errors import Cancelled, DatasetMismatch, InvalidSpec
 from core.pipeline import MeasureConfig, PipelineData, TrainingConfig, run
 from core.program import load_program
-from core.spec import EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec
+from core.spec import CalibrationSpec, EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec
 from tests.factories import DIGITS_PRUNABLE, Digits, save_npz
 
 FAST = MeasureConfig(batch_size=8, warmup=0, repeats=1)
@@ -108,3 +108,12 @@ def test_dataset_problems_fail_before_pruning(digits: Digits, tmp_path: Path) ->
         )
     with pytest.raises(InvalidSpec, match="needs a dataset"):
         run(spec, digits.model_path, tmp_path, measure=FAST)
+    calibrated = JobSpec(pruning=PRUNE_90, calibration=CalibrationSpec(num_samples=8))
+    with pytest.raises(DatasetMismatch, match=r"\[\*, 64\]"):
+        run(
+            calibrated,
+            digits.model_path,
+            tmp_path,
+            measure=FAST,
+            data=PipelineData(calibration=flat),
+        )
