@@ -57,6 +57,7 @@ __all__ = [
     "fine_tune",
     "module_on",
     "pick_device",
+    "plan_steps",
     "set_training",
     "snapshot_state",
 ]
@@ -178,7 +179,7 @@ def _lr_at(spec: FineTuneSpec, step: int, total: int) -> float:
     return spec.lr * 0.5 * (1.0 + math.cos(math.pi * (step - spec.warmup_steps) / span))
 
 
-def _plan(n: int, spec: FineTuneSpec, limits: BatchRange) -> tuple[int, int, int]:
+def plan_steps(n: int, spec: FineTuneSpec, limits: BatchRange) -> tuple[int, int, int]:
     """(batch size, steps per epoch, total steps). A last batch below the program's minimum
     batch size is dropped; every other batch is full."""
     batch = limits.clamp(spec.batch_size)
@@ -227,7 +228,7 @@ def fine_tune(
     """
     dev = pick_device(str(device) if device is not None else None)
     n = data.num_samples
-    batch, per_epoch, total = _plan(n, spec, limits)
+    batch, per_epoch, total = plan_steps(n, spec, limits)
     if spec.needs_targets and data.targets is None:
         raise DatasetMismatch(f"loss {spec.loss!r} needs a dataset with targets")
     if spec.loss == "distillation" and teacher_state is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -33,12 +34,13 @@ from core.finetune import (
     fine_tune,
     module_on,
     pick_device,
+    plan_steps,
     snapshot_state,
 )
 from core.importance import element_scores
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
-from core.spec import SPEC_VERSION, JobSpec
+from core.spec import SPEC_VERSION, FineTuneSpec, JobSpec
 from core.unstructured import unstructured_masks
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
@@ -446,3 +448,55 @@ def _tuned_report(tuned: FineTuneResult | None) -> dict[str, Any] | None:
         "resumed_from_step": tuned.resumed_from_step,
         "history": list(tuned.history),
     }
+
+
+def round_hook(
+    info: ArchiveInfo,
+    spec: JobSpec,
+    feeds: _Feeds,
+    teacher: dict[str, torch.Tensor] | None,
+    train: TrainingConfig,
+    progress: ProgressCallback,
+    rounds: int,
+) -> Callable[[int, int, torch.export.ExportedProgram], None]:
+    """The ``on_round`` hook of an iterative schedule, for the pruning step to call after each
+    round but the last: evaluate (an event per round with ``{"round", "rounds", ...metrics}``)
+    and fine-tune for ``1/rounds`` of the spec's steps. The full fine-tune still runs after the
+    last round, as in a one-shot job. Pruned weights stay zero (they are the masked ones)."""
+    tune = spec.fine_tune
+    share: FineTuneSpec | None = None
+    if tune is not None and feeds.fine_tune is not None:
+        _, _, total = plan_steps(feeds.fine_tune.num_samples, tune, feeds.limits)
+        share = tune.model_copy(update={"steps": max(1, total // rounds), "epochs": None})
+
+    def hook(t: int, n: int, program: torch.export.ExportedProgram) -> None:
+        when = f"after round {t} of {n}"
+        metrics = _evaluate_stage(program, info, spec, feeds, train, progress, 0.3, when)
+        if metrics is not None:
+            progress(
+                "pruning", 0.3, f"round {t} of {n} evaluated", {"round": t, "rounds": n, **metrics}
+            )
+        if share is not None and feeds.fine_tune is not None:
+            checkpoint = (
+                Checkpointing(
+                    train.checkpoint.with_name(f"{train.checkpoint.stem}.round{t}.pt"),
+                    train.checkpoint_every_steps,
+                )
+                if train.checkpoint
+                else None
+            )
+            fine_tune(
+                program,
+                feeds.fine_tune,
+                share,
+                limits=feeds.limits,
+                masked=[f"{layer.name}.weight" for layer in info.prunable_layers],
+                teacher_state=teacher,
+                device=train.device,
+                checkpoint=checkpoint,
+                on_step=lambda step, total, data: progress(
+                    "fine_tuning", 0.3, f"round {t}: step {step}/{total}", data
+                ),
+            )
+
+    return hook

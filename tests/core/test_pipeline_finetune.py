@@ -117,3 +117,29 @@ def test_dataset_problems_fail_before_pruning(digits: Digits, tmp_path: Path) ->
             measure=FAST,
             data=PipelineData(calibration=flat),
         )
+
+
+def test_round_hook_evaluates_and_trains_a_share_between_rounds(digits: Digits) -> None:
+    from core.pipeline import _load_feeds, round_hook
+    from core.program import load_program as load
+
+    spec = JobSpec(pruning=PRUNE_90, fine_tune=RECOVER, evaluation=EvaluationSpec())
+    program, info = load(digits.model_path)
+    with torch.no_grad():  # what a first round leaves: half of every layer's weights zeroed
+        for name in DIGITS_PRUNABLE:
+            weight = program.state_dict[f"{name}.weight"]
+            weight.mul_((weight.abs() > weight.abs().median()).to(weight.dtype))
+    zeros = {n: program.state_dict[f"{n}.weight"] == 0 for n in DIGITS_PRUNABLE}
+    feeds = _load_feeds(spec, PipelineData(fine_tune=digits.train, evaluation=digits.test), info)
+    calls: list[tuple] = []
+    hook = round_hook(info, spec, feeds, None, TrainingConfig(), lambda *a: calls.append(a), 4)
+    hook(1, 4, program)
+
+    (evaluated,) = [c[3] for c in calls if len(c) > 3 and c[3] and "round" in c[3]]
+    assert evaluated["round"] == 1
+    assert evaluated["rounds"] == 4
+    assert 0 < evaluated["accuracy"] <= 1
+    steps = [c for c in calls if c[0] == "fine_tuning"]
+    assert steps[-1][2] == "round 1: step 86/86"  # a quarter of 8 epochs x 43 batches
+    for name, was_zero in zeros.items():
+        assert torch.all(program.state_dict[f"{name}.weight"][was_zero] == 0)
