@@ -14,6 +14,7 @@ Example (no service needed)::
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +25,11 @@ from safetensors.torch import save_file
 
 from core.allocation import allocate
 from core.archive import ArchiveInfo
-from core.importance import element_scores
+from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
-from core.spec import SPEC_VERSION, JobSpec
-from core.unstructured import unstructured_masks
+from core.spec import SPEC_VERSION, STRUCTURED, JobSpec
+from core.structure import StructuredResult, prune_program
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
 
@@ -149,6 +150,8 @@ def run(
     batch = batch_size_for(info.inputs, m.batch_size)
     params_before = sum(p.numel() for p in program.parameters())
     before = _measure(program, info, m, batch)
+    if spec.pruning.granularity in STRUCTURED:
+        return _run_structured(spec, program, info, Path(model_path), out, m, progress, before)
 
     progress("pruning", 0.3, "ranking weights")
     state = program.state_dict
@@ -157,9 +160,7 @@ def run(
         spec.pruning, {layer.name: layer.params for layer in info.prunable_layers}
     )
     scored = [*allocation.per_layer, *allocation.global_pool]
-    scores = {n: element_scores(n, state[f"{n}.weight"], spec.pruning) for n in scored}
-    masks = unstructured_masks(scores, allocation)
-    del scores
+    masks = weight_masks(spec.pruning, {n: state[f"{n}.weight"] for n in scored}, allocation)
 
     layers = []
     with torch.no_grad():
@@ -234,6 +235,108 @@ def run(
     )
 
 
+def _run_structured(
+    spec: JobSpec,
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    model_path: Path,
+    out: Path,
+    m: MeasureConfig,
+    progress: ProgressCallback,
+    before: _Measured,
+) -> PipelineResult:
+    """Channel pruning: remove whole channels with everything coupled to them, re-export.
+
+    The dry run writes the pre-flight report (every group, what it would lose, what is blocked
+    and why) and prunes nothing.
+    """
+    batch = batch_size_for(info.inputs, m.batch_size)
+    params_before = sum(p.numel() for p in program.parameters())
+    progress("pruning", 0.3, "building channel groups from the graph")
+    structured = prune_program(program, spec.pruning, dry_run=spec.dry_run)
+    pruned = structured.program
+    layers = []
+    state = pruned.state_dict
+    for layer in info.prunable_layers:
+        name = f"{layer.name}.weight"
+        shape = structured.shapes.get(name, layer.shape)
+        params = math.prod(shape)
+        if spec.dry_run:
+            nonzero = structured.nonzero.get(name, int(program.state_dict[name].count_nonzero()))
+        else:
+            nonzero = int(state[name].count_nonzero())
+        layers.append(
+            LayerResult(
+                name=layer.name,
+                kind=layer.kind,
+                shape_before=layer.shape,
+                shape_after=tuple(shape),
+                params=params,
+                nonzero=nonzero,
+                sparsity=1.0 - nonzero / max(layer.params, 1),
+            )
+        )
+    prunable_before = sum(layer.params for layer in info.prunable_layers)
+    prunable_nonzero = sum(layer.nonzero for layer in layers)
+    parameter_names = {name for name, _ in program.named_parameters()}
+    removed = sum(
+        program.state_dict[name].numel() - math.prod(shape)
+        for name, shape in structured.shapes.items()
+        if name in parameter_names
+    )
+    params_after = sum(p.numel() for p in pruned.parameters()) - (removed if spec.dry_run else 0)
+    nonzero_params = sum(int(p.count_nonzero()) for p in pruned.parameters())
+    sparse_bytes = sparse_size_bytes(state, (f"{layer.name}.weight" for layer in layers))
+
+    model_file: Path | None = None
+    weights_file: Path | None = None
+    after: _Measured | None = None
+    size_after: int | None = None
+    if not spec.dry_run:
+        progress("exporting", 0.6, "writing the smaller program and its weights")
+        model_file = out / "model.pt2"
+        save_program(pruned, model_file)
+        weights_file = out / "weights.safetensors"
+        _save_weights(pruned.state_dict, weights_file)
+        size_after = model_file.stat().st_size
+
+        progress("evaluating", 0.8, "reloading the exported program and measuring it")
+        reloaded, reloaded_info = load_program(model_file)
+        after = _measure(reloaded, reloaded_info, m, batch)
+
+    metrics = Metrics(
+        sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
+        params_before=params_before,
+        params_after=params_after,
+        nonzero_params_after=nonzero_params if not spec.dry_run else params_after,
+        macs_before=before.macs,
+        macs_after=after.macs if after else before.macs,
+        size_bytes_before=model_path.stat().st_size,
+        size_bytes_after=size_after,
+        sparse_size_bytes_after=sparse_bytes,
+        latency_ms_before=before.latency_ms,
+        latency_ms_after=after.latency_ms if after else None,
+        latency_batch_size=batch,
+        device=m.device,
+    )
+    report_file = out / "report.json"
+    excluded = tuple(
+        name
+        for d in structured.plan.decisions
+        if d.skipped == "excluded"
+        for name in d.group.layers
+    )
+    _write_report(report_file, spec, metrics, layers, excluded, structured)
+    progress("done", 1.0, "finished")
+    return PipelineResult(
+        metrics=metrics,
+        layers=tuple(layers),
+        report_path=report_file,
+        model_path=model_file,
+        weights_path=weights_file,
+    )
+
+
 def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     # safetensors refuses tensors that share storage (tied weights): give each its own copy then.
     seen: set[int] = set()
@@ -252,7 +355,10 @@ def _write_report(
     metrics: Metrics,
     layers: list[LayerResult],
     excluded: tuple[str, ...],
+    structured: StructuredResult | None = None,
 ) -> None:
+    kept_out = structured.kept_out if structured else {}
+    kept_in = structured.kept_in if structured else {}
     report: dict[str, Any] = {
         "spec_version": SPEC_VERSION,
         "spec": spec.model_dump(mode="json"),
@@ -260,8 +366,15 @@ def _write_report(
         "metrics": asdict(metrics),
         "excluded_layers": list(excluded),
         "layers": [
-            {**asdict(layer), "kept_channels": None}  # unstructured keeps every channel
+            # None: every channel kept (always so for unstructured pruning).
+            {
+                **asdict(layer),
+                "kept_channels": kept_out.get(layer.name),
+                "kept_input_channels": kept_in.get(layer.name),
+            }
             for layer in layers
         ],
     }
+    if structured is not None:
+        report["groups"] = structured.report()
     path.write_text(json.dumps(report, indent=2))
