@@ -23,13 +23,14 @@ from typing import Any, Literal, Protocol
 import torch
 from safetensors.torch import save_file
 
-from core.allocation import allocate
+from core.allocation import Allocation, allocate
 from core.archive import ArchiveInfo
 from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
 from core.spec import SPEC_VERSION, STRUCTURED, JobSpec
 from core.structure import StructuredResult, prune_program
+from core.unstructured import prune_magnitude_in_place
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
 
@@ -159,18 +160,17 @@ def run(
     allocation = allocate(
         spec.pruning, {layer.name: layer.params for layer in info.prunable_layers}
     )
-    scored = [*allocation.per_layer, *allocation.global_pool]
-    masks = weight_masks(spec.pruning, {n: state[f"{n}.weight"] for n in scored}, allocation)
+    scored = {n: state[f"{n}.weight"] for n in [*allocation.per_layer, *allocation.global_pool]}
+    planned = _prune_weights(spec, scored, allocation)
 
     layers = []
     with torch.no_grad():
         for layer in info.prunable_layers:
             weight = state[f"{layer.name}.weight"]
-            keep = masks.get(layer.name)
-            if keep is not None and not spec.dry_run:
-                weight.mul_(keep.to(weight.dtype))
-            alive = weight != 0 if keep is None or not spec.dry_run else (weight != 0) & keep
-            nonzero = int(alive.sum())
+            nonzero = int(weight.count_nonzero())
+            if spec.dry_run and layer.name in planned:
+                # Weights already zero are always among the lowest-ranked.
+                nonzero = min(nonzero, weight.numel() - planned[layer.name])
             layers.append(
                 LayerResult(
                     name=layer.name,
@@ -185,7 +185,8 @@ def run(
     prunable_before = sum(layer.params for layer in info.prunable_layers)
     prunable_nonzero = sum(layer.nonzero for layer in layers)
     zeroed_by_plan = (
-        sum(int(((state[f"{n}.weight"] != 0) & ~keep).sum()) for n, keep in masks.items())
+        sum(int(state[f"{n}.weight"].count_nonzero()) for n in planned)
+        - sum(layer.nonzero for layer in layers if layer.name in planned)
         if spec.dry_run
         else 0
     )
@@ -347,6 +348,27 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
         tensors[name] = t.clone().contiguous() if ptr in seen else t.contiguous()
         seen.add(ptr)
     save_file(tensors, str(path), metadata={"format": "pt", "producer": "shears"})
+
+
+_MAGNITUDE = ("l1", "l2", "lp")
+
+
+def _prune_weights(
+    spec: JobSpec, weights: dict[str, torch.Tensor], allocation: Allocation
+) -> dict[str, int]:
+    """Zero weights in place (unless a dry run); returns how many each layer loses.
+
+    Magnitude criteria at unstructured granularity take the bounded-memory path (no score or
+    mask tensors); the others rank through score tensors and keep-masks.
+    """
+    if spec.pruning.granularity == "unstructured" and spec.pruning.criterion in _MAGNITUDE:
+        return prune_magnitude_in_place(weights, allocation, apply=not spec.dry_run)
+    masks = weight_masks(spec.pruning, weights, allocation)
+    if not spec.dry_run:
+        with torch.no_grad():
+            for name, keep in masks.items():
+                weights[name].mul_(keep.to(weights[name].dtype))
+    return {name: int((~keep).sum()) for name, keep in masks.items()}
 
 
 def _write_report(
