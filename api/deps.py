@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import Problem
-from shears.auth import DEFAULT_TENANT, any_active_key, tenant_for_key
+from shears.auth import DEFAULT_TENANT, KeyResolver
 from shears.settings import Settings
 from shears.storage import LocalStorage
 
@@ -49,8 +49,8 @@ def get_tenant(
 ) -> str:
     """The caller's tenant, from its API key. With no key configured anywhere the service is open
     (local development) and everyone is ``default``."""
-    env_keys: dict[str, str] = request.app.state.env_keys
-    if not env_keys and not any_active_key(session):
+    keys: KeyResolver = request.app.state.keys
+    if not keys.auth_enabled(session):
         return DEFAULT_TENANT
     if credentials is None:
         raise Problem(
@@ -60,7 +60,7 @@ def get_tenant(
             "Send an API key as 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant = tenant_for_key(session, credentials.credentials, env_keys)
+    tenant = keys.tenant(session, credentials.credentials)
     if tenant is None:
         raise Problem(
             401,

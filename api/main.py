@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.observability import install_metrics
 from api.routes import artifacts, datasets, health, jobs, models
-from shears.auth import parse_env_keys
+from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import make_engine, make_sessionmaker
 from shears.logs import configure_logging
 from shears.settings import Settings, get_settings
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = make_sessionmaker(engine)
     app.state.storage = storage
     app.state.celery = create_celery(settings)
-    app.state.env_keys = parse_env_keys(settings.api_keys.get_secret_value())
+    app.state.keys = KeyResolver(parse_env_keys(settings.api_keys.get_secret_value()))
     install_error_handlers(app)
     install_metrics(app, app.state.sessions)
     for router in (health.router, models.router, jobs.router, artifacts.router):

@@ -7,15 +7,16 @@ worker, another replica) changed the jobs; no label carries a job id.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shears.db.tables import Job
 
@@ -61,6 +62,36 @@ class JobCollector(Collector):
         )
 
 
+class _LatencyMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware): it adds no task or stream copy to each request."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            # The template (/v1/jobs/{job_id}), never the raw path: ids must not become labels.
+            template = getattr(scope.get("route"), "path", "unmatched")
+            self.histogram.labels(scope["method"], template, str(status)).observe(
+                time.perf_counter() - start
+            )
+
+
 def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> None:
     registry = CollectorRegistry()
     latency = Histogram(
@@ -71,19 +102,7 @@ def install_metrics(app: FastAPI, sessions: sessionmaker[Session]) -> None:
     )
     registry.register(JobCollector(sessions))
 
-    @app.middleware("http")
-    async def _observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # The template (/v1/jobs/{job_id}), never the raw path: ids must not become labels.
-        template = getattr(route, "path", "unmatched")
-        latency.labels(request.method, template, str(response.status_code)).observe(
-            time.perf_counter() - start
-        )
-        return response
+    app.add_middleware(_LatencyMiddleware, histogram=latency)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

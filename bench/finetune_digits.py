@@ -176,7 +176,9 @@ def table(results: list[dict[str, dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument(
+        "--write", action="store_true", help="update its section of docs/benchmarks.md"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     results = []
@@ -218,9 +220,7 @@ def write_doc(text: str, seeds: list[int], results: list[dict[str, dict[str, flo
         else f"Distillation without targets fell short of cross-entropy by {gap:.2f} points "
         f"(median {100 * kd:.2f}% vs {100 * ce:.2f}%)."
     )
-    doc = f"""# Benchmarks
-
-## Fine-tuning recovers 90% unstructured sparsity (8x8 digits)
+    section = f"""## Fine-tuning recovers 90% unstructured sparsity (8x8 digits)
 
 A small CNN (3 convolutions with BatchNorm, dropout 0.1, one linear layer; 19k conv/linear
 weights) trained on scikit-learn's bundled 8x8 digits (1,347 training / 450 test images, a seeded
@@ -251,8 +251,21 @@ Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}
 {np.__version__}, scikit-learn {sklearn.__version__}; CPU only (no GPU); torch threads
 {torch.get_num_threads()}.
 """
-    (ROOT / "docs" / "benchmarks.md").write_text(doc)
-    print("wrote docs/benchmarks.md")
+    _replace_section(ROOT / "docs" / "benchmarks.md", section)
+    print("wrote its section of docs/benchmarks.md")
+
+
+def _replace_section(path: Path, section: str) -> None:
+    """Replace this benchmark's ``## `` section of the shared results file (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    title = section.splitlines()[0]
+    start = text.find(title)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+    path.write_text(text)
 
 
 if __name__ == "__main__":

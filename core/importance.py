@@ -30,3 +30,19 @@ def element_scores(name: str, weight: torch.Tensor, spec: PruningSpec) -> torch.
         assert spec.p is not None  # the spec's validator guarantees it
         return magnitude.pow_(spec.p)
     return magnitude
+
+
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Layer-adaptive magnitude (LAMP, Lee et al. 2021): ``w_u^2 / sum(w_v^2, |w_v| >= |w_u|)``.
+
+    Comparable across layers, so one global ranking respects each layer's own weight scale: a
+    layer's largest weight always scores 1, and no layer can be wiped out by a global threshold.
+    """
+    squares = weight.detach().to(torch.float32).reshape(-1).square()
+    order = torch.argsort(squares)
+    sorted_sq = squares[order]
+    # Suffix sums over the ascending order: everything at least as large as this weight.
+    suffix = sorted_sq.flip(0).cumsum(0).flip(0)
+    scores = torch.empty_like(squares)
+    scores[order] = sorted_sq / suffix.clamp_min(torch.finfo(torch.float32).tiny)
+    return scores.reshape(weight.shape)

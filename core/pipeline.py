@@ -14,6 +14,7 @@ Example (no service needed)::
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from typing import Any, Literal, Protocol
 import torch
 from safetensors.torch import save_file
 
-from core.allocation import allocate
+from core.allocation import Allocation, allocate
 from core.archive import ArchiveInfo
 from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
 from core.errors import InvalidSpec
@@ -37,11 +38,12 @@ from core.finetune import (
     plan_steps,
     snapshot_state,
 )
-from core.importance import element_scores
+from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
-from core.spec import SPEC_VERSION, FineTuneSpec, JobSpec
-from core.unstructured import unstructured_masks
+from core.spec import SPEC_VERSION, STRUCTURED, FineTuneSpec, JobSpec
+from core.structure import StructuredResult, prune_program
+from core.unstructured import prune_magnitude_in_place
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
 
@@ -192,6 +194,11 @@ def run(
     eval_before = _evaluate_stage(
         program, info, spec, feeds, train, progress, 0.2, "before pruning"
     )
+    recovery = _Recovery(feeds, teacher, train, eval_before)
+    if spec.pruning.granularity in STRUCTURED:
+        return _run_structured(
+            spec, program, info, Path(model_path), out, m, progress, before, recovery
+        )
 
     progress("pruning", 0.3, "ranking weights")
     state = program.state_dict
@@ -199,20 +206,17 @@ def run(
     allocation = allocate(
         spec.pruning, {layer.name: layer.params for layer in info.prunable_layers}
     )
-    scored = [*allocation.per_layer, *allocation.global_pool]
-    scores = {n: element_scores(n, state[f"{n}.weight"], spec.pruning) for n in scored}
-    masks = unstructured_masks(scores, allocation)
-    del scores
+    scored = {n: state[f"{n}.weight"] for n in [*allocation.per_layer, *allocation.global_pool]}
+    planned = _prune_weights(spec, scored, allocation)
 
     layers = []
     with torch.no_grad():
         for layer in info.prunable_layers:
             weight = state[f"{layer.name}.weight"]
-            keep = masks.get(layer.name)
-            if keep is not None and not spec.dry_run:
-                weight.mul_(keep.to(weight.dtype))
-            alive = weight != 0 if keep is None or not spec.dry_run else (weight != 0) & keep
-            nonzero = int(alive.sum())
+            nonzero = int(weight.count_nonzero())
+            if spec.dry_run and layer.name in planned:
+                # Weights already zero are always among the lowest-ranked.
+                nonzero = min(nonzero, weight.numel() - planned[layer.name])
             layers.append(
                 LayerResult(
                     name=layer.name,
@@ -227,24 +231,15 @@ def run(
     prunable_before = sum(layer.params for layer in info.prunable_layers)
     prunable_nonzero = sum(layer.nonzero for layer in layers)
     zeroed_by_plan = (
-        sum(int(((state[f"{n}.weight"] != 0) & ~keep).sum()) for n, keep in masks.items())
+        sum(int(state[f"{n}.weight"].count_nonzero()) for n in planned)
+        - sum(layer.nonzero for layer in layers if layer.name in planned)
         if spec.dry_run
         else 0
     )
     nonzero_params = sum(int(p.count_nonzero()) for p in program.parameters()) - zeroed_by_plan
     sparse_bytes = sparse_size_bytes(state, (f"{n}.weight" for n in layer_names))
 
-    eval_after_pruning = eval_after_fine_tune = None
-    tuned: FineTuneResult | None = None
-    if not spec.dry_run:
-        eval_after_pruning = _evaluate_stage(
-            program, info, spec, feeds, train, progress, 0.32, "after pruning"
-        )
-        tuned = _fine_tune_stage(program, info, spec, feeds, teacher, train, progress)
-        if tuned is not None:
-            eval_after_fine_tune = _evaluate_stage(
-                program, info, spec, feeds, train, progress, 0.57, "after fine-tuning"
-            )
+    recovered = _recover(program, info, spec, recovery, progress)
 
     model_file: Path | None = None
     weights_file: Path | None = None
@@ -277,12 +272,133 @@ def run(
         latency_batch_size=batch,
         device=m.device,
         eval_before=eval_before,
-        eval_after_pruning=eval_after_pruning,
-        eval_after_fine_tune=eval_after_fine_tune,
+        eval_after_pruning=recovered.eval_after_pruning,
+        eval_after_fine_tune=recovered.eval_after_fine_tune,
     )
     report_file = out / "report.json"
     _write_report(
-        report_file, spec, metrics, layers, allocation.excluded, fine_tune=_tuned_report(tuned)
+        report_file,
+        spec,
+        metrics,
+        layers,
+        allocation.excluded,
+        fine_tune=_tuned_report(recovered.tuned),
+    )
+    progress("done", 1.0, "finished")
+    return PipelineResult(
+        metrics=metrics,
+        layers=tuple(layers),
+        report_path=report_file,
+        model_path=model_file,
+        weights_path=weights_file,
+    )
+
+
+def _run_structured(
+    spec: JobSpec,
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    model_path: Path,
+    out: Path,
+    m: MeasureConfig,
+    progress: ProgressCallback,
+    before: _Measured,
+    recovery: _Recovery,
+) -> PipelineResult:
+    """Channel pruning: remove whole channels with everything coupled to them, re-export.
+
+    The dry run writes the pre-flight report (every group, what it would lose, what is blocked
+    and why) and prunes nothing.
+    """
+    batch = batch_size_for(info.inputs, m.batch_size)
+    params_before = sum(p.numel() for p in program.parameters())
+    progress("pruning", 0.3, "building channel groups from the graph")
+    structured = prune_program(program, spec.pruning, dry_run=spec.dry_run)
+    pruned = structured.program
+    layers = []
+    state = pruned.state_dict
+    for layer in info.prunable_layers:
+        name = f"{layer.name}.weight"
+        shape = structured.shapes.get(name, layer.shape)
+        params = math.prod(shape)
+        if spec.dry_run:
+            nonzero = structured.nonzero.get(name, int(program.state_dict[name].count_nonzero()))
+        else:
+            nonzero = int(state[name].count_nonzero())
+        layers.append(
+            LayerResult(
+                name=layer.name,
+                kind=layer.kind,
+                shape_before=layer.shape,
+                shape_after=tuple(shape),
+                params=params,
+                nonzero=nonzero,
+                sparsity=1.0 - nonzero / max(layer.params, 1),
+            )
+        )
+    prunable_before = sum(layer.params for layer in info.prunable_layers)
+    prunable_nonzero = sum(layer.nonzero for layer in layers)
+    parameter_names = {name for name, _ in program.named_parameters()}
+    removed = sum(
+        program.state_dict[name].numel() - math.prod(shape)
+        for name, shape in structured.shapes.items()
+        if name in parameter_names
+    )
+    params_after = sum(p.numel() for p in pruned.parameters()) - (removed if spec.dry_run else 0)
+    nonzero_params = sum(int(p.count_nonzero()) for p in pruned.parameters())
+    sparse_bytes = sparse_size_bytes(state, (f"{layer.name}.weight" for layer in layers))
+    # The smaller program trains like any other: its removed channels are gone, not masked.
+    recovered = _recover(pruned, info, spec, recovery, progress)
+
+    model_file: Path | None = None
+    weights_file: Path | None = None
+    after: _Measured | None = None
+    size_after: int | None = None
+    if not spec.dry_run:
+        progress("exporting", 0.6, "writing the smaller program and its weights")
+        model_file = out / "model.pt2"
+        save_program(pruned, model_file)
+        weights_file = out / "weights.safetensors"
+        _save_weights(pruned.state_dict, weights_file)
+        size_after = model_file.stat().st_size
+
+        progress("evaluating", 0.8, "reloading the exported program and measuring it")
+        reloaded, reloaded_info = load_program(model_file)
+        after = _measure(reloaded, reloaded_info, m, batch)
+
+    metrics = Metrics(
+        sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
+        params_before=params_before,
+        params_after=params_after,
+        nonzero_params_after=nonzero_params if not spec.dry_run else params_after,
+        macs_before=before.macs,
+        macs_after=after.macs if after else before.macs,
+        size_bytes_before=model_path.stat().st_size,
+        size_bytes_after=size_after,
+        sparse_size_bytes_after=sparse_bytes,
+        latency_ms_before=before.latency_ms,
+        latency_ms_after=after.latency_ms if after else None,
+        latency_batch_size=batch,
+        device=m.device,
+        eval_before=recovery.eval_before,
+        eval_after_pruning=recovered.eval_after_pruning,
+        eval_after_fine_tune=recovered.eval_after_fine_tune,
+    )
+    report_file = out / "report.json"
+    excluded = tuple(
+        name
+        for d in structured.plan.decisions
+        if d.skipped == "excluded"
+        for name in d.group.layers
+    )
+    _write_report(
+        report_file,
+        spec,
+        metrics,
+        layers,
+        excluded,
+        structured,
+        fine_tune=_tuned_report(recovered.tuned),
     )
     progress("done", 1.0, "finished")
     return PipelineResult(
@@ -306,14 +422,38 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt", "producer": "shears"})
 
 
+_MAGNITUDE = ("l1", "l2", "lp")
+
+
+def _prune_weights(
+    spec: JobSpec, weights: dict[str, torch.Tensor], allocation: Allocation
+) -> dict[str, int]:
+    """Zero weights in place (unless a dry run); returns how many each layer loses.
+
+    Magnitude criteria at unstructured granularity take the bounded-memory path (no score or
+    mask tensors); the others rank through score tensors and keep-masks.
+    """
+    if spec.pruning.granularity == "unstructured" and spec.pruning.criterion in _MAGNITUDE:
+        return prune_magnitude_in_place(weights, allocation, apply=not spec.dry_run)
+    masks = weight_masks(spec.pruning, weights, allocation)
+    if not spec.dry_run:
+        with torch.no_grad():
+            for name, keep in masks.items():
+                weights[name].mul_(keep.to(weights[name].dtype))
+    return {name: int((~keep).sum()) for name, keep in masks.items()}
+
+
 def _write_report(
     path: Path,
     spec: JobSpec,
     metrics: Metrics,
     layers: list[LayerResult],
     excluded: tuple[str, ...],
+    structured: StructuredResult | None = None,
     fine_tune: dict[str, Any] | None = None,
 ) -> None:
+    kept_out = structured.kept_out if structured else {}
+    kept_in = structured.kept_in if structured else {}
     report: dict[str, Any] = {
         "spec_version": SPEC_VERSION,
         "spec": spec.model_dump(mode="json"),
@@ -321,10 +461,17 @@ def _write_report(
         "metrics": asdict(metrics),
         "excluded_layers": list(excluded),
         "layers": [
-            {**asdict(layer), "kept_channels": None}  # unstructured keeps every channel
+            # None: every channel kept (always so for unstructured pruning).
+            {
+                **asdict(layer),
+                "kept_channels": kept_out.get(layer.name),
+                "kept_input_channels": kept_in.get(layer.name),
+            }
             for layer in layers
         ],
     }
+    if structured is not None:
+        report["groups"] = structured.report()
     if fine_tune is not None:
         report["fine_tune"] = fine_tune
     path.write_text(json.dumps(report, indent=2))
@@ -343,6 +490,45 @@ class _Feeds:
     # The first ``calibration.num_samples`` inputs, one tensor per program input, for the
     # data-aware criteria of the pruning step.
     calibration: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Recovery:
+    """What the stages after pruning need, prepared before it: datasets, the dense teacher."""
+
+    feeds: _Feeds
+    teacher: dict[str, torch.Tensor] | None
+    train: TrainingConfig
+    eval_before: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class _Recovered:
+    eval_after_pruning: dict[str, float] | None = None
+    eval_after_fine_tune: dict[str, float] | None = None
+    tuned: FineTuneResult | None = None
+
+
+def _recover(
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    spec: JobSpec,
+    r: _Recovery,
+    progress: ProgressCallback,
+) -> _Recovered:
+    """Evaluate the pruned program, fine-tune it in place, evaluate again (nothing in a dry run)."""
+    if spec.dry_run:
+        return _Recovered()
+    after_pruning = _evaluate_stage(
+        program, info, spec, r.feeds, r.train, progress, 0.32, "after pruning"
+    )
+    tuned = _fine_tune_stage(program, info, spec, r.feeds, r.teacher, r.train, progress)
+    after_tuning = (
+        _evaluate_stage(program, info, spec, r.feeds, r.train, progress, 0.57, "after fine-tuning")
+        if tuned is not None
+        else None
+    )
+    return _Recovered(after_pruning, after_tuning, tuned)
 
 
 def _distills(spec: JobSpec) -> bool:

@@ -7,14 +7,18 @@ whenever a stored spec would mean something else.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SPEC_VERSION = 1
 
-Criterion = Literal["l1", "l2", "lp", "random"]
-Granularity = Literal["unstructured"]
+Criterion = Literal["l1", "l2", "lp", "random", "bn_scale", "lamp"]
+Granularity = Literal["unstructured", "channel", "n:m", "block"]
+# Granularities that remove whole channels physically: the program gets smaller.
+STRUCTURED: frozenset[str] = frozenset({"channel"})
+# Criteria that only rank whole channels (a scale per channel has no per-weight meaning).
+_CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale"})
 Scope = Literal["layer", "global"]
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -41,8 +45,27 @@ class PruningSpec(_Frozen):
     criterion: Criterion = Field(description="How weights are ranked; the lowest go first.")
     p: float | None = Field(default=None, gt=0, description="The norm's p; required with `lp`.")
     seed: int = Field(default=0, description="Seed of the `random` criterion.")
-    granularity: Granularity = Field(description="What is removed: single weights (unstructured).")
-    sparsity: Ratio = Field(description="Fraction of weights removed in each ranking pool.")
+    granularity: Granularity = Field(
+        description="What is removed: single weights (`unstructured`) or whole output channels "
+        "of convolutions/linear layers with everything coupled to them (`channel`), removed "
+        "physically so the program gets smaller."
+    )
+    sparsity: Ratio = Field(
+        description="Fraction removed in each ranking pool: of weights (unstructured, block) or "
+        "of channels (channel). Optional with `n:m`, where it is 1 - n/m."
+    )
+    n_m: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=2, le=64)]] | None = Field(
+        default=None,
+        description="With `n:m`: keep n of every m consecutive weights along the reduction "
+        "dimension (input channels); default [2, 4].",
+    )
+    block: tuple[Annotated[int, Field(ge=1, le=64)], Annotated[int, Field(ge=1, le=64)]] | None = (
+        Field(
+            default=None,
+            description="With `block`: the block shape (rows x columns of the weight seen as "
+            "out x in*kernel); whole blocks are removed. Default [1, 4].",
+        )
+    )
     scope: Scope = Field(
         default="layer",
         description="`layer`: every layer at `sparsity`; `global`: one ranking across layers.",
@@ -62,12 +85,49 @@ class PruningSpec(_Frozen):
     )
     schedule: OneShotSchedule = Field(default_factory=OneShotSchedule)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _granularity_defaults(cls, data: Any) -> Any:
+        # n:m fixes the ratio, so `sparsity` may be left out; fill it in so it is always set.
+        if isinstance(data, dict) and data.get("granularity") == "n:m":
+            data = dict(data)
+            n_m = data.setdefault("n_m", (2, 4))
+            if (
+                isinstance(n_m, (list, tuple))
+                and len(n_m) == 2
+                and all(isinstance(v, int) and v > 0 for v in n_m)
+            ):
+                data.setdefault("sparsity", 1 - n_m[0] / n_m[1])
+        if isinstance(data, dict) and data.get("granularity") == "block":
+            data = {**data, "block": data.get("block") or (1, 4)}
+        return data
+
     @model_validator(mode="after")
     def _criterion_arguments(self) -> PruningSpec:
         if self.criterion == "lp" and self.p is None:
             raise ValueError("criterion 'lp' needs 'p', the norm's exponent (e.g. 1 or 2)")
         if self.criterion != "lp" and self.p is not None:
             raise ValueError("'p' only applies to criterion 'lp'")
+        if self.criterion in _CHANNEL_ONLY and self.granularity not in STRUCTURED:
+            raise ValueError(
+                f"criterion {self.criterion!r} ranks whole channels; use granularity 'channel'"
+            )
+        if self.criterion == "lamp" and self.granularity != "unstructured":
+            raise ValueError(
+                "criterion 'lamp' scores single weights; use granularity 'unstructured'"
+            )
+        if self.n_m is not None:
+            n, m = self.n_m
+            if self.granularity != "n:m":
+                raise ValueError("'n_m' only applies to granularity 'n:m'")
+            if n >= m:
+                raise ValueError(f"n_m {list(self.n_m)}: n must be smaller than m (keep n of m)")
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"with n_m {list(self.n_m)} the sparsity is {1 - n / m}; leave 'sparsity' out"
+                )
+        if self.block is not None and self.granularity != "block":
+            raise ValueError("'block' only applies to granularity 'block'")
         return self
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -79,10 +81,44 @@ def any_active_key(session: Session) -> bool:
     return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
 
 
-def tenant_for_key(session: Session, key: str, env_keys: dict[str, str]) -> str | None:
-    digest = hash_key(key)
-    if digest in env_keys:
-        return env_keys[digest]
-    return session.scalar(
-        select(ApiKey.tenant).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    )
+class KeyResolver:
+    """Resolves API keys to tenants, remembering database answers for ``ttl_seconds``.
+
+    A status poll then costs no key query; a key created or revoked with the CLI takes effect
+    within ``ttl_seconds`` in every API process.
+    """
+
+    def __init__(self, env_keys: dict[str, str], ttl_seconds: float = 1.0) -> None:
+        self.env_keys = env_keys
+        self.ttl = ttl_seconds
+        self._lock = threading.Lock()
+        self._enabled: tuple[float, bool] | None = None
+        self._tenants: dict[str, tuple[float, str | None]] = {}
+
+    def auth_enabled(self, session: Session) -> bool:
+        if self.env_keys:
+            return True
+        now = time.monotonic()
+        cached = self._enabled
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        enabled = any_active_key(session)
+        self._enabled = (now, enabled)
+        return enabled
+
+    def tenant(self, session: Session, key: str) -> str | None:
+        digest = hash_key(key)
+        if digest in self.env_keys:
+            return self.env_keys[digest]
+        now = time.monotonic()
+        cached = self._tenants.get(digest)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        tenant = session.scalar(
+            select(ApiKey.tenant).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+        )
+        with self._lock:
+            if len(self._tenants) > 10_000:  # unknown keys must not grow this without bound
+                self._tenants.clear()
+            self._tenants[digest] = (now, tenant)
+        return tenant

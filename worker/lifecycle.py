@@ -258,19 +258,15 @@ def _record_success(
         info = inspect_archive(result.model_path)
         copy = storage.put_file(result.model_path, f"models/{tenant}/{model_id}.pt2")
         stored.append(copy)
-        result_model = Model(
-            id=model_id,
-            tenant=tenant,
-            name=f"{job_id} pruned",
-            format=info.format,
-            size_bytes=copy.size_bytes,
-            sha256=copy.sha256,
-            num_parameters=info.num_parameters,
-            inputs=[asdict(i) for i in info.inputs],
-            prunable_layers=[asdict(layer) for layer in info.prunable_layers],
-            storage_key=copy.key,
+        result_model = repo.model_row(
+            model_id,
+            tenant,
+            f"{job_id} pruned",
+            info,
+            copy.key,
+            copy.size_bytes,
+            copy.sha256,
             source_job_id=job_id,
-            created_at=utcnow(),
         )
 
     artifacts = []

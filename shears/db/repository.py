@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.archive import ArchiveInfo
 from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
 
 ACTIVE_STATUSES = ("queued", "running")
@@ -60,6 +62,33 @@ def _page(
 
 
 # --- models -------------------------------------------------------------------------------------
+
+
+def model_row(
+    model_id: str,
+    tenant: str,
+    name: str,
+    info: ArchiveInfo,
+    key: str,
+    size_bytes: int,
+    sha256: str,
+    source_job_id: str | None = None,
+) -> Model:
+    """A model row from the gate's metadata of its archive (never from loaded weights)."""
+    return Model(
+        id=model_id,
+        tenant=tenant,
+        name=name,
+        format=info.format,
+        size_bytes=size_bytes,
+        sha256=sha256,
+        num_parameters=info.num_parameters,
+        inputs=[asdict(i) for i in info.inputs],
+        prunable_layers=[asdict(layer) for layer in info.prunable_layers],
+        storage_key=key,
+        source_job_id=source_job_id,
+        created_at=utcnow(),
+    )
 
 
 def get_model(session: Session, tenant: str, model_id: str) -> Model | None:

@@ -143,3 +143,25 @@ def test_round_hook_evaluates_and_trains_a_share_between_rounds(digits: Digits) 
     assert steps[-1][2] == "round 1: step 86/86"  # a quarter of 8 epochs x 43 batches
     for name, was_zero in zeros.items():
         assert torch.all(program.state_dict[f"{name}.weight"][was_zero] == 0)
+
+
+def test_channel_pruning_fine_tunes_the_smaller_program(digits: Digits, tmp_path: Path) -> None:
+    spec = JobSpec(
+        pruning=PruningSpec(criterion="l1", granularity="channel", sparsity=0.5),
+        fine_tune=FineTuneSpec(epochs=3, batch_size=32, lr=5e-3),
+        evaluation=EvaluationSpec(),
+    )
+    result = run(
+        spec,
+        digits.model_path,
+        tmp_path,
+        measure=FAST,
+        data=PipelineData(fine_tune=digits.train, evaluation=digits.test),
+    )
+    m = result.metrics
+    assert m.params_after < m.params_before  # structured models stay small
+    assert m.eval_after_fine_tune["accuracy"] > m.eval_after_pruning["accuracy"]
+    program, _ = load_program(result.model_path)
+    assert sum(p.numel() for p in program.parameters()) == m.params_after
+    x = torch.from_numpy(np.load(digits.test)["inputs"][:3])
+    torch.testing.assert_close(program.module()(x)[:1], program.module()(x[:1]))

@@ -1,0 +1,100 @@
+"""Keep-masks at weight granularities that zero weights in place: unstructured, n:m, block.
+
+Example::
+
+    from core.allocation import allocate
+    from core.masks import weight_masks
+    from core.spec import PruningSpec
+
+    spec = PruningSpec(criterion="l1", granularity="n:m", n_m=(2, 4))
+    weights = {"fc": torch.randn(8, 16)}
+    keep = weight_masks(spec, weights, allocate(spec, {"fc": 128}))["fc"]  # 2 of every 4 kept
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch.nn import functional as F
+
+from core.allocation import Allocation, allocate
+from core.importance import element_scores, lamp_scores
+from core.spec import PruningSpec
+from core.unstructured import unstructured_masks
+
+
+def weight_masks(
+    spec: PruningSpec, weights: Mapping[str, torch.Tensor], allocation: Allocation
+) -> dict[str, torch.Tensor]:
+    """Bool keep-mask (each weight's shape) for every layer ``allocation`` prunes.
+
+    ``weights`` maps a layer name to its weight; excluded layers get no mask.
+    """
+    names = [*allocation.per_layer, *allocation.global_pool]
+    if spec.criterion == "lamp":
+        scores = {n: lamp_scores(weights[n]) for n in names}
+    else:
+        scores = {n: element_scores(n, weights[n], spec) for n in names}
+    if spec.granularity == "n:m":
+        assert spec.n_m is not None  # the spec's validator fills it in
+        return {n: nm_mask(scores[n], *spec.n_m) for n in names}
+    if spec.granularity == "block":
+        assert spec.block is not None
+        return block_masks(spec, scores, spec.block)
+    return unstructured_masks(scores, allocation)
+
+
+def _reduction_last(t: torch.Tensor) -> torch.Tensor:
+    """(out, in, *kernel) -> (out, *kernel, in): input channels last, as N:M kernels read them."""
+    return t.movedim(1, -1) if t.dim() > 2 else t
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest of every ``m`` consecutive weights along the input channels.
+
+    A trailing run shorter than ``m`` (input channels not a multiple of ``m``) keeps
+    ``ceil(n * len / m)`` of its weights, so no run holds more zeros than N:M allows.
+    """
+    s = _reduction_last(scores)
+    length = s.shape[-1]
+    full = length - length % m
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    if full:
+        runs = s[..., :full].reshape(*s.shape[:-1], -1, m)
+        top = runs.topk(n, dim=-1).indices  # exactly n per run, ties broken by topk
+        kept = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, top, True)
+        keep[..., :full] = kept.reshape(*s.shape[:-1], full)
+    if full < length:
+        tail = s[..., full:]
+        k = min(tail.shape[-1], -(-n * tail.shape[-1] // m))
+        top = tail.topk(k, dim=-1).indices
+        keep[..., full:] = torch.zeros_like(tail, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.movedim(-1, 1) if scores.dim() > 2 else keep
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+
+
+def block_masks(
+    spec: PruningSpec, scores: Mapping[str, torch.Tensor], block: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """Remove whole ``block``-shaped tiles of each weight (seen as ``out x in*kernel``).
+
+    A block's score is its mean element score, so edge tiles (smaller where a dimension is not a
+    multiple of the block) compete fairly. Each ranking pool of N blocks loses round(s x N).
+    """
+    bh, bw = block
+    tiles: dict[str, torch.Tensor] = {}
+    for name, s in scores.items():
+        matrix = _as_matrix(s).unsqueeze(0)
+        tiles[name] = F.avg_pool2d(matrix, (bh, bw), ceil_mode=True).squeeze(0)
+    allocation = allocate(spec, {n: t.numel() for n, t in tiles.items()})
+    tile_keep = unstructured_masks(tiles, allocation)
+    masks: dict[str, torch.Tensor] = {}
+    for name, keep in tile_keep.items():
+        rows, cols = _as_matrix(scores[name]).shape
+        full = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+        masks[name] = full.reshape(scores[name].shape)
+    return masks

@@ -1,0 +1,245 @@
+"""Structured (channel) pruning on the exported graph, over many generated architectures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from core.errors import InvalidSpec
+from core.pipeline import MeasureConfig, run
+from core.program import load_program
+from core.spec import JobSpec, PruningSpec
+from core.structure import analyze, plan_channels, prune_program
+from core.structure.slicing import apply_channels, mask_channels, reexport
+from tests.core.archs import ARCHS, MLP, ResidualCNN, export
+
+FEW = settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def channel(**kw: object) -> PruningSpec:
+    return PruningSpec(**{"criterion": "l1", "granularity": "channel", "sparsity": 0.5, **kw})
+
+
+def n_params(program: torch.export.ExportedProgram) -> int:
+    return sum(p.numel() for p in program.parameters())
+
+
+@FEW
+@given(
+    arch=st.sampled_from(sorted(ARCHS)),
+    width=st.integers(1, 2),
+    sparsity=st.floats(0.1, 0.8),
+    criterion=st.sampled_from(["l1", "l2", "random"]),
+)
+def test_smaller_program_computes_what_the_masked_one_does(
+    arch: str, width: int, sparsity: float, criterion: str
+) -> None:
+    torch.manual_seed(width)
+    spec = ARCHS[arch]
+    program = export(spec.build(width), spec.input_shape)
+    gm = program.module()
+    analysis = analyze(gm)
+    plan = plan_channels(gm, analysis, channel(sparsity=sparsity, criterion=criterion))
+    # LayerNorm statistics over pruned channels change by design; compare the rest exactly.
+    keep = {g: m for g, m in plan.keep.items() if not analysis.groups_by_id[g].normalized}
+    reference = program.module()
+    mask_channels(reference, analysis, keep)
+    apply_channels(gm, analysis, keep)
+    pruned = reexport(gm, program)
+
+    assert pruned.range_constraints.keys() == program.range_constraints.keys()
+    for batch in (1, 3, 9):  # batch sizes never exported: the dynamic dim survived
+        x = torch.randn(batch, *spec.input_shape)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned.module()(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_half_the_channels_leaves_at_most_0_6_of_the_parameters(arch: str) -> None:
+    spec = ARCHS[arch]
+    program = export(spec.build(2), spec.input_shape)
+    result = prune_program(program, channel(sparsity=0.5))
+    x = torch.randn(5, *spec.input_shape)
+    assert result.program.module()(x).shape == program.module()(x).shape
+    ratio = n_params(result.program) / n_params(program)
+    if arch == "grouped":
+        # Grouped convolutions keep their channels (reported as blocked), the rest still shrinks.
+        assert ratio < 0.95
+        blocked = [g for g in result.analysis.groups if not g.prunable]
+        assert any("grouped convolution" in r for g in blocked for r in g.blocked)
+    else:
+        assert ratio <= 0.6, ratio
+
+
+@pytest.mark.parametrize("arch", ["residual", "transformer"])
+def test_sparsity_zero_is_the_identity(arch: str) -> None:
+    spec = ARCHS[arch]
+    program = export(spec.build(1), spec.input_shape)
+    result = prune_program(program, channel(sparsity=0.0))
+    assert result.program is program
+    assert not result.kept_out
+    assert all(d.remove == 0 for d in result.plan.decisions)
+
+
+def test_channels_that_reach_the_outputs_are_never_removed() -> None:
+    program = export(MLP(16), (12,))
+    result = prune_program(program, channel(sparsity=0.7))
+    out = next(d for d in result.plan.decisions if "out" in d.group.layers)
+    assert out.remove == 0
+    assert "reaches the model's outputs" in out.group.blocked
+    assert result.program.module()(torch.randn(2, 12)).shape == (2, 4)
+
+
+def test_residual_adds_couple_every_layer_writing_to_the_stream() -> None:
+    program = export(ResidualCNN(8, blocks=2), (3, 8, 8))
+    analysis = analyze(program.module())
+    stream = analysis.group_of_layer("stem")
+    assert stream is not None
+    assert set(stream.layers) == {"stem", "blocks.0.3", "blocks.1.3"}
+    members = {m.target for m in stream.members}
+    assert {"bn.weight", "bn.running_var", "blocks.0.4.weight", "head.weight"} <= members
+
+
+class Cumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # cumsum over the channels is not understood: those channels must stay.
+        return self.c(F.relu(self.b(torch.cumsum(self.a(x), dim=-1))))
+
+
+def test_an_op_it_does_not_understand_blocks_its_group_with_a_reason() -> None:
+    program = export(Cumsum(), (4,))
+    result = prune_program(program, channel(sparsity=0.5))
+    a = next(d for d in result.plan.decisions if d.group.layers == ["a"])
+    b = next(d for d in result.plan.decisions if d.group.layers == ["b"])
+    assert a.remove == 0
+    assert any("cumsum" in r for r in a.group.blocked)
+    assert b.remove == 4  # the rest still shrinks
+    x = torch.randn(3, 4)
+    reference = program.module()
+    mask_channels(reference, result.analysis, result.plan.keep)
+    torch.testing.assert_close(result.program.module()(x), reference(x))
+
+
+def test_exclude_and_overrides_apply_by_layer_name() -> None:
+    program = export(MLP(16, depth=3), (12,))
+    spec = channel(sparsity=0.5, exclude=["layers.0"], layer_sparsity={"layers.2": 0.25})
+    result = prune_program(program, spec)
+    removed = {d.group.layers[0]: d.remove for d in result.plan.decisions}
+    assert removed == {"layers.0": 0, "layers.1": 8, "layers.2": 4, "out": 0}
+    with pytest.raises(InvalidSpec, match="nothing"):
+        prune_program(program, channel(exclude=["nothing"]))
+
+
+def test_global_scope_removes_exactly_its_share_of_all_channels() -> None:
+    program = export(ARCHS["concat"].build(2), (3, 8, 8))
+    result = prune_program(program, channel(sparsity=0.4, scope="global"))
+    pool = [d for d in result.plan.decisions if d.group.prunable]
+    assert sum(d.remove for d in pool) == round(0.4 * sum(d.group.size for d in pool))
+    assert all(d.remove < d.group.size for d in pool)
+
+
+def _mlp_with(plant: str) -> MLP:
+    torch.manual_seed(0)
+    model = MLP(16, depth=1)
+    with torch.no_grad():
+        if plant == "zero_filter":
+            model.layers[0].weight[5].zero_()
+        else:
+            model.layers[0].weight[5] *= 1e-3
+    return model
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "lp"])
+def test_magnitude_ranks_a_zeroed_filter_last(criterion: str) -> None:
+    program = export(_mlp_with("zero_filter"), (12,))
+    spec = channel(criterion=criterion, sparsity=1 / 16, p=3.0 if criterion == "lp" else None)
+    result = prune_program(program, spec)
+    assert result.kept_out["layers.0"] == [i for i in range(16) if i != 5]
+
+
+def test_bn_scale_ranks_a_zero_gamma_last() -> None:
+    torch.manual_seed(0)
+    model = ResidualCNN(8, blocks=1)
+    with torch.no_grad():
+        model.blocks[0][1].weight[3] = 0.0  # the BN after blocks.0.0
+    program = export(model, (3, 8, 8))
+    result = prune_program(program, channel(criterion="bn_scale", sparsity=1 / 8))
+    assert result.kept_out["blocks.0.0"] == [0, 1, 2, 4, 5, 6, 7]
+
+
+def test_random_is_seeded_per_spec() -> None:
+    program = export(MLP(16), (12,))
+    a = prune_program(program, channel(criterion="random", seed=1)).kept_out
+    b = prune_program(program, channel(criterion="random", seed=1)).kept_out
+    c = prune_program(program, channel(criterion="random", seed=2)).kept_out
+    assert a == b
+    assert a != c
+
+
+FAST = MeasureConfig(batch_size=8, warmup=0, repeats=1)
+
+
+def _save(program: torch.export.ExportedProgram, path: Path) -> Path:
+    torch.export.save(program, str(path))
+    return path
+
+
+def test_pipeline_writes_a_smaller_program_and_the_kept_channels(tmp_path: Path) -> None:
+    # Wide enough that the weights, not the archive's metadata, dominate the file size.
+    model_path = _save(export(ResidualCNN(32, blocks=1), (3, 8, 8)), tmp_path / "m.pt2")
+    result = run(JobSpec(pruning=channel(sparsity=0.5)), model_path, tmp_path / "out", measure=FAST)
+    m = result.metrics
+    assert m.params_after < 0.6 * m.params_before
+    assert m.macs_after < 0.5 * m.macs_before
+    assert m.size_bytes_after is not None
+    assert m.size_bytes_after < m.size_bytes_before
+    assert result.model_path is not None
+    pruned, info = load_program(result.model_path)
+    assert info.inputs[0].dynamic_dims[0].dim == 0
+    assert pruned.module()(torch.randn(11, 3, 8, 8)).shape == (11, 10)
+    layers = {layer.name: layer for layer in result.layers}
+    assert layers["stem"].shape_after == (16, 3, 3, 3)
+    assert layers["head"].shape_after == (10, 16)
+    report = json.loads(result.report_path.read_text())
+    by_name = {layer["name"]: layer for layer in report["layers"]}
+    assert len(by_name["stem"]["kept_channels"]) == 16
+    assert len(by_name["head"]["kept_input_channels"]) == 16
+    assert by_name["head"]["kept_channels"] is None
+    assert any(not g["prunable"] for g in report["groups"])
+
+
+def test_dry_run_reports_the_groups_and_prunes_nothing(tmp_path: Path) -> None:
+    model_path = _save(export(ARCHS["grouped"].build(1), (3, 8, 8)), tmp_path / "m.pt2")
+    spec = JobSpec(pruning=channel(sparsity=0.5), dry_run=True)
+    result = run(spec, model_path, tmp_path / "out", measure=FAST)
+    assert result.model_path is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
+    report = json.loads(result.report_path.read_text())
+    groups = {tuple(g["layers"]): g for g in report["groups"]}
+    assert groups[("mid",)]["remove"] == 4
+    assert groups[("mid",)]["keep"] == 4
+    blocked = groups[("stem",)]
+    assert not blocked["prunable"]
+    assert blocked["remove"] == 0
+    assert "grouped convolution" in blocked["blocked"][0]
+    assert result.metrics.params_after < result.metrics.params_before
+
+
+def test_bn_scale_needs_a_structured_granularity() -> None:
+    with pytest.raises(ValueError, match="channel"):
+        PruningSpec(criterion="bn_scale", granularity="unstructured", sparsity=0.5)
