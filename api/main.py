@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.observability import install_metrics
-from api.routes import artifacts, health, jobs, models
+from api.routes import artifacts, datasets, health, jobs, models
 from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import make_engine, make_sessionmaker
 from shears.logs import configure_logging
@@ -45,4 +45,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app, app.state.sessions)
     for router in (health.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
+    app.include_router(datasets.router)
     return app

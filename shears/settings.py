@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     latency_repeats: int = Field(
         default=10, ge=1, description="Timed runs; the median is reported."
     )
+    train_device: str | None = Field(
+        default=None,
+        description="Where fine-tuning and evaluation run, e.g. `cuda:1`; default CUDA when the "
+        "worker has it (bf16 autocast), else the CPU.",
+    )
+    checkpoint_every_steps: int = Field(
+        default=200,
+        ge=1,
+        description="Fine-tuning saves a checkpoint this often (optimizer steps); a redelivered "
+        "job resumes from it.",
+    )
     api_keys: SecretStr = Field(
         default=SecretStr(""),
         description="'tenant:key,tenant2:key2'. With any key (here or from `shears keys create`), "

@@ -19,6 +19,13 @@ from core.errors import InvalidSpec
 from core.spec import SPEC_VERSION, JobSpec
 from shears.db import repository as repo
 from shears.db.tables import Job, new_id, utcnow
+from shears.jobspec import (
+    CalibrationRequest,
+    EvaluationRequest,
+    FineTuneRequest,
+    core_section,
+    stored_spec,
+)
 from worker.celery_app import RUN_JOB_TASK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -122,14 +129,19 @@ def create_job(
             "retry when some have started.",
             headers={"Retry-After": "30"},
         )
-    spec = JobSpec(pruning=body.pruning, dry_run=body.dry_run)
+    datasets = _dataset_sections(session, tenant, body)
+    spec = JobSpec(
+        pruning=body.pruning,
+        dry_run=body.dry_run,
+        **{section: core_section(section, request) for section, request in datasets.items()},
+    )
     job = Job(
         id=new_id("job"),
         tenant=tenant,
         model_id=model.id,
         name=body.name,
         status="queued",
-        spec=spec.model_dump(mode="json"),
+        spec=stored_spec(spec, {section: r.dataset_id for section, r in datasets.items()}),
         spec_version=SPEC_VERSION,
         attempts=0,
         progress_stage="queued",
@@ -156,6 +168,39 @@ def create_job(
     session.refresh(job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_body(job)
+
+
+_DatasetRequest = CalibrationRequest | FineTuneRequest | EvaluationRequest
+
+
+def _dataset_sections(
+    session: SessionDep, tenant: str, body: JobCreate
+) -> dict[str, _DatasetRequest]:
+    """The body's sections that name a dataset, after checking each exists (404) and has the
+    targets its loss or metric reads (422)."""
+    sections: dict[str, _DatasetRequest] = {
+        name: request
+        for name, request in (
+            ("calibration", body.calibration),
+            ("fine_tune", body.fine_tune),
+            ("evaluation", body.evaluation),
+        )
+        if request is not None
+    }
+    for name, request in sections.items():
+        dataset = repo.get_dataset(session, tenant, request.dataset_id)
+        if dataset is None:
+            raise not_found("dataset", request.dataset_id)
+        needs_targets = getattr(request, "needs_targets", False)
+        if needs_targets and not dataset.has_targets:
+            what = f"loss {request.loss!r}" if isinstance(request, FineTuneRequest) else "it"
+            raise invalid_field(
+                ["body", name, "dataset_id"],
+                f"{name} needs a dataset with targets ({what} reads them); dataset "
+                f"{dataset.id!r} has none. Upload one with 'targets', or use "
+                + ("loss 'distillation' with alpha 1." if name == "fine_tune" else "another."),
+            )
+    return sections
 
 
 def _get(session: SessionDep, tenant: str, job_id: str) -> Job:

@@ -12,13 +12,13 @@ from sqlalchemy import CursorResult, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.archive import ArchiveInfo
-from shears.db.tables import Artifact, Job, JobEvent, JobLayer, Model, utcnow
+from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
 
 ACTIVE_STATUSES = ("queued", "running")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
-_Paged = TypeVar("_Paged", Model, Job)
+_Paged = TypeVar("_Paged", Model, Job, Dataset)
 
 
 def _rowcount(result: Any) -> int:
@@ -109,6 +109,46 @@ def list_models(
 def model_in_use(session: Session, model_id: str) -> bool:
     stmt = select(exists().where(Job.model_id == model_id, Job.status.in_(ACTIVE_STATUSES)))
     return bool(session.scalar(stmt))
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+
+def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset | None:
+    return session.scalar(
+        select(Dataset).where(
+            Dataset.id == dataset_id, Dataset.tenant == tenant, Dataset.deleted_at.is_(None)
+        )
+    )
+
+
+def list_datasets(
+    session: Session, tenant: str, limit: int, cursor: str | None
+) -> tuple[list[Dataset], str | None]:
+    stmt = select(Dataset).where(Dataset.tenant == tenant, Dataset.deleted_at.is_(None))
+    return _page(session, Dataset, stmt, limit, cursor)
+
+
+def dataset_in_use(session: Session, tenant: str, dataset_id: str) -> bool:
+    """Whether a queued or running job of ``tenant`` names the dataset in its spec.
+
+    The ids live inside the spec's JSON, which SQLite and PostgreSQL query differently; active
+    jobs per tenant are few (queued jobs are capped), so they are read and checked here.
+    """
+    specs = session.scalars(
+        select(Job.spec).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    )
+    return any(dataset_id in dataset_ids(spec).values() for spec in specs)
+
+
+def dataset_ids(spec: dict[str, Any]) -> dict[str, str]:
+    """``{section: dataset_id}`` for the spec's sections that name a dataset."""
+    ids = {}
+    for section in ("calibration", "fine_tune", "evaluation"):
+        value = spec.get(section)
+        if isinstance(value, dict) and isinstance(value.get("dataset_id"), str):
+            ids[section] = value["dataset_id"]
+    return ids
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -223,12 +263,19 @@ def renew_lease(session: Session, job_id: str, attempt: int, lease_seconds: floa
     return None if row is None else bool(row[0])
 
 
-def set_progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float) -> None:
-    session.execute(
+def set_progress(
+    session: Session, job_id: str, attempt: int, stage: str, fraction: float
+) -> bool | None:
+    """Record progress. Returns whether a cancel was requested, or None if the job is not ours:
+    the same write tells a training loop about a cancel without waiting for the next lease beat."""
+    result = session.execute(
         update(Job)
         .where(_owned(job_id, attempt))
         .values(progress_stage=stage, progress_fraction=fraction)
+        .returning(Job.cancel_requested)
     )
+    row = result.first()
+    return None if row is None else bool(row[0])
 
 
 def finish_job(

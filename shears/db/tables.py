@@ -99,6 +99,27 @@ class Model(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+class Dataset(Base):
+    """An uploaded ``.npz`` or ``.safetensors`` dataset: fine-tuning, evaluation, calibration."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    num_samples: Mapped[int] = mapped_column(BigInteger)
+    has_targets: Mapped[bool] = mapped_column(Boolean)
+    # [{name, shape, dtype}] of every array, targets last: what a job's model will be fed.
+    arrays: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    storage_key: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Like models: deleting removes the file and keeps the row, so old jobs still resolve the id.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class Job(Base):
     """A pruning job. After it is claimed, only the worker's lifecycle module writes its state."""
 
