@@ -7,8 +7,11 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.errors import Problem
+from shears.auth import DEFAULT_TENANT, KeyResolver
 from shears.settings import Settings
 from shears.storage import LocalStorage
 
@@ -36,9 +39,37 @@ def get_celery(request: Request) -> Celery:
     return celery
 
 
-def get_tenant() -> str:
-    """The caller's tenant. Without API keys the service is open and everyone is ``default``."""
-    return "default"
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer shk_...`")
+
+
+def get_tenant(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The caller's tenant, from its API key. With no key configured anywhere the service is open
+    (local development) and everyone is ``default``."""
+    keys: KeyResolver = request.app.state.keys
+    if not keys.auth_enabled(session):
+        return DEFAULT_TENANT
+    if credentials is None:
+        raise Problem(
+            401,
+            "unauthorized",
+            "API key required",
+            "Send an API key as 'Authorization: Bearer <key>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    tenant = keys.tenant(session, credentials.credentials)
+    if tenant is None:
+        raise Problem(
+            401,
+            "unauthorized",
+            "Invalid API key",
+            "The API key is unknown or revoked.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return tenant
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

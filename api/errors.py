@@ -11,9 +11,17 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import InvalidArchive, InvalidSpec, ShearsError, UnsafeArchive, UnsupportedFormat
+from core.errors import (
+    DatasetMismatch,
+    InvalidArchive,
+    InvalidDataset,
+    InvalidSpec,
+    ShearsError,
+    UnsafeArchive,
+    UnsupportedFormat,
+)
 from shears.db.repository import InvalidCursor
-from shears.storage import StorageError
+from shears.storage import StorageError, StorageQuotaExceeded
 
 PROBLEM_JSON = "application/problem+json"
 log = structlog.get_logger("shears.api")
@@ -62,6 +70,8 @@ _CORE_ERRORS: dict[type[ShearsError], tuple[int, str, str]] = {
     UnsafeArchive: (422, "unsafe-archive", "Unsafe archive refused"),
     InvalidArchive: (422, "invalid-archive", "Malformed archive"),
     InvalidSpec: (422, "invalid-spec", "The spec does not fit this model"),
+    InvalidDataset: (422, "invalid-dataset", "Malformed dataset"),
+    DatasetMismatch: (422, "dataset-mismatch", "The dataset does not fit"),
 }
 
 
@@ -158,6 +168,11 @@ def install_error_handlers(app: FastAPI) -> None:
             "Invalid cursor",
             "Pass back the next_cursor of the previous page.",
         )
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(StorageQuotaExceeded)
+    async def _quota(request: Request, exc: StorageQuotaExceeded) -> JSONResponse:
+        problem = Problem(413, "storage-quota-exceeded", "Storage quota exceeded", str(exc))
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(StorageError)

@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import artifacts, health, jobs, models
+from api.observability import install_metrics
+from api.routes import artifacts, datasets, health, jobs, models
+from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import make_engine, make_sessionmaker
 from shears.logs import configure_logging
 from shears.settings import Settings, get_settings
-from shears.storage import LocalStorage
+from shears.storage import storage_from_settings
 from worker.celery_app import create_celery
 
 
@@ -20,7 +22,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     engine = make_engine(settings.resolved_database_url)
-    storage = LocalStorage(settings.resolved_storage_dir)
+    storage = storage_from_settings(settings)
     storage.ensure()
 
     @asynccontextmanager
@@ -38,7 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = make_sessionmaker(engine)
     app.state.storage = storage
     app.state.celery = create_celery(settings)
+    app.state.keys = KeyResolver(parse_env_keys(settings.api_keys.get_secret_value()))
     install_error_handlers(app)
+    install_metrics(app, app.state.sessions)
     for router in (health.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
+    app.include_router(datasets.router)
     return app

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.spec import DATA_AWARE, CalibrationSpec, PruningSpec
+from core.spec import DATA_AWARE, PruningSpec
+from shears.jobspec import CalibrationRequest, EvaluationRequest, FineTuneRequest
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -65,8 +66,15 @@ class JobCreate(BaseModel):
     name: str | None = Field(default=None, max_length=255)
     dry_run: bool = Field(default=False, description="Report what would be pruned; prune nothing.")
     pruning: PruningSpec
-    calibration: CalibrationSpec | None = Field(
-        default=None, description="Data for the data-aware criteria: apoz, regression, taylor."
+    calibration: CalibrationRequest | None = Field(
+        default=None, description="A dataset for data-aware criteria."
+    )
+    fine_tune: FineTuneRequest | None = Field(
+        default=None, description="Retrain after pruning, pruned weights held at zero."
+    )
+    evaluation: EvaluationRequest | None = Field(
+        default=None,
+        description="Score before pruning, after pruning and after fine-tuning (needs targets).",
     )
 
     @model_validator(mode="after")
@@ -78,6 +86,29 @@ class JobCreate(BaseModel):
                 '"calibration": {"dataset_id": "...", "num_samples": 256}'
             )
         return self
+
+
+class ArrayOut(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class DatasetOut(_Out):
+    id: str
+    name: str
+    format: Literal["npz", "safetensors"]
+    size_bytes: int
+    sha256: str
+    num_samples: int
+    has_targets: bool
+    arrays: list[ArrayOut] = Field(description="Every array: inputs in order, then targets.")
+    created_at: datetime
+
+
+class DatasetList(_Out):
+    items: list[DatasetOut]
+    next_cursor: str | None
 
 
 class ProgressOut(_Out):

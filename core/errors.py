@@ -59,3 +59,17 @@ class Cancelled(ShearsError):
     """The caller asked the pipeline to stop (checked between steps)."""
 
     code = "cancelled"
+
+
+class InvalidDataset(ShearsError):
+    """A dataset file of an accepted format (.npz, .safetensors) that is malformed or unusable:
+    object arrays, non-numeric dtypes, NaN or infinite values, mismatched sample counts."""
+
+    code = "invalid_dataset"
+
+
+class DatasetMismatch(ShearsError):
+    """A valid dataset that cannot feed this model: wrong number of inputs, shapes or dtypes, or
+    targets that do not fit the model's outputs or the loss."""
+
+    code = "dataset_mismatch"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -23,14 +24,27 @@ from typing import Any, Literal, Protocol
 import torch
 from safetensors.torch import save_file
 
-from core.allocation import allocate
+from core.allocation import Allocation, allocate
 from core.archive import ArchiveInfo
+from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
+from core.errors import InvalidSpec
+from core.evaluate import evaluate
+from core.finetune import (
+    Checkpointing,
+    FineTuneResult,
+    fine_tune,
+    module_on,
+    pick_device,
+    plan_steps,
+    snapshot_state,
+)
 from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
 from core.schedule import RoundHook, agp_fractions, at_fraction, relative_step, rounds_of
-from core.spec import SPEC_VERSION, STRUCTURED, JobSpec, PruningSpec
+from core.spec import SPEC_VERSION, STRUCTURED, FineTuneSpec, JobSpec, PruningSpec
 from core.structure import StructuredResult, prune_program
+from core.unstructured import prune_magnitude_in_place
 
 Stage = Literal["loading", "pruning", "fine_tuning", "evaluating", "exporting", "done"]
 
@@ -53,6 +67,26 @@ class MeasureConfig:
     warmup: int = 3
     repeats: int = 10
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PipelineData:
+    """Dataset files (``.npz``/``.safetensors``, see :mod:`core.data`) for the spec's
+    ``fine_tune``, ``evaluation`` and ``calibration``; each is required when its spec is given."""
+
+    fine_tune: Path | None = None
+    evaluation: Path | None = None
+    calibration: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Where fine-tuning and evaluation run (default: CUDA when available, else CPU), and where
+    fine-tuning checkpoints (``None``: it does not; an existing checkpoint is resumed)."""
+
+    device: str | None = None
+    checkpoint: Path | None = None
+    checkpoint_every_steps: int = 50
 
 
 @dataclass(frozen=True)
@@ -130,16 +164,20 @@ def run(
     *,
     measure: MeasureConfig | None = None,
     on_progress: ProgressCallback | None = None,
+    data: PipelineData | None = None,
+    training: TrainingConfig | None = None,
     on_round: RoundHook | None = None,
-    calibration: tuple[torch.Tensor, ...] | None = None,
 ) -> PipelineResult:
     """Prune the program at ``model_path`` as ``spec`` says and write the artifacts to ``out_dir``.
 
     Writes ``report.json`` always; ``model.pt2`` (loads with ``torch.export.load``, same dynamic
     dimensions as the input) and ``weights.safetensors`` (original parameter names) unless
-    ``spec.dry_run``. With an iterative schedule, ``on_round`` runs between rounds (fine-tuning).
-    ``calibration`` holds the loaded calibration inputs (one tensor per program input, samples
-    first) that the data-aware criteria of ``spec.calibration`` need.
+    ``spec.dry_run``. With ``spec.evaluation`` the program is scored before pruning, after pruning
+    and after fine-tuning; with ``spec.fine_tune`` it is retrained with its pruned weights held
+    at zero (both skipped after pruning in a dry run). Their datasets come from ``data``; the
+    data-aware criteria read ``data.calibration``. An iterative schedule calls ``on_round`` after
+    every round but the last (default: :func:`round_hook`, evaluation and a share of the
+    fine-tuning).
 
     Raises:
         core.errors.ShearsError: the file was refused, the spec does not fit this model, or a step
@@ -155,31 +193,40 @@ def run(
     batch = batch_size_for(info.inputs, m.batch_size)
     params_before = sum(p.numel() for p in program.parameters())
     before = _measure(program, info, m, batch)
+    train = training or TrainingConfig()
+    feeds = _load_feeds(spec, data or PipelineData(), info)
+    teacher = snapshot_state(program) if _distills(spec) else None  # dense, before pruning
+    eval_before = _evaluate_stage(
+        program, info, spec, feeds, train, progress, 0.2, "before pruning"
+    )
+    recovery = _Recovery(feeds, teacher, train, eval_before)
+    rounds = rounds_of(spec.pruning)
+    if on_round is None and rounds > 1:
+        on_round = round_hook(info, spec, feeds, teacher, train, progress, rounds)
     if spec.pruning.granularity in STRUCTURED:
         return _run_structured(
-            spec, program, info, Path(model_path), out, m, progress, before, on_round, calibration
+            spec, program, info, Path(model_path), out, m, progress, before, recovery, on_round
         )
 
     progress("pruning", 0.3, "ranking weights")
     if not spec.dry_run:
-        program = _early_rounds(spec.pruning, program, info, progress, on_round)
+        program = _early_rounds(spec, program, info, progress, on_round)
     state = program.state_dict
     layer_names = [layer.name for layer in info.prunable_layers]
     allocation = allocate(
         spec.pruning, {layer.name: layer.params for layer in info.prunable_layers}
     )
-    scored = [*allocation.per_layer, *allocation.global_pool]
-    masks = weight_masks(spec.pruning, {n: state[f"{n}.weight"] for n in scored}, allocation)
+    scored = {n: state[f"{n}.weight"] for n in [*allocation.per_layer, *allocation.global_pool]}
+    planned = _prune_weights(spec, scored, allocation)
 
     layers = []
     with torch.no_grad():
         for layer in info.prunable_layers:
             weight = state[f"{layer.name}.weight"]
-            keep = masks.get(layer.name)
-            if keep is not None and not spec.dry_run:
-                weight.mul_(keep.to(weight.dtype))
-            alive = weight != 0 if keep is None or not spec.dry_run else (weight != 0) & keep
-            nonzero = int(alive.sum())
+            nonzero = int(weight.count_nonzero())
+            if spec.dry_run and layer.name in planned:
+                # Weights already zero are always among the lowest-ranked.
+                nonzero = min(nonzero, weight.numel() - planned[layer.name])
             layers.append(
                 LayerResult(
                     name=layer.name,
@@ -194,12 +241,15 @@ def run(
     prunable_before = sum(layer.params for layer in info.prunable_layers)
     prunable_nonzero = sum(layer.nonzero for layer in layers)
     zeroed_by_plan = (
-        sum(int(((state[f"{n}.weight"] != 0) & ~keep).sum()) for n, keep in masks.items())
+        sum(int(state[f"{n}.weight"].count_nonzero()) for n in planned)
+        - sum(layer.nonzero for layer in layers if layer.name in planned)
         if spec.dry_run
         else 0
     )
     nonzero_params = sum(int(p.count_nonzero()) for p in program.parameters()) - zeroed_by_plan
     sparse_bytes = sparse_size_bytes(state, (f"{n}.weight" for n in layer_names))
+
+    recovered = _recover(program, info, spec, recovery, progress)
 
     model_file: Path | None = None
     weights_file: Path | None = None
@@ -231,9 +281,19 @@ def run(
         latency_ms_after=after.latency_ms if after else None,
         latency_batch_size=batch,
         device=m.device,
+        eval_before=eval_before,
+        eval_after_pruning=recovered.eval_after_pruning,
+        eval_after_fine_tune=recovered.eval_after_fine_tune,
     )
     report_file = out / "report.json"
-    _write_report(report_file, spec, metrics, layers, allocation.excluded)
+    _write_report(
+        report_file,
+        spec,
+        metrics,
+        layers,
+        allocation.excluded,
+        fine_tune=_tuned_report(recovered.tuned),
+    )
     progress("done", 1.0, "finished")
     return PipelineResult(
         metrics=metrics,
@@ -245,7 +305,7 @@ def run(
 
 
 def _early_rounds(
-    pruning: PruningSpec,
+    spec: JobSpec,
     program: torch.export.ExportedProgram,
     info: ArchiveInfo,
     progress: ProgressCallback,
@@ -253,15 +313,15 @@ def _early_rounds(
 ) -> torch.export.ExportedProgram:
     """Rounds 1..n-1 of an iterative schedule, zeroing weights in place; the last round is the
     one-shot step at the final ratios. Zeroed weights score lowest, so rounds are nested."""
-    rounds = rounds_of(pruning)
+    rounds = rounds_of(spec.pruning)
     sizes = {layer.name: layer.params for layer in info.prunable_layers}
     for t, fraction in enumerate(agp_fractions(rounds)[:-1], start=1):
-        step = at_fraction(pruning, fraction)
+        step = at_fraction(spec.pruning, fraction)
         allocation = allocate(step, sizes)
-        names = [*allocation.per_layer, *allocation.global_pool]
         state = program.state_dict
-        masks = weight_masks(step, {n: state[f"{n}.weight"] for n in names}, allocation)
-        _zero(state, masks)
+        names = [*allocation.per_layer, *allocation.global_pool]
+        weights = {n: state[f"{n}.weight"] for n in names}
+        _prune_weights(spec.model_copy(update={"pruning": step}), weights, allocation)
         progress(
             "pruning",
             0.3 + 0.05 * t / rounds,
@@ -269,8 +329,9 @@ def _early_rounds(
             {"round": t, "rounds": rounds, "sparsity": step.sparsity},
         )
         if on_round is not None:
+            keep = {n: w != 0 for n, w in weights.items()}
             program = on_round(t, rounds, program) or program
-            _zero(program.state_dict, masks)  # fine-tuning must not regrow what was pruned
+            _zero(program.state_dict, keep)  # whatever the hook did, pruned weights stay zero
     return program
 
 
@@ -324,8 +385,8 @@ def _run_structured(
     m: MeasureConfig,
     progress: ProgressCallback,
     before: _Measured,
+    recovery: _Recovery,
     on_round: RoundHook | None,
-    calibration: tuple[torch.Tensor, ...] | None,
 ) -> PipelineResult:
     """Channel pruning: remove whole channels with everything coupled to them, re-export.
 
@@ -336,7 +397,7 @@ def _run_structured(
     params_before = sum(p.numel() for p in program.parameters())
     progress("pruning", 0.3, "building channel groups from the graph")
     structured, kept_out, kept_in = _structured_rounds(
-        spec.pruning, program, progress, on_round, spec.dry_run, calibration
+        spec.pruning, program, progress, on_round, spec.dry_run, recovery.feeds.calibration
     )
     structured.kept_out, structured.kept_in = kept_out, kept_in
     pruned = structured.program
@@ -372,6 +433,8 @@ def _run_structured(
     params_after = sum(p.numel() for p in pruned.parameters()) - (removed if spec.dry_run else 0)
     nonzero_params = sum(int(p.count_nonzero()) for p in pruned.parameters())
     sparse_bytes = sparse_size_bytes(state, (f"{layer.name}.weight" for layer in layers))
+    # The smaller program trains like any other: its removed channels are gone, not masked.
+    recovered = _recover(pruned, info, spec, recovery, progress)
 
     model_file: Path | None = None
     weights_file: Path | None = None
@@ -403,6 +466,9 @@ def _run_structured(
         latency_ms_after=after.latency_ms if after else None,
         latency_batch_size=batch,
         device=m.device,
+        eval_before=recovery.eval_before,
+        eval_after_pruning=recovered.eval_after_pruning,
+        eval_after_fine_tune=recovered.eval_after_fine_tune,
     )
     report_file = out / "report.json"
     excluded = tuple(
@@ -411,7 +477,15 @@ def _run_structured(
         if d.skipped == "excluded"
         for name in d.group.layers
     )
-    _write_report(report_file, spec, metrics, layers, excluded, structured)
+    _write_report(
+        report_file,
+        spec,
+        metrics,
+        layers,
+        excluded,
+        structured,
+        fine_tune=_tuned_report(recovered.tuned),
+    )
     progress("done", 1.0, "finished")
     return PipelineResult(
         metrics=metrics,
@@ -434,6 +508,27 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt", "producer": "shears"})
 
 
+_MAGNITUDE = ("l1", "l2", "lp")
+
+
+def _prune_weights(
+    spec: JobSpec, weights: dict[str, torch.Tensor], allocation: Allocation
+) -> dict[str, int]:
+    """Zero weights in place (unless a dry run); returns how many each layer loses.
+
+    Magnitude criteria at unstructured granularity take the bounded-memory path (no score or
+    mask tensors); the others rank through score tensors and keep-masks.
+    """
+    if spec.pruning.granularity == "unstructured" and spec.pruning.criterion in _MAGNITUDE:
+        return prune_magnitude_in_place(weights, allocation, apply=not spec.dry_run)
+    masks = weight_masks(spec.pruning, weights, allocation)
+    if not spec.dry_run:
+        with torch.no_grad():
+            for name, keep in masks.items():
+                weights[name].mul_(keep.to(weights[name].dtype))
+    return {name: int((~keep).sum()) for name, keep in masks.items()}
+
+
 def _write_report(
     path: Path,
     spec: JobSpec,
@@ -441,6 +536,7 @@ def _write_report(
     layers: list[LayerResult],
     excluded: tuple[str, ...],
     structured: StructuredResult | None = None,
+    fine_tune: dict[str, Any] | None = None,
 ) -> None:
     kept_out = structured.kept_out if structured else {}
     kept_in = structured.kept_in if structured else {}
@@ -462,4 +558,217 @@ def _write_report(
     }
     if structured is not None:
         report["groups"] = structured.report()
+    if fine_tune is not None:
+        report["fine_tune"] = fine_tune
     path.write_text(json.dumps(report, indent=2))
+
+
+# --- datasets, evaluation and fine-tuning stages --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Feeds:
+    """The job's datasets, read and matched to the program's inputs."""
+
+    fine_tune: Dataset | None
+    evaluation: Dataset | None
+    limits: BatchRange
+    # The first ``calibration.num_samples`` inputs, one tensor per program input, for the
+    # data-aware criteria of the pruning step.
+    calibration: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Recovery:
+    """What the stages after pruning need, prepared before it: datasets, the dense teacher."""
+
+    feeds: _Feeds
+    teacher: dict[str, torch.Tensor] | None
+    train: TrainingConfig
+    eval_before: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class _Recovered:
+    eval_after_pruning: dict[str, float] | None = None
+    eval_after_fine_tune: dict[str, float] | None = None
+    tuned: FineTuneResult | None = None
+
+
+def _recover(
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    spec: JobSpec,
+    r: _Recovery,
+    progress: ProgressCallback,
+) -> _Recovered:
+    """Evaluate the pruned program, fine-tune it in place, evaluate again (nothing in a dry run)."""
+    if spec.dry_run:
+        return _Recovered()
+    after_pruning = _evaluate_stage(
+        program, info, spec, r.feeds, r.train, progress, 0.32, "after pruning"
+    )
+    tuned = _fine_tune_stage(program, info, spec, r.feeds, r.teacher, r.train, progress)
+    after_tuning = (
+        _evaluate_stage(program, info, spec, r.feeds, r.train, progress, 0.57, "after fine-tuning")
+        if tuned is not None
+        else None
+    )
+    return _Recovered(after_pruning, after_tuning, tuned)
+
+
+def _distills(spec: JobSpec) -> bool:
+    return spec.fine_tune is not None and spec.fine_tune.loss == "distillation"
+
+
+def _load_feeds(spec: JobSpec, data: PipelineData, info: ArchiveInfo) -> _Feeds:
+    """Read the datasets the spec asks for and check them against the model before any work:
+    a dataset that cannot feed the program fails the job here, not hours into training."""
+    read: dict[Path, Dataset] = {}
+
+    def feed(what: str, path: Path | None, needs_targets: bool) -> Dataset:
+        if path is None:
+            raise InvalidSpec(f"'{what}' needs a dataset, and none was given")
+        if path not in read:
+            read[path] = match_program(load_dataset(path), info.inputs)
+        dataset = read[path]
+        if needs_targets and dataset.targets is None:
+            raise InvalidSpec(f"'{what}' needs a dataset with targets; this one has none")
+        return dataset
+
+    calibration = None
+    if spec.calibration is not None:
+        samples = feed("calibration", data.calibration, False)
+        calibration = tuple(t[: spec.calibration.num_samples] for t in samples.inputs)
+    return _Feeds(
+        fine_tune=feed("fine_tune", data.fine_tune, spec.fine_tune.needs_targets)
+        if spec.fine_tune
+        else None,
+        evaluation=feed("evaluation", data.evaluation, True) if spec.evaluation else None,
+        limits=batch_range(info.inputs),
+        calibration=calibration,
+    )
+
+
+def _evaluate_stage(
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    spec: JobSpec,
+    feeds: _Feeds,
+    train: TrainingConfig,
+    progress: ProgressCallback,
+    fraction: float,
+    when: str,
+) -> dict[str, float] | None:
+    if spec.evaluation is None or feeds.evaluation is None:
+        return None
+    progress("evaluating", fraction, f"evaluating {when}")
+    device = pick_device(train.device)
+    module = module_on(program, device)  # eval mode: the graph as it was exported
+    metrics = evaluate(module, feeds.evaluation, spec.evaluation, feeds.limits, device)
+    progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
+    return metrics
+
+
+def _fine_tune_stage(
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    spec: JobSpec,
+    feeds: _Feeds,
+    teacher: dict[str, torch.Tensor] | None,
+    train: TrainingConfig,
+    progress: ProgressCallback,
+) -> FineTuneResult | None:
+    if spec.fine_tune is None or feeds.fine_tune is None:
+        return None
+    start, span = 0.35, 0.2
+
+    # Every optimizer step reports progress: that is where a cancel stops training (the worker's
+    # callback raises), and it is throttled there. Each epoch's summary becomes an event.
+    def on_step(step: int, total: int, summary: dict[str, float] | None) -> None:
+        if summary and "epoch" in summary:
+            message = f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
+        elif summary:
+            message = f"resumed from the checkpoint at step {step}/{total}"
+        else:
+            message = f"step {step}/{total}"
+        progress("fine_tuning", start + span * step / max(total, 1), message, summary)
+
+    checkpoint = (
+        Checkpointing(train.checkpoint, train.checkpoint_every_steps) if train.checkpoint else None
+    )
+    return fine_tune(
+        program,
+        feeds.fine_tune,
+        spec.fine_tune,
+        limits=feeds.limits,
+        masked=[f"{layer.name}.weight" for layer in info.prunable_layers],
+        teacher_state=teacher,
+        device=train.device,
+        checkpoint=checkpoint,
+        on_step=on_step,
+    )
+
+
+def _tuned_report(tuned: FineTuneResult | None) -> dict[str, Any] | None:
+    if tuned is None:
+        return None
+    return {
+        "steps": tuned.steps,
+        "epochs": tuned.epochs,
+        "device": tuned.device,
+        "resumed_from_step": tuned.resumed_from_step,
+        "history": list(tuned.history),
+    }
+
+
+def round_hook(
+    info: ArchiveInfo,
+    spec: JobSpec,
+    feeds: _Feeds,
+    teacher: dict[str, torch.Tensor] | None,
+    train: TrainingConfig,
+    progress: ProgressCallback,
+    rounds: int,
+) -> Callable[[int, int, torch.export.ExportedProgram], None]:
+    """The ``on_round`` hook of an iterative schedule, for the pruning step to call after each
+    round but the last: evaluate (an event per round with ``{"round", "rounds", ...metrics}``)
+    and fine-tune for ``1/rounds`` of the spec's steps. The full fine-tune still runs after the
+    last round, as in a one-shot job. Pruned weights stay zero (they are the masked ones)."""
+    tune = spec.fine_tune
+    share: FineTuneSpec | None = None
+    if tune is not None and feeds.fine_tune is not None:
+        _, _, total = plan_steps(feeds.fine_tune.num_samples, tune, feeds.limits)
+        share = tune.model_copy(update={"steps": max(1, total // rounds), "epochs": None})
+
+    def hook(t: int, n: int, program: torch.export.ExportedProgram) -> None:
+        when = f"after round {t} of {n}"
+        metrics = _evaluate_stage(program, info, spec, feeds, train, progress, 0.3, when)
+        if metrics is not None:
+            progress(
+                "pruning", 0.3, f"round {t} of {n} evaluated", {"round": t, "rounds": n, **metrics}
+            )
+        if share is not None and feeds.fine_tune is not None:
+            checkpoint = (
+                Checkpointing(
+                    train.checkpoint.with_name(f"{train.checkpoint.stem}.round{t}.pt"),
+                    train.checkpoint_every_steps,
+                )
+                if train.checkpoint
+                else None
+            )
+            fine_tune(
+                program,
+                feeds.fine_tune,
+                share,
+                limits=feeds.limits,
+                masked=[f"{layer.name}.weight" for layer in info.prunable_layers],
+                teacher_state=teacher,
+                device=train.device,
+                checkpoint=checkpoint,
+                on_step=lambda step, total, data: progress(
+                    "fine_tuning", 0.3, f"round {t}: step {step}/{total}", data
+                ),
+            )
+
+    return hook

@@ -158,22 +158,100 @@ class PruningSpec(_Frozen):
 
 
 class CalibrationSpec(_Frozen):
-    """The data data-aware criteria (apoz, regression, taylor) run the model on."""
+    """How much of the calibration dataset data-aware criteria may look at."""
 
-    dataset_id: str = Field(min_length=1, max_length=64)
-    num_samples: int = Field(default=256, ge=1, le=100_000)
+    num_samples: int = Field(
+        default=256, ge=1, le=1_000_000, description="Samples taken from the calibration dataset."
+    )
+
+
+Optimizer = Literal["sgd", "adamw"]
+Loss = Literal["cross_entropy", "mse", "distillation"]
+
+
+class FineTuneSpec(_Frozen):
+    """Retraining after pruning, with the pruned weights held at zero.
+
+    Give ``epochs`` or ``steps`` (one optimizer step = one batch). The learning rate warms up
+    linearly over ``warmup_steps``, then follows ``schedule``. ``distillation`` trains towards
+    the dense model's outputs (KL divergence at ``temperature``) and needs no targets; with
+    ``alpha < 1`` it adds ``(1 - alpha)`` x cross-entropy on the targets.
+
+    Example:
+        >>> FineTuneSpec(epochs=3, batch_size=64, lr=1e-3, optimizer="adamw", loss="cross_entropy")
+        FineTuneSpec(epochs=3, ...)
+    """
+
+    epochs: int | None = Field(default=None, ge=1, le=10_000, description="Passes over the data.")
+    steps: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Optimizer steps, instead of epochs."
+    )
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
+    optimizer: Optimizer = "adamw"
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "constant"] = Field(
+        default="cosine", description="After warm-up: cosine decay to zero, or constant."
+    )
+    warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
+    seed: int = Field(default=0, description="Seeds the data order and any dropout.")
+    loss: Loss = "cross_entropy"
+    temperature: float = Field(default=4.0, gt=0.0, le=100.0, description="Distillation only.")
+    alpha: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Distillation only: weight of the KL term; 1 - alpha weighs cross-entropy.",
+    )
+
+    @model_validator(mode="after")
+    def _length(self) -> FineTuneSpec:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of 'epochs' and 'steps'")
+        return self
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether the loss reads the dataset's targets."""
+        return self.loss != "distillation" or self.alpha < 1.0
+
+
+class EvaluationSpec(_Frozen):
+    """How the model is scored before pruning, after pruning and after fine-tuning.
+
+    ``classification`` reports ``accuracy`` (top-1), ``top_k_accuracy`` for ``top_k`` and the
+    cross-entropy ``loss``; ``regression`` reports ``mse`` (= ``loss``). ``auto`` picks
+    classification when the targets are integers. Evaluation always needs targets.
+    """
+
+    task: Literal["auto", "classification", "regression"] = "auto"
+    top_k: int = Field(default=5, ge=2, le=1000, description="k of the top-k accuracy.")
+    batch_size: int = Field(default=256, ge=1, le=65_536)
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Score only the first this many samples."
+    )
+
+    @property
+    def needs_targets(self) -> bool:
+        return True
 
 
 class JobSpec(_Frozen):
-    """Everything the pipeline needs to know about one job, besides the model itself."""
+    """Everything the pipeline needs to know about one job, besides the model itself.
+
+    Datasets are not named here: the caller hands their files to :func:`core.pipeline.run`.
+    """
 
     pruning: PruningSpec
-    calibration: CalibrationSpec | None = Field(
-        default=None, description="Calibration data for apoz, regression and taylor."
-    )
     dry_run: bool = Field(
         default=False, description="Report what would be pruned; prune and export nothing."
     )
+    calibration: CalibrationSpec | None = Field(
+        default=None, description="Calibration data for apoz, regression and taylor."
+    )
+    fine_tune: FineTuneSpec | None = None
+    evaluation: EvaluationSpec | None = None
 
     @model_validator(mode="after")
     def _calibration_for_data_aware(self) -> JobSpec:

@@ -7,13 +7,56 @@ import subprocess
 import sys
 import time
 from types import FrameType
+from typing import Annotated
 
 import typer
+from sqlalchemy.orm import Session, sessionmaker
 
+from shears.auth import InvalidKeySpec, create_key, list_keys, revoke_key
+from shears.db.engine import make_engine, make_sessionmaker
 from shears.db.migrate import upgrade
 from shears.settings import get_settings
 
 app = typer.Typer(help="Shears: pruning as a service.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _sessions() -> sessionmaker[Session]:
+    return make_sessionmaker(make_engine(get_settings().resolved_database_url))
+
+
+@keys_app.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")]) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    try:
+        with _sessions().begin() as session:
+            row, key = create_key(session, tenant)
+    except InvalidKeySpec as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tenant") from exc
+    typer.echo(f"id:     {row.id}\ntenant: {row.tenant}\nkey:    {key}")
+    typer.echo("Keep the key now: Shears stores only its hash and cannot show it again.", err=True)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys: id, tenant, prefix, created, revoked."""
+    with _sessions()() as session:
+        for row in list_keys(session):
+            revoked = row.revoked_at.isoformat() if row.revoked_at else "-"
+            typer.echo(
+                f"{row.id}\t{row.tenant}\t{row.prefix}…\t{row.created_at.isoformat()}\t{revoked}"
+            )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id; requests with it get 401 from then on."""
+    with _sessions().begin() as session:
+        if not revoke_key(session, key_id):
+            typer.echo(f"no active key with id {key_id}", err=True)
+            raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
 
 
 @app.command()

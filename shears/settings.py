@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, computed_field
+from pydantic import Field, SecretStr, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,6 +63,30 @@ class Settings(BaseSettings):
     latency_warmup: int = Field(default=3, ge=0, description="Untimed runs before measuring.")
     latency_repeats: int = Field(
         default=10, ge=1, description="Timed runs; the median is reported."
+    )
+    train_device: str | None = Field(
+        default=None,
+        description="Where fine-tuning and evaluation run, e.g. `cuda:1`; default CUDA when the "
+        "worker has it (bf16 autocast), else the CPU.",
+    )
+    checkpoint_every_steps: int = Field(
+        default=200,
+        ge=1,
+        description="Fine-tuning saves a checkpoint this often (optimizer steps); a redelivered "
+        "job resumes from it.",
+    )
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="'tenant:key,tenant2:key2'. With any key (here or from `shears keys create`), "
+        "every /v1 route needs `Authorization: Bearer <key>`; with none the service is open.",
+    )
+    max_queued_jobs_per_tenant: int = Field(
+        default=100, ge=1, description="More queued jobs than this for one tenant get 429."
+    )
+    storage_quota_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most bytes Shears keeps in storage (models, artifacts); unset: no quota.",
     )
     log_level: str = Field(default="INFO", description="Log level of API and worker (JSON logs).")
 

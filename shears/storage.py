@@ -12,11 +12,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from shears.settings import Settings
+
 _CHUNK = 1024 * 1024
+
+
+def storage_from_settings(settings: Settings) -> LocalStorage:
+    return LocalStorage(settings.resolved_storage_dir, settings.storage_quota_bytes)
 
 
 class StorageError(Exception):
     """Storage could not be written or read (disk full, permissions, missing file)."""
+
+
+class StorageQuotaExceeded(StorageError):
+    """Keeping the file would take storage past ``SHEARS_STORAGE_QUOTA_BYTES``."""
 
 
 @dataclass(frozen=True)
@@ -37,9 +47,33 @@ def _fsync_dir(path: Path) -> None:
 class LocalStorage:
     """Keys are relative POSIX paths (``models/mdl_x.pt2``); they never leave ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, quota_bytes: int | None = None) -> None:
         self.root = root
         self.tmp_dir = root / ".tmp"
+        self.quota_bytes = quota_bytes
+
+    def usage_bytes(self) -> int:
+        """Bytes of committed files (the temp area does not count: it is emptied as jobs end)."""
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if Path(dirpath) == self.root:
+                dirnames[:] = [d for d in dirnames if d != ".tmp"]
+            for name in filenames:
+                with contextlib.suppress(FileNotFoundError):
+                    total += (Path(dirpath) / name).stat().st_size
+        return total
+
+    def _check_quota(self, incoming: int, key: str) -> None:
+        # A soft quota: two commits racing may both pass; it bounds growth, not exact bytes.
+        if self.quota_bytes is None:
+            return
+        used = self.usage_bytes()
+        if used + incoming > self.quota_bytes:
+            raise StorageQuotaExceeded(
+                f"storing {key} ({incoming} bytes) would exceed the storage quota of "
+                f"{self.quota_bytes} bytes ({used} in use); delete models, datasets or finished "
+                "jobs to free space"
+            )
 
     def ensure(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +92,12 @@ class LocalStorage:
     def commit(self, temp: Path, key: str) -> Path:
         """Flush ``temp`` to disk and rename it to ``key`` atomically."""
         target = self.path(key)
+        try:
+            self._check_quota(temp.stat().st_size, key)
+        except StorageError:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with temp.open("rb+") as f:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -52,8 +53,19 @@ def pg_database(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_database_session(pg_server: str) -> Iterator[str]:
-    yield from _private_database(pg_server)
+def make_pg_database(pg_server: str) -> Iterator[Callable[[], str]]:
+    """Make private databases on demand; all are dropped when the session ends."""
+    made: list[Iterator[str]] = []
+
+    def make() -> str:
+        generator = _private_database(pg_server)
+        made.append(generator)
+        return next(generator)
+
+    yield make
+    for generator in made:
+        with contextlib.suppress(StopIteration):
+            next(generator)
 
 
 def _private_database(server_url: str) -> Iterator[str]:

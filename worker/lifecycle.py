@@ -15,16 +15,17 @@ from dataclasses import asdict
 from typing import Any
 
 import structlog
+from sqlalchemy.orm import Session
 
 from core.archive import inspect_archive
-from core.errors import Cancelled, ModelLoadError, ShearsError
-from core.pipeline import MeasureConfig, PipelineResult, Stage
+from core.errors import Cancelled, InvalidDataset, ModelLoadError, ShearsError
+from core.pipeline import MeasureConfig, PipelineData, PipelineResult, Stage, TrainingConfig
 from core.pipeline import run as run_pipeline
-from core.spec import JobSpec
 from shears.db import repository as repo
-from shears.db.tables import Artifact, JobLayer, Model, new_id, utcnow
+from shears.db.tables import Artifact, Dataset, JobLayer, Model, new_id, utcnow
+from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
-from shears.storage import LocalStorage, StorageError, StoredFile
+from shears.storage import LocalStorage, StorageError, StoredFile, storage_from_settings
 from worker.db import sessions
 
 log = structlog.get_logger("shears.worker")
@@ -92,11 +93,16 @@ class Progress:
         if not is_event and now - self._last_write < _PROGRESS_EVERY_S:
             return
         with sessions().begin() as session:
-            repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
+            cancel = repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
             if is_event:
                 repo.add_event(session, self.job_id, stage, message, data)
         self._stage = stage
         self._last_write = now
+        # Progress is written every _PROGRESS_EVERY_S while training, so a cancel takes effect
+        # at the next optimizer step after that write, not at the next lease renewal.
+        if cancel:
+            self.heartbeat.cancel_requested.set()
+            raise Cancelled("the job was cancelled")
 
 
 def run_job(job_id: str) -> None:
@@ -126,7 +132,7 @@ def run_job(job_id: str) -> None:
 
 
 def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
-    storage = LocalStorage(settings.resolved_storage_dir)
+    storage = storage_from_settings(settings)
     workdir = storage.temp_path(f".job-{job_id}-{attempt}")
     with sessions().begin() as session:
         job = repo.get_job_any_tenant(session, job_id)
@@ -134,16 +140,20 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
         model = session.get(Model, job.model_id)
         spec_data, tenant = job.spec, job.tenant
         model_key = model.storage_key if model and model.deleted_at is None else None
+        dataset_keys = _dataset_keys(session, tenant, spec_data)
         repo.add_event(
             session, job_id, "loading", f"attempt {attempt} started", {"attempt": attempt}
         )
 
     stored: list[StoredFile] = []
+    # Stable across attempts, so a redelivered job resumes fine-tuning where the last one saved.
+    checkpoint_dir = f"checkpoints/{tenant}/{job_id}"
+    finished = False
     try:
         with Heartbeat(job_id, attempt, settings.job_lease_seconds) as heartbeat:
             if model_key is None:
                 raise ModelLoadError("the job's model was deleted before the job ran")
-            spec = JobSpec.model_validate(spec_data)
+            spec, _ = parse_stored(spec_data)
             result = run_pipeline(
                 spec,
                 storage.path(model_key),
@@ -154,35 +164,67 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
                     repeats=settings.latency_repeats,
                 ),
                 on_progress=Progress(job_id, attempt, heartbeat),
+                data=_pipeline_data(storage, dataset_keys),
+                training=TrainingConfig(
+                    device=settings.train_device,
+                    checkpoint=storage.path(f"{checkpoint_dir}/fine_tune.pt"),
+                    checkpoint_every_steps=settings.checkpoint_every_steps,
+                ),
             )
             if heartbeat.cancel_requested.is_set():
                 raise Cancelled("the job was cancelled")
             _record_success(job_id, attempt, tenant, result, storage, stored)
+            finished = True
     except Cancelled as exc:
         _discard(storage, stored)
-        _finish(job_id, attempt, "cancelled", None, exc.message)
+        finished = _finish(job_id, attempt, "cancelled", None, exc.message)
     except ShearsError as exc:
         _discard(storage, stored)
-        _finish(job_id, attempt, "failed", exc.code, exc.message)
+        finished = _finish(job_id, attempt, "failed", exc.code, exc.message)
     except StorageError as exc:
         _discard(storage, stored)
-        _finish(job_id, attempt, "failed", "storage_error", str(exc))
+        finished = _finish(job_id, attempt, "failed", "storage_error", str(exc))
     except Exception as exc:
         log.exception("job crashed")
         _discard(storage, stored)
-        _finish(job_id, attempt, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
+        finished = _finish(
+            job_id, attempt, "failed", "internal_error", f"{type(exc).__name__}: {exc}"
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if finished:  # a worker that lost the job leaves the checkpoint to the one that took it
+            storage.delete_prefix(checkpoint_dir)
 
 
-def _finish(job_id: str, attempt: int, status: str, code: str | None, message: str) -> None:
+def _finish(job_id: str, attempt: int, status: str, code: str | None, message: str) -> bool:
+    """Record the final status; False when this attempt no longer owns the job."""
     values: dict[str, Any] = {"progress_stage": "done"}
     if status == "failed":
         values.update(error_type=code, error_message=message)
     with sessions().begin() as session:
-        if repo.finish_job(session, job_id, attempt, status, values):
+        owned = repo.finish_job(session, job_id, attempt, status, values)
+        if owned:
             repo.add_event(session, job_id, "done", message, {"status": status, "error": code})
     log.info("job finished", status=status, error=code, message=message)
+    return owned
+
+
+def _dataset_keys(session: Session, tenant: str, spec: dict[str, Any]) -> dict[str, str | None]:
+    """``{section: storage key}`` of the datasets the spec names; None for one deleted since."""
+    keys: dict[str, str | None] = {}
+    for section, dataset_id in repo.dataset_ids(spec).items():
+        dataset = session.get(Dataset, dataset_id)
+        usable = dataset is not None and dataset.tenant == tenant and dataset.deleted_at is None
+        keys[section] = dataset.storage_key if usable and dataset is not None else None
+    return keys
+
+
+def _pipeline_data(storage: LocalStorage, keys: dict[str, str | None]) -> PipelineData:
+    for section, key in keys.items():
+        if key is None:
+            raise InvalidDataset(f"the job's {section} dataset was deleted before the job ran")
+    paths = {section: storage.path(key) for section, key in keys.items() if key is not None}
+    return PipelineData(**paths)
 
 
 def _discard(storage: LocalStorage, stored: list[StoredFile]) -> None:
@@ -216,19 +258,15 @@ def _record_success(
         info = inspect_archive(result.model_path)
         copy = storage.put_file(result.model_path, f"models/{tenant}/{model_id}.pt2")
         stored.append(copy)
-        result_model = Model(
-            id=model_id,
-            tenant=tenant,
-            name=f"{job_id} pruned",
-            format=info.format,
-            size_bytes=copy.size_bytes,
-            sha256=copy.sha256,
-            num_parameters=info.num_parameters,
-            inputs=[asdict(i) for i in info.inputs],
-            prunable_layers=[asdict(layer) for layer in info.prunable_layers],
-            storage_key=copy.key,
+        result_model = repo.model_row(
+            model_id,
+            tenant,
+            f"{job_id} pruned",
+            info,
+            copy.key,
+            copy.size_bytes,
+            copy.sha256,
             source_job_id=job_id,
-            created_at=utcnow(),
         )
 
     artifacts = []

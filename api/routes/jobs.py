@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any
 
 import structlog
 from celery import Celery
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.exc import IntegrityError
 
-from api.deps import CeleryDep, SessionDep, StorageDep, TenantDep
+from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, invalid_field, not_found
 from api.schemas import EventList, JobCreate, JobList, JobOut, JobStatus, LayerList
 from core.allocation import allocate
@@ -16,6 +19,13 @@ from core.errors import InvalidSpec
 from core.spec import SPEC_VERSION, JobSpec
 from shears.db import repository as repo
 from shears.db.tables import Job, new_id, utcnow
+from shears.jobspec import (
+    CalibrationRequest,
+    EvaluationRequest,
+    FineTuneRequest,
+    core_section,
+    stored_spec,
+)
 from worker.celery_app import RUN_JOB_TASK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -67,14 +77,41 @@ def enqueue(celery: Celery, job_id: str) -> bool:
     return True
 
 
-@router.post("", status_code=202, response_model=JobOut, responses={404: {}, 422: {}})
+def _request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(job: Job, request_hash: str, response: Response) -> dict[str, Any]:
+    if job.request_hash != request_hash:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "This Idempotency-Key was already used with a different request body; "
+            "use a new key for a new job.",
+        )
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_body(job)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={404: {}, 422: {}, 429: {}})
 def create_job(
     body: JobCreate,
     response: Response,
     session: SessionDep,
     celery: CeleryDep,
+    settings: SettingsDep,
     tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> dict[str, Any]:
+    """Validate, store the job, then enqueue it. With an ``Idempotency-Key``, the same key and
+    body return the first response again (a retried POST never makes a second job)."""
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        earlier = repo.job_by_idempotency_key(session, tenant, idempotency_key)
+        if earlier is not None:
+            return _replay(earlier, request_hash, response)
     model = repo.get_model(session, tenant, body.model_id)
     if model is None:
         raise not_found("model", body.model_id)
@@ -83,30 +120,87 @@ def create_job(
     except InvalidSpec as exc:
         raise invalid_field(["body", "pruning"], exc.message) from exc
 
-    spec = JobSpec(pruning=body.pruning, dry_run=body.dry_run, calibration=body.calibration)
+    if repo.count_queued(session, tenant) >= settings.max_queued_jobs_per_tenant:
+        raise Problem(
+            429,
+            "too-many-queued-jobs",
+            "Too many queued jobs",
+            f"This tenant already has {settings.max_queued_jobs_per_tenant} queued jobs; "
+            "retry when some have started.",
+            headers={"Retry-After": "30"},
+        )
+    datasets = _dataset_sections(session, tenant, body)
+    spec = JobSpec(
+        pruning=body.pruning,
+        dry_run=body.dry_run,
+        **{section: core_section(section, request) for section, request in datasets.items()},
+    )
     job = Job(
         id=new_id("job"),
         tenant=tenant,
         model_id=model.id,
         name=body.name,
         status="queued",
-        spec=spec.model_dump(mode="json"),
+        spec=stored_spec(spec, {section: r.dataset_id for section, r in datasets.items()}),
         spec_version=SPEC_VERSION,
         attempts=0,
         progress_stage="queued",
         progress_fraction=0.0,
         cancel_requested=False,
         created_at=utcnow(),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
     session.add(job)
     repo.add_event(session, job.id, "queued", "job accepted")
-    session.commit()  # the row is the truth: it exists before any worker can hear of it
+    try:
+        session.commit()  # the row is the truth: it exists before any worker can hear of it
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race: answer as it did.
+        session.rollback()
+        earlier = repo.job_by_idempotency_key(session, tenant, idempotency_key or "")
+        if earlier is None:
+            raise
+        return _replay(earlier, request_hash, response)
     if enqueue(celery, job.id):
         job.enqueued_at = utcnow()
         session.commit()
     session.refresh(job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_body(job)
+
+
+_DatasetRequest = CalibrationRequest | FineTuneRequest | EvaluationRequest
+
+
+def _dataset_sections(
+    session: SessionDep, tenant: str, body: JobCreate
+) -> dict[str, _DatasetRequest]:
+    """The body's sections that name a dataset, after checking each exists (404) and has the
+    targets its loss or metric reads (422)."""
+    sections: dict[str, _DatasetRequest] = {
+        name: request
+        for name, request in (
+            ("calibration", body.calibration),
+            ("fine_tune", body.fine_tune),
+            ("evaluation", body.evaluation),
+        )
+        if request is not None
+    }
+    for name, request in sections.items():
+        dataset = repo.get_dataset(session, tenant, request.dataset_id)
+        if dataset is None:
+            raise not_found("dataset", request.dataset_id)
+        needs_targets = getattr(request, "needs_targets", False)
+        if needs_targets and not dataset.has_targets:
+            what = f"loss {request.loss!r}" if isinstance(request, FineTuneRequest) else "it"
+            raise invalid_field(
+                ["body", name, "dataset_id"],
+                f"{name} needs a dataset with targets ({what} reads them); dataset "
+                f"{dataset.id!r} has none. Upload one with 'targets', or use "
+                + ("loss 'distillation' with alpha 1." if name == "fine_tune" else "another."),
+            )
+    return sections
 
 
 def _get(session: SessionDep, tenant: str, job_id: str) -> Job:

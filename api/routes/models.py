@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -74,19 +73,7 @@ async def upload_model(
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    model = Model(
-        id=model_id,
-        tenant=tenant,
-        name=name,
-        format=info.format,
-        size_bytes=upload.size_bytes,
-        sha256=upload.sha256,
-        num_parameters=info.num_parameters,
-        inputs=[asdict(i) for i in info.inputs],
-        prunable_layers=[asdict(layer) for layer in info.prunable_layers],
-        storage_key=key,
-        created_at=utcnow(),
-    )
+    model = repo.model_row(model_id, tenant, name, info, key, upload.size_bytes, upload.sha256)
     try:
         session.add(model)
         session.commit()

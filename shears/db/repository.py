@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, exists, or_, select, update
+from sqlalchemy import CursorResult, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shears.db.tables import Artifact, Job, JobEvent, JobLayer, Model, utcnow
+from core.archive import ArchiveInfo
+from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
 
 ACTIVE_STATUSES = ("queued", "running")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
-_Paged = TypeVar("_Paged", Model, Job)
+_Paged = TypeVar("_Paged", Model, Job, Dataset)
 
 
 def _rowcount(result: Any) -> int:
@@ -62,6 +64,33 @@ def _page(
 # --- models -------------------------------------------------------------------------------------
 
 
+def model_row(
+    model_id: str,
+    tenant: str,
+    name: str,
+    info: ArchiveInfo,
+    key: str,
+    size_bytes: int,
+    sha256: str,
+    source_job_id: str | None = None,
+) -> Model:
+    """A model row from the gate's metadata of its archive (never from loaded weights)."""
+    return Model(
+        id=model_id,
+        tenant=tenant,
+        name=name,
+        format=info.format,
+        size_bytes=size_bytes,
+        sha256=sha256,
+        num_parameters=info.num_parameters,
+        inputs=[asdict(i) for i in info.inputs],
+        prunable_layers=[asdict(layer) for layer in info.prunable_layers],
+        storage_key=key,
+        source_job_id=source_job_id,
+        created_at=utcnow(),
+    )
+
+
 def get_model(session: Session, tenant: str, model_id: str) -> Model | None:
     return session.scalar(
         select(Model).where(
@@ -82,11 +111,60 @@ def model_in_use(session: Session, model_id: str) -> bool:
     return bool(session.scalar(stmt))
 
 
+# --- datasets -----------------------------------------------------------------------------------
+
+
+def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset | None:
+    return session.scalar(
+        select(Dataset).where(
+            Dataset.id == dataset_id, Dataset.tenant == tenant, Dataset.deleted_at.is_(None)
+        )
+    )
+
+
+def list_datasets(
+    session: Session, tenant: str, limit: int, cursor: str | None
+) -> tuple[list[Dataset], str | None]:
+    stmt = select(Dataset).where(Dataset.tenant == tenant, Dataset.deleted_at.is_(None))
+    return _page(session, Dataset, stmt, limit, cursor)
+
+
+def dataset_in_use(session: Session, tenant: str, dataset_id: str) -> bool:
+    """Whether a queued or running job of ``tenant`` names the dataset in its spec.
+
+    The ids live inside the spec's JSON, which SQLite and PostgreSQL query differently; active
+    jobs per tenant are few (queued jobs are capped), so they are read and checked here.
+    """
+    specs = session.scalars(
+        select(Job.spec).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    )
+    return any(dataset_id in dataset_ids(spec).values() for spec in specs)
+
+
+def dataset_ids(spec: dict[str, Any]) -> dict[str, str]:
+    """``{section: dataset_id}`` for the spec's sections that name a dataset."""
+    ids = {}
+    for section in ("calibration", "fine_tune", "evaluation"):
+        value = spec.get(section)
+        if isinstance(value, dict) and isinstance(value.get("dataset_id"), str):
+            ids[section] = value["dataset_id"]
+    return ids
+
+
 # --- jobs ---------------------------------------------------------------------------------------
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+
+
+def job_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def count_queued(session: Session, tenant: str) -> int:
+    stmt = select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status == "queued")
+    return int(session.scalar(stmt) or 0)
 
 
 def get_job_any_tenant(session: Session, job_id: str) -> Job | None:
@@ -185,12 +263,19 @@ def renew_lease(session: Session, job_id: str, attempt: int, lease_seconds: floa
     return None if row is None else bool(row[0])
 
 
-def set_progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float) -> None:
-    session.execute(
+def set_progress(
+    session: Session, job_id: str, attempt: int, stage: str, fraction: float
+) -> bool | None:
+    """Record progress. Returns whether a cancel was requested, or None if the job is not ours:
+    the same write tells a training loop about a cancel without waiting for the next lease beat."""
+    result = session.execute(
         update(Job)
         .where(_owned(job_id, attempt))
         .values(progress_stage=stage, progress_fraction=fraction)
+        .returning(Job.cancel_requested)
     )
+    row = result.first()
+    return None if row is None else bool(row[0])
 
 
 def finish_job(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from core.errors import InvalidSpec
-from core.pipeline import MeasureConfig, run
+from core.pipeline import MeasureConfig, PipelineData, run
 from core.spec import JobSpec, PruningSpec
 from core.structure import prune_program
 from core.structure.slicing import mask_channels
@@ -60,23 +61,25 @@ def test_regression_refits_the_next_layer() -> None:
 def test_data_aware_criteria_need_calibration() -> None:
     with pytest.raises(ValueError, match="calibration"):
         JobSpec(pruning=spec("taylor", 0.5))
-    job = JobSpec(pruning=spec("apoz", 0.5), calibration={"dataset_id": "ds_1"})
+    job = JobSpec(pruning=spec("apoz", 0.5), calibration={})
     assert job.calibration is not None
     assert job.calibration.num_samples == 256
     with pytest.raises(InvalidSpec, match="calibration"):
         prune_program(ignored_by_next_layer(), spec("apoz", 0.5))
 
 
-def test_pipeline_passes_calibration_through(tmp_path: Path) -> None:
+def test_pipeline_reads_the_calibration_dataset(tmp_path: Path) -> None:
     path = tmp_path / "m.pt2"
     torch.export.save(ignored_by_next_layer(), str(path))
-    job = JobSpec(pruning=spec("taylor", 0.5), calibration={"dataset_id": "ds_1"})
+    data = tmp_path / "calibration.npz"
+    np.savez(data, inputs=np.random.default_rng(0).standard_normal((40, 12)).astype(np.float32))
+    job = JobSpec(pruning=spec("taylor", 0.5), calibration={"num_samples": 32})
     result = run(
         job,
         path,
         tmp_path / "out",
         measure=MeasureConfig(batch_size=8, warmup=0, repeats=1),
-        calibration=(torch.randn(32, 12),),
+        data=PipelineData(calibration=data),
     )
     assert result.metrics.params_after < 0.6 * result.metrics.params_before
 

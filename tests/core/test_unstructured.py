@@ -115,3 +115,51 @@ def test_lp_needs_p() -> None:
         spec(criterion="lp", sparsity=0.5)
     with pytest.raises(ValueError, match="only applies"):
         spec(criterion="l1", p=2, sparsity=0.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=layer_scores(),
+    sparsity=st.floats(0, 0.98),
+    cap=st.floats(0.5, 1.0),
+    scope=st.sampled_from(["layer", "global"]),
+    chunk=st.sampled_from([3, 7, 64, 1 << 22]),
+    negate=st.booleans(),
+)
+def test_in_place_magnitude_pruning_matches_the_masks(
+    scores, sparsity, cap, scope, chunk, negate
+) -> None:
+    from core.unstructured import prune_magnitude_in_place
+
+    weights = {n: (-s if negate else s).clone() for n, s in scores.items()}
+    sizes = {n: w.numel() for n, w in weights.items()}
+    try:
+        allocation = allocate(spec(scope=scope, sparsity=sparsity, max_layer_sparsity=cap), sizes)
+    except InvalidSpec:
+        return
+    masks = unstructured_masks({n: w.abs() for n, w in weights.items()}, allocation)
+    before = {n: w.clone() for n, w in weights.items()}
+    planned = prune_magnitude_in_place(weights, allocation, apply=False, chunk=chunk)
+    assert all(torch.equal(weights[n], before[n]) for n in weights)  # a dry run changes nothing
+    counts = prune_magnitude_in_place(weights, allocation, chunk=chunk)
+    assert counts == planned == {n: int((~m).sum()) for n, m in masks.items()}
+    for n, removed in counts.items():
+        zeroed = weights[n] == 0
+        # Zeros include weights that were zero already; they are always among the lowest.
+        assert int(zeroed.sum()) == max(removed, int((before[n] == 0).sum()))
+        if removed and bool((~zeroed).any()):
+            assert float(before[n][zeroed].abs().max()) <= float(before[n][~zeroed].abs().min())
+
+
+def test_in_place_pruning_removes_the_same_weights_as_the_masks_without_ties() -> None:
+    from core.unstructured import prune_magnitude_in_place
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {f"l{i}": torch.randn(n, generator=gen) for i, n in enumerate([50, 300, 1000])}
+    allocation = allocate(
+        spec(scope="global", sparsity=0.7), {n: w.numel() for n, w in weights.items()}
+    )
+    masks = unstructured_masks({n: w.abs() for n, w in weights.items()}, allocation)
+    prune_magnitude_in_place(weights, allocation, chunk=33)
+    for n, keep in masks.items():
+        assert torch.equal(weights[n] != 0, keep)

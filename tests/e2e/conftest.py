@@ -1,5 +1,5 @@
-"""One running service per backend for the whole session: the embedded default, and PostgreSQL
-with Redis (required when CI=true)."""
+"""Running services for the e2e tests: the embedded default, and PostgreSQL with Redis (required
+when CI=true). Each service gets its own data dir, database and queue."""
 
 from __future__ import annotations
 
@@ -12,22 +12,40 @@ from tests.conftest import free_port
 from tests.e2e.service import Service, service_env
 from tests.factories import export_resnet
 
+BACKENDS = ["embedded", "postgres+redis"]
 
-@pytest.fixture(scope="session", params=["embedded", "postgres+redis"])
+
+def start_service(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    backend: str,
+    with_worker: bool = True,
+    **extra: str,
+) -> Service:
+    """A service on ``backend`` ("embedded" or "postgres+redis") with extra SHEARS_ settings."""
+    data_dir = tmp_path_factory.mktemp(f"svc-{backend.replace('+', '-')}")
+    port = free_port()
+    if backend == "embedded":
+        env = service_env(data_dir, port, None, None, **extra)
+    else:
+        database = request.getfixturevalue("make_pg_database")()
+        broker = request.getfixturevalue("redis_server")
+        env = service_env(data_dir, port, database, broker, **extra)
+    svc = Service(data_dir=data_dir, env=env, port=port, with_worker=with_worker)
+    try:
+        svc.start()
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
 def service(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    data_dir = tmp_path_factory.mktemp(f"svc-{request.param.replace('+', '-')}")
-    port = free_port()
-    if request.param == "embedded":
-        env = service_env(data_dir, port, None, None)
-    else:
-        database = request.getfixturevalue("pg_database_session")
-        broker = request.getfixturevalue("redis_server")
-        env = service_env(data_dir, port, database, broker)
-    svc = Service(data_dir=data_dir, env=env, port=port)
+    svc = start_service(request, tmp_path_factory, request.param)
     try:
-        svc.start()
         yield svc
     finally:
         svc.stop()

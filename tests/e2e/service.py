@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,11 +25,19 @@ class Service:
     data_dir: Path
     env: dict[str, str]
     port: int
+    with_worker: bool = True
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+
+    def as_tenant(self, key: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.port}",
+            timeout=60,
+            headers={"Authorization": f"Bearer {key}"},
+        )
 
     @property
     def storage_dir(self) -> Path:
@@ -59,11 +68,19 @@ class Service:
         )
         self._spawn("api", api_command("127.0.0.1", self.port))
         self._spawn("sweeper", sweeper_command())
-        self.start_worker()
+        if self.with_worker:
+            self.start_worker()
         self.wait_ready()
 
     def start_worker(self) -> None:
         self._spawn("worker", worker_command(self.env["SHEARS_QUEUE"]))
+
+    def stop_process(self, name: str, sig: int = 15) -> None:
+        """Stop one process (and its children) and wait for it."""
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -89,18 +106,29 @@ class Service:
         self.client.close()
         for proc in self.procs.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, 15)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 15)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
                 proc.wait()
 
-    def wait_for_job(self, job_id: str, timeout: float = 180) -> dict:
+    def wait_until_running(self, job_id: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline, f"job {job_id} never started"
+            time.sleep(0.05)
+
+    def wait_for_job(
+        self, job_id: str, timeout: float = 180, client: httpx.Client | None = None
+    ) -> dict:
+        client = client or self.client
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            job = client.get(f"/v1/jobs/{job_id}").json()
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             time.sleep(0.2)
@@ -111,18 +139,18 @@ def service_env(
     data_dir: Path, port: int, database_url: str | None, broker_url: str | None, **extra: str
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHEARS_")}
-    env.update(
-        SHEARS_DATA_DIR=str(data_dir),
-        SHEARS_PORT=str(port),
-        SHEARS_QUEUE=f"shears-test-{uuid.uuid4().hex[:8]}",
-        SHEARS_LATENCY_REPEATS="3",
-        SHEARS_LATENCY_WARMUP="1",
-        SHEARS_MAX_UPLOAD_BYTES=str(4 * 1024 * 1024),
-        SHEARS_JOB_LEASE_SECONDS="10",
-        SHEARS_SWEEP_INTERVAL_SECONDS="1",
-        PYTHONUNBUFFERED="1",
-        **extra,
-    )
+    defaults = {
+        "SHEARS_DATA_DIR": str(data_dir),
+        "SHEARS_PORT": str(port),
+        "SHEARS_QUEUE": f"shears-test-{uuid.uuid4().hex[:8]}",
+        "SHEARS_LATENCY_REPEATS": "3",
+        "SHEARS_LATENCY_WARMUP": "1",
+        "SHEARS_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
+        "SHEARS_JOB_LEASE_SECONDS": "10",
+        "SHEARS_SWEEP_INTERVAL_SECONDS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update({**defaults, **extra})
     if database_url:
         env["SHEARS_DATABASE_URL"] = database_url
     if broker_url:

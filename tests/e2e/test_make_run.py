@@ -3,6 +3,7 @@ everything it started."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,12 +30,14 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHEARS_")}
     env.update(SHEARS_DATA_DIR=str(tmp_path / "data"), SHEARS_PORT=str(port), PYTHONUNBUFFERED="1")
     log = (tmp_path / "serve.log").open("wb")
+    # Its own session, like a terminal's foreground group, so cleanup can reach every child.
     proc = subprocess.Popen(
         [sys.executable, "-m", "shears.cli", "serve"],
         cwd=ROOT,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 90
@@ -58,8 +61,10 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         for child in children:
             assert not Path(f"/proc/{child}").exists() or _is_zombie(child)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        # Whatever failed above, leave no process behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _is_zombie(pid: int) -> bool:

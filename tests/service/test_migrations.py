@@ -14,7 +14,7 @@ from shears.db.engine import make_engine
 from shears.db.migrate import downgrade, upgrade
 from shears.db.tables import Base
 
-TABLES = {"models", "jobs", "job_layers", "job_events", "artifacts"}
+TABLES = {"models", "jobs", "job_layers", "job_events", "artifacts", "datasets"}
 
 
 def check_round_trip(url: str) -> None:

@@ -1,0 +1,272 @@
+"""Pruning 90% and recovering by fine-tuning, on scikit-learn's bundled 8x8 digits.
+
+For each seed: train a small CNN (BatchNorm, dropout) to >= 97% test accuracy, export it with a
+dynamic batch, then
+
+* Shears (``core.pipeline.run``): 90% global L1 unstructured, fine-tune with cross-entropy, and
+  evaluate before pruning, after pruning and after fine-tuning;
+* the same with ``loss="distillation"`` on a copy of the training set *without targets*;
+* torch.nn.utils.prune.global_unstructured (L1, 90%) on the eager model, fine-tuned with the same
+  budget (optimizer, learning rate, schedule, batch size, epochs; BatchNorm in train mode).
+
+Prints a table and, with ``--write``, writes docs/benchmarks.md. Reproduce::
+
+    .venv/bin/python bench/finetune_digits.py --seeds 0 1 2 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.pipeline import MeasureConfig, PipelineData, run  # noqa: E402
+from core.spec import EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec  # noqa: E402
+from tests.factories import (  # noqa: E402
+    DIGITS_PRUNABLE,
+    accuracy,
+    digits_arrays,
+    export_digits,
+    save_npz,
+    train_digits_cnn,
+)
+
+SPARSITY = 0.9
+BUDGET = {"epochs": 8, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10, "optimizer": "adamw"}
+DISTILL = {"temperature": 4.0, "alpha": 1.0}
+
+
+def shears(model_path: Path, train: Path, test: Path, out: Path, loss: str) -> dict[str, float]:
+    spec = JobSpec(
+        pruning=PruningSpec(
+            criterion="l1", granularity="unstructured", sparsity=SPARSITY, scope="global"
+        ),
+        fine_tune=FineTuneSpec(**BUDGET, loss=loss, **(DISTILL if loss == "distillation" else {})),
+        evaluation=EvaluationSpec(),
+    )
+    start = time.perf_counter()
+    result = run(
+        spec,
+        model_path,
+        out,
+        measure=MeasureConfig(batch_size=32, warmup=1, repeats=3),
+        data=PipelineData(fine_tune=train, evaluation=test),
+    )
+    m = result.metrics
+    assert m.eval_before is not None
+    assert m.eval_after_pruning is not None
+    assert m.eval_after_fine_tune is not None
+    return {
+        "dense": m.eval_before["accuracy"],
+        "pruned": m.eval_after_pruning["accuracy"],
+        "tuned": m.eval_after_fine_tune["accuracy"],
+        "sparsity": m.sparsity,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def lr_at(step: int, total: int) -> float:
+    """The same warm-up + cosine schedule as core.finetune."""
+    lr, warmup = BUDGET["lr"], BUDGET["warmup_steps"]
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def torch_prune(model: nn.Module, x, y, x_test, y_test, seed: int) -> dict[str, float]:
+    """torch.nn.utils.prune global L1 at the same sparsity, the same fine-tune budget."""
+    model = copy.deepcopy(model)
+    start = time.perf_counter()
+    targets = [(getattr(model, n), "weight") for n in DIGITS_PRUNABLE]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=SPARSITY)
+    pruned_acc = accuracy(model, x_test, y_test)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    batch, epochs = BUDGET["batch_size"], BUDGET["epochs"]
+    per_epoch = len(yt) // batch + (1 if len(yt) % batch else 0)
+    total = per_epoch * epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=BUDGET["lr"])
+    torch.manual_seed(seed)
+    model.train()  # BatchNorm and dropout in train mode, as Shears does
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(
+            len(yt), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        )
+        for i in range(per_epoch):
+            rows = order[i * batch : (i + 1) * batch]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xt[rows]), yt[rows]).backward()
+            optimizer.step()
+            step += 1
+    model.eval()
+    for module, name in targets:
+        prune.remove(module, name)
+    weights = [getattr(model, n).weight for n in DIGITS_PRUNABLE]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return {
+        "pruned": pruned_acc,
+        "tuned": accuracy(model, x_test, y_test),
+        "sparsity": zeros,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def one_seed(seed: int, root: Path) -> dict[str, dict[str, float]]:
+    x, y, x_test, y_test = digits_arrays(seed)
+    model = train_digits_cnn(x, y, seed=seed, dropout=0.1)
+    dense = accuracy(model, x_test, y_test)
+    model_path = export_digits(model, root / "cnn.pt2")
+    train = save_npz(root / "train.npz", inputs=x, targets=y)
+    unlabelled = save_npz(root / "unlabelled.npz", inputs=x)
+    test = save_npz(root / "test.npz", inputs=x_test, targets=y_test)
+    return {
+        "dense": {"tuned": dense},
+        "shears_ce": shears(model_path, train, test, root / "ce", "cross_entropy"),
+        "shears_kd": shears(model_path, unlabelled, test, root / "kd", "distillation"),
+        "torch_prune": torch_prune(model, x, y, x_test, y_test, seed),
+    }
+
+
+ROWS = [
+    ("shears_ce", "Shears, global L1 90% + fine-tune (cross-entropy)"),
+    ("shears_kd", "Shears, global L1 90% + fine-tune (distillation, no targets)"),
+    ("torch_prune", "torch.nn.utils.prune global L1 90% + same fine-tune"),
+]
+
+
+def table(results: list[dict[str, dict[str, float]]]) -> str:
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[key][field] for r in results)
+
+    def per_seed(key: str, field: str) -> str:
+        return " / ".join(f"{100 * r[key][field]:.2f}" for r in results)
+
+    lines = [
+        "| method | after pruning | after fine-tune | fine-tune per seed | sparsity | seconds |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
+        f"| dense (no pruning) | | {100 * med('dense', 'tuned'):.2f}% "
+        f"| {per_seed('dense', 'tuned')} | 0% | |",
+    ]
+    for key, label in ROWS:
+        lines.append(
+            f"| {label} | {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
+            f"| {per_seed(key, 'tuned')} | {100 * med(key, 'sparsity'):.2f}% "
+            f"| {med(key, 'seconds'):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--write", action="store_true", help="update its section of docs/benchmarks.md"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    results = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(one_seed(seed, Path(tmp)))
+        print(
+            f"seed {seed}: "
+            + ", ".join(f"{k} {100 * v['tuned']:.2f}%" for k, v in results[-1].items()),
+            flush=True,
+        )
+    text = table(results)
+    print(text)
+    if args.write:
+        write_doc(text, args.seeds, results)
+
+
+def write_doc(text: str, seeds: list[int], results: list[dict[str, dict[str, float]]]) -> None:
+    import sklearn
+
+    command = (
+        "make install && .venv/bin/python bench/finetune_digits.py --seeds "
+        + " ".join(map(str, seeds))
+        + " --write"
+    )
+    budget = (
+        f"{BUDGET['epochs']} epochs, batch {BUDGET['batch_size']}, AdamW, lr {BUDGET['lr']}, "
+        f"{BUDGET['warmup_steps']} warm-up steps then cosine decay"
+    )
+    worst = max(r["dense"]["tuned"] - r["shears_ce"]["tuned"] for r in results) * 100
+    dense = statistics.median(r["dense"]["tuned"] for r in results)
+    ce = statistics.median(r["shears_ce"]["tuned"] for r in results)
+    kd = statistics.median(r["shears_kd"]["tuned"] for r in results)
+    gap = (ce - kd) * 100
+    kd_line = (
+        f"Distillation without targets matched or beat cross-entropy (median {100 * kd:.2f}% vs "
+        f"{100 * ce:.2f}%)."
+        if gap <= 0
+        else f"Distillation without targets fell short of cross-entropy by {gap:.2f} points "
+        f"(median {100 * kd:.2f}% vs {100 * ce:.2f}%)."
+    )
+    section = f"""## Fine-tuning recovers 90% unstructured sparsity (8x8 digits)
+
+A small CNN (3 convolutions with BatchNorm, dropout 0.1, one linear layer; 19k conv/linear
+weights) trained on scikit-learn's bundled 8x8 digits (1,347 training / 450 test images, a seeded
+split per seed), exported with `torch.export` and a dynamic batch. Each method removes 90% of the
+conv/linear weights by one global L1 ranking and fine-tunes with the same budget:
+{budget}. Test accuracy (top-1), medians over seeds {seeds}:
+
+{text}
+
+- Dense median {100 * dense:.2f}%; Shears with cross-entropy ends {100 * (dense - ce):.2f} points
+  below it in the median and {worst:.2f} points below its own dense model in the worst seed (the
+  issue's bar: within 1 point, sparsity >= 89.5%).
+- {kd_line} Distillation uses the dense model's outputs (KL at temperature
+  {DISTILL["temperature"]}, alpha {DISTILL["alpha"]}) on the training images *without* labels.
+- torch.nn.utils.prune runs on the eager `nn.Module`; Shears runs on the exported program (BatchNorm
+  switched to train mode in the graph for fine-tuning, eval mode in the artifact). "seconds" is
+  the whole Shears pipeline (load, evaluate three times, prune, fine-tune, export, reload,
+  latency) vs pruning + fine-tuning alone for torch.
+
+Reproduce (CPU, about 20 seconds per seed):
+
+```bash
+{command}
+```
+
+Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}
+{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, numpy
+{np.__version__}, scikit-learn {sklearn.__version__}; CPU only (no GPU); torch threads
+{torch.get_num_threads()}.
+"""
+    _replace_section(ROOT / "docs" / "benchmarks.md", section)
+    print("wrote its section of docs/benchmarks.md")
+
+
+def _replace_section(path: Path, section: str) -> None:
+    """Replace this benchmark's ``## `` section of the shared results file (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    title = section.splitlines()[0]
+    start = text.find(title)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""API keys and tenants, Idempotency-Key, queued-job limits, storage quota and /metrics, on the
+real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import BACKENDS, start_service
+from tests.e2e.service import ROOT, Service
+from tests.e2e.test_bad_input import assert_problem
+from tests.e2e.test_walkthrough import global_l1
+
+pytestmark = pytest.mark.e2e
+
+KEY_A = "key-of-acme-0123456789"
+KEY_B = "key-of-globex-9876543210"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def secured(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    svc = start_service(
+        request, tmp_path_factory, request.param, SHEARS_API_KEYS=f"acme:{KEY_A},globex:{KEY_B}"
+    )
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def upload(client: httpx.Client, path: Path) -> dict:
+    with path.open("rb") as f:
+        response = client.post("/v1/models", files={"file": (path.name, f)})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_keys_are_required_and_checked(secured: Service) -> None:
+    body = assert_problem(secured.client.get("/v1/models"), 401, "unauthorized")
+    assert "Bearer" in body["detail"]
+    wrong = secured.as_tenant("not-a-key")
+    assert_problem(wrong.get("/v1/jobs"), 401, "unauthorized")
+    assert secured.client.get("/v1/models").headers["www-authenticate"] == "Bearer"
+    # Health, metrics and docs stay open.
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+        assert secured.client.get(path).status_code == 200, path
+
+
+def test_another_tenants_ids_answer_404_on_every_route(secured: Service, resnet_pt2: Path) -> None:
+    acme, globex = secured.as_tenant(KEY_A), secured.as_tenant(KEY_B)
+    model = upload(acme, resnet_pt2)
+    job = secured.wait_for_job(
+        acme.post("/v1/jobs", json=global_l1(model["id"])).json()["id"], client=acme
+    )
+    assert job["status"] == "succeeded", job["error"]
+    artifact = job["artifacts"][0]
+
+    assert acme.get(f"/v1/models/{model['id']}").status_code == 200
+    for method, path in [
+        ("GET", f"/v1/models/{model['id']}"),
+        ("DELETE", f"/v1/models/{model['id']}"),
+        ("GET", f"/v1/jobs/{job['id']}"),
+        ("GET", f"/v1/jobs/{job['id']}/layers"),
+        ("GET", f"/v1/jobs/{job['id']}/events"),
+        ("POST", f"/v1/jobs/{job['id']}/cancel"),
+        ("DELETE", f"/v1/jobs/{job['id']}"),
+        ("GET", artifact["download_url"]),
+        ("GET", f"/v1/models/{job['result_model_id']}"),
+    ]:
+        assert_problem(globex.request(method, path), 404, "not-found")
+    assert_problem(globex.post("/v1/jobs", json=global_l1(model["id"])), 404, "not-found")
+    assert globex.get("/v1/models").json()["items"] == []
+    assert globex.get("/v1/jobs").json()["items"] == []
+    # ...and acme still has everything.
+    assert acme.get(artifact["download_url"]).status_code == 200
+
+
+def test_keys_from_the_cli(secured: Service) -> None:
+    def cli(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "shears.cli", "keys", *args],
+            cwd=ROOT,
+            env=secured.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout
+
+    created = dict(line.split(":", 1) for line in cli("create", "--tenant", "initech").splitlines())
+    key, key_id = created["key"].strip(), created["id"].strip()
+    client = secured.as_tenant(key)
+    assert client.get("/v1/models").status_code == 200
+    listed = cli("list")
+    assert key_id in listed
+    assert key not in listed  # only a prefix is ever shown again
+    cli("revoke", key_id)
+    time.sleep(1.2)  # API processes remember key lookups for one second
+    assert_problem(client.get("/v1/models"), 401, "unauthorized")
+
+
+@pytest.fixture(scope="module")
+def no_worker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    # Without a worker jobs stay queued: what the queue limit and idempotency are about.
+    svc = start_service(
+        request,
+        tmp_path_factory,
+        "embedded",
+        with_worker=False,
+        SHEARS_MAX_QUEUED_JOBS_PER_TENANT="2",
+    )
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_idempotency_key(no_worker: Service, resnet_pt2: Path) -> None:
+    model = upload(no_worker.client, resnet_pt2)
+    body = global_l1(model["id"])
+    headers = {"Idempotency-Key": "retry-me-1"}
+    first = no_worker.client.post("/v1/jobs", json=body, headers=headers)
+    again = no_worker.client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["location"] == first.headers["location"]
+    other = no_worker.client.post("/v1/jobs", json=global_l1(model["id"], 0.5), headers=headers)
+    body_problem = assert_problem(other, 422, "idempotency-key-reused")
+    assert "different request body" in body_problem["detail"]
+    jobs = no_worker.client.get("/v1/jobs", params={"model_id": model["id"]}).json()["items"]
+    assert [j["id"] for j in jobs] == [first.json()["id"]]
+    # Clean up so the queue-limit test starts from an empty queue.
+    assert no_worker.client.post(f"/v1/jobs/{first.json()['id']}/cancel").status_code == 202
+
+
+def test_queued_jobs_per_tenant_are_limited(no_worker: Service, resnet_pt2: Path) -> None:
+    model = upload(no_worker.client, resnet_pt2)
+    accepted = [no_worker.client.post("/v1/jobs", json=global_l1(model["id"])) for _ in range(2)]
+    assert [r.status_code for r in accepted] == [202, 202]
+    refused = no_worker.client.post("/v1/jobs", json=global_l1(model["id"]))
+    assert_problem(refused, 429, "too-many-queued-jobs")
+    assert int(refused.headers["retry-after"]) > 0
+    # Cancelling a queued job makes room again.
+    cancelled = no_worker.client.post(f"/v1/jobs/{accepted[0].json()['id']}/cancel")
+    assert cancelled.status_code == 202
+    assert cancelled.json()["status"] == "cancelled"
+    assert no_worker.client.post("/v1/jobs", json=global_l1(model["id"])).status_code == 202
+
+
+def test_metrics_expose_jobs_and_request_latency(no_worker: Service) -> None:
+    no_worker.client.get("/v1/jobs/job_unknown_id_for_metrics")
+    text = no_worker.client.get("/metrics").text
+    assert 'shears_jobs{status="queued"} 2.0' in text
+    assert 'shears_jobs{status="cancelled"} 2.0' in text
+    assert "shears_queue_depth 2.0" in text
+    assert "shears_job_duration_seconds_bucket" in text
+    assert 'route="/v1/jobs/{job_id}"' in text
+    assert "job_unknown_id_for_metrics" not in text  # ids never become labels
+
+
+def test_storage_quota(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, resnet_pt2: Path
+) -> None:
+    size = resnet_pt2.stat().st_size
+    # Room for three uploads, not four, and not three plus a job's artifacts (~2.4 model sizes).
+    quota = int(size * 3.8)
+    svc = start_service(
+        request, tmp_path_factory, "embedded", SHEARS_STORAGE_QUOTA_BYTES=str(quota)
+    )
+    try:
+        models = [upload(svc.client, resnet_pt2) for _ in range(3)]
+        body = assert_problem(
+            svc.client.post("/v1/models", files={"file": ("m.pt2", resnet_pt2.read_bytes())}),
+            413,
+            "storage-quota-exceeded",
+        )
+        assert "quota" in body["detail"]
+
+        failed = svc.wait_for_job(
+            svc.client.post("/v1/jobs", json=global_l1(models[0]["id"])).json()["id"]
+        )
+        assert failed["status"] == "failed"
+        assert failed["error"]["type"] == "storage_error"
+        assert "quota" in failed["error"]["message"]
+        assert failed["artifacts"] == []
+        leftovers = [
+            p for p in svc.storage_dir.rglob("*") if p.is_file() and failed["id"] in str(p)
+        ]
+        assert leftovers == []  # nothing truncated or half-written stays behind
+
+        for model in models[1:]:
+            assert svc.client.delete(f"/v1/models/{model['id']}").status_code == 204
+        ok = svc.wait_for_job(
+            svc.client.post("/v1/jobs", json=global_l1(models[0]["id"])).json()["id"]
+        )
+        assert ok["status"] == "succeeded", ok["error"]
+    finally:
+        svc.stop()
