@@ -270,3 +270,26 @@ def test_channel_job_returns_a_smaller_program_that_prunes_again(
     )
     assert again["status"] == "succeeded", again["error"]
     assert again["metrics"]["params_after"] < metrics["params_after"]
+
+
+def test_data_aware_channel_job_reads_its_calibration_dataset(
+    service: Service, resnet_pt2: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from tests.factories import save_npz
+
+    model = upload(service, resnet_pt2)
+    inputs = np.random.default_rng(0).standard_normal((48, 1, 8, 8)).astype(np.float32)
+    path = save_npz(tmp_path / "calibration.npz", inputs=inputs)
+    with path.open("rb") as f:
+        dataset = service.client.post("/v1/datasets", files={"file": (path.name, f)}).json()
+    pruning = {"criterion": "apoz", "granularity": "channel", "sparsity": 0.5}
+    body = {
+        "model_id": model["id"],
+        "pruning": pruning,
+        "calibration": {"dataset_id": dataset["id"], "num_samples": 32},
+    }
+    job = service.wait_for_job(submit(service, body)["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["params_after"] < 0.6 * job["metrics"]["params_before"]
