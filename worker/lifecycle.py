@@ -112,6 +112,12 @@ def run_job(job_id: str) -> None:
     try:
         with sessions().begin() as session:
             attempt = repo.claim_job(session, job_id, settings.job_lease_seconds)
+            if attempt is not None:
+                # In the claim's transaction: every attempt that ever ran leaves its event,
+                # even one killed a moment later.
+                repo.add_event(
+                    session, job_id, "loading", f"attempt {attempt} started", {"attempt": attempt}
+                )
         if attempt is None:
             log.info("job not claimable (finished, cancelled, owned elsewhere or gone); skipping")
             return
@@ -141,9 +147,6 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
         spec_data, tenant = job.spec, job.tenant
         model_key = model.storage_key if model and model.deleted_at is None else None
         dataset_keys = _dataset_keys(session, tenant, spec_data)
-        repo.add_event(
-            session, job_id, "loading", f"attempt {attempt} started", {"attempt": attempt}
-        )
 
     stored: list[StoredFile] = []
     # Stable across attempts, so a redelivered job resumes fine-tuning where the last one saved.
