@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.spec import PruningSpec
+from core.spec import DATA_AWARE, PruningSpec
 from shears.jobspec import CalibrationRequest, EvaluationRequest, FineTuneRequest
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -76,6 +76,16 @@ class JobCreate(BaseModel):
         default=None,
         description="Score before pruning, after pruning and after fine-tuning (needs targets).",
     )
+
+    @model_validator(mode="after")
+    def _calibration_for_data_aware(self) -> JobCreate:
+        # Checked here, not only in JobSpec, so the client gets a 422 with the field's path.
+        if self.pruning.criterion in DATA_AWARE and self.calibration is None:
+            raise ValueError(
+                f"criterion {self.pruning.criterion!r} ranks channels on data; add "
+                '"calibration": {"dataset_id": "...", "num_samples": 256}'
+            )
+        return self
 
 
 class ArrayOut(BaseModel):

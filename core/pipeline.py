@@ -41,7 +41,8 @@ from core.finetune import (
 from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
 from core.program import batch_size_for, load_program, save_program, synthetic_inputs
-from core.spec import SPEC_VERSION, STRUCTURED, FineTuneSpec, JobSpec
+from core.schedule import RoundHook, agp_fractions, at_fraction, relative_step, rounds_of
+from core.spec import SPEC_VERSION, STRUCTURED, FineTuneSpec, JobSpec, PruningSpec
 from core.structure import StructuredResult, prune_program
 from core.unstructured import prune_magnitude_in_place
 
@@ -165,6 +166,7 @@ def run(
     on_progress: ProgressCallback | None = None,
     data: PipelineData | None = None,
     training: TrainingConfig | None = None,
+    on_round: RoundHook | None = None,
 ) -> PipelineResult:
     """Prune the program at ``model_path`` as ``spec`` says and write the artifacts to ``out_dir``.
 
@@ -172,7 +174,10 @@ def run(
     dimensions as the input) and ``weights.safetensors`` (original parameter names) unless
     ``spec.dry_run``. With ``spec.evaluation`` the program is scored before pruning, after pruning
     and after fine-tuning; with ``spec.fine_tune`` it is retrained with its pruned weights held
-    at zero (both skipped after pruning in a dry run). Their datasets come from ``data``.
+    at zero (both skipped after pruning in a dry run). Their datasets come from ``data``; the
+    data-aware criteria read ``data.calibration``. An iterative schedule calls ``on_round`` after
+    every round but the last (default: :func:`round_hook`, evaluation and a share of the
+    fine-tuning).
 
     Raises:
         core.errors.ShearsError: the file was refused, the spec does not fit this model, or a step
@@ -195,12 +200,17 @@ def run(
         program, info, spec, feeds, train, progress, 0.2, "before pruning"
     )
     recovery = _Recovery(feeds, teacher, train, eval_before)
+    rounds = rounds_of(spec.pruning)
+    if on_round is None and rounds > 1:
+        on_round = round_hook(info, spec, feeds, teacher, train, progress, rounds)
     if spec.pruning.granularity in STRUCTURED:
         return _run_structured(
-            spec, program, info, Path(model_path), out, m, progress, before, recovery
+            spec, program, info, Path(model_path), out, m, progress, before, recovery, on_round
         )
 
     progress("pruning", 0.3, "ranking weights")
+    if not spec.dry_run:
+        program = _early_rounds(spec, program, info, progress, on_round)
     state = program.state_dict
     layer_names = [layer.name for layer in info.prunable_layers]
     allocation = allocate(
@@ -294,6 +304,78 @@ def run(
     )
 
 
+def _early_rounds(
+    spec: JobSpec,
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    progress: ProgressCallback,
+    on_round: RoundHook | None,
+) -> torch.export.ExportedProgram:
+    """Rounds 1..n-1 of an iterative schedule, zeroing weights in place; the last round is the
+    one-shot step at the final ratios. Zeroed weights score lowest, so rounds are nested."""
+    rounds = rounds_of(spec.pruning)
+    sizes = {layer.name: layer.params for layer in info.prunable_layers}
+    for t, fraction in enumerate(agp_fractions(rounds)[:-1], start=1):
+        step = at_fraction(spec.pruning, fraction)
+        allocation = allocate(step, sizes)
+        state = program.state_dict
+        names = [*allocation.per_layer, *allocation.global_pool]
+        weights = {n: state[f"{n}.weight"] for n in names}
+        _prune_weights(spec.model_copy(update={"pruning": step}), weights, allocation)
+        progress(
+            "pruning",
+            0.3 + 0.05 * t / rounds,
+            f"round {t} of {rounds}: sparsity {step.sparsity:.3f}",
+            {"round": t, "rounds": rounds, "sparsity": step.sparsity},
+        )
+        if on_round is not None:
+            keep = {n: w != 0 for n, w in weights.items()}
+            program = on_round(t, rounds, program) or program
+            _zero(program.state_dict, keep)  # whatever the hook did, pruned weights stay zero
+    return program
+
+
+def _zero(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, keep in masks.items():
+            weight = state[f"{name}.weight"]
+            weight.mul_(keep.to(weight.dtype))
+
+
+def _structured_rounds(
+    pruning: PruningSpec,
+    program: torch.export.ExportedProgram,
+    progress: ProgressCallback,
+    on_round: RoundHook | None,
+    dry_run: bool,
+    calibration: tuple[torch.Tensor, ...] | None,
+) -> tuple[StructuredResult, dict[str, list[int]], dict[str, list[int]]]:
+    """Every round of a structured schedule; the kept indices are composed across rounds so the
+    report names channels of the uploaded program."""
+    rounds = 1 if dry_run else rounds_of(pruning)
+    fractions = [0.0, *agp_fractions(rounds)]
+    kept_out: dict[str, list[int]] = {}
+    kept_in: dict[str, list[int]] = {}
+    for t in range(1, rounds + 1):
+        step = relative_step(pruning, fractions[t - 1], fractions[t]) if rounds > 1 else pruning
+        result = prune_program(program, step, dry_run=dry_run, calibration=calibration)
+        for composed, now in ((kept_out, result.kept_out), (kept_in, result.kept_in)):
+            for layer, kept in now.items():
+                previous = composed.get(layer)
+                composed[layer] = [previous[i] for i in kept] if previous is not None else kept
+        program = result.program
+        if t < rounds:
+            progress(
+                "pruning",
+                0.3 + 0.05 * t / rounds,
+                f"round {t} of {rounds}",
+                {"round": t, "rounds": rounds, "sparsity": pruning.sparsity * fractions[t]},
+            )
+            if on_round is not None:
+                program = on_round(t, rounds, program) or program
+    return result, kept_out, kept_in
+
+
 def _run_structured(
     spec: JobSpec,
     program: torch.export.ExportedProgram,
@@ -304,6 +386,7 @@ def _run_structured(
     progress: ProgressCallback,
     before: _Measured,
     recovery: _Recovery,
+    on_round: RoundHook | None,
 ) -> PipelineResult:
     """Channel pruning: remove whole channels with everything coupled to them, re-export.
 
@@ -313,13 +396,16 @@ def _run_structured(
     batch = batch_size_for(info.inputs, m.batch_size)
     params_before = sum(p.numel() for p in program.parameters())
     progress("pruning", 0.3, "building channel groups from the graph")
-    structured = prune_program(program, spec.pruning, dry_run=spec.dry_run)
+    structured, kept_out, kept_in = _structured_rounds(
+        spec.pruning, program, progress, on_round, spec.dry_run, recovery.feeds.calibration
+    )
+    structured.kept_out, structured.kept_in = kept_out, kept_in
     pruned = structured.program
     layers = []
     state = pruned.state_dict
     for layer in info.prunable_layers:
         name = f"{layer.name}.weight"
-        shape = structured.shapes.get(name, layer.shape)
+        shape = structured.shapes.get(name, layer.shape) if spec.dry_run else state[name].shape
         params = math.prod(shape)
         if spec.dry_run:
             nonzero = structured.nonzero.get(name, int(program.state_dict[name].count_nonzero()))

@@ -13,12 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SPEC_VERSION = 1
 
-Criterion = Literal["l1", "l2", "lp", "random", "bn_scale", "lamp"]
-Granularity = Literal["unstructured", "channel", "n:m", "block"]
+Criterion = Literal["l1", "l2", "lp", "random", "bn_scale", "lamp", "apoz", "regression", "taylor"]
+Granularity = Literal["unstructured", "channel", "head", "n:m", "block"]
 # Granularities that remove whole channels physically: the program gets smaller.
-STRUCTURED: frozenset[str] = frozenset({"channel"})
+STRUCTURED: frozenset[str] = frozenset({"channel", "head"})
 # Criteria that only rank whole channels (a scale per channel has no per-weight meaning).
-_CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale"})
+_CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale", "apoz", "regression", "taylor"})
+# Criteria that run the model on calibration data: the job names it in `calibration`.
+DATA_AWARE: frozenset[str] = frozenset({"apoz", "regression", "taylor"})
 Scope = Literal["layer", "global"]
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -34,6 +36,18 @@ class OneShotSchedule(_Frozen):
     kind: Literal["one_shot"] = "one_shot"
 
 
+class IterativeSchedule(_Frozen):
+    """Prune in ``rounds`` steps towards the final sparsity, on the cubic schedule of Zhu & Gupta
+    (AGP): after round t of n the sparsity is ``s * (1 - (1 - t/n)^3)``. With fine-tuning, the
+    rounds interleave with it."""
+
+    kind: Literal["iterative"]
+    rounds: int = Field(default=5, ge=1, le=100, description="Number of pruning steps.")
+
+
+Schedule = Annotated[OneShotSchedule | IterativeSchedule, Field(discriminator="kind")]
+
+
 class PruningSpec(_Frozen):
     """Importance criterion x granularity x ratio.
 
@@ -42,17 +56,23 @@ class PruningSpec(_Frozen):
         PruningSpec(criterion='l1', ...)
     """
 
-    criterion: Criterion = Field(description="How weights are ranked; the lowest go first.")
+    criterion: Criterion = Field(
+        description="How weights, channels or heads are ranked; the lowest go first. `l1`, `l2`, "
+        "`lp` (with `p`): magnitude; `random` (with `seed`); `lamp`: layer-adaptive magnitude "
+        "(unstructured); `bn_scale`: |gamma| of the norm after each channel; `apoz`, "
+        "`regression`, `taylor`: data-aware, need `calibration` (channel/head)."
+    )
     p: float | None = Field(default=None, gt=0, description="The norm's p; required with `lp`.")
     seed: int = Field(default=0, description="Seed of the `random` criterion.")
     granularity: Granularity = Field(
-        description="What is removed: single weights (`unstructured`) or whole output channels "
-        "of convolutions/linear layers with everything coupled to them (`channel`), removed "
-        "physically so the program gets smaller."
+        description="What is removed: single weights (`unstructured`), n of every m weights "
+        "(`n:m`), whole blocks (`block`), or, physically so the program gets smaller, whole "
+        "output channels of convolutions/linear layers with everything coupled to them "
+        "(`channel`) or whole attention heads (`head`)."
     )
     sparsity: Ratio = Field(
-        description="Fraction removed in each ranking pool: of weights (unstructured, block) or "
-        "of channels (channel). Optional with `n:m`, where it is 1 - n/m."
+        description="Fraction removed in each ranking pool: of weights (unstructured, block), "
+        "of channels (channel) or of heads (head). Optional with `n:m`, where it is 1 - n/m."
     )
     n_m: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=2, le=64)]] | None = Field(
         default=None,
@@ -83,7 +103,10 @@ class PruningSpec(_Frozen):
     exclude: tuple[str, ...] = Field(
         default=(), description="Globs over layer names that are never pruned."
     )
-    schedule: OneShotSchedule = Field(default_factory=OneShotSchedule)
+    schedule: Schedule = Field(
+        default_factory=OneShotSchedule,
+        description='`{"kind": "one_shot"}` or `{"kind": "iterative", "rounds": 5}` (cubic AGP).',
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -110,7 +133,8 @@ class PruningSpec(_Frozen):
             raise ValueError("'p' only applies to criterion 'lp'")
         if self.criterion in _CHANNEL_ONLY and self.granularity not in STRUCTURED:
             raise ValueError(
-                f"criterion {self.criterion!r} ranks whole channels; use granularity 'channel'"
+                f"criterion {self.criterion!r} ranks whole channels; use granularity 'channel' "
+                "or 'head'"
             )
         if self.criterion == "lamp" and self.granularity != "unstructured":
             raise ValueError(
@@ -126,6 +150,8 @@ class PruningSpec(_Frozen):
                 raise ValueError(
                     f"with n_m {list(self.n_m)} the sparsity is {1 - n / m}; leave 'sparsity' out"
                 )
+        if self.granularity == "n:m" and self.schedule.kind != "one_shot":
+            raise ValueError("n:m is a fixed pattern, applied in one shot; use kind 'one_shot'")
         if self.block is not None and self.granularity != "block":
             raise ValueError("'block' only applies to granularity 'block'")
         return self
@@ -221,6 +247,17 @@ class JobSpec(_Frozen):
     dry_run: bool = Field(
         default=False, description="Report what would be pruned; prune and export nothing."
     )
-    calibration: CalibrationSpec | None = None
+    calibration: CalibrationSpec | None = Field(
+        default=None, description="Calibration data for apoz, regression and taylor."
+    )
     fine_tune: FineTuneSpec | None = None
     evaluation: EvaluationSpec | None = None
+
+    @model_validator(mode="after")
+    def _calibration_for_data_aware(self) -> JobSpec:
+        if self.pruning.criterion in DATA_AWARE and self.calibration is None:
+            raise ValueError(
+                f"criterion {self.pruning.criterion!r} ranks channels on data; add "
+                '"calibration": {"dataset_id": "...", "num_samples": 256}'
+            )
+        return self

@@ -25,7 +25,10 @@ import sympy
 import torch
 from torch import fx
 
-Role = Literal["out", "in", "norm", "stat", "bias", "param"]
+from core.structure.mha import MhaMatch, match_mha
+
+# "grouped_in": the input dim of a grouped convolution's weight, sliced per group of rows.
+Role = Literal["out", "in", "grouped_in", "norm", "stat", "bias", "param"]
 
 # Ops whose output has the input's shape and mixes nothing across channels.
 _UNARY = {
@@ -53,24 +56,32 @@ class Label:
 
     ``spaces`` lie side by side along ``dim`` (a concatenation holds several); each channel
     occupies ``inner`` consecutive positions (``flatten`` of ``(C, H, W)`` gives ``inner = H*W``).
+    Conversely, after a reshape into attention heads each position of the heads dimension stands
+    for ``unit`` consecutive channels (the head size).
     """
 
     dim: int
     spaces: tuple[int, ...]
     inner: int = 1
+    unit: int = 1
 
     def moved(self, dim: int) -> Label:
-        return Label(dim, self.spaces, self.inner)
+        return Label(dim, self.spaces, self.inner, self.unit)
 
 
 @dataclass(frozen=True)
 class Member:
-    """A parameter or buffer (``target`` in the module) sliced along ``dim`` by ``label``."""
+    """A parameter or buffer (``target`` in the module) sliced along ``dim`` by ``label``.
+
+    For ``grouped_in`` the weight holds ``groups`` blocks of input channels side by side along
+    ``dim``; output row ``o`` reads block ``o // (rows / groups)``.
+    """
 
     target: str
     dim: int
     label: Label
     role: Role
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,7 @@ class Rewrite:
     arg: int
     index: int | None
     label: Label
+    factor: int = 1  # the constant is the kept count times this (B*H for a static batch B)
 
 
 @dataclass
@@ -108,6 +120,8 @@ class ChannelGroup:
     rewrites: list[Rewrite] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     normalized: bool = False  # a LayerNorm normalises over these channels
+    blocks: int = 1  # a grouped convolution needs as many channels removed from each block
+    unit: int = 1  # channels per attention head when these channels are split into heads
 
     @property
     def prunable(self) -> bool:
@@ -122,6 +136,8 @@ class ChannelGroup:
             "members": sorted({f"{m.target}[dim {m.dim}]" for m in self.members}),
             "prunable": self.prunable,
             "blocked": self.blocked,
+            **({"heads": self.size // self.unit, "head_size": self.unit} if self.unit > 1 else {}),
+            **({"equal_blocks": self.blocks} if self.blocks > 1 else {}),
         }
 
 
@@ -132,6 +148,7 @@ class GraphAnalysis:
     spaces: list[Space]
     groups: list[ChannelGroup]
     root_of: dict[int, int]  # space id -> group id
+    node_labels: dict[str, Label] = field(default_factory=dict)  # node -> its channels
 
     @property
     def groups_by_id(self) -> dict[int, ChannelGroup]:
@@ -185,8 +202,12 @@ def _static(size: object) -> int | None:
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, heads: bool) -> None:
         self.gm = gm
+        self.heads = heads  # follow reshapes into attention heads instead of blocking them
+        self.children: dict[int, tuple[int, ...]] = {}  # a space split by chunk -> its parts
+        self.units: dict[int, int] = {}  # space -> head size
+        self.blocks: dict[int, int] = {}  # space -> equal blocks a grouped conv needs
         self.spaces: list[Space] = []
         self.parent: list[int] = []
         self.labels: dict[fx.Node, Any] = {}  # Label | None | tuple of them for tuple outputs
@@ -204,10 +225,19 @@ class _Analyzer:
             s = self.parent[s]
         return s
 
+    def leaves(self, spaces: tuple[int, ...]) -> tuple[int, ...]:
+        """Spaces with any split ones replaced by their parts."""
+        out: list[int] = []
+        for s in spaces:
+            out.extend(self.leaves(self.children[s]) if s in self.children else (s,))
+        return tuple(out)
+
     def union(self, a: Label, b: Label, why: str) -> None:
+        a = Label(a.dim, self.leaves(a.spaces), a.inner, a.unit)
+        b = Label(b.dim, self.leaves(b.spaces), b.inner, b.unit)
         sizes_a = [self.spaces[s].size for s in a.spaces]
         sizes_b = [self.spaces[s].size for s in b.spaces]
-        if sizes_a != sizes_b or a.inner != b.inner:
+        if sizes_a != sizes_b or a.inner != b.inner or a.unit != b.unit:
             self.block(a, f"{why}: channels meet with a different layout")
             self.block(b, f"{why}: channels meet with a different layout")
             return
@@ -219,7 +249,7 @@ class _Analyzer:
     def block(self, label: Label | None, reason: str) -> None:
         if label is None:
             return
-        for s in label.spaces:
+        for s in self.leaves(label.spaces):
             reasons = self.blocked.setdefault(s, [])
             if reason not in reasons:
                 reasons.append(reason)
@@ -254,8 +284,19 @@ class _Analyzer:
 
     # --- walking ----------------------------------------------------------------------------
     def run(self) -> None:
+        matches = []
+        internal: set[fx.Node] = set()
+        if self.heads:
+            for node in self.gm.graph.nodes:
+                if node.op == "call_function" and _packet(node) == "linear":
+                    match = match_mha(node)
+                    if match is not None:
+                        matches.append(match)
+                        internal |= match.internal
         for node in self.gm.graph.nodes:
-            if node.op in ("placeholder", "get_attr"):
+            if node in internal:
+                self.labels[node] = None  # followed as a whole by _attach_mha
+            elif node.op in ("placeholder", "get_attr"):
                 self.labels[node] = None
             elif node.op == "output":
                 for arg in _nodes_in(_a(node)):
@@ -279,6 +320,36 @@ class _Analyzer:
                         self.block(lab, f"{node.op} {node.target} is not understood")
                 self.labels[node] = None
                 self._freeze_params(node, f"{node.op} {node.target} is not understood")
+
+        for match in matches:
+            self._attach_mha(match)
+
+    def _attach_mha(self, m: MhaMatch) -> None:
+        """q, k, v of a MultiheadAttention lose the same heads; out_proj loses their columns."""
+        label = self.labels.get(m.in_proj)
+        if not isinstance(label, Label) or len(self.leaves(label.spaces)) != 1:
+            return
+        (space,) = self.leaves(label.spaces)
+        producer = self.spaces[space].producer
+        q, k, v = (
+            self.new_space(m.channels, producer, m.in_proj, label.dim).spaces[0] for _ in range(3)
+        )
+        self.children[space] = (q, k, v)
+        for part in (q, k, v):
+            self.units[part] = m.head_size
+        self.union(Label(0, (q,), 1, m.head_size), Label(0, (k,), 1, m.head_size), "attention")
+        self.union(Label(0, (q,), 1, m.head_size), Label(0, (v,), 1, m.head_size), "attention")
+        self.member(m.out_proj.args[1], 1, Label(1, (v,)), "in")
+        heads = Label(1, (q,), 1, m.head_size)
+        self.rewrites.append(Rewrite(m.unflatten.name, 2, 1, Label(0, (q,))))
+        for (view, batch_heads), back in zip(m.fold, m.unfold, strict=True):
+            if isinstance(batch_heads, fx.Node):
+                self.rewrites.append(Rewrite(batch_heads.name, 1, None, heads))
+            else:
+                factor = _int(batch_heads) // m.heads
+                self.rewrites.append(Rewrite(view.name, 1, 1, heads, factor))
+            self.rewrites.append(Rewrite(back.name, 1, 1, heads))
+        self.rewrites.append(Rewrite(m.merge.name, 1, 1, Label(1, (v,))))
 
     def _freeze_params(self, node: fx.Node, why: str) -> None:
         for arg in _nodes_in((_a(node), node.kwargs)):
@@ -501,13 +572,34 @@ class _Analyzer:
         labels = [self.label_of(t) for t in tensors]
         if all(lab is None for lab in labels):
             return None
+        first = next(lab for lab in labels if lab is not None)
+        if dim == first.dim and first.inner == 1 and first.unit == 1:
+            # An untracked tensor (a model input, say) joins with channels that all stay.
+            for i, lab in enumerate(labels):
+                if lab is None:
+                    size = _static((_shape(tensors[i]) or ())[dim])
+                    if size is None:
+                        raise _Blocked(f"{node.name} concatenates a tensor of unknown width")
+                    fixed = self.new_space(size, tensors[i].name, node, dim)
+                    self.block(fixed, f"{tensors[i].name} is not produced by a prunable layer")
+                    labels[i] = fixed
+        elif dim != first.dim:
+            # Along another dim (a class token joining the patch tokens): a parameter, maybe
+            # expanded over the batch, is sliced with the channels.
+            for i, lab in enumerate(labels):
+                if lab is None and self._param_operand(node, tensors[i], first):
+                    labels[i] = first
         if any(lab is None for lab in labels):
             raise _Blocked(f"{node.name} concatenates channels with an untracked tensor")
         known = [lab for lab in labels if lab is not None]
         if dim == known[0].dim:
-            if any(lab.dim != dim or lab.inner != known[0].inner for lab in known):
+            if any(
+                lab.dim != dim or lab.inner != known[0].inner or lab.unit != known[0].unit
+                for lab in known
+            ):
                 raise _Blocked(f"{node.name} concatenates channels of different layouts")
-            return Label(dim, tuple(s for lab in known for s in lab.spaces), known[0].inner)
+            spaces = tuple(s for lab in known for s in lab.spaces)
+            return Label(dim, spaces, known[0].inner, known[0].unit)
         for lab in known[1:]:
             if lab.dim != known[0].dim:
                 raise _Blocked(f"{node.name} concatenates channels on different dimensions")
@@ -515,6 +607,33 @@ class _Analyzer:
         return known[0]
 
     op_concat = op_cat
+
+    def _param_operand(self, node: fx.Node, tensor: object, label: Label) -> bool:
+        """Make a parameter (or ``expand`` of one) a member sliced like ``label``; False when
+        ``tensor`` is neither."""
+        if not isinstance(tensor, fx.Node):
+            return False
+        source, expand = tensor, None
+        if (
+            tensor.op == "call_function"
+            and _packet(tensor) == "expand"
+            and not tensor.users.keys() - {node}
+        ):
+            source, expand = _a(tensor)[0], tensor
+        if self.param(source) is None:
+            return False
+        rank = len(_shape(tensor) or ())
+        pos = label.dim - (rank - len(_shape(source) or ()))
+        if pos < 0:
+            return False
+        self.member(source, pos, label.moved(pos), "param")
+        if expand is not None:
+            size = _a(expand)[1][label.dim]
+            if isinstance(size, fx.Node):
+                raise _Blocked(f"{expand.name} expands to a computed channel count")
+            if isinstance(size, int) and size != -1:
+                self.rewrites.append(Rewrite(expand.name, 1, label.dim, label))
+        return True
 
     def _split(self, node: fx.Node) -> Any:
         label = self.label_of(_a(node)[0])
@@ -524,8 +643,31 @@ class _Analyzer:
             return tuple([None] * count) if count else None
         dim_arg = _a(node)[2] if len(_a(node)) > 2 else node.kwargs.get("dim", 0)
         if _norm_dim(_int(dim_arg), _rank(_a(node)[0])) == label.dim:
-            raise _Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+            return self._split_space(node, label, val)
         return tuple([label] * count)
+
+    def _split_space(self, node: fx.Node, label: Label, parts: Any) -> tuple[Label, ...]:
+        """Chunk along the channels (q/k/v, GLU halves): each part becomes a space of its own."""
+        spaces = self.leaves(label.spaces)
+        if len(spaces) != 1 or label.inner != 1 or label.unit != 1:
+            raise _Blocked(f"{node.name} splits concatenated or flattened channels")
+        (space,) = spaces
+        if self.find(space) != space or any(
+            self.find(o) == space for o in range(len(self.spaces)) if o != space
+        ):
+            raise _Blocked(f"{node.name} splits channels already coupled to others")
+        sizes = [_static(p.shape[label.dim]) for p in parts]
+        if (
+            any(size is None for size in sizes)
+            or sum(s for s in sizes if s) != self.spaces[space].size
+        ):
+            raise _Blocked(f"{node.name} splits the channels into parts of unknown size")
+        producer = self.spaces[space].producer
+        children = tuple(
+            self.new_space(int(size or 0), producer, node, label.dim).spaces[0] for size in sizes
+        )
+        self.children[space] = children
+        return tuple(Label(label.dim, (c,)) for c in children)
 
     op_chunk = _split
     op_split = _split
@@ -549,10 +691,23 @@ class _Analyzer:
             if _same(src[d:j], [out[k]]):
                 # The channel dim is kept (j = d+1) or flattened with what follows it.
                 trailing = math.prod(int(s) for s in src[d + 1 : j])
-                new = Label(k, label.spaces, label.inner * trailing)
+                if label.unit > 1:
+                    # Heads merged back with their channels: (H, D) -> H*D.
+                    if j == d + 1:
+                        new = label.moved(k)
+                    elif trailing == label.unit and label.inner == 1:
+                        new = Label(k, label.spaces)
+                    else:
+                        raise _Blocked(f"{node.name} merges heads with other dimensions")
+                else:
+                    new = Label(k, label.spaces, label.inner * trailing)
                 self._rewrite_size(node, op, k, new)
                 return new
             j += 1
+        head = self._split_heads(node, label, src[d], out, k)
+        if head is not None:
+            self._rewrite_size(node, op, k, head)
+            return head
         # The channel dimension is split; fine while only the inner part splits off.
         for e in range(k + 1, len(out) + 1):
             if _same(out[k:e], [src[d]]):
@@ -566,6 +721,50 @@ class _Analyzer:
                     return new
                 break
         raise _Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+
+    def _split_heads(
+        self, node: fx.Node, label: Label, size: object, out: Sequence[object], k: int
+    ) -> Label | None:
+        """(.., C, ..) -> (.., H, D, ..): with head pruning, a label over the H heads."""
+        if not self.heads or label.inner != 1 or label.unit != 1 or k + 2 > len(out):
+            return None
+        head_size = _static(out[k + 1])
+        if head_size is None or not _same([out[k], out[k + 1]], [size]):
+            return None
+        for s in self.leaves(label.spaces):
+            if self.spaces[s].size % head_size or self.units.get(s, head_size) != head_size:
+                raise _Blocked(f"{node.name} splits channels into heads of different sizes")
+            self.units[s] = head_size
+        return Label(k, label.spaces, 1, head_size)
+
+    def _coupled_heads(self, node: fx.Node, tensors: Sequence[object]) -> Label:
+        """q, k, v (or scores and v) of attention: head h of each goes with head h of the others."""
+        labels = [self.label_of(t) for t in tensors]
+        if not self.heads:
+            raise _Blocked(f"{node.name} mixes channels within attention heads")
+        known = [lab for lab in labels if lab is not None]
+        if not known or len(known) != len(labels):
+            raise _Blocked(f"{node.name} attends over heads it cannot follow")
+        rank = _rank(tensors[0])
+        for t, lab in zip(tensors, known, strict=True):
+            if lab.unit == 1 or _rank(t) != rank or lab.dim != known[0].dim or lab.dim >= rank - 2:
+                raise _Blocked(f"{node.name} attends over channels that are not whole heads")
+        for lab in known[1:]:
+            self.union(known[0], lab, node.name)
+        return known[-1]
+
+    def op_scaled_dot_product_attention(self, node: fx.Node) -> Label:
+        args = _a(node)
+        for extra in _nodes_in((args[3:], node.kwargs)):
+            if self.labels.get(extra) is not None:
+                raise _Blocked(f"{node.name} takes a mask sized by the heads")
+        return self._coupled_heads(node, args[:3])
+
+    def op_matmul(self, node: fx.Node) -> Label:
+        return self._coupled_heads(node, _a(node)[:2])
+
+    def op_masked_fill(self, node: fx.Node) -> Label | None:
+        return self.binary(node)
 
     def _rewrite_size(self, node: fx.Node, op: str, k: int, label: Label) -> None:
         if op in ("reshape", "view", "_unsafe_view"):
@@ -592,12 +791,21 @@ class _Analyzer:
         out_channels = int(wshape[0])
         name = _layer_name(self.param(weight), node)
         if transposed:
-            self.block(label, f"{node.name}: transposed convolutions are not supported yet")
+            # Weight (in, out / groups, *kernel): the roles of dims 0 and 1 swap.
             out = self.new_space(int(wshape[1]) * groups, name, node, 1)
-            self.block(out, f"{node.name}: transposed convolutions are not supported yet")
-            self._freeze_params(node, "transposed convolution")
+            if groups != 1 or (label is not None and (label.dim != 1 or label.unit != 1)):
+                reason = f"{node.name}: grouped transposed convolutions are not supported yet"
+                self.block(label, reason)
+                self.block(out, reason)
+                self._freeze_params(node, reason)
+                return out
+            if label is not None:
+                self.member(weight, 0, label.moved(0), "in")
+            self.member(weight, 1, out.moved(1), "out")
+            if bias is not None:
+                self.member(bias, 0, out.moved(0), "bias")
             return out
-        if label is not None and label.dim != 1:
+        if label is not None and (label.dim != 1 or label.unit != 1):
             raise _Blocked(f"{node.name} convolves a tensor whose channels are not dim 1")
         in_channels = int((_shape(x) or (0, 0))[1])
         if groups == 1:
@@ -616,18 +824,43 @@ class _Analyzer:
                 self.member(bias, 0, label.moved(0), "bias")
             self.rewrites.append(Rewrite(node.name, groups_arg, None, label))
             return label
-        reason = f"{node.name}: grouped convolution (groups={groups}) keeps its channels"
-        self.block(label, reason)
+        # Grouped: block i of the inputs feeds block i of the outputs. Removing the same number
+        # of channels from every block keeps ``groups``; each row then reads its own block's
+        # surviving inputs (a per-block gather of the weight's input dim).
         out = self.new_space(out_channels, name, node, 1)
-        self.block(out, reason)
-        self._freeze_params(node, reason)
+        self._need_blocks(out.spaces, groups)
+        self.member(weight, 0, out.moved(0), "out")
+        if bias is not None:
+            self.member(bias, 0, out.moved(0), "bias")
+        if label is not None:
+            if label.inner != 1 or len(self.leaves(label.spaces)) != 1:
+                reason = f"{node.name}: grouped convolution over concatenated channels"
+                self.block(label, reason)
+            else:
+                self._need_blocks(label.spaces, groups)
+                target = self.param(weight)
+                if target is None:
+                    raise _Blocked(f"{node.name}: the grouped weight is not a parameter")
+                key = (target, 1)
+                self.used_params.add(target)
+                self.members[key] = Member(target, 1, label.moved(1), "grouped_in", groups)
         return out
+
+    def _need_blocks(self, spaces: tuple[int, ...], groups: int) -> None:
+        for s in self.leaves(spaces):
+            self.blocks[s] = math.lcm(self.blocks.get(s, 1), groups)
 
     def op_conv1d(self, node: fx.Node) -> Label:
         return self._conv(node, 6, False)
 
     op_conv2d = op_conv1d
     op_conv3d = op_conv1d
+
+    def op_conv_transpose1d(self, node: fx.Node) -> Label:
+        return self._conv(node, 6, True)
+
+    op_conv_transpose2d = op_conv_transpose1d
+    op_conv_transpose3d = op_conv_transpose1d
 
     def op_convolution(self, node: fx.Node) -> Label:
         return self._conv(node, 8, bool(_a(node)[6]))
@@ -638,7 +871,7 @@ class _Analyzer:
         label = self.label_of(x)
         rank = _rank(x)
         if label is not None:
-            if label.dim != rank - 1:
+            if label.dim != rank - 1 or label.unit != 1:
                 raise _Blocked(f"{node.name} applies a linear layer across another dimension")
             self.member(weight, 1, label.moved(1), "in")
         size = int((_shape(weight) or (0,))[0])
@@ -660,7 +893,7 @@ class _Analyzer:
         label = self.label_of(_a(node)[0])
         if label is None:
             return None
-        if label.dim != 1 or label.inner != 1:
+        if label.dim != 1 or label.inner != 1 or label.unit != 1:
             raise _Blocked(f"{node.name} normalises a dimension that is not the channels")
         roles: tuple[tuple[int, Role], ...] = ((1, "norm"), (2, "bias"), (3, "stat"), (4, "stat"))
         for i, role in roles:
@@ -680,7 +913,7 @@ class _Analyzer:
         shape = list(_a(node)[1])
         if label.dim < rank - len(shape):
             return label  # normalised over other dimensions only
-        if label.dim != rank - 1 or len(shape) != 1 or label.inner != 1:
+        if label.dim != rank - 1 or len(shape) != 1 or label.inner != 1 or label.unit != 1:
             raise _Blocked(f"{node.name} normalises over channels and other dimensions")
         ln_roles: tuple[tuple[int, Role], ...] = ((2, "norm"), (3, "bias"))
         for i, role in ln_roles:
@@ -753,13 +986,32 @@ def _layer_name(target: str | None, node: fx.Node) -> str:
     return target.removesuffix(".weight") if target.endswith(".weight") else target
 
 
-def analyze(gm: fx.GraphModule) -> GraphAnalysis:
-    """Build the channel dependency groups of ``gm`` (``ExportedProgram.module()``)."""
-    a = _Analyzer(gm)
+def analyze(gm: fx.GraphModule, *, heads: bool = False) -> GraphAnalysis:
+    """Build the channel dependency groups of ``gm`` (``ExportedProgram.module()``).
+
+    With ``heads``, reshapes into attention heads are followed (channels then go by whole heads)
+    instead of blocking their channels.
+    """
+    a = _Analyzer(gm, heads)
     a.run()
+    # A space split by chunk lives on in its parts: its members and rewrites refer to them.
+    for parent in list(a.children):
+        for leaf in a.leaves((parent,)):
+            for reason in a.blocked.get(parent, []):
+                a.block(Label(0, (leaf,)), reason)
+
+    def expand(label: Label) -> Label:
+        return Label(label.dim, a.leaves(label.spaces), label.inner, label.unit)
+
+    a.members = {
+        key: Member(m.target, m.dim, expand(m.label), m.role, m.groups)
+        for key, m in a.members.items()
+    }
+    a.rewrites = [Rewrite(r.node, r.arg, r.index, expand(r.label), r.factor) for r in a.rewrites]
     groups: dict[int, ChannelGroup] = {}
     root_of: dict[int, int] = {}
-    for space in a.spaces:
+    live = [space for space in a.spaces if space.id not in a.children]
+    for space in live:
         root = a.find(space.id)
         root_of[space.id] = root
         group = groups.get(root)
@@ -773,6 +1025,11 @@ def analyze(gm: fx.GraphModule) -> GraphAnalysis:
                 group.blocked.append(reason)
         if space.id in a.normalized:
             group.normalized = True
+        group.blocks = math.lcm(group.blocks, a.blocks.get(space.id, 1))
+        unit = a.units.get(space.id, 1)
+        if unit > 1 and group.unit not in (1, unit):
+            group.blocked.append("split into heads of different sizes")
+        group.unit = max(group.unit, unit)
     for member in a.members.values():
         # A concatenated label touches several groups; the member is listed by each of them.
         for gid in dict.fromkeys(root_of[s] for s in member.label.spaces):
@@ -782,5 +1039,13 @@ def analyze(gm: fx.GraphModule) -> GraphAnalysis:
     for rewrite in a.rewrites:
         for gid in dict.fromkeys(root_of[s] for s in rewrite.label.spaces):
             groups[gid].rewrites.append(rewrite)
+    for group in groups.values():
+        if group.size % group.blocks:
+            group.blocked.append(
+                f"grouped convolutions need {group.blocks} equal blocks of {group.size} channels"
+            )
     ordered = sorted(groups.values(), key=lambda g: g.id)
-    return GraphAnalysis(spaces=a.spaces, groups=ordered, root_of=root_of)
+    node_labels = {
+        node.name: expand(label) for node, label in a.labels.items() if isinstance(label, Label)
+    }
+    return GraphAnalysis(spaces=a.spaces, groups=ordered, root_of=root_of, node_labels=node_labels)

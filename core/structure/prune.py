@@ -10,10 +10,25 @@ import torch
 from torch import fx
 
 from core.allocation import _check_patterns_match, _first_match, removal_count
-from core.errors import InvalidSpec
-from core.spec import PruningSpec
+from core.errors import InvalidSpec, PruningError
+from core.spec import DATA_AWARE, PruningSpec
+from core.structure.calibration import (
+    Calibration,
+    apoz_scores,
+    refit_linear,
+    regression_scores,
+    taylor_scores,
+)
 from core.structure.graph import ChannelGroup, GraphAnalysis, Member, analyze
-from core.structure.slicing import apply_channels, kept_by_space, label_indices, reexport
+from core.structure.slicing import (
+    apply_channels,
+    kept_by_space,
+    label_indices,
+    ordered_members,
+    reexport,
+    slice_member,
+    verify,
+)
 from core.unstructured import _global_counts, lowest_k_mask
 
 
@@ -24,12 +39,15 @@ class GroupDecision:
     group: ChannelGroup
     remove: int = 0
     skipped: str | None = None  # excluded, or the criterion cannot rank it
+    units: int = 0  # what is counted: channels, or heads with head pruning
 
     def describe(self) -> dict[str, Any]:
+        units = self.units or self.group.size
         return {
             **self.group.describe(),
+            "unit": "head" if units != self.group.size else "channel",
             "remove": self.remove,
-            "keep": self.group.size - self.remove,
+            "keep": units - self.remove,
             "skipped": self.skipped,
         }
 
@@ -70,7 +88,10 @@ def _segments(member: Member, analysis: GraphAnalysis) -> list[tuple[int, int, i
 
 
 def group_scores(
-    gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
+    gm: fx.GraphModule,
+    analysis: GraphAnalysis,
+    spec: PruningSpec,
+    calibration: Calibration | None = None,
 ) -> dict[int, torch.Tensor | None]:
     """Importance of every channel of every group (float32, higher keeps); None: cannot rank.
 
@@ -78,7 +99,17 @@ def group_scores(
     layer (the filters of all convolutions/linears writing to it, as in L1-filter pruning), so a
     zeroed filter ranks last. ``bn_scale`` sums ``|gamma|`` of the BatchNorm/LayerNorm scales that
     follow the channels (network slimming). ``random`` is seeded by the spec and the group.
+    ``apoz``, ``regression`` and ``taylor`` run the model on ``calibration``
+    (see :mod:`core.structure.calibration`).
     """
+    if spec.criterion in DATA_AWARE:
+        if calibration is None:
+            raise InvalidSpec(f"criterion {spec.criterion!r} needs calibration data")
+        if spec.criterion == "apoz":
+            return dict(apoz_scores(gm, analysis, calibration))
+        if spec.criterion == "regression":
+            return dict(regression_scores(gm, analysis, calibration)[0])
+        return dict(taylor_scores(gm, analysis, calibration))
     scores: dict[int, torch.Tensor | None] = {}
     for group in analysis.groups:
         if spec.criterion == "random":
@@ -108,7 +139,12 @@ def group_scores(
     return scores
 
 
-def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec) -> ChannelPlan:
+def plan_channels(
+    gm: fx.GraphModule,
+    analysis: GraphAnalysis,
+    spec: PruningSpec,
+    calibration: Calibration | None = None,
+) -> ChannelPlan:
     """How many channels each group loses and which, following ``spec``'s ratios and globs.
 
     A group is pruned at the sparsity of its first layer (``layer_sparsity`` globs apply by
@@ -122,7 +158,7 @@ def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
     layers = [name for g in analysis.groups for name in g.layers]
     _check_patterns_match("exclude", spec.exclude, layers)
     _check_patterns_match("layer_sparsity", list(spec.layer_sparsity), layers)
-    scores = group_scores(gm, analysis, spec)
+    scores = group_scores(gm, analysis, spec, calibration)
     plan = ChannelPlan()
     pool: dict[str, torch.Tensor] = {}  # str keys: the water-filling is shared with layers
     for group in analysis.groups:
@@ -137,17 +173,35 @@ def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
         if score is None:
             decision.skipped = f"criterion {spec.criterion!r} has nothing to rank these channels by"
             continue
+        if spec.granularity == "head":
+            if group.unit == 1:
+                decision.skipped = "not attention heads"
+                continue
+            # Rank whole heads: a head's score is the sum over its channels.
+            score = score.reshape(-1, group.unit).sum(dim=1)
+        decision.units = len(score)
         override = _first_match(group.layers[0], list(spec.layer_sparsity))
+        if group.blocks > 1:
+            # Grouped convolutions: the same number of channels from each block, so the count
+            # is rounded to a multiple of the blocks (and every block keeps one).
+            ratio = spec.layer_sparsity[override] if override is not None else spec.sparsity
+            block = len(score) // group.blocks
+            per_block = min(round(removal_count(ratio, len(score)) / group.blocks), block - 1)
+            decision.remove = per_block * group.blocks
+            rows = score.reshape(group.blocks, block)
+            keep = torch.stack([lowest_k_mask(row, per_block) for row in rows]).reshape(-1)
+            plan.keep[group.id] = _expand(keep, group)
+            continue
         if override is not None:
             decision.remove = min(
-                removal_count(spec.layer_sparsity[override], group.size), group.size - 1
+                removal_count(spec.layer_sparsity[override], len(score)), len(score) - 1
             )
         elif spec.scope == "global":
             pool[str(group.id)] = score / score.mean().clamp_min(1e-12)
             continue
         else:
-            decision.remove = min(removal_count(spec.sparsity, group.size), group.size - 1)
-        plan.keep[group.id] = lowest_k_mask(score, decision.remove)
+            decision.remove = min(removal_count(spec.sparsity, len(score)), len(score) - 1)
+        plan.keep[group.id] = _expand(lowest_k_mask(score, decision.remove), group)
     if pool:
         sizes = {gid: int(s.numel()) for gid, s in pool.items()}
         total = removal_count(spec.sparsity, sum(sizes.values()))
@@ -163,16 +217,30 @@ def plan_channels(gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec
             key = str(decision.group.id)
             if key in counts:
                 decision.remove = counts[key]
-                plan.keep[decision.group.id] = lowest_k_mask(pool[key], decision.remove)
+                keep = lowest_k_mask(pool[key], decision.remove)
+                plan.keep[decision.group.id] = _expand(keep, decision.group)
     return plan
 
 
+def _expand(keep: torch.Tensor, group: ChannelGroup) -> torch.Tensor:
+    """A keep-mask over heads as one over their channels (channel masks pass unchanged)."""
+    if keep.numel() == group.size:
+        return keep
+    return keep.repeat_interleave(group.unit)
+
+
 def prune_program(
-    program: torch.export.ExportedProgram, spec: PruningSpec, *, dry_run: bool = False
+    program: torch.export.ExportedProgram,
+    spec: PruningSpec,
+    *,
+    dry_run: bool = False,
+    calibration: Calibration | None = None,
 ) -> StructuredResult:
     """Remove channels from ``program`` as ``spec`` says and export the smaller program.
 
     With ``dry_run`` the plan is made and reported but ``program`` is returned unchanged.
+    ``calibration`` (one tensor per program input, samples first) feeds the data-aware criteria;
+    with ``regression`` the linear layers that lose inputs are refitted by least squares.
 
     Example:
         >>> pruned = prune_program(torch.export.load("cnn.pt2"),
@@ -184,33 +252,60 @@ def prune_program(
         PruningError: the smaller program did not export again.
     """
     gm = program.module()
-    analysis = analyze(gm)
-    plan = plan_channels(gm, analysis, spec)
+    try:
+        analysis = analyze(gm, heads=spec.granularity == "head")
+    except Exception as exc:  # a graph the pass trips over: a clean job error, not a crash
+        raise PruningError(f"the channel analysis failed on this program: {exc}") from exc
+    plan = plan_channels(gm, analysis, spec, calibration)
     kept = kept_by_space(analysis, plan.keep)
     sizes = {s.id: s.size for s in analysis.spaces}
-    kept_out = {analysis.spaces[s].producer: idx.tolist() for s, idx in kept.items()}
+    kept_out: dict[str, list[int]] = {}
     kept_in: dict[str, list[int]] = {}
     sliced: dict[str, torch.Tensor] = {}
     tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
-    for group in analysis.groups:
-        for member in group.members:
-            if not any(s in kept for s in member.label.spaces):
-                continue
-            index = label_indices(member.label, kept, sizes)
-            current = sliced.get(member.target, tensors[member.target].detach())
-            if current.shape[member.dim] == tensors[member.target].shape[member.dim]:
-                sliced[member.target] = current.index_select(member.dim, index)
-            if member.role == "in" and member.target.endswith(".weight"):
-                kept_in[member.target.removesuffix(".weight")] = index.tolist()
+    for member in ordered_members(analysis):
+        if not any(s in kept for s in member.label.spaces):
+            continue
+        index = label_indices(member.label, kept, sizes)
+        current = sliced.get(member.target, tensors[member.target].detach())
+        sliced[member.target] = slice_member(current, member, index, sizes)
+        if member.target.endswith(".weight") and member.role in ("in", "grouped_in", "out"):
+            layer = member.target.removesuffix(".weight")
+            (kept_out if member.role == "out" else kept_in)[layer] = index.tolist()
     shapes = {name: tuple(t.shape) for name, t in sliced.items()}
     nonzero = {name: int(t.count_nonzero()) for name, t in sliced.items()}
     del sliced
     result = StructuredResult(program, analysis, plan, kept_out, kept_in, shapes, nonzero)
     if dry_run or not kept:
         return result
+    refitted = False
+    if spec.criterion == "regression" and calibration is not None:
+        captured = regression_scores(gm, analysis, calibration)[1]
+        refitted = bool(refit_linear(gm, analysis, plan.keep, captured))
     apply_channels(gm, analysis, plan.keep)
-    result.program = reexport(gm, program)
+    pruned = reexport(gm, program)
+    renormalised = any(analysis.groups_by_id[g].normalized for g in kept_groups(analysis, kept))
+    exact = not (refitted or renormalised or _stochastic(gm))
+    verify(program, pruned, analysis, plan.keep, exact=exact)
+    result.program = pruned
     return result
+
+
+def _stochastic(gm: fx.GraphModule) -> bool:
+    """Whether the graph draws random numbers (dropout exported in training mode): two runs then
+    differ anyway, so only shapes can be compared."""
+    for node in gm.graph.nodes:
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        if "dropout" in name and any(arg is True for arg in node.args[1:]):
+            return True
+        if name in ("rand", "randn", "rand_like", "randn_like", "bernoulli", "multinomial"):
+            return True
+    return False
+
+
+def kept_groups(analysis: GraphAnalysis, kept: dict[int, torch.Tensor]) -> set[int]:
+    """Groups that lose channels."""
+    return {analysis.root_of[s] for s in kept}
 
 
 __all__ = ["ChannelPlan", "GroupDecision", "StructuredResult", "analyze", "plan_channels"]

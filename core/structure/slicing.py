@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from core.errors import PruningError
-from core.structure.graph import GraphAnalysis, Label
+from core.structure.graph import GraphAnalysis, Label, Member
 
 
 def label_indices(
@@ -24,6 +24,9 @@ def label_indices(
         parts.append(offset + (keep if keep is not None else torch.arange(sizes[space])))
         offset += sizes[space]
     channels = torch.cat(parts)
+    if label.unit > 1:
+        # A heads dimension: whole heads are kept, so every unit-th kept channel starts one.
+        return channels[:: label.unit] // label.unit
     if label.inner == 1:
         return channels
     return (channels[:, None] * label.inner + torch.arange(label.inner)[None, :]).reshape(-1)
@@ -35,10 +38,50 @@ def kept_by_space(
     """Kept channel indices of every space whose group loses channels (``keep``: group -> mask)."""
     out: dict[int, torch.Tensor] = {}
     for space in analysis.spaces:
-        mask = keep.get(analysis.root_of[space.id])
+        root = analysis.root_of.get(space.id)  # None: split into parts, which carry the masks
+        mask = keep.get(root) if root is not None else None
         if mask is not None and not bool(mask.all()):
             out[space.id] = torch.nonzero(mask).flatten()
     return out
+
+
+def grouped_positions(member: Member, index: torch.Tensor, channels: int) -> torch.Tensor:
+    """Kept positions inside each block of a grouped weight's input dim: ``(groups, kept)``.
+
+    ``index`` holds the kept input channels (of ``channels``); every block keeps as many.
+    """
+    per_block = channels // member.groups
+    block_of = index // per_block
+    counts = torch.bincount(block_of, minlength=member.groups)
+    if not bool((counts == counts[0]).all()):
+        raise PruningError(f"{member.target}: grouped convolution blocks would lose unequal counts")
+    return (index - block_of * per_block).reshape(member.groups, -1)
+
+
+def _grouped_rows(tensor: torch.Tensor, member: Member, positions: torch.Tensor) -> torch.Tensor:
+    """Row o of a grouped weight keeps the positions of its own block."""
+    rows = tensor.shape[0]
+    block = torch.arange(rows) // (rows // member.groups)
+    index = positions[block]  # (rows, kept)
+    index = index.reshape(*index.shape, *([1] * (tensor.dim() - 2)))
+    return tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+
+
+def slice_member(
+    tensor: torch.Tensor, member: Member, index: torch.Tensor, sizes: Mapping[int, int]
+) -> torch.Tensor:
+    """``tensor`` without the removed channels of ``member`` (``index``: the kept positions)."""
+    if member.role == "grouped_in":
+        channels = sum(sizes[s] for s in member.label.spaces)
+        return _grouped_rows(tensor, member, grouped_positions(member, index, channels))
+    return tensor.index_select(member.dim, index)
+
+
+def ordered_members(analysis: GraphAnalysis) -> list[Member]:
+    """Every member once; grouped input dims first, since which block a row reads is known only
+    before rows are removed."""
+    members = {(m.target, m.dim): m for g in analysis.groups for m in g.members}
+    return sorted(members.values(), key=lambda m: m.role != "grouped_in")
 
 
 def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
@@ -73,21 +116,21 @@ def apply_channels(
     if not kept:
         return
     sizes = {s.id: s.size for s in analysis.spaces}
-    members = {(m.target, m.dim): m for g in analysis.groups for m in g.members}
     with torch.no_grad():
-        for (target, dim), member in members.items():
+        for member in ordered_members(analysis):
             if not any(s in kept for s in member.label.spaces):
                 continue
-            tensor = _get_tensor(gm, target)
+            tensor = _get_tensor(gm, member.target)
             index = label_indices(member.label, kept, sizes)
-            _set_tensor(gm, target, tensor.index_select(dim, index).clone())
+            _set_tensor(gm, member.target, slice_member(tensor, member, index, sizes).clone())
     by_name = {n.name: n for n in gm.graph.nodes}
     rewrites = {(r.node, r.arg, r.index): r for g in analysis.groups for r in g.rewrites}
+    # A rewrite may name a non-tensor node (operator.mul computing B*H): found by name too.
     for (node_name, arg, position), rewrite in rewrites.items():
         if not any(s in kept for s in rewrite.label.spaces):
             continue
         node = by_name[node_name]
-        value = len(label_indices(rewrite.label, kept, sizes))
+        value = len(label_indices(rewrite.label, kept, sizes)) * rewrite.factor
         args: list[Any] = list(node.args)
         if position is None:
             args[arg] = value
@@ -109,18 +152,76 @@ def mask_channels(
     """
     kept = kept_by_space(analysis, keep)
     sizes = {s.id: s.size for s in analysis.spaces}
-    members = {(m.target, m.dim): m for g in analysis.groups for m in g.members if m.role == "in"}
+    members = {
+        (m.target, m.dim): m
+        for g in analysis.groups
+        for m in g.members
+        if m.role in ("in", "grouped_in")
+    }
     with torch.no_grad():
         for (target, dim), member in members.items():
             if not any(s in kept for s in member.label.spaces):
                 continue
             tensor = _get_tensor(gm, target)
             index = label_indices(member.label, kept, sizes)
+            if member.role == "grouped_in":
+                channels = sum(sizes[s] for s in member.label.spaces)
+                per_block = channels // member.groups
+                alive = torch.zeros(channels, dtype=torch.bool)
+                alive[index] = True
+                rows = tensor.shape[0]
+                block = torch.arange(rows) // (rows // member.groups)
+                # Row o reads input channels block(o) * per_block + p, p < per_block.
+                read = block[:, None] * per_block + torch.arange(per_block)[None, :]
+                reads = alive[read].reshape(rows, per_block, *([1] * (tensor.dim() - 2)))
+                _set_tensor(gm, target, tensor * reads.to(tensor.dtype))
+                continue
             mask = torch.zeros(tensor.shape[dim], dtype=torch.bool)
             mask[index] = True
             shape = [1] * tensor.dim()
             shape[dim] = -1
-            tensor.mul_(mask.reshape(shape).to(tensor.dtype))
+            # A new tensor: the module's parameters share storage with the program's.
+            _set_tensor(gm, target, tensor * mask.reshape(shape).to(tensor.dtype))
+
+
+def verify(
+    original: torch.export.ExportedProgram,
+    pruned: torch.export.ExportedProgram,
+    analysis: GraphAnalysis,
+    keep: Mapping[int, torch.Tensor],
+    *,
+    exact: bool,
+) -> None:
+    """Check the smaller program against the original with the removed channels masked.
+
+    With ``exact`` False (a LayerNorm renormalises over fewer channels, or a layer was refitted)
+    only the output shapes must agree.
+
+    Raises:
+        PruningError: they disagree: a bug in the graph pass, caught before anyone gets the model.
+    """
+    reference = original.module()
+    mask_channels(reference, analysis, keep)
+    placeholders = [n for n in reference.graph.nodes if n.op == "placeholder"]
+    args, kwargs = _example_inputs(original, placeholders)
+    with torch.no_grad():
+        expected = pytree.tree_leaves(reference(*args, **kwargs))
+        got = pytree.tree_leaves(pruned.module()(*args, **kwargs))
+    for a, b in zip(got, expected, strict=True):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            raise PruningError(
+                f"the smaller program's output has shape {list(a.shape)}, not "
+                f"{list(b.shape)}; nothing was pruned (please report this model)"
+            )
+        if exact and a.is_floating_point():
+            scale = float(b.abs().max()) if b.numel() else 1.0
+            if not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+                raise PruningError(
+                    "the smaller program does not compute what the original computes with those "
+                    "channels removed; nothing was pruned (please report this model)"
+                )
 
 
 def reexport(

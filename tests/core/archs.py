@@ -160,6 +160,32 @@ class Transformer(nn.Module):
         return self.head(self.ln_f(x).mean(dim=1))
 
 
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's manual path: matmul, causal mask buffer, masked_fill, softmax, matmul."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(tokens, tokens)).view(1, 1, tokens, tokens)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        hs = c // self.heads
+        q = self.q(x).view(b, t, self.heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(b, t, self.heads, hs).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, hs).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / hs**0.5)
+        att = att.masked_fill(self.mask[:, :, :t, :t] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
+        return x + self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
 @dataclass(frozen=True)
 class Arch:
     """A model factory and the shape of one example input (batch first, batch dynamic)."""
@@ -177,6 +203,7 @@ ARCHS = {
     "mlp": Arch("mlp", lambda w: MLP(16 * w, depth=1 + w), (12,)),
     "transformer": Arch("transformer", lambda w: Transformer(8 * w, 2, 16 * w), (5, 6)),
     "mha": Arch("mha", lambda w: Transformer(8 * w, 2, 16 * w, mha=True), (5, 6)),
+    "causal": Arch("causal", lambda w: CausalSelfAttention(16, 2 * w), (5, 16)),
 }
 
 
@@ -184,3 +211,66 @@ def export(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.Expor
     batch = torch.export.Dim("batch", min=1, max=512)
     example = torch.randn(4, *input_shape)
     return torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+
+
+class UNet(nn.Module):
+    """Encoder-decoder: strided conv down, transposed conv up, skip concatenated with the input."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, width, 3, 2, 1)
+        self.bn = _bn(width)
+        self.up = nn.ConvTranspose2d(width, width, 2, 2)
+        self.out = nn.Conv2d(width + 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.up(F.relu(self.bn(self.down(x)))))
+        return self.out(torch.cat([y, x], dim=1))
+
+
+ARCHS["unet"] = Arch("unet", lambda w: UNet(8 * w), (3, 8, 8))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, a class token concatenated along the tokens, a positional parameter."""
+
+    def __init__(self, dim: int = 16, norm: bool = False) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 5, dim))
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, 4, dim)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = x + self.down(F.gelu(self.up(self.norm(x))))
+        return self.head(x[:, 0])
+
+
+ARCHS["vit"] = Arch("vit", lambda w: TinyViT(8 * w), (3, 8, 8))
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3-style gate: pooled channels -> reduce -> expand -> sigmoid -> scale."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = _bn(width)
+        self.reduce = nn.Conv2d(width, width // 4, 1)
+        self.expand = nn.Conv2d(width // 4, width, 1)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.hardswish(self.bn(self.stem(x)))
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        x = F.relu(self.conv(x * gate))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+ARCHS["se"] = Arch("se", lambda w: SqueezeExcite(8 * w), (3, 8, 8))

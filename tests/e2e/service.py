@@ -116,12 +116,6 @@ class Service:
                     os.killpg(proc.pid, 9)
                 proc.wait()
 
-    def wait_until_running(self, job_id: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
-            assert time.monotonic() < deadline, f"job {job_id} never started"
-            time.sleep(0.05)
-
     def wait_for_job(
         self, job_id: str, timeout: float = 180, client: httpx.Client | None = None
     ) -> dict:

@@ -107,6 +107,8 @@ def test_job_validation(service: Service, resnet_pt2: Path) -> None:
         ({**good, "granularity": "diagonal"}, ["body", "pruning", "granularity"]),
         ({**good, "surprise": 1}, ["body", "pruning", "surprise"]),
         ({**good, "criterion": "lp"}, ["body", "pruning"]),
+        ({**good, "criterion": "bn_scale"}, ["body", "pruning"]),
+        ({**good, "granularity": "n:m", "n_m": [4, 2]}, ["body", "pruning"]),
     ]
     for pruning, loc in cases:
         body = assert_problem(
@@ -138,6 +140,13 @@ def test_job_validation(service: Service, resnet_pt2: Path) -> None:
         "validation-error",
     )
     assert "max_layer_sparsity" in body["detail"]
+    channel = {"criterion": "apoz", "granularity": "channel", "sparsity": 0.5}
+    body = assert_problem(
+        service.client.post("/v1/jobs", json={"model_id": model["id"], "pruning": channel}),
+        422,
+        "validation-error",
+    )
+    assert "calibration" in body["detail"]
     malformed = service.client.post(
         "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
     )

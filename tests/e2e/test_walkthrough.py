@@ -236,3 +236,37 @@ def test_list_filter_paginate_cancel_delete(service: Service, resnet_pt2: Path) 
     assert service.client.get(f"/v1/models/{model['id']}").status_code == 404
     # The job that used it still says which model it pruned.
     assert service.client.get(f"/v1/jobs/{second['id']}").json()["model_id"] == model["id"]
+
+
+def test_channel_job_returns_a_smaller_program_that_prunes_again(
+    service: Service, resnet_pt2: Path, tmp_path: Path
+) -> None:
+    model = upload(service, resnet_pt2)
+    pruning = {"criterion": "l1", "granularity": "channel", "sparsity": 0.5}
+    dry = service.wait_for_job(
+        submit(service, {"model_id": model["id"], "pruning": pruning, "dry_run": True})["id"]
+    )
+    assert dry["status"] == "succeeded", dry["error"]
+    assert dry["result_model_id"] is None
+
+    job = service.wait_for_job(submit(service, {"model_id": model["id"], "pruning": pruning})["id"])
+    assert job["status"] == "succeeded", job["error"]
+    metrics = job["metrics"]
+    assert metrics["params_after"] < 0.6 * metrics["params_before"]
+    assert metrics["macs_after"] < metrics["macs_before"]
+    layers = {
+        row["name"]: row
+        for row in service.client.get(f"/v1/jobs/{job['id']}/layers").json()["items"]
+    }
+    assert layers["stem"]["shape_before"] == [8, 1, 3, 3]
+    assert layers["stem"]["shape_after"] == [4, 1, 3, 3]
+    assert layers["head"]["shape_after"] == [10, 128]  # 8 of 16 channels x 4 x 4 positions
+
+    smaller = service.client.get(f"/v1/models/{job['result_model_id']}").json()
+    assert smaller["num_parameters"] == metrics["params_after"]
+    assert [d["dim"] for d in smaller["inputs"][0]["dynamic_dims"]] == [0]
+    again = service.wait_for_job(
+        submit(service, {"model_id": smaller["id"], "pruning": pruning})["id"]
+    )
+    assert again["status"] == "succeeded", again["error"]
+    assert again["metrics"]["params_after"] < metrics["params_after"]
