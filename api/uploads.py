@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import Problem, invalid_field
+from shears.storage import LocalStorage
 
+_Info = TypeVar("_Info")
 _MAX_FIELD_BYTES = 64 * 1024
 _MULTIPART_OVERHEAD = 64 * 1024
 
@@ -172,3 +177,46 @@ async def receive_upload(
         raise invalid_field(["body", file_field], f"a file part named {file_field!r} is required")
     receiver.upload.sha256 = receiver.digest.hexdigest()
     return receiver.upload
+
+
+async def receive_and_validate(
+    request: Request,
+    storage: LocalStorage,
+    max_bytes: int,
+    validate: Callable[[Path], _Info],
+    default_name: str,
+) -> tuple[ReceivedUpload, _Info, str, Path]:
+    """Stream the ``file`` part to a temp file, check the ``name`` field, run ``validate`` on the
+    file in a thread (it reads only what it must, never unpickles) and return the upload, what
+    ``validate`` found, the name and the temp path. The temp file is removed on any failure; the
+    caller commits it to storage (or lets it be removed)."""
+    temp = storage.temp_path(".upload")
+    try:
+        upload = await receive_upload(request, temp, max_bytes)
+        name = upload.fields.get("name") or upload.filename or default_name
+        if len(name) > 255:
+            raise invalid_field(["body", "name"], "name: at most 255 characters")
+        info = await run_in_threadpool(validate, temp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    return upload, info, name, temp
+
+
+def store_with_row(
+    session: Session, storage: LocalStorage, temp: Path, key: str, row: object
+) -> None:
+    """Commit ``temp`` to ``key``, then insert ``row``: there is never a file without its row nor a
+    row without its file."""
+    try:
+        storage.commit(temp, key)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    try:
+        session.add(row)
+        session.commit()
+    except Exception:
+        storage.delete(key)
+        raise

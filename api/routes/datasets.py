@@ -3,17 +3,15 @@ calibration."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, not_found
 from api.schemas import DatasetList, DatasetOut
-from api.uploads import receive_upload
+from api.uploads import receive_and_validate, store_with_row
 from core.data import inspect_dataset
 from shears.db import repository as repo
 from shears.db.tables import Dataset, new_id, utcnow
@@ -64,21 +62,11 @@ async def upload_dataset(
 ) -> Dataset:
     """Streamed to storage and hashed; the format is read from the content, and every array is
     checked (numeric, finite, one sample count) without unpickling anything."""
-    temp = storage.temp_path(".upload")
-    try:
-        upload = await receive_upload(request, temp, settings.max_upload_bytes)
-        name = upload.fields.get("name") or upload.filename or "dataset"
-        if len(name) > 255:
-            raise Problem(
-                422, "validation-error", "Invalid request", "name: at most 255 characters"
-            )
-        info = await run_in_threadpool(inspect_dataset, temp)
-        dataset_id = new_id("dst")
-        key = f"datasets/{tenant}/{dataset_id}.{info.format}"
-        storage.commit(temp, key)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+    upload, info, name, temp = await receive_and_validate(
+        request, storage, settings.max_upload_bytes, inspect_dataset, "dataset"
+    )
+    dataset_id = new_id("dst")
+    key = f"datasets/{tenant}/{dataset_id}.{info.format}"
     dataset = Dataset(
         id=dataset_id,
         tenant=tenant,
@@ -92,12 +80,7 @@ async def upload_dataset(
         storage_key=key,
         created_at=utcnow(),
     )
-    try:
-        session.add(dataset)
-        session.commit()
-    except Exception:
-        storage.delete(key)  # no file without its row
-        raise
+    store_with_row(session, storage, temp, key, dataset)
     return dataset
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, not_found
 from api.schemas import ModelList, ModelOut
-from api.uploads import receive_upload
+from api.uploads import receive_and_validate, store_with_row
 from core.archive import inspect_archive
 from shears.db import repository as repo
 from shears.db.tables import Model, new_id, utcnow
@@ -58,28 +56,13 @@ async def upload_model(
 ) -> Model:
     """Streamed to storage and hashed; the format is read from the content, and the archive is
     validated from its metadata alone: no weight is deserialized."""
-    temp = storage.temp_path(".upload")
-    try:
-        upload = await receive_upload(request, temp, settings.max_upload_bytes)
-        name = upload.fields.get("name") or upload.filename or "model"
-        if len(name) > 255:
-            raise Problem(
-                422, "validation-error", "Invalid request", "name: at most 255 characters"
-            )
-        info = await run_in_threadpool(inspect_archive, temp)
-        model_id = new_id("mdl")
-        key = f"models/{tenant}/{model_id}.pt2"
-        storage.commit(temp, key)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+    upload, info, name, temp = await receive_and_validate(
+        request, storage, settings.max_upload_bytes, inspect_archive, "model"
+    )
+    model_id = new_id("mdl")
+    key = f"models/{tenant}/{model_id}.pt2"
     model = repo.model_row(model_id, tenant, name, info, key, upload.size_bytes, upload.sha256)
-    try:
-        session.add(model)
-        session.commit()
-    except Exception:
-        storage.delete(key)  # no file without its row
-        raise
+    store_with_row(session, storage, temp, key, model)
     return model
 
 
