@@ -66,6 +66,19 @@ def migrate() -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
     typer.echo("database at head")
+    if settings.resolved_broker_url.startswith("sqla+"):
+        _declare_embedded_queue(settings.resolved_broker_url, settings.queue)
+
+
+def _declare_embedded_queue(broker_url: str, queue: str) -> None:
+    # kombu's SQLAlchemy transport creates its tables and the queue's row on first use, without
+    # handling a concurrent creator: an API publishing and a worker starting at the same moment
+    # can collide on the row and leave the worker without its queue. Create them once, here,
+    # before either process starts.
+    from kombu import Connection
+
+    with Connection(broker_url) as connection:
+        connection.default_channel.queue_declare(queue=queue)
 
 
 def api_command(host: str, port: int) -> list[str]:
