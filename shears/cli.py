@@ -75,9 +75,9 @@ def _declare_embedded_queue(broker_url: str, queue: str) -> None:
     # handling a concurrent creator: an API publishing and a worker starting at the same moment
     # can collide on the row and leave the worker without its queue. Create them once, here,
     # before either process starts.
-    from kombu import Connection
+    from kombu.connection import Connection
 
-    with Connection(broker_url) as connection:
+    with Connection(broker_url) as connection:  # type: ignore[no-untyped-call]
         connection.default_channel.queue_declare(queue=queue)
 
 
