@@ -251,21 +251,18 @@ def run(
 
     recovered = _recover(program, info, spec, recovery, progress)
 
-    model_file: Path | None = None
-    weights_file: Path | None = None
-    after: _Measured | None = None
-    size_after: int | None = None
-    if not spec.dry_run:
-        progress("exporting", 0.6, "writing the pruned program and its weights")
-        model_file = out / "model.pt2"
-        save_program(program, model_file)
-        weights_file = out / "weights.safetensors"
-        _save_weights(state, weights_file)
-        size_after = model_file.stat().st_size
-
-        progress("evaluating", 0.8, "reloading the exported program and measuring it")
-        reloaded, reloaded_info = load_program(model_file)
-        after = _measure(reloaded, reloaded_info, m, batch)
+    exported = (
+        None
+        if spec.dry_run
+        else _export_and_measure(
+            program, out, m, batch, progress, "writing the pruned program and its weights"
+        )
+    )
+    model_file, weights_file, size_after, after = (
+        (exported.model_file, exported.weights_file, exported.size_bytes, exported.measured)
+        if exported
+        else (None, None, None, None)
+    )
 
     metrics = Metrics(
         sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
@@ -436,21 +433,18 @@ def _run_structured(
     # The smaller program trains like any other: its removed channels are gone, not masked.
     recovered = _recover(pruned, info, spec, recovery, progress)
 
-    model_file: Path | None = None
-    weights_file: Path | None = None
-    after: _Measured | None = None
-    size_after: int | None = None
-    if not spec.dry_run:
-        progress("exporting", 0.6, "writing the smaller program and its weights")
-        model_file = out / "model.pt2"
-        save_program(pruned, model_file)
-        weights_file = out / "weights.safetensors"
-        _save_weights(pruned.state_dict, weights_file)
-        size_after = model_file.stat().st_size
-
-        progress("evaluating", 0.8, "reloading the exported program and measuring it")
-        reloaded, reloaded_info = load_program(model_file)
-        after = _measure(reloaded, reloaded_info, m, batch)
+    exported = (
+        None
+        if spec.dry_run
+        else _export_and_measure(
+            pruned, out, m, batch, progress, "writing the smaller program and its weights"
+        )
+    )
+    model_file, weights_file, size_after, after = (
+        (exported.model_file, exported.weights_file, exported.size_bytes, exported.measured)
+        if exported
+        else (None, None, None, None)
+    )
 
     metrics = Metrics(
         sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
@@ -493,6 +487,39 @@ def _run_structured(
         report_path=report_file,
         model_path=model_file,
         weights_path=weights_file,
+    )
+
+
+@dataclass(frozen=True)
+class _Exported:
+    model_file: Path
+    weights_file: Path
+    size_bytes: int
+    measured: _Measured
+
+
+def _export_and_measure(
+    program: torch.export.ExportedProgram,
+    out: Path,
+    m: MeasureConfig,
+    batch: int,
+    progress: ProgressCallback,
+    message: str,
+) -> _Exported:
+    """Write the program and its weights, then reload the file through the gate and measure it:
+    the numbers describe the artifact the user downloads, and prove it loads."""
+    progress("exporting", 0.6, message)
+    model_file = out / "model.pt2"
+    save_program(program, model_file)
+    weights_file = out / "weights.safetensors"
+    _save_weights(program.state_dict, weights_file)
+    progress("evaluating", 0.8, "reloading the exported program and measuring it")
+    reloaded, reloaded_info = load_program(model_file)
+    return _Exported(
+        model_file,
+        weights_file,
+        model_file.stat().st_size,
+        _measure(reloaded, reloaded_info, m, batch),
     )
 
 
