@@ -258,29 +258,18 @@ def run(
             program, out, m, batch, progress, "writing the pruned program and its weights"
         )
     )
-    model_file, weights_file, size_after, after = (
-        (exported.model_file, exported.weights_file, exported.size_bytes, exported.measured)
-        if exported
-        else (None, None, None, None)
-    )
-
-    metrics = Metrics(
+    metrics = _metrics(
         sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
-        params_before=params_before,
-        params_after=params_before,
+        params=(params_before, params_before),
         nonzero_params_after=nonzero_params,
-        macs_before=before.macs,
-        macs_after=after.macs if after else before.macs,
-        size_bytes_before=Path(model_path).stat().st_size,
-        size_bytes_after=size_after,
-        sparse_size_bytes_after=sparse_bytes,
-        latency_ms_before=before.latency_ms,
-        latency_ms_after=after.latency_ms if after else None,
-        latency_batch_size=batch,
+        sparse_bytes=sparse_bytes,
+        before=before,
+        exported=exported,
+        model_path=Path(model_path),
+        batch=batch,
         device=m.device,
-        eval_before=eval_before,
-        eval_after_pruning=recovered.eval_after_pruning,
-        eval_after_fine_tune=recovered.eval_after_fine_tune,
+        recovery=recovery,
+        recovered=recovered,
     )
     report_file = out / "report.json"
     _write_report(
@@ -296,8 +285,8 @@ def run(
         metrics=metrics,
         layers=tuple(layers),
         report_path=report_file,
-        model_path=model_file,
-        weights_path=weights_file,
+        model_path=exported.model_file if exported else None,
+        weights_path=exported.weights_file if exported else None,
     )
 
 
@@ -440,29 +429,18 @@ def _run_structured(
             pruned, out, m, batch, progress, "writing the smaller program and its weights"
         )
     )
-    model_file, weights_file, size_after, after = (
-        (exported.model_file, exported.weights_file, exported.size_bytes, exported.measured)
-        if exported
-        else (None, None, None, None)
-    )
-
-    metrics = Metrics(
+    metrics = _metrics(
         sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
-        params_before=params_before,
-        params_after=params_after,
+        params=(params_before, params_after),
         nonzero_params_after=nonzero_params if not spec.dry_run else params_after,
-        macs_before=before.macs,
-        macs_after=after.macs if after else before.macs,
-        size_bytes_before=model_path.stat().st_size,
-        size_bytes_after=size_after,
-        sparse_size_bytes_after=sparse_bytes,
-        latency_ms_before=before.latency_ms,
-        latency_ms_after=after.latency_ms if after else None,
-        latency_batch_size=batch,
+        sparse_bytes=sparse_bytes,
+        before=before,
+        exported=exported,
+        model_path=model_path,
+        batch=batch,
         device=m.device,
-        eval_before=recovery.eval_before,
-        eval_after_pruning=recovered.eval_after_pruning,
-        eval_after_fine_tune=recovered.eval_after_fine_tune,
+        recovery=recovery,
+        recovered=recovered,
     )
     report_file = out / "report.json"
     excluded = tuple(
@@ -485,8 +463,45 @@ def _run_structured(
         metrics=metrics,
         layers=tuple(layers),
         report_path=report_file,
-        model_path=model_file,
-        weights_path=weights_file,
+        model_path=exported.model_file if exported else None,
+        weights_path=exported.weights_file if exported else None,
+    )
+
+
+def _metrics(
+    *,
+    sparsity: float,
+    params: tuple[int, int],
+    nonzero_params_after: int,
+    sparse_bytes: int,
+    before: _Measured,
+    exported: _Exported | None,
+    model_path: Path,
+    batch: int,
+    device: str,
+    recovery: _Recovery,
+    recovered: _Recovered,
+) -> Metrics:
+    """The contract's metrics; the "after" figures are those of the exported artifact (a dry run
+    exports nothing, so its MACs are the unchanged ones and its latency and size are unknown)."""
+    after = exported.measured if exported else None
+    return Metrics(
+        sparsity=sparsity,
+        params_before=params[0],
+        params_after=params[1],
+        nonzero_params_after=nonzero_params_after,
+        macs_before=before.macs,
+        macs_after=after.macs if after else before.macs,
+        size_bytes_before=model_path.stat().st_size,
+        size_bytes_after=exported.size_bytes if exported else None,
+        sparse_size_bytes_after=sparse_bytes,
+        latency_ms_before=before.latency_ms,
+        latency_ms_after=after.latency_ms if after else None,
+        latency_batch_size=batch,
+        device=device,
+        eval_before=recovery.eval_before,
+        eval_after_pruning=recovered.eval_after_pruning,
+        eval_after_fine_tune=recovered.eval_after_fine_tune,
     )
 
 
