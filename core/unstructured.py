@@ -124,9 +124,11 @@ def unstructured_masks(
 # k-th smallest |w| over any set of layers is found by a two-level radix select on the float32 bit
 # pattern of |w| (monotone for non-negative floats), reading the weights chunk by chunk. Extra
 # memory is a few chunk-sized temporaries and two 65,536-bin histograms, whatever the model size.
+# Sets of up to _EXACT weights are selected exactly (torch.kthvalue), within the same budget.
 
 _CHUNK = 1 << 22
 _BINS = 1 << 16
+_EXACT = 1 << 18
 
 
 def _magnitude_keys(weight: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
@@ -140,6 +142,9 @@ class _MagnitudeRanker:
     def __init__(self, weights: Mapping[str, torch.Tensor], chunk: int = _CHUNK) -> None:
         self.weights = weights
         self.chunk = chunk
+        # (key, below, equal) of every threshold counted per layer, so zeroing can reuse the one
+        # water-filling settled on instead of ranking the layer again.
+        self.tallies: dict[str, list[tuple[int, int, int]]] = {}
 
     def _histogram(self, names: Sequence[str], high: int | None) -> torch.Tensor:
         hist = torch.zeros(_BINS, dtype=torch.int64)
@@ -151,6 +156,13 @@ class _MagnitudeRanker:
         return hist
 
     def kth(self, names: Sequence[str], k: int) -> float:
+        if sum(self.weights[n].numel() for n in names) <= min(self.chunk, _EXACT):
+            # On a few layers' worth of weights an exact select costs less than two 65,536-bin
+            # passes; beyond that the histograms win on time and memory.
+            keys = torch.cat(
+                [part for n in names for part in _magnitude_keys(self.weights[n], self.chunk)]
+            )
+            return float(int(torch.kthvalue(keys, k).values))
         high_hist = self._histogram(names, None).cumsum_(0)
         high = int(torch.searchsorted(high_hist, k))
         before = int(high_hist[high - 1]) if high else 0
@@ -164,6 +176,7 @@ class _MagnitudeRanker:
         for keys in _magnitude_keys(self.weights[name], self.chunk):
             below += int((keys < key).sum())
             equal += int((keys == key).sum())
+        self.tallies.setdefault(name, []).append((key, below, equal))
         return below, equal
 
 
@@ -212,8 +225,14 @@ def prune_magnitude_in_place(
 def _zero_lowest(ranker: _MagnitudeRanker, name: str, count: int) -> None:
     if count == 0:
         return
-    key = int(ranker.kth([name], count))
-    ties_left = count - ranker.below_and_equal(name, key)[0]
+    # Any threshold with below <= count <= below + equal selects exactly the layer's ``count``
+    # smallest (ties in flattened order), as its own k-th smallest would.
+    known = [(k, count - b) for k, b, e in ranker.tallies.get(name, ()) if b <= count <= b + e]
+    if known:
+        key, ties_left = known[-1]
+    else:
+        key = int(ranker.kth([name], count))
+        ties_left = count - ranker.below_and_equal(name, key)[0]
     flat = ranker.weights[name].detach().reshape(-1)
     for start in range(0, flat.numel(), ranker.chunk):
         part = flat[start : start + ranker.chunk]
