@@ -51,12 +51,23 @@ BUDGET = {"epochs": 8, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10, "optimi
 DISTILL = {"temperature": 4.0, "alpha": 1.0}
 
 
-def shears(model_path: Path, train: Path, test: Path, out: Path, loss: str) -> dict[str, float]:
+def shears(
+    model_path: Path,
+    train: Path,
+    test: Path,
+    out: Path,
+    loss: str,
+    pruning: PruningSpec | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     spec = JobSpec(
-        pruning=PruningSpec(
+        pruning=pruning
+        or PruningSpec(
             criterion="l1", granularity="unstructured", sparsity=SPARSITY, scope="global"
         ),
-        fine_tune=FineTuneSpec(**BUDGET, loss=loss, **(DISTILL if loss == "distillation" else {})),
+        fine_tune=FineTuneSpec(
+            **BUDGET, loss=loss, seed=seed, **(DISTILL if loss == "distillation" else {})
+        ),
         evaluation=EvaluationSpec(),
     )
     start = time.perf_counter()
@@ -76,6 +87,8 @@ def shears(model_path: Path, train: Path, test: Path, out: Path, loss: str) -> d
         "pruned": m.eval_after_pruning["accuracy"],
         "tuned": m.eval_after_fine_tune["accuracy"],
         "sparsity": m.sparsity,
+        "macs": m.macs_after,
+        "dense_macs": m.macs_before,
         "seconds": time.perf_counter() - start,
     }
 
@@ -88,20 +101,16 @@ def lr_at(step: int, total: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def torch_prune(model: nn.Module, x, y, x_test, y_test, seed: int) -> dict[str, float]:
-    """torch.nn.utils.prune global L1 at the same sparsity, the same fine-tune budget."""
-    model = copy.deepcopy(model)
-    start = time.perf_counter()
-    targets = [(getattr(model, n), "weight") for n in DIGITS_PRUNABLE]
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=SPARSITY)
-    pruned_acc = accuracy(model, x_test, y_test)
+def finetune_eager(model: nn.Module, x, y, seed: int) -> None:
+    """Fine-tune an eager module in place with BUDGET: the optimizer, learning rate, schedule,
+    batch size, epochs and shuffling core.finetune uses, BatchNorm and dropout in train mode."""
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     batch, epochs = BUDGET["batch_size"], BUDGET["epochs"]
     per_epoch = len(yt) // batch + (1 if len(yt) % batch else 0)
     total = per_epoch * epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=BUDGET["lr"])
     torch.manual_seed(seed)
-    model.train()  # BatchNorm and dropout in train mode, as Shears does
+    model.train()
     step = 0
     for epoch in range(epochs):
         order = torch.randperm(
@@ -116,6 +125,18 @@ def torch_prune(model: nn.Module, x, y, x_test, y_test, seed: int) -> dict[str, 
             optimizer.step()
             step += 1
     model.eval()
+
+
+def torch_prune(
+    model: nn.Module, x, y, x_test, y_test, seed: int, sparsity: float = SPARSITY
+) -> dict[str, float]:
+    """torch.nn.utils.prune global L1 at the same sparsity, the same fine-tune budget."""
+    model = copy.deepcopy(model)
+    start = time.perf_counter()
+    targets = [(getattr(model, n), "weight") for n in DIGITS_PRUNABLE]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    pruned_acc = accuracy(model, x_test, y_test)
+    finetune_eager(model, x, y, seed)
     for module, name in targets:
         prune.remove(module, name)
     weights = [getattr(model, n).weight for n in DIGITS_PRUNABLE]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,14 +34,29 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def shears_global_l1(weights: dict[str, Any], sparsity: float) -> None:
+    """What core.pipeline runs for a magnitude criterion at unstructured granularity, with no
+    per-layer cap, as torch.nn.utils.prune has none."""
+    sys.path.insert(0, str(ROOT))
+    from core.allocation import allocate
+    from core.spec import PruningSpec
+    from core.unstructured import prune_magnitude_in_place
+
+    spec = PruningSpec(
+        criterion="l1",
+        granularity="unstructured",
+        sparsity=sparsity,
+        scope="global",
+        max_layer_sparsity=1.0,
+    )
+    prune_magnitude_in_place(weights, allocate(spec, {n: w.numel() for n, w in weights.items()}))
+
+
 def one_side(impl: str, layers: int, width: int, sparsity: float) -> dict[str, float]:
     import torch
     from torch.nn.utils import prune
 
     sys.path.insert(0, str(ROOT))
-    from core.allocation import allocate
-    from core.spec import PruningSpec
-    from core.unstructured import prune_magnitude_in_place
 
     # Everything is imported before the baseline: only the prune step itself is measured.
     torch.manual_seed(0)
@@ -58,17 +74,8 @@ def one_side(impl: str, layers: int, width: int, sparsity: float) -> dict[str, f
         prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
         zeros = sum(int((m.weight == 0).sum()) for m in model)
     else:
-        spec = PruningSpec(
-            criterion="l1",
-            granularity="unstructured",
-            sparsity=sparsity,
-            scope="global",
-            max_layer_sparsity=1.0,
-        )
         weights = {str(i): m.weight for i, m in enumerate(model)}
-        # What core.pipeline runs for a magnitude criterion at unstructured granularity.
-        allocation = allocate(spec, {n: w.numel() for n, w in weights.items()})
-        prune_magnitude_in_place(weights, allocation)
+        shears_global_l1(weights, sparsity)
         zeros = sum(int((w == 0).sum()) for w in weights.values())
     elapsed = time.perf_counter() - start
     peak = _rss_kib("VmHWM")

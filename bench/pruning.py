@@ -1,0 +1,598 @@
+"""Shears vs the peers a user would otherwise pick: same models, same seeds, one run.
+
+* vs torch.nn.utils.prune (``global_unstructured``, L1):
+  - prune-step time and peak extra memory over the weights, on the digits CNN, a CIFAR
+    ResNet-18-style network and a 12-layer transformer, each side in its own process;
+  - accuracy at equal sparsity (50/80/90/95%) with an equal fine-tune budget (digits CNN).
+* vs Torch-Pruning (``MagnitudePruner`` + ``GroupMagnitudeImportance(p=2)``):
+  - accuracy at equal MACs with an equal fine-tune budget (digits CNN, 25/50/75% channels);
+  - delivered latency speedup ÷ MAC reduction (all three models, 50% channels).
+
+Shears runs what a job runs (``core.pipeline.run`` for accuracy, ``core.structure.prune_program``
+and ``core.unstructured.prune_magnitude_in_place`` for the timed steps). The peers run on the eager
+``nn.Module`` they are written for. Reproduce (CPU, about 15 minutes)::
+
+    make install && .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python -m bench.pruning --seeds 0 1 2 3 4 --write
+
+Timed sections hold an exclusive lock on ``$TMPDIR/shears-bench.lock`` so that two benchmarks on a
+shared machine do not time each other (``flock`` on the command line takes the same lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.finetune_digits import BUDGET, _replace_section, finetune_eager, shears, torch_prune  # noqa: E402
+from bench.scale import _reset_peak, _rss_kib, shears_global_l1  # noqa: E402
+from bench.structured import ResNet, Transformer, median_ms  # noqa: E402
+from core.metrics import count_macs  # noqa: E402
+from core.spec import PruningSpec  # noqa: E402
+from core.structure import prune_program  # noqa: E402
+from tests.factories import (  # noqa: E402
+    DigitsCNN,
+    accuracy,
+    digits_arrays,
+    export_digits,
+    save_npz,
+    train_digits_cnn,
+)
+
+SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+CHANNEL_RATIOS = (0.25, 0.5, 0.75)
+MODELS: dict[str, tuple[str, tuple[int, ...], int]] = {
+    # name: (label, input shape without batch, latency batch)
+    "digits": ("digits CNN (8x8)", (1, 8, 8), 256),
+    "resnet": ("ResNet-18-style (CIFAR 32x32)", (3, 32, 32), 32),
+    "transformer": ("Transformer, 12 layers (d 384, 6 heads, T 128)", (128, 32), 8),
+}
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "digits":
+        return DigitsCNN().eval()
+    if name == "resnet":
+        return ResNet().eval()
+    return Transformer(dim=384, heads=6, hidden=1536, depth=12).eval()
+
+
+@contextmanager
+def timing_lock() -> Iterator[None]:
+    with open(Path(tempfile.gettempdir()) / "shears-bench.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# --- prune step: time and peak extra memory, each side in its own process -------------------
+
+
+def prunable(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def prune_once(side: str, model: nn.Module, sparsity: float) -> None:
+    layers = prunable(model)
+    if side == "torch":
+        targets = [(m, "weight") for m in layers.values()]
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+        return
+    shears_global_l1({n: m.weight for n, m in layers.items()}, sparsity)
+
+
+def prune_step_side(side: str, name: str, sparsity: float, repeats: int) -> dict[str, float]:
+    """Runs in a child process: one measured prune for memory, then ``repeats`` for time."""
+    torch.set_num_threads(1)
+    model = build(name).requires_grad_(False)
+    copies = [copy.deepcopy(model) for _ in range(repeats)]
+    weight_bytes = sum(m.weight.numel() * 4 for m in prunable(model).values())
+    _reset_peak()
+    base = _rss_kib("VmRSS")
+    prune_once(side, model, sparsity)
+    extra = (_rss_kib("VmHWM") - base) * 1024
+    times = []
+    for m in copies:
+        start = time.perf_counter()
+        prune_once(side, m, sparsity)
+        times.append(time.perf_counter() - start)
+    weights = [m.weight for m in prunable(model).values()]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return {
+        "ms": 1000 * statistics.median(times),
+        "ms_min": 1000 * min(times),
+        "ms_max": 1000 * max(times),
+        "extra_bytes": extra,
+        "weight_bytes": weight_bytes,
+        "sparsity": zeros,
+    }
+
+
+def prune_step(sparsity: float, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for name in MODELS:
+        row: dict[str, Any] = {"model": name}
+        for side in ("shears", "torch"):
+            out = subprocess.run(
+                [
+                    *(sys.executable, "-m", "bench.pruning", "--prune-step-side", side),
+                    *("--model", name, "--sparsity", str(sparsity), "--repeats", str(repeats)),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            row[side] = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"prune step {name}: {row}", flush=True)
+    return rows
+
+
+# --- Torch-Pruning at a given MAC count ------------------------------------------------------
+
+
+def torch_pruning(model: nn.Module, shape: tuple[int, ...], ratio: float) -> nn.Module:
+    import torch_pruning as tp
+
+    peer = copy.deepcopy(model)
+    extra: dict[str, Any] = {}
+    if isinstance(peer, Transformer):
+        # Hand-written attention infers the head size from the width, so q/k/v must shrink by
+        # whole head dimensions; Torch-Pruning needs the head counts to do so.
+        extra = {
+            "num_heads": {b.attn.qkv: b.attn.heads for b in peer.blocks},
+            "prune_head_dims": True,
+            "prune_num_heads": False,
+        }
+    classifier = peer.fc if isinstance(peer, DigitsCNN) else peer.head
+    tp.pruner.MagnitudePruner(
+        peer,
+        torch.randn(1, *shape),
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=[classifier],
+        **extra,
+    ).step()
+    return peer.eval()
+
+
+def macs_of(module: nn.Module, shape: tuple[int, ...]) -> int:
+    x = torch.randn(2, *shape)
+    return count_macs(lambda: module(x), 2)
+
+
+def torch_pruning_at_macs(
+    model: nn.Module, shape: tuple[int, ...], target: int, first: float
+) -> tuple[nn.Module, float]:
+    """Torch-Pruning's uniform ratio whose MACs come closest to ``target``, trying Shears' own
+    ratio first, then bisecting over ratios k/64 (MACs fall as k grows). Multiples of 1/64 keep
+    the transformer's residual width and head dimensions shrinking in step (384·k/64 = 6 heads ×
+    64·k/64), which its attention's reshape needs."""
+    best = torch_pruning(model, shape, first)
+    best_ratio, best_gap = first, abs(macs_of(best, shape) - target)
+    lo, hi = 0, 61
+    while best_gap > target * 0.002 and hi - lo > 1:
+        k = (lo + hi) // 2
+        peer = torch_pruning(model, shape, k / 64)
+        macs = macs_of(peer, shape)
+        if abs(macs - target) < best_gap:
+            best, best_ratio, best_gap = peer, k / 64, abs(macs - target)
+        lo, hi = (k, hi) if macs > target else (lo, k)
+    return best, best_ratio
+
+
+# --- accuracy at equal sparsity and at equal MACs (digits CNN) -------------------------------
+
+
+def accuracy_seed(seed: int, root: Path) -> dict[str, Any]:
+    x, y, x_test, y_test = digits_arrays(seed)
+    model = train_digits_cnn(x, y, seed=seed, dropout=0.1)
+    model_path = export_digits(model, root / "cnn.pt2")
+    train = save_npz(root / "train.npz", inputs=x, targets=y)
+    test = save_npz(root / "test.npz", inputs=x_test, targets=y_test)
+    result: dict[str, Any] = {"dense": accuracy(model, x_test, y_test), "sparsity": {}, "macs": {}}
+    for s in SPARSITIES:
+        spec = PruningSpec(criterion="l1", granularity="unstructured", sparsity=s, scope="global")
+        ours = shears(model_path, train, test, root / f"u{s}", "cross_entropy", spec, seed)
+        theirs = torch_prune(model, x, y, x_test, y_test, seed, sparsity=s)
+        result["sparsity"][s] = {"shears": ours, "torch": theirs}
+    shape = MODELS["digits"][1]
+    for r in CHANNEL_RATIOS:
+        spec = PruningSpec(criterion="l2", granularity="channel", sparsity=r)
+        ours = shears(model_path, train, test, root / f"c{r}", "cross_entropy", spec, seed)
+        peer, ratio = torch_pruning_at_macs(model, shape, ours["macs"], r)
+        pruned = accuracy(peer, x_test, y_test)
+        finetune_eager(peer, x, y, seed)
+        theirs = {
+            "pruned": pruned,
+            "tuned": accuracy(peer, x_test, y_test),
+            "macs": macs_of(peer, shape),
+            "ratio": ratio,
+        }
+        result["macs"][r] = {"shears": ours, "tp": theirs}
+    return result
+
+
+# --- delivered latency -----------------------------------------------------------------------
+
+
+def latency(name: str, repeats: int, rounds: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    _, shape, batch = MODELS[name]
+    model = build(name)
+    dim = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(
+        copy.deepcopy(model), (torch.randn(4, *shape),), dynamic_shapes=({0: dim},)
+    )
+    pruned = prune_program(
+        program, PruningSpec(criterion="l2", granularity="channel", sparsity=0.5)
+    ).program
+    forms: dict[str, nn.Module] = {
+        "dense_eager": model,
+        "dense_program": program.module(),
+        "shears": pruned.module(),
+    }
+    forms["tp"], ratio = torch_pruning_at_macs(model, shape, macs_of(forms["shears"], shape), 0.5)
+    x = torch.randn(batch, *shape)
+    times: dict[str, list[float]] = {k: [] for k in forms}
+    with timing_lock():
+        for _ in range(rounds):  # interleaved, so drift on a shared machine hits every form
+            for key, module in forms.items():
+                times[key].append(median_ms(module, x, repeats))
+    out: dict[str, Any] = {"model": name, "batch": batch, "tp_ratio": ratio}
+    for key, module in forms.items():
+        out[key] = {
+            "params": sum(p.numel() for p in module.parameters()),
+            "macs": macs_of(module, shape),
+            "ms": statistics.median(times[key]),
+            "ms_all": times[key],
+        }
+    print(f"latency {name}: {out}", flush=True)
+    return out
+
+
+def speedup_over_macs(row: dict[str, Any], side: str) -> float:
+    base = row["dense_program" if side == "shears" else "dense_eager"]
+    return (base["ms"] / row[side]["ms"]) / (base["macs"] / row[side]["macs"])
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def pct(values: list[float]) -> str:
+    return f"{100 * statistics.median(values):.2f}%"
+
+
+def spread(values: list[float]) -> str:
+    return f"{100 * min(values):.2f}–{100 * max(values):.2f}"
+
+
+def accuracy_tables(results: list[dict[str, Any]]) -> tuple[str, str, list[str]]:
+    verdicts = []
+    lines = [
+        "| sparsity | method | after pruning | after fine-tune (median) | range over seeds |"
+        " measured sparsity |",
+        "| ---: | --- | ---: | ---: | --- | ---: |",
+    ]
+    for s in SPARSITIES:
+        for side, label in (("shears", "Shears"), ("torch", "torch.nn.utils.prune")):
+            rows = [r["sparsity"][s][side] for r in results]
+            tuned = [r["tuned"] for r in rows]
+            lines.append(
+                f"| {s:.0%} | {label} | {pct([r['pruned'] for r in rows])} | {pct(tuned)} "
+                f"| {spread(tuned)} | {pct([r['sparsity'] for r in rows])} |"
+            )
+        gap = 100 * (
+            statistics.median(r["sparsity"][s]["shears"]["tuned"] for r in results)
+            - statistics.median(r["sparsity"][s]["torch"]["tuned"] for r in results)
+        )
+        verdicts.append(f"{s:.0%} sparsity: Shears {gap:+.2f} points vs torch.nn.utils.prune")
+    structured = [
+        "| channels removed | method | MACs / sample | after pruning | after fine-tune (median) |"
+        " range over seeds |",
+        "| ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r_ in CHANNEL_RATIOS:
+        for side, label in (("shears", "Shears (l2, channel)"), ("tp", "Torch-Pruning")):
+            rows = [r["macs"][r_][side] for r in results]
+            tuned = [r["tuned"] for r in rows]
+            macs = statistics.median(r["macs"] for r in rows)
+            note = ""
+            if side == "tp":
+                ratios = sorted({round(r["ratio"], 3) for r in rows})
+                note = f" (ratio {', '.join(map(str, ratios))})"
+            structured.append(
+                f"| {r_:.0%} | {label}{note} | {macs / 1e3:.1f} k | "
+                f"{pct([r['pruned'] for r in rows])} | {pct(tuned)} | {spread(tuned)} |"
+            )
+        gap = 100 * (
+            statistics.median(r["macs"][r_]["shears"]["tuned"] for r in results)
+            - statistics.median(r["macs"][r_]["tp"]["tuned"] for r in results)
+        )
+        verdicts.append(
+            f"{r_:.0%} channels (equal MACs): Shears {gap:+.2f} points vs Torch-Pruning"
+        )
+    return "\n".join(lines), "\n".join(structured), verdicts
+
+
+def prune_step_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | conv/linear weights | Shears prune step | torch.nn.utils.prune | time ratio |"
+        " Shears extra memory | torch extra memory |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        ours, theirs = row["shears"], row["torch"]
+        weights = ours["weight_bytes"]
+
+        def mem(r: dict[str, float], weights: int = weights) -> str:
+            return f"{r['extra_bytes'] / 2**20:.1f} MiB ({r['extra_bytes'] / weights:.2f}×)"
+
+        lines.append(
+            f"| {MODELS[row['model']][0]} | {weights // 4:,} "
+            f"| {ours['ms']:.1f} ms ({ours['ms_min']:.1f}–{ours['ms_max']:.1f}) "
+            f"| {theirs['ms']:.1f} ms ({theirs['ms_min']:.1f}–{theirs['ms_max']:.1f}) "
+            f"| {ours['ms'] / theirs['ms']:.2f}× | {mem(ours)} | {mem(theirs)} |"
+        )
+    return "\n".join(lines)
+
+
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model (batch) | form | parameters | MACs / sample | latency (median of rounds) |"
+        " rounds | speedup ÷ MAC reduction |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    labels = {
+        "dense_eager": "dense, eager module",
+        "dense_program": "dense, exported program",
+        "shears": "Shears 50% channels (exported program)",
+        "tp": "Torch-Pruning at Shears' MACs (eager module)",
+    }
+    for row in rows:
+        for key, label in labels.items():
+            r = row[key]
+            ratio = f"{speedup_over_macs(row, key):.2f}" if key in ("shears", "tp") else ""
+            if key == "tp":
+                label += f", ratio {row['tp_ratio']:.3f}"
+            lines.append(
+                f"| {MODELS[row['model']][0]} ({row['batch']}) | {label} | {r['params']:,} "
+                f"| {r['macs'] / 1e6:.2f} M | {r['ms']:.2f} ms "
+                f"| {' / '.join(f'{t:.1f}' for t in r['ms_all'])} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    dense = 100 * statistics.median(r["dense"] for r in results)
+
+    def series(
+        points: tuple[float, ...], get: Callable[[dict[str, Any], float], float]
+    ) -> tuple[list[float], list[float], list[list[float]]]:
+        med, err = [], [[], []]
+        for p in points:
+            values = [100 * get(r, p) for r in results]
+            m = statistics.median(values)
+            med.append(m)
+            err[0].append(m - min(values))
+            err[1].append(max(values) - m)
+        return [100 * p for p in points], med, err
+
+    paths = []
+    for name, points, key, sides, xlabel in (
+        (
+            "accuracy_vs_sparsity.png",
+            SPARSITIES,
+            "sparsity",
+            (("shears", "Shears"), ("torch", "torch.nn.utils.prune")),
+            "weights removed (global L1, unstructured), %",
+        ),
+        (
+            "accuracy_vs_channels.png",
+            CHANNEL_RATIOS,
+            "macs",
+            (("shears", "Shears"), ("tp", "Torch-Pruning (at Shears' MACs)")),
+            "channels removed (L2 groups, structured), %",
+        ),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        for (side, label), marker in zip(sides, ("o", "s"), strict=True):
+            for stage, style in (("tuned", "-"), ("pruned", ":")):
+                xs, ys, err = series(
+                    points,
+                    lambda r, p, side=side, stage=stage, key=key: r[key][p][side][stage],
+                )
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=err,
+                    fmt=marker + style,
+                    capsize=3,
+                    label=f"{label}, {'after fine-tune' if stage == 'tuned' else 'after pruning'}",
+                )
+        ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy, % (median, min–max over seeds)")
+        ax.set_title(f"digits CNN, equal fine-tune budget ({BUDGET['epochs']} epochs)")
+        ax.set_ylim(0, 101)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--sparsity", type=float, default=0.8, help="of the timed prune step")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--prune-step-side", choices=["shears", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.prune_step_side:
+        result = prune_step_side(args.prune_step_side, args.model, args.sparsity, args.repeats)
+        print(json.dumps(result))
+        return
+
+    with timing_lock():
+        steps = prune_step(args.sparsity, args.repeats)
+    latencies = [latency(name, args.repeats, args.rounds) for name in MODELS]
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    results = []
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(accuracy_seed(seed, Path(tmp)))
+        print(f"seed {seed} done", flush=True)
+    unstructured, structured, verdicts = accuracy_tables(results)
+    text = "\n\n".join(
+        [prune_step_table(steps), latency_table(latencies), unstructured, structured]
+    )
+    print(text)
+    print("\n".join(verdicts))
+    if args.write:
+        write_doc(args, steps, latencies, results, unstructured, structured, verdicts)
+
+
+def write_doc(
+    args: argparse.Namespace,
+    steps: list[dict[str, Any]],
+    latencies: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    unstructured: str,
+    structured: str,
+    verdicts: list[str],
+) -> None:
+    import matplotlib
+    import sklearn
+    import torch_pruning as tp
+
+    sparsity_png, channels_png = plot(results, ROOT / "docs" / "img")
+    command = (
+        f".venv/bin/python -m bench.pruning --seeds {' '.join(map(str, args.seeds))} "
+        f"--repeats {args.repeats} --rounds {args.rounds} --write"
+    )
+    worst_time = max(r["shears"]["ms"] / r["torch"]["ms"] for r in steps)
+    worst_mem = max(r["shears"]["extra_bytes"] / r["shears"]["weight_bytes"] for r in steps)
+    ratios = {
+        r["model"]: (speedup_over_macs(r, "shears"), speedup_over_macs(r, "tp")) for r in latencies
+    }
+    ratio_text = "; ".join(
+        f"{MODELS[m][0]}: Shears {a:.2f}, Torch-Pruning {b:.2f}" for m, (a, b) in ratios.items()
+    )
+    budget = (
+        f"{BUDGET['epochs']} epochs, batch {BUDGET['batch_size']}, AdamW, lr {BUDGET['lr']}, "
+        f"{BUDGET['warmup_steps']} warm-up steps then cosine decay, the same seed and data order"
+    )
+    section = f"""## Shears vs torch.nn.utils.prune and Torch-Pruning (same models, same run)
+
+```bash
+make install && .venv/bin/pip install -e '.[bench]'
+{command}
+```
+
+Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.system()}
+{platform.release()}, no GPU; Python {platform.python_version()}, torch {torch.__version__},
+torch-pruning {tp.__version__}, scikit-learn {sklearn.__version__}, matplotlib
+{matplotlib.__version__}. Timed parts run with one torch thread and under a lock that keeps other
+benchmarks of this repository from running at the same time.
+
+### Prune step: time and peak extra memory (global L1, {args.sparsity:.0%}, unstructured)
+
+Each side in its own process, random weights (seed 0); time = median of {args.repeats} prune steps
+(min–max), each on a fresh copy; extra memory = peak RSS during the first step − RSS before it, and
+in brackets as a multiple of the conv/linear weights' bytes. Shears runs
+`core.unstructured.prune_magnitude_in_place` (what a job runs for l1/l2/lp unstructured); the
+peer runs `prune.global_unstructured(..., L1Unstructured)`.
+
+{prune_step_table(steps)}
+
+Worst Shears/torch time ratio {worst_time:.2f}× (goal ≤ 0.2×); worst Shears extra memory
+{worst_mem:.2f}× the weights (goal ≤ 0.15×). On small models both are dominated by fixed costs
+(Shears' radix-select histograms and chunk buffers are a fixed ~MiB; RSS moves in pages), so the
+multiple of the weights is only meaningful at scale: see the 1B-parameter section below.
+
+### Delivered latency: speedup ÷ MAC reduction (50% channels, L2 groups)
+
+Shears removes 50% of the channels of every prunable group (`criterion l2, granularity channel`)
+from the exported program and re-exports it. Torch-Pruning (`MagnitudePruner` +
+`GroupMagnitudeImportance(p=2)`, classifier ignored; for the transformer `num_heads` with
+`prune_head_dims=True`, as its hand-written attention requires) prunes the eager module with the
+uniform ratio whose MACs come closest to Shears' (bisection), so both are at equal MACs. Each
+side's speedup is against its own dense form (Shears: the exported program; peer: the eager
+module). Latency = median of {args.repeats} runs after 3 warm-up runs, in {args.rounds}
+interleaved rounds; the table gives the median of the rounds and each round.
+
+{latency_table(latencies)}
+
+Speedup ÷ MAC reduction (goal ≥ 0.8): {ratio_text}.
+On the transformer the two prune different things at the same MACs: Shears' `channel`
+granularity halves the MLP hidden width and the residual stream and leaves attention to `head`
+pruning, while Torch-Pruning also shrinks every head's q/k/v dimension. On the digits CNN a
+batch is so cheap that fixed per-call costs dominate and no pruning buys much.
+
+### Accuracy at equal sparsity vs torch.nn.utils.prune (digits CNN)
+
+The digits CNN (3 convolutions with BatchNorm, dropout 0.1, one linear layer; 19k conv/linear
+weights) trained per seed on scikit-learn's 8x8 digits (1,347 train / 450 test images, split by
+the seed) and exported with a dynamic batch. Each method removes the same fraction of the
+conv/linear weights by one global L1 ranking, then fine-tunes with the same budget: {budget}.
+Test accuracy, medians over seeds {args.seeds}:
+
+{unstructured}
+
+![accuracy vs sparsity](img/{sparsity_png.name})
+
+### Accuracy at equal MACs vs Torch-Pruning (digits CNN)
+
+The same trained models; Shears removes 25/50/75% of the channels of every group
+(`criterion l2, granularity channel`), Torch-Pruning is set to the ratio that gives the same MACs
+(the ratio column; on this CNN Shears' own ratio gives exactly the same structure), and both
+fine-tune with the same budget.
+
+{structured}
+
+![accuracy vs channels removed](img/{channels_png.name})
+
+Goal "accuracy ≥ each peer at equal budget", by median over seeds: {"; ".join(verdicts)}.
+A difference within the range over seeds is noise at this test-set size (one image = 0.22
+points).
+"""
+    _replace_section(ROOT / "docs" / "benchmarks.md", section)
+    print("wrote its section of docs/benchmarks.md and", sparsity_png, channels_png)
+
+
+if __name__ == "__main__":
+    main()
