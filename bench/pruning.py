@@ -211,7 +211,12 @@ def accuracy_seed(seed: int, root: Path) -> dict[str, Any]:
     model_path = export_digits(model, root / "cnn.pt2")
     train = save_npz(root / "train.npz", inputs=x, targets=y)
     test = save_npz(root / "test.npz", inputs=x_test, targets=y_test)
-    result: dict[str, Any] = {"dense": accuracy(model, x_test, y_test), "sparsity": {}, "macs": {}}
+    result: dict[str, Any] = {
+        "seed": seed,
+        "dense": accuracy(model, x_test, y_test),
+        "sparsity": {},
+        "macs": {},
+    }
     for s in SPARSITIES:
         spec = PruningSpec(criterion="l1", granularity="unstructured", sparsity=s, scope="global")
         ours = shears(model_path, train, test, root / f"u{s}", "cross_entropy", spec, seed)
@@ -422,28 +427,26 @@ def plot(results: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
             "channels removed (L2 groups, structured), %",
         ),
     ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for (side, label), marker in zip(sides, ("o", "s"), strict=True):
-            for stage, style in (("tuned", "-"), ("pruned", ":")):
+        # Left: straight after pruning (wide range); right: after the fine-tune, zoomed, since
+        # all methods end within a few points of the dense model.
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+        for ax, stage, title in (
+            (axes[0], "pruned", "after pruning, no fine-tune"),
+            (axes[1], "tuned", f"after an equal fine-tune ({BUDGET['epochs']} epochs)"),
+        ):
+            for (side, label), marker, color in zip(sides, ("o", "s"), ("C0", "C3"), strict=True):
                 xs, ys, err = series(
-                    points,
-                    lambda r, p, side=side, stage=stage, key=key: r[key][p][side][stage],
+                    points, lambda r, p, side=side, stage=stage, key=key: r[key][p][side][stage]
                 )
-                ax.errorbar(
-                    xs,
-                    ys,
-                    yerr=err,
-                    fmt=marker + style,
-                    capsize=3,
-                    label=f"{label}, {'after fine-tune' if stage == 'tuned' else 'after pruning'}",
-                )
-        ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy, % (median, min–max over seeds)")
-        ax.set_title(f"digits CNN, equal fine-tune budget ({BUDGET['epochs']} epochs)")
-        ax.set_ylim(0, 101)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+                ax.errorbar(xs, ys, yerr=err, fmt=marker + "-", color=color, capsize=3, label=label)
+            ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense (median)")
+            ax.set_xlabel(xlabel)
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylim(0, 101)
+        axes[0].set_ylabel("test accuracy, % (median; bars: min–max over seeds)")
+        axes[1].legend(fontsize=8, loc="lower left")
+        fig.suptitle(f"digits CNN, seeds {', '.join(str(r['seed']) for r in results)}")
         fig.tight_layout()
         path = out / name
         fig.savefig(path)
@@ -459,6 +462,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     parser.add_argument("--sparsity", type=float, default=0.8, help="of the timed prune step")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--save", type=Path, help="write the raw results to this JSON file")
+    parser.add_argument("--load", type=Path, help="report saved results instead of measuring")
     parser.add_argument("--prune-step-side", choices=["shears", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -467,15 +472,25 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    with timing_lock():
-        steps = prune_step(args.sparsity, args.repeats)
-    latencies = [latency(name, args.repeats, args.rounds) for name in MODELS]
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    results = []
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            results.append(accuracy_seed(seed, Path(tmp)))
-        print(f"seed {seed} done", flush=True)
+    if args.load:
+        saved = json.loads(args.load.read_text())
+        steps, latencies, results = saved["prune_step"], saved["latency"], saved["accuracy"]
+        for r in results:  # JSON keys are strings; the tables index by the float ratios
+            for part in ("sparsity", "macs"):
+                r[part] = {float(k): v for k, v in r[part].items()}
+    else:
+        with timing_lock():
+            steps = prune_step(args.sparsity, args.repeats)
+        latencies = [latency(name, args.repeats, args.rounds) for name in MODELS]
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        results = []
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                results.append(accuracy_seed(seed, Path(tmp)))
+            print(f"seed {seed} done", flush=True)
+    if args.save:
+        raw = {"prune_step": steps, "latency": latencies, "accuracy": results}
+        args.save.write_text(json.dumps(raw, indent=1))
     unstructured, structured, verdicts = accuracy_tables(results)
     text = "\n\n".join(
         [prune_step_table(steps), latency_table(latencies), unstructured, structured]
