@@ -45,7 +45,7 @@ class _TensorRanker:
 
     def below_and_equal(self, name: str, threshold: float) -> tuple[int, int]:
         s = self.scores[name]
-        return int((s < threshold).sum()), int((s == threshold).sum())
+        return int(torch.count_nonzero(s < threshold)), int(torch.count_nonzero(s == threshold))
 
 
 def _global_counts(
@@ -152,7 +152,7 @@ class _MagnitudeRanker:
             for keys in _magnitude_keys(self.weights[name], self.chunk):
                 # First level: the high 16 bits; second: the low 16 bits within one high bin.
                 part = keys >> 16 if high is None else keys[(keys >> 16) == high] & 0xFFFF
-                hist += torch.bincount(part.to(torch.int64), minlength=_BINS)
+                hist += torch.bincount(part, minlength=_BINS)
         return hist
 
     def kth(self, names: Sequence[str], k: int) -> float:
@@ -174,8 +174,8 @@ class _MagnitudeRanker:
         key = int(threshold)
         below = equal = 0
         for keys in _magnitude_keys(self.weights[name], self.chunk):
-            below += int((keys < key).sum())
-            equal += int((keys == key).sum())
+            below += int(torch.count_nonzero(keys < key))
+            equal += int(torch.count_nonzero(keys == key))
         self.tallies.setdefault(name, []).append((key, below, equal))
         return below, equal
 
