@@ -237,18 +237,53 @@ def _job_json(reads: Engine, tenant: str, job_id: str) -> bytes | None:
     return _JOB_OUT.dump_json(_JOB_OUT.validate_python(job_body(*found)))
 
 
-@router.get("/{job_id}", response_model=JobOut, responses={404: {}})
-async def get_job(job_id: str, request: Request, tenant: TenantDep) -> Response:
-    """The job: its status, progress, metrics and artifacts."""
+def _etag(body: bytes) -> str:
+    """A strong validator from the body itself: it changes whenever anything in the job does
+    (status, progress, metrics, artifacts) and never otherwise."""
+    return f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+
+
+def _none_match(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 If-None-Match: ``*`` or a list of entity tags, compared weakly."""
+    if if_none_match.strip() == "*":
+        return True
+    return etag in {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    responses={
+        304: {"description": "Not modified: the job is still as the `If-None-Match` ETag says."},
+        404: {},
+    },
+)
+async def get_job(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    if_none_match: Annotated[
+        str | None,
+        Header(description="An `ETag` from an earlier answer: 304, no body, while unchanged."),
+    ] = None,
+) -> Response:
+    """The job: its status, progress, metrics and artifacts. The `ETag` changes whenever any of
+    them does; poll with `If-None-Match` to get a bodiless 304 while nothing has."""
     # The status poll, the hottest route: one statement (job and artifacts) on an autocommit
     # connection, all of its blocking work in one worker-thread hop, and the body serialised once
-    # (the same JobOut validation and JSON that response_model gives the other routes).
+    # (the same JobOut validation and JSON that response_model gives the other routes). The 304
+    # is decided after the tenant-scoped lookup: another tenant's id is a 404 whatever it sends.
     body = await anyio.to_thread.run_sync(
         _job_json, request.app.state.reads, tenant, job_id, limiter=request.app.state.read_limiter
     )
     if body is None:
         raise not_found("job", job_id)
-    return Response(body, media_type="application/json")
+    etag = _etag(body)
+    # private: the body is one tenant's; no-cache: a running job changes, so always revalidate.
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if if_none_match is not None and _none_match(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.get("", response_model=JobList)
