@@ -7,11 +7,12 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import Problem
-from shears.auth import DEFAULT_TENANT, KeyResolver
+from shears.auth import KeyCheck, KeyResolver
 from shears.settings import Settings
 from shears.storage import LocalStorage
 
@@ -42,17 +43,21 @@ def get_celery(request: Request) -> Celery:
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer shk_...`")
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
-    session: Annotated[Session, Depends(get_session)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """The caller's tenant, from its API key. With no key configured anywhere the service is open
-    (local development) and everyone is ``default``."""
+    (local development) and everyone is ``default``.
+
+    Async, and without the request's session: a key seen in the last second is answered from
+    memory on the event loop; only a cache miss takes a worker thread and a database session."""
     keys: KeyResolver = request.app.state.keys
-    if not keys.auth_enabled(session):
-        return DEFAULT_TENANT
-    if credentials is None:
+    key = credentials.credentials if credentials is not None else None
+    outcome = keys.peek(key)
+    if outcome is None:
+        outcome = await run_in_threadpool(keys.check, request.app.state.sessions, key)
+    if outcome is KeyCheck.MISSING:
         raise Problem(
             401,
             "unauthorized",
@@ -60,8 +65,7 @@ def get_tenant(
             "Send an API key as 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant = keys.tenant(session, credentials.credentials)
-    if tenant is None:
+    if outcome is KeyCheck.INVALID:
         raise Problem(
             401,
             "unauthorized",
@@ -69,7 +73,7 @@ def get_tenant(
             "The API key is unknown or revoked.",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return tenant
+    return outcome
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

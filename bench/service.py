@@ -4,6 +4,9 @@
     apt-get install -y wrk          # the load tool (Debian package)
     .venv/bin/python bench/service.py --backend postgres+redis
     .venv/bin/python bench/service.py --backend embedded
+    .venv/bin/python bench/service.py --api-workers 2 --runs 3 --skip-upload   # as compose runs it
+
+On a shared machine, serialise timing runs: ``flock /tmp/shears-bench.lock .venv/bin/python ...``.
 
 Starts the real processes (uvicorn, a Celery worker, the sweeper) exactly as the e2e tests do.
 Results are printed as markdown; copy them to docs/benchmarks.md with the machine they ran on.
@@ -43,10 +46,13 @@ def api_pid(svc: Service) -> int:
     return svc.procs["api"].pid
 
 
-def status_poll(svc: Service, job_id: str, seconds: int, connections: int, threads: int) -> dict:
+def status_poll(
+    svc: Service, job_id: str, seconds: int, connections: int, threads: int, headers: list[str]
+) -> dict:
     url = f"http://127.0.0.1:{svc.port}/v1/jobs/{job_id}"
+    extra = [arg for header in headers for arg in ("-H", header)]
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", *extra, url],
         capture_output=True,
         text=True,
         check=True,
@@ -63,6 +69,16 @@ def status_poll(svc: Service, job_id: str, seconds: int, connections: int, threa
         "p99_ms": percentiles["99"],
         "non_2xx": int(errors.group(1)) if errors else 0,
     }
+
+
+def status_polls(svc: Service, job_id: str, args: argparse.Namespace, headers: list[str]) -> dict:
+    """``args.runs`` wrk runs back to back: the median of each figure, and every run's."""
+    runs = [
+        status_poll(svc, job_id, args.seconds, args.connections, args.threads, headers)
+        for _ in range(args.runs)
+    ]
+    summary = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")}
+    return {**summary, "non_2xx": sum(r["non_2xx"] for r in runs), "runs": runs}
 
 
 def pick_up(svc: Service, model_id: str, jobs: int) -> list[float]:
@@ -119,6 +135,19 @@ def big_upload(svc: Service, workdir: Path) -> dict:
     }
 
 
+def print_poll(what: str, poll: dict, args: argparse.Namespace) -> None:
+    runs = poll["runs"]
+    median = "median of " if len(runs) > 1 else ""
+    print(
+        f"| {what} throughput (wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, "
+        f"{median}{len(runs)} run(s)) | {poll['rps']:.0f} req/s ({poll['non_2xx']} non-2xx) |"
+    )
+    print(f"| {what} p50 / p99 | {poll['p50_ms']:.2f} ms / {poll['p99_ms']:.2f} ms |")
+    if len(runs) > 1:
+        each = ", ".join(f"{r['rps']:.0f} ({r['p50_ms']:.1f}/{r['p99_ms']:.1f} ms)" for r in runs)
+        print(f"| {what} each run: req/s (p50/p99) | {each} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -129,6 +158,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=15)
     parser.add_argument("--skip-upload", action="store_true")
+    parser.add_argument(
+        "--api-workers", type=int, default=1, help="uvicorn processes (compose runs 2)"
+    )
+    parser.add_argument("--runs", type=int, default=1, help="wrk runs; medians are reported")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install -y wrk")
@@ -149,7 +182,9 @@ def main() -> None:
         SHEARS_LOG_LEVEL="WARNING",
     )
     (workdir / "data").mkdir()
-    svc = Service(data_dir=workdir / "data", env=env, port=port)
+    svc = Service(data_dir=workdir / "data", env=env, port=port, api_workers=args.api_workers)
+    # With several processes the API pid is uvicorn's supervisor: its RSS says nothing.
+    skip_upload = args.skip_upload or args.api_workers > 1
     try:
         svc.start()
         model = svc.client.post(
@@ -157,21 +192,20 @@ def main() -> None:
         ).json()
         delays = pick_up(svc, model["id"], args.jobs)
         job_id = svc.client.get("/v1/jobs", params={"limit": 1}).json()["items"][0]["id"]
-        poll = status_poll(svc, job_id, args.seconds, args.connections, args.threads)
-        upload = None if args.skip_upload else big_upload(svc, workdir)
+        poll = status_polls(svc, job_id, args, [])
+        upload = None if skip_upload else big_upload(svc, workdir)
     finally:
         svc.stop()
         if database_gen is not None:
             next(database_gen, None)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n### Service on {args.backend} ({torch.__version__}, {datetime.now():%Y-%m-%d})\n")
-    print("| measure | value |\n| --- | --- |")
     print(
-        f"| status GET throughput (wrk -t{args.threads} -c{args.connections} "
-        f"-d{args.seconds}s) | {poll['rps']:.0f} req/s ({poll['non_2xx']} non-2xx) |"
+        f"\n### Service on {args.backend}, {args.api_workers} API process(es) "
+        f"({torch.__version__}, {datetime.now():%Y-%m-%d})\n"
     )
-    print(f"| status GET p50 / p99 | {poll['p50_ms']:.2f} ms / {poll['p99_ms']:.2f} ms |")
+    print("| measure | value |\n| --- | --- |")
+    print_poll("status GET", poll, args)
     print(
         f"| job pick-up (created → started), {len(delays)} jobs | median "
         f"{statistics.median(delays):.0f} ms, min {min(delays):.0f}, max {max(delays):.0f} |"

@@ -6,6 +6,7 @@ Keys are 256-bit random tokens, so a plain SHA-256 is enough to make a stolen da
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import re
 import secrets
@@ -13,7 +14,7 @@ import threading
 import time
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from shears.db.tables import ApiKey, new_id, utcnow
 
@@ -81,11 +82,18 @@ def any_active_key(session: Session) -> bool:
     return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
 
 
+class KeyCheck(enum.Enum):
+    """Why a request has no tenant."""
+
+    MISSING = "missing"  # auth is on and the request sent no key
+    INVALID = "invalid"  # the key is unknown or revoked
+
+
 class KeyResolver:
     """Resolves API keys to tenants, remembering database answers for ``ttl_seconds``.
 
-    A status poll then costs no key query; a key created or revoked with the CLI takes effect
-    within ``ttl_seconds`` in every API process.
+    A status poll then costs no key query (``peek`` answers from memory, without a session); a
+    key created or revoked with the CLI takes effect within ``ttl_seconds`` in every API process.
     """
 
     def __init__(self, env_keys: dict[str, str], ttl_seconds: float = 1.0) -> None:
@@ -94,6 +102,36 @@ class KeyResolver:
         self._lock = threading.Lock()
         self._enabled: tuple[float, bool] | None = None
         self._tenants: dict[str, tuple[float, str | None]] = {}
+
+    def peek(self, key: str | None) -> str | KeyCheck | None:
+        """The caller's tenant (or why there is none) from memory alone; None when that needs
+        the database (call ``check``)."""
+        now = time.monotonic()
+        if not self.env_keys:
+            enabled = self._enabled
+            if enabled is None or now - enabled[0] >= self.ttl:
+                return None
+            if not enabled[1]:
+                return DEFAULT_TENANT
+        if key is None:
+            return KeyCheck.MISSING
+        digest = hash_key(key)
+        if digest in self.env_keys:
+            return self.env_keys[digest]
+        cached = self._tenants.get(digest)
+        if cached is None or now - cached[0] >= self.ttl:
+            return None
+        return cached[1] if cached[1] is not None else KeyCheck.INVALID
+
+    def check(self, sessions: sessionmaker[Session], key: str | None) -> str | KeyCheck:
+        """Like ``peek``, asking the database where memory has no fresh answer."""
+        with sessions() as session:
+            if not self.auth_enabled(session):
+                return DEFAULT_TENANT
+            if key is None:
+                return KeyCheck.MISSING
+            tenant = self.tenant(session, key)
+        return tenant if tenant is not None else KeyCheck.INVALID
 
     def auth_enabled(self, session: Session) -> bool:
         if self.env_keys:

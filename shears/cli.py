@@ -81,7 +81,7 @@ def _declare_embedded_queue(broker_url: str, queue: str) -> None:
         connection.default_channel.queue_declare(queue=queue)
 
 
-def api_command(host: str, port: int) -> list[str]:
+def api_command(host: str, port: int, workers: int = 1) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -93,6 +93,7 @@ def api_command(host: str, port: int) -> list[str]:
         "--port",
         str(port),
         "--no-access-log",
+        *(["--workers", str(workers)] if workers > 1 else []),
     ]
 
 

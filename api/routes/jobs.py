@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Annotated, Any
 
+import anyio.to_thread
 import structlog
 from celery import Celery
-from fastapi import APIRouter, Header, Query, Response
-from sqlalchemy.exc import IntegrityError
+from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import TypeAdapter
+from sqlalchemy import Engine, Row
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, invalid_field, not_found
@@ -18,7 +22,7 @@ from core.allocation import allocate
 from core.errors import InvalidSpec
 from core.spec import SPEC_VERSION, JobSpec
 from shears.db import repository as repo
-from shears.db.tables import Job, new_id, utcnow
+from shears.db.tables import Artifact, Job, new_id, utcnow
 from shears.jobspec import (
     CalibrationRequest,
     EvaluationRequest,
@@ -32,8 +36,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = structlog.get_logger("shears.api")
 
 
-def job_body(job: Job) -> dict[str, Any]:
-    """The contract's job object from its row."""
+def job_body(
+    job: Job | Row[Any], artifacts: Iterable[Artifact | repo.ArtifactSummary]
+) -> dict[str, Any]:
+    """The contract's job object from its row (an ORM object, or a Core row) and artifacts."""
     return {
         "id": job.id,
         "status": job.status,
@@ -61,7 +67,7 @@ def job_body(job: Job) -> dict[str, Any]:
                 "sha256": a.sha256,
                 "download_url": f"/v1/artifacts/{a.id}/download",
             }
-            for a in job.artifacts
+            for a in artifacts
         ],
     }
 
@@ -92,7 +98,7 @@ def _replay(job: Job, request_hash: str, response: Response) -> dict[str, Any]:
             "use a new key for a new job.",
         )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_body(job)
+    return job_body(job, job.artifacts)
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={404: {}, 422: {}, 429: {}})
@@ -167,7 +173,7 @@ def create_job(
         session.commit()
     session.refresh(job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_body(job)
+    return job_body(job, job.artifacts)
 
 
 _DatasetRequest = CalibrationRequest | FineTuneRequest | EvaluationRequest
@@ -210,9 +216,74 @@ def _get(session: SessionDep, tenant: str, job_id: str) -> Job:
     return job
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return job_body(_get(session, tenant, job_id))
+_JOB_OUT: TypeAdapter[JobOut] = TypeAdapter(JobOut)
+
+
+def _job_json(reads: Engine, tenant: str, job_id: str) -> bytes | None:
+    """The job's body as JSON bytes, validated against ``JobOut`` exactly as ``response_model``
+    would; None when the tenant has no such job."""
+    try:
+        with reads.connect() as connection:
+            found = repo.job_with_artifacts(connection, tenant, job_id)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        # The database dropped this pooled connection (a restart): the pool has discarded it and
+        # its siblings, so one retry reconnects, as a pre-ping would have. Down: 503 as before.
+        with reads.connect() as connection:
+            found = repo.job_with_artifacts(connection, tenant, job_id)
+    if found is None:
+        return None
+    return _JOB_OUT.dump_json(_JOB_OUT.validate_python(job_body(*found)))
+
+
+def _etag(body: bytes) -> str:
+    """A strong validator from the body itself: it changes whenever anything in the job does
+    (status, progress, metrics, artifacts) and never otherwise."""
+    return f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+
+
+def _none_match(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 If-None-Match: ``*`` or a list of entity tags, compared weakly."""
+    if if_none_match.strip() == "*":
+        return True
+    return etag in {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    responses={
+        304: {"description": "Not modified: the job is still as the `If-None-Match` ETag says."},
+        404: {},
+    },
+)
+async def get_job(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    if_none_match: Annotated[
+        str | None,
+        Header(description="An `ETag` from an earlier answer: 304, no body, while unchanged."),
+    ] = None,
+) -> Response:
+    """The job: its status, progress, metrics and artifacts. The `ETag` changes whenever any of
+    them does; poll with `If-None-Match` to get a bodiless 304 while nothing has."""
+    # The status poll, the hottest route: one statement (job and artifacts) on an autocommit
+    # connection, all of its blocking work in one worker-thread hop, and the body serialised once
+    # (the same JobOut validation and JSON that response_model gives the other routes). The 304
+    # is decided after the tenant-scoped lookup: another tenant's id is a 404 whatever it sends.
+    body = await anyio.to_thread.run_sync(
+        _job_json, request.app.state.reads, tenant, job_id, limiter=request.app.state.read_limiter
+    )
+    if body is None:
+        raise not_found("job", job_id)
+    etag = _etag(body)
+    # private: the body is one tenant's; no-cache: a running job changes, so always revalidate.
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if if_none_match is not None and _none_match(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.get("", response_model=JobList)
@@ -225,7 +296,7 @@ def list_jobs(
     model_id: str | None = None,
 ) -> dict[str, Any]:
     items, next_cursor = repo.list_jobs(session, tenant, limit, cursor, status, model_id)
-    return {"items": [job_body(j) for j in items], "next_cursor": next_cursor}
+    return {"items": [job_body(j, j.artifacts) for j in items], "next_cursor": next_cursor}
 
 
 @router.get("/{job_id}/layers", response_model=LayerList)
@@ -271,7 +342,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str,
         repo.add_event(session, job.id, job.progress_stage, "cancel requested")
     session.commit()
     session.refresh(job)
-    return job_body(job)
+    return job_body(job, job.artifacts)
 
 
 @router.delete("/{job_id}", status_code=204, responses={409: {}})

@@ -8,8 +8,11 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and enforced foreign keys."""
+def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and enforced foreign keys.
+
+    ``pre_ping=False`` saves a round trip per checkout; its callers must retry a statement that
+    fails on a connection the database dropped (see ``api.routes.jobs``)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -25,8 +28,14 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # pre_ping: a connection that died while the database restarted is replaced, not returned.
-    return create_engine(url, pool_pre_ping=True, pool_recycle=1800)
+    return create_engine(url, pool_pre_ping=pre_ping, pool_recycle=1800)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def autocommit(engine: Engine) -> Engine:
+    """The same pool, without transactions: a read that is one statement needs no BEGIN and no
+    ROLLBACK round trip (the statement is its own snapshot)."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")

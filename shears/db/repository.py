@@ -6,9 +6,20 @@ import base64
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Row,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from core.archive import ArchiveInfo
@@ -156,6 +167,45 @@ def dataset_ids(spec: dict[str, Any]) -> dict[str, str]:
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+
+
+class ArtifactSummary(NamedTuple):
+    """What a job body shows of one artifact."""
+
+    id: str
+    kind: str
+    format: str
+    size_bytes: int
+    sha256: str
+
+
+_JOBS, _ARTIFACTS = Job.__table__, Artifact.__table__
+# The status poll's one statement: the job and its artifacts in one round trip and one snapshot
+# (Core, built once: no ORM identity map, no per-call compile or second "selectin" query).
+_JOB_WITH_ARTIFACTS = (
+    select(
+        *_JOBS.c,
+        *(_ARTIFACTS.c[name].label(f"artifact_{name}") for name in ArtifactSummary._fields),
+    )
+    .outerjoin(_ARTIFACTS, _ARTIFACTS.c.job_id == _JOBS.c.id)
+    .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant == bindparam("tenant"))
+    .order_by(_ARTIFACTS.c.kind)  # as Job.artifacts orders them
+)
+
+
+def job_with_artifacts(
+    connection: Connection, tenant: str, job_id: str
+) -> tuple[Row[Any], list[ArtifactSummary]] | None:
+    """The job's columns (by name) and its artifacts; None when the tenant has no such job."""
+    rows = connection.execute(_JOB_WITH_ARTIFACTS, {"job_id": job_id, "tenant": tenant}).all()
+    if not rows:
+        return None
+    artifacts = [
+        ArtifactSummary(*(getattr(row, f"artifact_{name}") for name in ArtifactSummary._fields))
+        for row in rows
+        if row.artifact_id is not None
+    ]
+    return rows[0], artifacts
 
 
 def job_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:

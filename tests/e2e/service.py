@@ -26,6 +26,7 @@ class Service:
     env: dict[str, str]
     port: int
     with_worker: bool = True
+    api_workers: int = 1
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     client: httpx.Client = field(init=False)
 
@@ -66,7 +67,7 @@ class Service:
             check=True,
             capture_output=True,
         )
-        self._spawn("api", api_command("127.0.0.1", self.port))
+        self._spawn("api", api_command("127.0.0.1", self.port, self.api_workers))
         self._spawn("sweeper", sweeper_command())
         if self.with_worker:
             self.start_worker()

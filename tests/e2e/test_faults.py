@@ -73,6 +73,9 @@ def test_database_outage_gives_503_and_recovers_without_restart(
     svc = make_service(tmp_path, private_postgres.url, redis_server, with_worker=True)
     running.append(svc)
     model = upload(svc, resnet_pt2)
+    # Polled before the outage: the status poll's pool (no pre-ping) now holds a connection that
+    # the restart will kill.
+    done = svc.wait_for_job(svc.client.post("/v1/jobs", json=global_l1(model["id"])).json()["id"])
 
     private_postgres.stop()
     body = assert_problem(svc.client.get("/v1/jobs"), 503, "database-unavailable")
@@ -88,6 +91,9 @@ def test_database_outage_gives_503_and_recovers_without_restart(
     while svc.client.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, svc.logs("api")
         time.sleep(0.5)
+    # The first poll after the restart finds its pooled connection dead, and retries: no 503.
+    polled = svc.client.get(f"/v1/jobs/{done['id']}")
+    assert polled.status_code == 200, polled.text
     job = svc.wait_for_job(svc.client.post("/v1/jobs", json=global_l1(model["id"])).json()["id"])
     assert job["status"] == "succeeded", (job["error"], svc.logs("worker"))
     for name, proc in svc.procs.items():

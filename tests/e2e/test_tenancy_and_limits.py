@@ -77,6 +77,14 @@ def test_another_tenants_ids_answer_404_on_every_route(secured: Service, resnet_
     ]:
         assert_problem(globex.request(method, path), 404, "not-found")
     assert_problem(globex.post("/v1/jobs", json=global_l1(model["id"])), 404, "not-found")
+    # A status poll's ETag says nothing across tenants: never a 304 for someone else's job.
+    etag = acme.get(f"/v1/jobs/{job['id']}").headers["etag"]
+    for header in (etag, "*"):
+        polled = globex.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": header})
+        assert_problem(polled, 404, "not-found")
+        anonymous = secured.client.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": header})
+        assert_problem(anonymous, 401, "unauthorized")
+    assert acme.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag}).status_code == 304
     assert globex.get("/v1/models").json()["items"] == []
     assert globex.get("/v1/jobs").json()["items"] == []
     # ...and acme still has everything.
