@@ -463,7 +463,15 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.8, help="of the timed prune step")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--save", type=Path, help="write the raw results to this JSON file")
-    parser.add_argument("--load", type=Path, help="report saved results instead of measuring")
+    parser.add_argument(
+        "--load", type=Path, help="saved results to report for the parts not measured now"
+    )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: set(text.split(",")),
+        default={"prune-step", "latency", "accuracy"},
+        help="what to measure now, comma-separated: prune-step,latency,accuracy (default: all)",
+    )
     parser.add_argument("--prune-step-side", choices=["shears", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -472,25 +480,32 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    saved: dict[str, Any] = {}
     if args.load:
         saved = json.loads(args.load.read_text())
-        steps, latencies, results = saved["prune_step"], saved["latency"], saved["accuracy"]
-        for r in results:  # JSON keys are strings; the tables index by the float ratios
+        for r in saved.get("accuracy", []):  # JSON keys are strings; tables index by the ratios
             for part in ("sparsity", "macs"):
                 r[part] = {float(k): v for k, v in r[part].items()}
-    else:
+    if "prune-step" in args.parts:
         with timing_lock():
-            steps = prune_step(args.sparsity, args.repeats)
-        latencies = [latency(name, args.repeats, args.rounds) for name in MODELS]
+            saved["prune_step"] = prune_step(args.sparsity, args.repeats)
+    if "latency" in args.parts:
+        saved["latency"] = [latency(name, args.repeats, args.rounds) for name in MODELS]
+    if "accuracy" in args.parts:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-        results = []
+        saved["accuracy"] = []
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                results.append(accuracy_seed(seed, Path(tmp)))
+                saved["accuracy"].append(accuracy_seed(seed, Path(tmp)))
             print(f"seed {seed} done", flush=True)
     if args.save:
-        raw = {"prune_step": steps, "latency": latencies, "accuracy": results}
-        args.save.write_text(json.dumps(raw, indent=1))
+        args.save.write_text(json.dumps(saved, indent=1))
+    missing = {"prune_step", "latency", "accuracy"} - set(saved)
+    if missing:
+        print(f"measured {sorted(args.parts)}; no report without {sorted(missing)} (--load)")
+        return
+    steps, latencies, results = saved["prune_step"], saved["latency"], saved["accuracy"]
+    args.seeds = [r["seed"] for r in results]
     unstructured, structured, verdicts = accuracy_tables(results)
     text = "\n\n".join(
         [prune_step_table(steps), latency_table(latencies), unstructured, structured]
@@ -524,6 +539,12 @@ def write_doc(
     ratios = {
         r["model"]: (speedup_over_macs(r, "shears"), speedup_over_macs(r, "tp")) for r in latencies
     }
+    merged = (
+        f"These figures merge separate invocations (this one measured {sorted(args.parts)}, the "
+        f"rest came from `--load`), so that timed parts ran on a quiet machine.\n\n"
+        if args.load
+        else ""
+    )
     ratio_text = "; ".join(
         f"{MODELS[m][0]}: Shears {a:.2f}, Torch-Pruning {b:.2f}" for m, (a, b) in ratios.items()
     )
@@ -538,7 +559,7 @@ make install && .venv/bin/pip install -e '.[bench]'
 {command}
 ```
 
-Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.system()}
+{merged}Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.system()}
 {platform.release()}, no GPU; Python {platform.python_version()}, torch {torch.__version__},
 torch-pruning {tp.__version__}, scikit-learn {sklearn.__version__}, matplotlib
 {matplotlib.__version__}. Timed parts run with one torch thread and under a lock that keeps other
