@@ -48,6 +48,12 @@ class IterativeSchedule(_Frozen):
 Schedule = Annotated[OneShotSchedule | IterativeSchedule, Field(discriminator="kind")]
 
 
+def _sparsity_optional(schema: dict[str, Any]) -> None:
+    # The "before" validator fills `sparsity` in for n:m, so clients may leave it out there; the
+    # published schema must not call it required (a stricter check follows in validation).
+    schema["required"] = [name for name in schema.get("required", []) if name != "sparsity"]
+
+
 class PruningSpec(_Frozen):
     """Importance criterion x granularity x ratio.
 
@@ -55,6 +61,8 @@ class PruningSpec(_Frozen):
         >>> PruningSpec(criterion="l1", granularity="unstructured", sparsity=0.8, scope="global")
         PruningSpec(criterion='l1', ...)
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_sparsity_optional)
 
     criterion: Criterion = Field(
         description="How weights, channels or heads are ranked; the lowest go first. `l1`, `l2`, "

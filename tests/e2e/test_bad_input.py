@@ -166,4 +166,7 @@ def test_health_and_docs(service: Service) -> None:
     schema = service.client.get("/openapi.json").json()
     assert "/v1/jobs" in schema["paths"]
     assert "multipart/form-data" in schema["paths"]["/v1/models"]["post"]["requestBody"]["content"]
+    # n:m fills `sparsity` in, so the published schema must not make clients send it.
+    pruning = schema["components"]["schemas"]["PruningSpec"]
+    assert set(pruning["required"]) == {"criterion", "granularity"}
     assert service.client.get("/docs").status_code == 200
