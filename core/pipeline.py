@@ -238,8 +238,6 @@ def run(
                     sparsity=1.0 - nonzero / max(weight.numel(), 1),
                 )
             )
-    prunable_before = sum(layer.params for layer in info.prunable_layers)
-    prunable_nonzero = sum(layer.nonzero for layer in layers)
     zeroed_by_plan = (
         sum(int(state[f"{n}.weight"].count_nonzero()) for n in planned)
         - sum(layer.nonzero for layer in layers if layer.name in planned)
@@ -247,46 +245,24 @@ def run(
         else 0
     )
     nonzero_params = sum(int(p.count_nonzero()) for p in program.parameters()) - zeroed_by_plan
-    sparse_bytes = sparse_size_bytes(state, (f"{n}.weight" for n in layer_names))
-
-    recovered = _recover(program, info, spec, recovery, progress)
-
-    exported = (
-        None
-        if spec.dry_run
-        else _export_and_measure(
-            program, out, m, batch, progress, "writing the pruned program and its weights"
-        )
-    )
-    metrics = _metrics(
-        sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
+    return _finish(
+        program,
+        info,
+        spec,
+        layers,
         params=(params_before, params_before),
         nonzero_params_after=nonzero_params,
-        sparse_bytes=sparse_bytes,
-        before=before,
-        exported=exported,
-        model_path=Path(model_path),
+        sparse_bytes=sparse_size_bytes(state, (f"{n}.weight" for n in layer_names)),
+        excluded=allocation.excluded,
+        structured=None,
+        export_message="writing the pruned program and its weights",
+        out=out,
+        m=m,
         batch=batch,
-        device=m.device,
+        model_path=Path(model_path),
+        before=before,
         recovery=recovery,
-        recovered=recovered,
-    )
-    report_file = out / "report.json"
-    _write_report(
-        report_file,
-        spec,
-        metrics,
-        layers,
-        allocation.excluded,
-        fine_tune=_tuned_report(recovered.tuned),
-    )
-    progress("done", 1.0, "finished")
-    return PipelineResult(
-        metrics=metrics,
-        layers=tuple(layers),
-        report_path=report_file,
-        model_path=exported.model_file if exported else None,
-        weights_path=exported.weights_file if exported else None,
+        progress=progress,
     )
 
 
@@ -408,8 +384,6 @@ def _run_structured(
                 sparsity=1.0 - nonzero / max(layer.params, 1),
             )
         )
-    prunable_before = sum(layer.params for layer in info.prunable_layers)
-    prunable_nonzero = sum(layer.nonzero for layer in layers)
     parameter_names = {name for name, _ in program.named_parameters()}
     removed = sum(
         program.state_dict[name].numel() - math.prod(shape)
@@ -418,21 +392,67 @@ def _run_structured(
     )
     params_after = sum(p.numel() for p in pruned.parameters()) - (removed if spec.dry_run else 0)
     nonzero_params = sum(int(p.count_nonzero()) for p in pruned.parameters())
-    sparse_bytes = sparse_size_bytes(state, (f"{layer.name}.weight" for layer in layers))
+    excluded = tuple(
+        name
+        for d in structured.plan.decisions
+        if d.skipped == "excluded"
+        for name in d.group.layers
+    )
     # The smaller program trains like any other: its removed channels are gone, not masked.
-    recovered = _recover(pruned, info, spec, recovery, progress)
+    return _finish(
+        pruned,
+        info,
+        spec,
+        layers,
+        params=(params_before, params_after),
+        nonzero_params_after=nonzero_params if not spec.dry_run else params_after,
+        sparse_bytes=sparse_size_bytes(state, (f"{layer.name}.weight" for layer in layers)),
+        excluded=excluded,
+        structured=structured,
+        export_message="writing the smaller program and its weights",
+        out=out,
+        m=m,
+        batch=batch,
+        model_path=model_path,
+        before=before,
+        recovery=recovery,
+        progress=progress,
+    )
 
+
+def _finish(
+    program: torch.export.ExportedProgram,
+    info: ArchiveInfo,
+    spec: JobSpec,
+    layers: list[LayerResult],
+    *,
+    params: tuple[int, int],
+    nonzero_params_after: int,
+    sparse_bytes: int,
+    excluded: tuple[str, ...],
+    structured: StructuredResult | None,
+    export_message: str,
+    out: Path,
+    m: MeasureConfig,
+    batch: int,
+    model_path: Path,
+    before: _Measured,
+    recovery: _Recovery,
+    progress: ProgressCallback,
+) -> PipelineResult:
+    """How both pruning paths end: fine-tune to recover, export and measure the pruned program
+    (not in a dry run), then the metrics, the report and the result."""
+    recovered = _recover(program, info, spec, recovery, progress)
     exported = (
         None
         if spec.dry_run
-        else _export_and_measure(
-            pruned, out, m, batch, progress, "writing the smaller program and its weights"
-        )
+        else _export_and_measure(program, out, m, batch, progress, export_message)
     )
+    prunable_before = sum(layer.params for layer in info.prunable_layers)
     metrics = _metrics(
-        sparsity=1.0 - prunable_nonzero / max(prunable_before, 1),
-        params=(params_before, params_after),
-        nonzero_params_after=nonzero_params if not spec.dry_run else params_after,
+        sparsity=1.0 - sum(layer.nonzero for layer in layers) / max(prunable_before, 1),
+        params=params,
+        nonzero_params_after=nonzero_params_after,
         sparse_bytes=sparse_bytes,
         before=before,
         exported=exported,
@@ -443,12 +463,6 @@ def _run_structured(
         recovered=recovered,
     )
     report_file = out / "report.json"
-    excluded = tuple(
-        name
-        for d in structured.plan.decisions
-        if d.skipped == "excluded"
-        for name in d.group.layers
-    )
     _write_report(
         report_file,
         spec,
