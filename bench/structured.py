@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from core.metrics import count_macs
 from core.spec import PruningSpec
 from core.structure import prune_program
+from tests.core.archs import Attention  # the hand-written, nanoGPT-style attention the tests use
 
 
 class Block(nn.Module):
@@ -54,23 +55,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu(self.stem(x)))
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q = q.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)
-        v = v.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
-        return self.proj(y)
 
 
 class TransformerBlock(nn.Module):

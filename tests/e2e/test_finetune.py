@@ -33,11 +33,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
 
 
 def upload_dataset(service: Service, path: Path, name: str | None = None) -> dict:
-    data = {"name": name} if name else {}
-    with path.open("rb") as f:
-        response = service.client.post("/v1/datasets", files={"file": (path.name, f)}, data=data)
-    assert response.status_code == 201, response.text
-    return response.json()
+    return upload(service, path, name, collection="datasets")
 
 
 def prune_90(model_id: str, **sections) -> dict:

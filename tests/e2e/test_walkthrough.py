@@ -15,10 +15,14 @@ from tests.factories import PRUNABLE, export_resnet, resnet_module
 pytestmark = pytest.mark.e2e
 
 
-def upload(service: Service, path: Path, name: str | None = None) -> dict:
+def upload(
+    service: Service, path: Path, name: str | None = None, collection: str = "models"
+) -> dict:
     data = {"name": name} if name else {}
     with path.open("rb") as f:
-        response = service.client.post("/v1/models", files={"file": (path.name, f)}, data=data)
+        response = service.client.post(
+            f"/v1/{collection}", files={"file": (path.name, f)}, data=data
+        )
     assert response.status_code == 201, response.text
     return response.json()
 
