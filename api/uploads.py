@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import Problem, invalid_field
+from shears.db.tables import StoredFile, utcnow
 from shears.storage import LocalStorage
 
 _Info = TypeVar("_Info")
@@ -205,7 +206,7 @@ async def receive_and_validate(
 
 
 def store_with_row(
-    session: Session, storage: LocalStorage, temp: Path, key: str, row: object
+    session: Session, storage: LocalStorage, temp: Path, key: str, row: StoredFile
 ) -> None:
     """Commit ``temp`` to ``key``, then insert ``row``: there is never a file without its row nor a
     row without its file."""
@@ -220,3 +221,11 @@ def store_with_row(
     except Exception:
         storage.delete(key)
         raise
+
+
+def delete_stored(session: Session, storage: LocalStorage, row: StoredFile) -> None:
+    """Mark ``row`` deleted, then remove its file: the row stays, so jobs that used it still say
+    what they used, and a failed commit leaves the file in place."""
+    row.deleted_at = utcnow()
+    session.commit()
+    storage.delete(row.storage_key)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, not_found
 from api.schemas import DatasetList, DatasetOut
-from api.uploads import receive_and_validate, store_with_row
+from api.uploads import delete_stored, receive_and_validate, store_with_row
 from core.data import inspect_dataset
 from shears.db import repository as repo
 from shears.db.tables import Dataset, new_id, utcnow
@@ -117,7 +117,5 @@ def delete_dataset(
             "Dataset in use",
             "A queued or running job uses this dataset; cancel it or wait for it to finish.",
         )
-    dataset.deleted_at = utcnow()
-    session.commit()
-    storage.delete(dataset.storage_key)
+    delete_stored(session, storage, dataset)
     return Response(status_code=204)

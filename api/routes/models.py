@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request, Response
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, not_found
 from api.schemas import ModelList, ModelOut
-from api.uploads import receive_and_validate, store_with_row
+from api.uploads import delete_stored, receive_and_validate, store_with_row
 from core.archive import inspect_archive
 from shears.db import repository as repo
-from shears.db.tables import Model, new_id, utcnow
+from shears.db.tables import Model, new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -99,7 +99,5 @@ def delete_model(
             "Model in use",
             "A queued or running job uses this model; cancel it or wait for it to finish.",
         )
-    model.deleted_at = utcnow()
-    session.commit()
-    storage.delete(model.storage_key)
+    delete_stored(session, storage, model)
     return Response(status_code=204)

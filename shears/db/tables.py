@@ -78,46 +78,41 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class Model(Base):
+class StoredFile:
+    """The columns of a row that stands for an uploaded file: who owns it, what it is, where it
+    lies. Deleting removes the file and keeps the row, so old jobs still resolve its id."""
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Model(StoredFile, Base):
     """An uploaded (or Shears-produced) program."""
 
     __tablename__ = "models"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    format: Mapped[str] = mapped_column(String(16))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
     num_parameters: Mapped[int] = mapped_column(BigInteger)
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     prunable_layers: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
-    storage_key: Mapped[str] = mapped_column(String(512))
     source_job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
-    # Deleting a model removes its file but keeps the row, so old jobs still say what they pruned.
-    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class Dataset(Base):
+class Dataset(StoredFile, Base):
     """An uploaded ``.npz`` or ``.safetensors`` dataset: fine-tuning, evaluation, calibration."""
 
     __tablename__ = "datasets"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    format: Mapped[str] = mapped_column(String(16))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
     num_samples: Mapped[int] = mapped_column(BigInteger)
     has_targets: Mapped[bool] = mapped_column(Boolean)
     # [{name, shape, dtype}] of every array, targets last: what a job's model will be fed.
     arrays: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
-    storage_key: Mapped[str] = mapped_column(String(512))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
-    # Like models: deleting removes the file and keeps the row, so old jobs still resolve the id.
-    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Job(Base):
