@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Final, NoReturn
 
 from core.errors import InvalidArchive, UnsafeArchive, UnsupportedFormat
+from core.formats.base import DynamicDim, ModelInfo, ProgramInput, PrunableLayer
 
 __all__ = [
     "ArchiveInfo",
@@ -61,45 +62,15 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class DynamicDim:
-    """A dimension of a program input whose size is symbolic (``torch.export.Dim``)."""
-
-    dim: int
-    min: int
-    max: int | None
-
-
-@dataclass(frozen=True)
-class ProgramInput:
-    """A tensor input of the program, as the user calls it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    dynamic_dims: tuple[DynamicDim, ...]
-
-
-@dataclass(frozen=True)
-class PrunableLayer:
-    """A convolution or linear layer whose weight is a parameter of the program."""
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    params: int
-
-
-@dataclass(frozen=True)
-class ArchiveInfo:
+class ArchiveInfo(ModelInfo):
     """What the gate learnt about a ``.pt2`` program, from its JSON metadata only."""
 
-    format: str
     prefix: str
-    num_parameters: int
-    inputs: tuple[ProgramInput, ...]
-    prunable_layers: tuple[PrunableLayer, ...]
     torch_version: str
     schema_version: str
+
+    def details(self) -> dict[str, Any]:
+        return {"torch_version": self.torch_version, "schema_version": self.schema_version}
 
 
 @dataclass(frozen=True)
@@ -474,6 +445,12 @@ def detect_format(head: bytes) -> str:
     if head and head[0] in _TEXT_PICKLE_FIRST and _looks_like_text_pickle(head):
         return "pickle"
     return "unknown"
+
+
+def claims_pt2(path: str | os.PathLike[str]) -> bool:
+    """Whether the file is a zip archive: the container a ``.pt2`` program comes in."""
+    with open(path, "rb") as fh:
+        return detect_format(fh.read(8)) == "zip"
 
 
 def inspect_archive(

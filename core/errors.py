@@ -55,6 +55,18 @@ class PruningError(ShearsError):
     code = "pruning_failed"
 
 
+class DeviceUnavailable(ShearsError):
+    """The device a step should run on does not exist in this process (no CUDA, a bad index)."""
+
+    code = "device_unavailable"
+
+
+class TimeLimitExceeded(ShearsError):
+    """The job ran past its time limit and was stopped."""
+
+    code = "time_limit_exceeded"
+
+
 class Cancelled(ShearsError):
     """The caller asked the pipeline to stop (checked between steps)."""
 

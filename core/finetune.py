@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from core.data import BatchRange, Dataset
+from core.device import pick_device
 from core.errors import DatasetMismatch
 from core.evaluate import check_targets, first_tensor, is_classification
 from core.spec import FineTuneSpec
@@ -56,7 +57,6 @@ __all__ = [
     "StepCallback",
     "fine_tune",
     "module_on",
-    "pick_device",
     "plan_steps",
     "set_training",
     "snapshot_state",
@@ -86,14 +86,6 @@ class FineTuneResult:
     history: tuple[dict[str, float], ...]
     resumed_from_step: int | None
     device: str
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    """``requested``, or CUDA when this process has it, else the CPU (CUDA is touched only here,
-    never at import, so forked workers initialise it themselves)."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 _BATCH_NORM = {torch.ops.aten.batch_norm.default: 5}

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.device import synchronize
+
 
 def count_macs(run: Callable[[], object], batch_size: int) -> int:
     """Multiply-accumulates per sample of one call of ``run``, as dense kernels execute them.
@@ -22,15 +24,21 @@ def count_macs(run: Callable[[], object], batch_size: int) -> int:
     return round(flops / 2 / batch_size)
 
 
-def median_latency_ms(run: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of ``run`` in milliseconds, after ``warmup`` untimed calls."""
+def median_latency_ms(
+    run: Callable[[], object], warmup: int, repeats: int, device: torch.device | None = None
+) -> float:
+    """Median wall time of ``run`` in milliseconds, after ``warmup`` untimed calls; on an
+    asynchronous device (CUDA) each timing waits for the device to finish."""
+    dev = device or torch.device("cpu")
     with torch.no_grad():
         for _ in range(warmup):
             run()
+        synchronize(dev)
         timings = []
         for _ in range(repeats):
             start = time.perf_counter()
             run()
+            synchronize(dev)
             timings.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(timings)
 

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from core.allocation import Allocation, allocate
 from core.archive import ArchiveInfo
 from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
+from core.device import pick_device
 from core.errors import InvalidSpec
 from core.evaluate import evaluate
 from core.finetune import (
@@ -34,7 +35,6 @@ from core.finetune import (
     FineTuneResult,
     fine_tune,
     module_on,
-    pick_device,
     plan_steps,
     snapshot_state,
 )

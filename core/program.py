@@ -7,8 +7,12 @@ from pathlib import Path
 
 import torch
 
-from core.archive import ArchiveInfo, ProgramInput, inspect_archive
+from core.archive import ArchiveInfo, inspect_archive
+from core.device import pick_device
 from core.errors import ModelLoadError
+from core.finetune import module_on
+from core.formats.base import MeasureConfig, Measurement, ModelInfo, ProgramInput
+from core.metrics import count_macs, median_latency_ms
 
 
 def load_program(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, ArchiveInfo]:
@@ -72,3 +76,23 @@ def synthetic_inputs(
         else:
             tensors.append(torch.randn(shape, generator=generator).to(dtype))
     return tuple(tensors)
+
+
+def measure_program(
+    program: torch.export.ExportedProgram, info: ModelInfo, config: MeasureConfig
+) -> Measurement:
+    """MACs per sample and the median latency of one batch, run on ``config.device``.
+
+    The program's own weights stay where they are: the measured module holds copies.
+    """
+    device = pick_device(config.device)
+    batch = batch_size_for(info.inputs, config.batch_size)
+    module = module_on(program, device)
+    inputs = tuple(t.to(device) for t in synthetic_inputs(info.inputs, batch))
+
+    def call() -> object:
+        return module(*inputs)
+
+    macs = count_macs(call, batch)
+    latency = median_latency_ms(call, config.warmup, config.repeats, device)
+    return Measurement(macs=macs, latency_ms=latency, batch_size=batch, device=str(device))
