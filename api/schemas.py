@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.spec import DATA_AWARE, PruningSpec
+from core.criteria import needs_data
+from core.spec import PruningSpec
 from shears.jobspec import CalibrationRequest, EvaluationRequest, FineTuneRequest
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -80,7 +81,7 @@ class JobCreate(BaseModel):
     @model_validator(mode="after")
     def _calibration_for_data_aware(self) -> JobCreate:
         # Checked here, not only in JobSpec, so the client gets a 422 with the field's path.
-        if self.pruning.criterion in DATA_AWARE and self.calibration is None:
+        if needs_data(self.pruning.criterion) and self.calibration is None:
             raise ValueError(
                 f"criterion {self.pruning.criterion!r} ranks channels on data; add "
                 '"calibration": {"dataset_id": "...", "num_samples": 256}'

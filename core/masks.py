@@ -13,13 +13,13 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.nn import functional as F
 
 from core.allocation import Allocation, allocate
-from core.importance import element_scores, lamp_scores
+from core.importance import element_scores
 from core.spec import PruningSpec
 from core.unstructured import unstructured_masks
 
@@ -32,17 +32,8 @@ def weight_masks(
     ``weights`` maps a layer name to its weight; excluded layers get no mask.
     """
     names = [*allocation.per_layer, *allocation.global_pool]
-    if spec.criterion == "lamp":
-        scores = {n: lamp_scores(weights[n]) for n in names}
-    else:
-        scores = {n: element_scores(n, weights[n], spec) for n in names}
-    if spec.granularity == "n:m":
-        assert spec.n_m is not None  # the spec's validator fills it in
-        return {n: nm_mask(scores[n], *spec.n_m) for n in names}
-    if spec.granularity == "block":
-        assert spec.block is not None
-        return block_masks(spec, scores, spec.block)
-    return unstructured_masks(scores, allocation)
+    scores = {n: element_scores(n, weights[n], spec) for n in names}
+    return _MASKERS[spec.granularity](spec, scores, allocation)
 
 
 def _reduction_last(t: torch.Tensor) -> torch.Tensor:
@@ -77,15 +68,26 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
 
 
+def nm_masks(
+    spec: PruningSpec, scores: Mapping[str, torch.Tensor], allocation: Allocation
+) -> dict[str, torch.Tensor]:
+    """N:M keep-masks of every layer ``allocation`` prunes (a fixed pattern: no ranking pools)."""
+    assert spec.n_m is not None  # the spec's validator fills it in
+    return {
+        n: nm_mask(scores[n], *spec.n_m) for n in [*allocation.per_layer, *allocation.global_pool]
+    }
+
+
 def block_masks(
-    spec: PruningSpec, scores: Mapping[str, torch.Tensor], block: tuple[int, int]
+    spec: PruningSpec, scores: Mapping[str, torch.Tensor], allocation: Allocation | None = None
 ) -> dict[str, torch.Tensor]:
     """Remove whole ``block``-shaped tiles of each weight (seen as ``out x in*kernel``).
 
     A block's score is its mean element score, so edge tiles (smaller where a dimension is not a
     multiple of the block) compete fairly. Each ranking pool of N blocks loses round(s x N).
     """
-    bh, bw = block
+    assert spec.block is not None  # the spec's validator fills it in
+    bh, bw = spec.block
     tiles: dict[str, torch.Tensor] = {}
     for name, s in scores.items():
         matrix = _as_matrix(s).unsqueeze(0)
@@ -98,3 +100,12 @@ def block_masks(
         full = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
         masks[name] = full.reshape(scores[name].shape)
     return masks
+
+
+Masker = Callable[[PruningSpec, Mapping[str, torch.Tensor], Allocation], dict[str, torch.Tensor]]
+# One keep-mask builder per weight granularity.
+_MASKERS: dict[str, Masker] = {
+    "unstructured": lambda spec, scores, allocation: unstructured_masks(scores, allocation),
+    "n:m": nm_masks,
+    "block": block_masks,
+}

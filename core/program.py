@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from core.archive import ArchiveInfo, inspect_archive
 from core.device import pick_device
@@ -31,6 +33,19 @@ def load_program(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedPro
     except Exception as exc:
         raise ModelLoadError(f"the program passed validation but did not load: {exc}") from exc
     return program, info
+
+
+def save_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Write ``state`` as ``.safetensors`` under its own names (the original parameter names)."""
+    # safetensors refuses tensors that share storage (tied weights): give each its own copy then.
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        t = tensor.detach()
+        ptr = t.untyped_storage().data_ptr()
+        tensors[name] = t.clone().contiguous() if ptr in seen else t.contiguous()
+        seen.add(ptr)
+    save_file(tensors, str(path), metadata={"format": "pt", "producer": "shears"})
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> None:

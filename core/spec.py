@@ -9,18 +9,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+from core.criteria import CRITERIA, fits_granularity, needs_data
 
 SPEC_VERSION = 1
 
-Criterion = Literal["l1", "l2", "lp", "random", "bn_scale", "lamp", "apoz", "regression", "taylor"]
+
+def _known_criterion(name: str) -> str:
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; one of: {', '.join(CRITERIA)}")
+    return name
+
+
+# The names come from the criteria table (core.criteria), the one place a criterion is declared.
+Criterion = Annotated[
+    str,
+    AfterValidator(_known_criterion),
+    WithJsonSchema({"type": "string", "enum": list(CRITERIA)}),
+]
 Granularity = Literal["unstructured", "channel", "head", "n:m", "block"]
-# Granularities that remove whole channels physically: the program gets smaller.
-STRUCTURED: frozenset[str] = frozenset({"channel", "head"})
-# Criteria that only rank whole channels (a scale per channel has no per-weight meaning).
-_CHANNEL_ONLY: frozenset[str] = frozenset({"bn_scale", "apoz", "regression", "taylor"})
-# Criteria that run the model on calibration data: the job names it in `calibration`.
-DATA_AWARE: frozenset[str] = frozenset({"apoz", "regression", "taylor"})
 Scope = Literal["layer", "global"]
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -139,15 +147,9 @@ class PruningSpec(_Frozen):
             raise ValueError("criterion 'lp' needs 'p', the norm's exponent (e.g. 1 or 2)")
         if self.criterion != "lp" and self.p is not None:
             raise ValueError("'p' only applies to criterion 'lp'")
-        if self.criterion in _CHANNEL_ONLY and self.granularity not in STRUCTURED:
-            raise ValueError(
-                f"criterion {self.criterion!r} ranks whole channels; use granularity 'channel' "
-                "or 'head'"
-            )
-        if self.criterion == "lamp" and self.granularity != "unstructured":
-            raise ValueError(
-                "criterion 'lamp' scores single weights; use granularity 'unstructured'"
-            )
+        misfit = fits_granularity(self.criterion, self.granularity)
+        if misfit is not None:
+            raise ValueError(misfit)
         if self.n_m is not None:
             n, m = self.n_m
             if self.granularity != "n:m":
@@ -263,7 +265,7 @@ class JobSpec(_Frozen):
 
     @model_validator(mode="after")
     def _calibration_for_data_aware(self) -> JobSpec:
-        if self.pruning.criterion in DATA_AWARE and self.calibration is None:
+        if needs_data(self.pruning.criterion) and self.calibration is None:
             raise ValueError(
                 f"criterion {self.pruning.criterion!r} ranks channels on data; add "
                 '"calibration": {"dataset_id": "...", "num_samples": 256}'

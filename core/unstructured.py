@@ -48,7 +48,7 @@ class _TensorRanker:
         return int(torch.count_nonzero(s < threshold)), int(torch.count_nonzero(s == threshold))
 
 
-def _global_counts(
+def global_counts(
     scores: Mapping[str, torch.Tensor], k: int, caps: Mapping[str, int]
 ) -> dict[str, int]:
     """:func:`_water_fill` over score tensors (also used for channel groups)."""
@@ -112,7 +112,7 @@ def unstructured_masks(
 
     if allocation.global_pool:
         pool = {n: scores[n] for n in allocation.global_pool}
-        counts = _global_counts(pool, allocation.global_removals, allocation.global_caps)
+        counts = global_counts(pool, allocation.global_removals, allocation.global_caps)
         for name, count in counts.items():
             masks[name] = lowest_k_mask(scores[name], count)
     return masks

@@ -15,10 +15,17 @@ from dataclasses import asdict
 from typing import Any
 
 import structlog
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from core.archive import inspect_archive
-from core.errors import Cancelled, InvalidDataset, ModelLoadError, ShearsError
+from core.device import pick_device
+from core.errors import (
+    Cancelled,
+    InvalidDataset,
+    ModelLoadError,
+    ShearsError,
+    TimeLimitExceeded,
+)
 from core.pipeline import MeasureConfig, PipelineData, PipelineResult, Stage, TrainingConfig
 from core.pipeline import run as run_pipeline
 from shears.db import repository as repo
@@ -165,6 +172,8 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
                     batch_size=settings.latency_batch_size,
                     warmup=settings.latency_warmup,
                     repeats=settings.latency_repeats,
+                    # Latency is reported on the device the worker prunes and trains on.
+                    device=str(pick_device(settings.train_device)),
                 ),
                 on_progress=Progress(job_id, attempt, heartbeat),
                 data=_pipeline_data(storage, dataset_keys),
@@ -181,6 +190,13 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
     except Cancelled as exc:
         _discard(storage, stored)
         finished = _finish(job_id, attempt, "cancelled", None, exc.message)
+    except SoftTimeLimitExceeded:
+        _discard(storage, stored)
+        limit = TimeLimitExceeded(
+            f"the job ran past its time limit of {settings.job_time_limit_seconds} s and was "
+            "stopped; raise SHEARS_JOB_TIME_LIMIT_SECONDS or shrink the job"
+        )
+        finished = _finish(job_id, attempt, "failed", limit.code, limit.message)
     except ShearsError as exc:
         _discard(storage, stored)
         finished = _finish(job_id, attempt, "failed", exc.code, exc.message)
@@ -235,7 +251,8 @@ def _discard(storage: LocalStorage, stored: list[StoredFile]) -> None:
         storage.delete(item.key)
 
 
-_ARTIFACT_FORMATS = {"model": "pt2", "weights": "safetensors", "report": "json"}
+# Artifact kinds whose format is fixed; the `model` artifact has the model's own format.
+_ARTIFACT_FORMATS = {"weights": "safetensors", "report": "json"}
 
 
 def _record_success(
@@ -247,19 +264,17 @@ def _record_success(
     stored: list[StoredFile],
 ) -> None:
     """Make the files durable first, then write everything about them in one transaction."""
-    files = {"report": result.report_path}
-    if result.model_path is not None:
-        files["model"] = result.model_path
-    if result.weights_path is not None:
-        files["weights"] = result.weights_path
+    files = {**result.artifacts, "report": result.report_path}
+    formats = {**_ARTIFACT_FORMATS, "model": result.format}
 
     result_model: Model | None = None
-    if result.model_path is not None:
-        # The pruned program is a model of its own, so it can be pruned again; its own copy keeps
-        # it alive when the job (and its artifacts) are deleted.
+    if result.model_path is not None and result.model_info is not None:
+        # The pruned model is a model of its own, so it can be pruned again; its own copy keeps
+        # it alive when the job (and its artifacts) are deleted. The pipeline already read it
+        # back through the format's gate: that description is registered as is.
         model_id = new_id("mdl")
-        info = inspect_archive(result.model_path)
-        copy = storage.put_file(result.model_path, f"models/{tenant}/{model_id}.pt2")
+        info = result.model_info
+        copy = storage.put_file(result.model_path, f"models/{tenant}/{model_id}.{result.format}")
         stored.append(copy)
         result_model = repo.model_row(
             model_id,
@@ -274,7 +289,7 @@ def _record_success(
 
     artifacts = []
     for kind, path in files.items():
-        fmt = _ARTIFACT_FORMATS[kind]
+        fmt = formats[kind]
         item = storage.adopt(path, f"artifacts/{tenant}/{job_id}/{kind}.{fmt}")
         stored.append(item)
         artifacts.append(
@@ -296,17 +311,7 @@ def _record_success(
             session.add(result_model)
         session.add_all(artifacts)
         session.add_all(
-            JobLayer(
-                job_id=job_id,
-                position=i,
-                name=layer.name,
-                kind=layer.kind,
-                shape_before=list(layer.shape_before),
-                shape_after=list(layer.shape_after),
-                params=layer.params,
-                nonzero=layer.nonzero,
-                sparsity=layer.sparsity,
-            )
+            JobLayer(job_id=job_id, position=i, **asdict(layer))
             for i, layer in enumerate(result.layers)
         )
         session.flush()

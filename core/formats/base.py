@@ -109,8 +109,10 @@ class ModelFormat(Protocol):
         """Gate, then load the model (only ever bytes that :meth:`inspect` passed)."""
         ...
 
-    def save(self, model: Any, path: PathLike) -> Path:
-        """Write ``model`` to ``path`` in this format; returns the file written."""
+    def save(self, model: Any, out_dir: Path) -> dict[str, Path]:
+        """Write ``model`` into ``out_dir``; returns the files written by artifact kind:
+        ``model`` (this format, named ``model`` + :attr:`suffix`) and any others the format
+        offers (``weights`` for ``pt2``)."""
         ...
 
     def count_parameters(self, model: Any) -> int:

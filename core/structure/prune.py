@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
-from core.allocation import _check_patterns_match, _first_match, removal_count
-from core.errors import InvalidSpec, PruningError
-from core.spec import DATA_AWARE, PruningSpec
-from core.structure.calibration import (
-    Calibration,
-    apoz_scores,
-    refit_linear,
-    regression_scores,
-    taylor_scores,
-)
-from core.structure.graph import ChannelGroup, GraphAnalysis, Member, analyze
+from core.allocation import Unit, allocate_units, check_patterns, first_match, removal_count
+from core.errors import PruningError
+from core.spec import PruningSpec
+from core.structure.calibration import Calibration, refit_linear, regression_scores
+from core.structure.graph import ChannelGroup, GraphAnalysis, analyze
+from core.structure.importance import group_scores
 from core.structure.slicing import (
     apply_channels,
     kept_by_space,
@@ -29,7 +23,7 @@ from core.structure.slicing import (
     slice_member,
     verify,
 )
-from core.unstructured import _global_counts, lowest_k_mask
+from core.unstructured import global_counts, lowest_k_mask
 
 
 @dataclass
@@ -76,69 +70,6 @@ class StructuredResult:
         return [d.describe() for d in self.plan.decisions]
 
 
-def _segments(member: Member, analysis: GraphAnalysis) -> list[tuple[int, int, int]]:
-    """(group id, start, length) of each space along the member's dim, in channel units."""
-    out = []
-    offset = 0
-    for space in member.label.spaces:
-        size = analysis.spaces[space].size
-        out.append((analysis.root_of[space], offset, size))
-        offset += size
-    return out
-
-
-def group_scores(
-    gm: fx.GraphModule,
-    analysis: GraphAnalysis,
-    spec: PruningSpec,
-    calibration: Calibration | None = None,
-) -> dict[int, torch.Tensor | None]:
-    """Importance of every channel of every group (float32, higher keeps); None: cannot rank.
-
-    Magnitude criteria sum ``|w|^p`` over the weights that *produce* the channel in every coupled
-    layer (the filters of all convolutions/linears writing to it, as in L1-filter pruning), so a
-    zeroed filter ranks last. ``bn_scale`` sums ``|gamma|`` of the BatchNorm/LayerNorm scales that
-    follow the channels (network slimming). ``random`` is seeded by the spec and the group.
-    ``apoz``, ``regression`` and ``taylor`` run the model on ``calibration``
-    (see :mod:`core.structure.calibration`).
-    """
-    if spec.criterion in DATA_AWARE:
-        if calibration is None:
-            raise InvalidSpec(f"criterion {spec.criterion!r} needs calibration data")
-        if spec.criterion == "apoz":
-            return dict(apoz_scores(gm, analysis, calibration))
-        if spec.criterion == "regression":
-            return dict(regression_scores(gm, analysis, calibration)[0])
-        return dict(taylor_scores(gm, analysis, calibration))
-    scores: dict[int, torch.Tensor | None] = {}
-    for group in analysis.groups:
-        if spec.criterion == "random":
-            seed = spec.seed * 1_000_003 + zlib.crc32(",".join(group.layers).encode())
-            generator = torch.Generator().manual_seed(seed)
-            scores[group.id] = torch.rand(group.size, generator=generator)
-            continue
-        roles = ("norm",) if spec.criterion == "bn_scale" else ("out",)
-        p = {"l1": 1.0, "l2": 2.0, "bn_scale": 1.0}.get(spec.criterion, spec.p or 1.0)
-        total = torch.zeros(group.size, dtype=torch.float32)
-        found = False
-        for member in group.members:
-            if member.role not in roles:
-                continue
-            tensor = dict(gm.named_parameters()).get(member.target)
-            if tensor is None:
-                continue
-            w = tensor.detach().to(torch.float32).movedim(member.dim, 0)
-            inner = member.label.inner
-            for gid, start, length in _segments(member, analysis):
-                if gid != group.id:
-                    continue
-                part = w[start * inner : (start + length) * inner].reshape(length, -1)
-                total += part.abs().pow(p).sum(dim=1)
-                found = True
-        scores[group.id] = total if found else None
-    return scores
-
-
 def plan_channels(
     gm: fx.GraphModule,
     analysis: GraphAnalysis,
@@ -147,26 +78,27 @@ def plan_channels(
 ) -> ChannelPlan:
     """How many channels each group loses and which, following ``spec``'s ratios and globs.
 
-    A group is pruned at the sparsity of its first layer (``layer_sparsity`` globs apply by
-    layer name); a group with an excluded layer keeps everything. Under ``global`` scope the
-    pool's channels are ranked together on scores normalised by each group's mean, and no group
-    loses more than ``max_layer_sparsity`` of its channels. A group always keeps one channel.
+    Groups are the units of :func:`core.allocation.allocate_units`, the allocator weight pruning
+    uses too: a group is pruned at the sparsity of its first layer (``layer_sparsity`` globs
+    apply by layer name); a group with an excluded layer keeps everything. Under ``global``
+    scope the pool's channels are ranked together on scores normalised by each group's mean,
+    and no group loses more than ``max_layer_sparsity`` of its channels. A group always keeps
+    one channel (head).
 
     Raises:
         InvalidSpec: a glob matches no layer, or the global ratio cannot be met under the caps.
     """
     layers = [name for g in analysis.groups for name in g.layers]
-    _check_patterns_match("exclude", spec.exclude, layers)
-    _check_patterns_match("layer_sparsity", list(spec.layer_sparsity), layers)
+    check_patterns(spec, layers)
     scores = group_scores(gm, analysis, spec, calibration)
     plan = ChannelPlan()
-    pool: dict[str, torch.Tensor] = {}  # str keys: the water-filling is shared with layers
+    ranked: dict[str, tuple[GroupDecision, torch.Tensor]] = {}
     for group in analysis.groups:
         decision = GroupDecision(group)
         plan.decisions.append(decision)
         if not group.prunable:
             continue
-        if any(_first_match(name, spec.exclude) for name in group.layers):
+        if any(first_match(name, spec.exclude) for name in group.layers):
             decision.skipped = "excluded"
             continue
         score = scores[group.id]
@@ -180,46 +112,47 @@ def plan_channels(
             # Rank whole heads: a head's score is the sum over its channels.
             score = score.reshape(-1, group.unit).sum(dim=1)
         decision.units = len(score)
-        override = _first_match(group.layers[0], list(spec.layer_sparsity))
         if group.blocks > 1:
-            # Grouped convolutions: the same number of channels from each block, so the count
-            # is rounded to a multiple of the blocks (and every block keeps one).
-            ratio = spec.layer_sparsity[override] if override is not None else spec.sparsity
-            block = len(score) // group.blocks
-            per_block = min(round(removal_count(ratio, len(score)) / group.blocks), block - 1)
-            decision.remove = per_block * group.blocks
-            rows = score.reshape(group.blocks, block)
-            keep = torch.stack([lowest_k_mask(row, per_block) for row in rows]).reshape(-1)
-            plan.keep[group.id] = _expand(keep, group)
-            continue
-        if override is not None:
-            decision.remove = min(
-                removal_count(spec.layer_sparsity[override], len(score)), len(score) - 1
-            )
-        elif spec.scope == "global":
-            pool[str(group.id)] = score / score.mean().clamp_min(1e-12)
-            continue
+            _plan_grouped(plan, decision, score, spec)
         else:
-            decision.remove = min(removal_count(spec.sparsity, len(score)), len(score) - 1)
-        plan.keep[group.id] = _expand(lowest_k_mask(score, decision.remove), group)
-    if pool:
-        sizes = {gid: int(s.numel()) for gid, s in pool.items()}
-        total = removal_count(spec.sparsity, sum(sizes.values()))
-        caps = {g: min(int(spec.max_layer_sparsity * n), n - 1) for g, n in sizes.items()}
-        if sum(caps.values()) < total:
-            raise InvalidSpec(
-                f"global sparsity {spec.sparsity} removes {total} of {sum(sizes.values())} "
-                f"channels but the groups can give up only {sum(caps.values())} (each keeps at "
-                "least one channel and at most max_layer_sparsity goes); lower sparsity"
-            )
-        counts = _global_counts(pool, total, caps)
-        for decision in plan.decisions:
-            key = str(decision.group.id)
-            if key in counts:
-                decision.remove = counts[key]
-                keep = lowest_k_mask(pool[key], decision.remove)
-                plan.keep[decision.group.id] = _expand(keep, decision.group)
+            ranked[str(group.id)] = (decision, score)
+    units = [Unit(key, len(s), tuple(d.group.layers), min_keep=1) for key, (d, s) in ranked.items()]
+    item = "heads" if spec.granularity == "head" else "channels"
+    allocation = allocate_units(spec, units, item=item, layer_names=layers)
+    for key in allocation.per_layer:
+        decision, score = ranked[key]
+        decision.remove = allocation.removals(key, len(score))
+        plan.keep[decision.group.id] = _expand(
+            lowest_k_mask(score, decision.remove), decision.group
+        )
+    if allocation.global_pool:
+        pool = {
+            key: ranked[key][1] / ranked[key][1].mean().clamp_min(1e-12)
+            for key in allocation.global_pool
+        }
+        counts = global_counts(pool, allocation.global_removals, allocation.global_caps)
+        for key, count in counts.items():
+            decision = ranked[key][0]
+            decision.remove = count
+            plan.keep[decision.group.id] = _expand(lowest_k_mask(pool[key], count), decision.group)
     return plan
+
+
+def _plan_grouped(
+    plan: ChannelPlan, decision: GroupDecision, score: torch.Tensor, spec: PruningSpec
+) -> None:
+    """Grouped convolutions: the same number of channels from each block, so the count is
+    rounded to a multiple of the blocks (and every block keeps one). Ranked at the group's own
+    ratio, outside any global pool."""
+    group = decision.group
+    override = first_match(group.layers[0], list(spec.layer_sparsity))
+    ratio = spec.layer_sparsity[override] if override is not None else spec.sparsity
+    block = len(score) // group.blocks
+    per_block = min(round(removal_count(ratio, len(score)) / group.blocks), block - 1)
+    decision.remove = per_block * group.blocks
+    rows = score.reshape(group.blocks, block)
+    keep = torch.stack([lowest_k_mask(row, per_block) for row in rows]).reshape(-1)
+    plan.keep[group.id] = _expand(keep, group)
 
 
 def _expand(keep: torch.Tensor, group: ChannelGroup) -> torch.Tensor:

@@ -120,8 +120,8 @@ def test_dataset_problems_fail_before_pruning(digits: Digits, tmp_path: Path) ->
 
 
 def test_round_hook_evaluates_and_trains_a_share_between_rounds(digits: Digits) -> None:
-    from core.pipeline import _load_feeds, round_hook
     from core.program import load_program as load
+    from core.recovery import Recovery, load_feeds
 
     spec = JobSpec(pruning=PRUNE_90, fine_tune=RECOVER, evaluation=EvaluationSpec())
     program, info = load(digits.model_path)
@@ -130,9 +130,10 @@ def test_round_hook_evaluates_and_trains_a_share_between_rounds(digits: Digits) 
             weight = program.state_dict[f"{name}.weight"]
             weight.mul_((weight.abs() > weight.abs().median()).to(weight.dtype))
     zeros = {n: program.state_dict[f"{n}.weight"] == 0 for n in DIGITS_PRUNABLE}
-    feeds = _load_feeds(spec, PipelineData(fine_tune=digits.train, evaluation=digits.test), info)
+    feeds = load_feeds(spec, PipelineData(fine_tune=digits.train, evaluation=digits.test), info)
     calls: list[tuple] = []
-    hook = round_hook(info, spec, feeds, None, TrainingConfig(), lambda *a: calls.append(a), 4)
+    progress = lambda *a: calls.append(a)  # noqa: E731
+    hook = Recovery(spec, info, feeds, None, TrainingConfig(), progress).round_hook(4)
     hook(1, 4, program)
 
     (evaluated,) = [c[3] for c in calls if len(c) > 3 and c[3] and "round" in c[3]]

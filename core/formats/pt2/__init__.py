@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from core.formats import register
 from core.formats.base import MeasureConfig, Measurement, ModelInfo, PathLike
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Pt2Format:
@@ -32,11 +33,13 @@ class Pt2Format:
 
         return load_program(path)
 
-    def save(self, model: Any, path: PathLike) -> Path:
-        from core.program import save_program
+    def save(self, model: Any, out_dir: Path) -> dict[str, Path]:
+        from core.program import save_program, save_weights
 
-        save_program(model, path)
-        return Path(path)
+        model_file, weights_file = out_dir / f"model{self.suffix}", out_dir / "weights.safetensors"
+        save_program(model, model_file)
+        save_weights(model.state_dict, weights_file)
+        return {"model": model_file, "weights": weights_file}
 
     def count_parameters(self, model: Any) -> int:
         return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,8 @@
+"""The pruners Shears ships: one line each (a new pruner is a module plus a line here)."""
+
+from core.pruning.base import register_pruner
+from core.pruning.channels import ChannelPruner
+from core.pruning.weights import WeightPruner
+
+register_pruner(WeightPruner())
+register_pruner(ChannelPruner())

@@ -1,0 +1,247 @@
+"""Winning accuracy back after pruning: the job's datasets, evaluation and fine-tuning.
+
+Prepared before pruning (datasets read and checked against the model, the dense teacher
+snapshotted, the dense model scored), used after it (score, retrain with pruned weights held at
+zero, score again) and between the rounds of an iterative schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
+from core.device import pick_device
+from core.errors import InvalidSpec
+from core.evaluate import evaluate
+from core.finetune import (
+    Checkpointing,
+    FineTuneResult,
+    fine_tune,
+    module_on,
+    plan_steps,
+    snapshot_state,
+)
+from core.formats.base import ModelInfo
+from core.progress import FRACTION, ProgressCallback, between
+from core.pruning.rounds import RoundHook
+from core.spec import FineTuneSpec, JobSpec
+
+Program = torch.export.ExportedProgram
+
+
+@dataclass(frozen=True)
+class PipelineData:
+    """Dataset files (``.npz``/``.safetensors``, see :mod:`core.data`) for the spec's
+    ``fine_tune``, ``evaluation`` and ``calibration``; each is required when its spec is given."""
+
+    fine_tune: Path | None = None
+    evaluation: Path | None = None
+    calibration: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Where fine-tuning and evaluation run (default: CUDA when available, else CPU), and where
+    fine-tuning checkpoints (``None``: it does not; an existing checkpoint is resumed)."""
+
+    device: str | None = None
+    checkpoint: Path | None = None
+    checkpoint_every_steps: int = 50
+
+
+@dataclass(frozen=True)
+class Feeds:
+    """The job's datasets, read and matched to the program's inputs."""
+
+    fine_tune: Dataset | None
+    evaluation: Dataset | None
+    limits: BatchRange
+    # The first ``calibration.num_samples`` inputs, one tensor per program input, for the
+    # data-aware criteria of the pruning step.
+    calibration: tuple[torch.Tensor, ...] | None = None
+
+
+def load_feeds(spec: JobSpec, data: PipelineData, info: ModelInfo) -> Feeds:
+    """Read the datasets the spec asks for and check them against the model before any work:
+    a dataset that cannot feed the program fails the job here, not hours into training."""
+    read: dict[Path, Dataset] = {}
+
+    def feed(what: str, path: Path | None, needs_targets: bool) -> Dataset:
+        if path is None:
+            raise InvalidSpec(f"'{what}' needs a dataset, and none was given")
+        if path not in read:
+            read[path] = match_program(load_dataset(path), info.inputs)
+        dataset = read[path]
+        if needs_targets and dataset.targets is None:
+            raise InvalidSpec(f"'{what}' needs a dataset with targets; this one has none")
+        return dataset
+
+    calibration = None
+    if spec.calibration is not None:
+        samples = feed("calibration", data.calibration, False)
+        calibration = tuple(t[: spec.calibration.num_samples] for t in samples.inputs)
+    return Feeds(
+        fine_tune=feed("fine_tune", data.fine_tune, spec.fine_tune.needs_targets)
+        if spec.fine_tune
+        else None,
+        evaluation=feed("evaluation", data.evaluation, True) if spec.evaluation else None,
+        limits=batch_range(info.inputs),
+        calibration=calibration,
+    )
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """Scores after pruning and after fine-tuning, and what the fine-tuning did."""
+
+    eval_after_pruning: dict[str, float] | None = None
+    eval_after_fine_tune: dict[str, float] | None = None
+    tuned: FineTuneResult | None = None
+
+    def fine_tune_report(self) -> dict[str, Any] | None:
+        if self.tuned is None:
+            return None
+        return {
+            "steps": self.tuned.steps,
+            "epochs": self.tuned.epochs,
+            "device": self.tuned.device,
+            "resumed_from_step": self.tuned.resumed_from_step,
+            "history": list(self.tuned.history),
+        }
+
+
+@dataclass
+class Recovery:
+    """Evaluation and fine-tuning of one job's program."""
+
+    spec: JobSpec
+    info: ModelInfo
+    feeds: Feeds
+    teacher: dict[str, torch.Tensor] | None  # the dense model, for distillation
+    train: TrainingConfig
+    progress: ProgressCallback
+    eval_before: dict[str, float] | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        spec: JobSpec,
+        program: Program,
+        info: ModelInfo,
+        data: PipelineData,
+        train: TrainingConfig,
+        progress: ProgressCallback,
+    ) -> Recovery:
+        """Read the datasets, keep the dense teacher, score the dense program."""
+        distills = spec.fine_tune is not None and spec.fine_tune.loss == "distillation"
+        teacher = snapshot_state(program) if distills else None
+        recovery = cls(spec, info, load_feeds(spec, data, info), teacher, train, progress)
+        recovery.eval_before = recovery.evaluate(program, "evaluate_before", "before pruning")
+        return recovery
+
+    @property
+    def masked(self) -> list[str]:
+        return [f"{layer.name}.weight" for layer in self.info.prunable_layers]
+
+    def evaluate(self, program: Program, step: str, when: str) -> dict[str, float] | None:
+        """Score ``program`` on the evaluation data (None without evaluation)."""
+        if self.spec.evaluation is None or self.feeds.evaluation is None:
+            return None
+        fraction = FRACTION[step]
+        self.progress("evaluating", fraction, f"evaluating {when}")
+        device = pick_device(self.train.device)
+        module = module_on(program, device)  # eval mode: the graph as it was exported
+        metrics = evaluate(
+            module, self.feeds.evaluation, self.spec.evaluation, self.feeds.limits, device
+        )
+        self.progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
+        return metrics
+
+    def recover(self, program: Program) -> Recovered:
+        """Evaluate the pruned program, fine-tune it in place, evaluate again."""
+        after_pruning = self.evaluate(program, "evaluate_after_pruning", "after pruning")
+        tuned = self._fine_tune(program)
+        after_tuning = (
+            self.evaluate(program, "evaluate_after_fine_tune", "after fine-tuning")
+            if tuned is not None
+            else None
+        )
+        return Recovered(after_pruning, after_tuning, tuned)
+
+    def _fine_tune(self, program: Program) -> FineTuneResult | None:
+        tune, data = self.spec.fine_tune, self.feeds.fine_tune
+        if tune is None or data is None:
+            return None
+
+        # Every optimizer step reports progress: that is where a cancel stops training (the
+        # worker's callback raises), and it is throttled there. Each epoch's summary becomes an
+        # event.
+        def on_step(step: int, total: int, summary: dict[str, float] | None) -> None:
+            if summary and "epoch" in summary:
+                message = f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
+            elif summary:
+                message = f"resumed from the checkpoint at step {step}/{total}"
+            else:
+                message = f"step {step}/{total}"
+            fraction = between("fine_tune", "fine_tune_end", step / max(total, 1))
+            self.progress("fine_tuning", fraction, message, summary)
+
+        return self._train(program, tune, self.train.checkpoint, on_step)
+
+    def _train(
+        self,
+        program: Program,
+        tune: FineTuneSpec,
+        checkpoint: Path | None,
+        on_step: Any,
+    ) -> FineTuneResult:
+        assert self.feeds.fine_tune is not None
+        return fine_tune(
+            program,
+            self.feeds.fine_tune,
+            tune,
+            limits=self.feeds.limits,
+            masked=self.masked,
+            teacher_state=self.teacher,
+            device=self.train.device,
+            checkpoint=Checkpointing(checkpoint, self.train.checkpoint_every_steps)
+            if checkpoint
+            else None,
+            on_step=on_step,
+        )
+
+    def round_hook(self, rounds: int) -> RoundHook:
+        """The hook between the rounds of an iterative schedule: evaluate (an event per round
+        with ``{"round", "rounds", ...metrics}``) and fine-tune for ``1/rounds`` of the spec's
+        steps. The full fine-tune still runs after the last round, as in a one-shot job."""
+        tune, data = self.spec.fine_tune, self.feeds.fine_tune
+        share: FineTuneSpec | None = None
+        if tune is not None and data is not None:
+            _, _, total = plan_steps(data.num_samples, tune, self.feeds.limits)
+            share = tune.model_copy(update={"steps": max(1, total // rounds), "epochs": None})
+
+        def hook(t: int, n: int, program: Program) -> None:
+            metrics = self.evaluate(program, "prune", f"after round {t} of {n}")
+            if metrics is not None:
+                self.progress(
+                    "pruning",
+                    FRACTION["prune"],
+                    f"round {t} of {n} evaluated",
+                    {"round": t, "rounds": n, **metrics},
+                )
+            if share is not None:
+                checkpoint = self.train.checkpoint
+                self._train(
+                    program,
+                    share,
+                    checkpoint.with_name(f"{checkpoint.stem}.round{t}.pt") if checkpoint else None,
+                    lambda step, total, data: self.progress(
+                        "fine_tuning", FRACTION["prune"], f"round {t}: step {step}/{total}", data
+                    ),
+                )
+
+        return hook
