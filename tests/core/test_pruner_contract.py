@@ -1,0 +1,178 @@
+"""One contract for every registered pruner: shapes, exact removal counts, the result reloads.
+
+A pruner registered without a case here fails ``test_every_registered_pruner_has_a_case``: a new
+pruner is not done until it passes the same contract as the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.allocation import removal_count
+from core.criteria import CRITERIA
+from core.errors import InvalidSpec
+from core.formats import get_format
+from core.importance import element_scorers
+from core.pruning import PruneContext, PruneOutcome, preflight, pruner_for, pruners, run_rounds
+from core.spec import PruningSpec
+from core.structure.importance import group_scorers
+from tests.core.archs import MLP, Transformer, export
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model to prune, a spec, and the removal each prunable layer must show afterwards
+    (computed from the layer's shape before, independently of the pruner)."""
+
+    build: Callable[[], torch.nn.Module]
+    input_shape: tuple[int, ...]
+    spec: PruningSpec
+    expect: Callable[[str, tuple[int, ...], tuple[int, ...], int], None]
+
+
+def _zeros_exact(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
+    assert after == before
+    assert zeros == removal_count(0.5, torch.Size(before).numel()), name
+
+
+def _half_of_each_run(
+    name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int
+) -> None:
+    assert after == before
+    assert before[1] % 4 == 0
+    assert zeros == torch.Size(before).numel() // 2, name  # 2 of every 4 along the inputs
+
+
+def _whole_blocks(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
+    assert after == before
+    rows, cols = before[0], before[1]
+    assert zeros == 4 * removal_count(0.5, rows * cols // 4), name
+
+
+def _half_the_outputs(
+    output_layers: set[str],
+) -> Callable[[str, tuple[int, ...], tuple[int, ...], int], None]:
+    def check(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
+        if name in output_layers:  # channels that reach the model's outputs stay
+            assert after[0] == before[0], name
+        else:
+            assert after[0] == before[0] - removal_count(0.5, before[0]), name
+
+    return check
+
+
+def _half_the_heads(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
+    # Transformer(16, 4 heads of 4): qkv loses 2 heads of q, k and v; proj their inputs.
+    if name == "attn.qkv":
+        assert after == (before[0] // 2, before[1])
+    elif name == "attn.proj":
+        assert after == (before[0], before[1] // 2)
+    else:
+        assert after == before, name
+
+
+CASES: dict[tuple[str, str], Case] = {
+    ("pt2", "unstructured"): Case(
+        lambda: MLP(32, 2),
+        (12,),
+        PruningSpec(criterion="l1", granularity="unstructured", sparsity=0.5),
+        _zeros_exact,
+    ),
+    ("pt2", "n:m"): Case(
+        lambda: MLP(32, 2),
+        (12,),
+        PruningSpec(criterion="l2", granularity="n:m", n_m=(2, 4)),
+        _half_of_each_run,
+    ),
+    ("pt2", "block"): Case(
+        lambda: MLP(32, 2),
+        (12,),
+        PruningSpec(criterion="l1", granularity="block", block=(1, 4), sparsity=0.5),
+        _whole_blocks,
+    ),
+    ("pt2", "channel"): Case(
+        lambda: MLP(32, 2),
+        (12,),
+        PruningSpec(criterion="l1", granularity="channel", sparsity=0.5),
+        _half_the_outputs({"out"}),
+    ),
+    ("pt2", "head"): Case(
+        lambda: Transformer(16, 4, 32),
+        (5, 6),
+        PruningSpec(criterion="l1", granularity="head", sparsity=0.5),
+        _half_the_heads,
+    ),
+}
+
+
+def test_every_registered_pruner_has_a_case() -> None:
+    assert set(pruners()) == set(CASES)
+
+
+def test_every_criterion_has_a_scorer_for_what_it_claims() -> None:
+    for name, info in CRITERIA.items():
+        if info.granularities - {"channel", "head"}:
+            assert name in element_scorers(), name
+        if info.granularities & {"channel", "head"}:
+            assert name in group_scorers(), name
+
+
+@pytest.mark.parametrize("key", sorted(CASES), ids="-".join)
+def test_pruner_contract(key: tuple[str, str], tmp_path: Path) -> None:
+    fmt_name, granularity = key
+    case = CASES[key]
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt2"
+    torch.export.save(export(case.build(), case.input_shape), str(path))
+    fmt = get_format(fmt_name)
+    model, info = fmt.load(path)
+    inputs = torch.randn(3, *case.input_shape)
+
+    outcome: PruneOutcome = run_rounds(
+        pruner_for(fmt_name, granularity), model, info, case.spec, PruneContext()
+    )
+
+    # Shapes and counts: every prunable layer reported, each as the spec says.
+    state = outcome.model.state_dict
+    assert [layer.name for layer in outcome.layers] == [p.name for p in info.prunable_layers]
+    for layer, before in zip(outcome.layers, info.prunable_layers, strict=True):
+        weight = state[f"{layer.name}.weight"]
+        assert layer.shape_before == before.shape
+        assert layer.shape_after == tuple(weight.shape)
+        assert layer.nonzero == int(weight.count_nonzero())
+        zeros = weight.numel() - layer.nonzero
+        case.expect(layer.name, before.shape, layer.shape_after, zeros)
+    assert outcome.params_after == sum(p.numel() for p in outcome.model.parameters())
+
+    # The result reloads through the format's own gate, computes the same and keeps its
+    # interface (a batch size never exported).
+    written = fmt.save(outcome.model, tmp_path)
+    reloaded, reloaded_info = fmt.load(written["model"])
+    assert reloaded_info.inputs == info.inputs
+    torch.testing.assert_close(reloaded.module()(inputs), outcome.model.module()(inputs))
+    assert fmt.count_parameters(reloaded) == outcome.params_after
+
+
+def test_preflight_checks_what_metadata_can_tell() -> None:
+    layers = {"a": 3, "b": 3}
+    unreachable = {"scope": "global", "sparsity": 0.5, "max_layer_sparsity": 0.5}
+    # Weights: the caps are known from the layer sizes (1 + 1 of the 3 needed).
+    with pytest.raises(InvalidSpec, match="allows only 2"):
+        preflight(
+            "pt2", PruningSpec(criterion="l1", granularity="unstructured", **unreachable), layers
+        )
+    # Channels: group sizes need the graph, so only the globs are checked before the worker.
+    preflight("pt2", PruningSpec(criterion="l1", granularity="channel", **unreachable), layers)
+    with pytest.raises(InvalidSpec, match="match no prunable layer"):
+        preflight(
+            "pt2",
+            PruningSpec(criterion="l1", granularity="channel", sparsity=0.5, exclude=("c",)),
+            layers,
+        )
+    with pytest.raises(InvalidSpec, match="not available for 'hf' models"):
+        preflight("hf", PruningSpec(criterion="l1", granularity="channel", sparsity=0.5), layers)
