@@ -26,6 +26,8 @@ class CriterionInfo:
     granularities: frozenset[str]
     needs_data: bool = False
     description: str = ""
+    # The model formats whose pruners rank by it.
+    formats: frozenset[str] = frozenset({"pt2"})
 
     @property
     def structured_only(self) -> bool:
@@ -33,6 +35,8 @@ class CriterionInfo:
 
 
 _ALL = WEIGHT_GRANULARITIES | STRUCTURED_GRANULARITIES
+_LLM_WEIGHTS = frozenset({"unstructured", "n:m"})
+_HF = frozenset({"hf"})
 
 CRITERIA: dict[str, CriterionInfo] = {
     c.name: c
@@ -69,6 +73,27 @@ CRITERIA: dict[str, CriterionInfo] = {
             needs_data=True,
             description="first-order Taylor estimate of the loss change",
         ),
+        # Language models (``hf``): ranked within each output row of a linear layer.
+        CriterionInfo(
+            "magnitude",
+            _LLM_WEIGHTS,
+            description="|W|, compared within each output row",
+            formats=_HF,
+        ),
+        CriterionInfo(
+            "wanda",
+            _LLM_WEIGHTS,
+            needs_data=True,
+            description="|W| x the L2 norm of each input feature over the calibration tokens",
+            formats=_HF,
+        ),
+        CriterionInfo(
+            "sparsegpt",
+            _LLM_WEIGHTS,
+            needs_data=True,
+            description="OBS reconstruction from the calibration Hessian, kept weights updated",
+            formats=_HF,
+        ),
     )
 }
 
@@ -81,6 +106,16 @@ def criterion_info(name: str) -> CriterionInfo:
 def needs_data(name: str) -> bool:
     """Whether the criterion runs the model on calibration data."""
     return CRITERIA[name].needs_data
+
+
+def fits_format(name: str, fmt: str) -> str | None:
+    """``None`` when ``name`` ranks models of format ``fmt``, else a sentence saying what to use."""
+    if fmt in CRITERIA[name].formats:
+        return None
+    usable = sorted(c.name for c in CRITERIA.values() if fmt in c.formats)
+    return (
+        f"criterion {name!r} is not available for {fmt!r} models; use one of: {', '.join(usable)}"
+    )
 
 
 def fits_granularity(name: str, granularity: str) -> str | None:

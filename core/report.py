@@ -33,6 +33,8 @@ class Metrics:
     eval_before: dict[str, float] | None = None
     eval_after_pruning: dict[str, float] | None = None
     eval_after_fine_tune: dict[str, float] | None = None
+    tokens_per_second_before: float | None = None
+    tokens_per_second_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ def build_metrics(
         eval_before=eval_before,
         eval_after_pruning=recovered.eval_after_pruning,
         eval_after_fine_tune=recovered.eval_after_fine_tune,
+        tokens_per_second_before=before.cost.tokens_per_second,
+        tokens_per_second_after=after.cost.tokens_per_second if after else None,
     )
 
 

@@ -167,16 +167,28 @@ class PruningSpec(_Frozen):
         return self
 
 
+SeqLen = Annotated[int, Field(ge=8, le=1_048_576)]
+
+
 class CalibrationSpec(_Frozen):
     """How much of the calibration dataset data-aware criteria may look at."""
 
     num_samples: int = Field(
-        default=256, ge=1, le=1_000_000, description="Samples taken from the calibration dataset."
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Samples taken from the calibration dataset (blocks of `seq_len` tokens for "
+        "language models).",
+    )
+    seq_len: SeqLen | None = Field(
+        default=None,
+        description="Language models: tokens per calibration block; default 2048, never above "
+        "the model's `max_position_embeddings`.",
     )
 
 
 Optimizer = Literal["sgd", "adamw"]
-Loss = Literal["cross_entropy", "mse", "distillation"]
+Loss = Literal["cross_entropy", "mse", "distillation", "causal_lm"]
 
 
 class FineTuneSpec(_Frozen):
@@ -208,6 +220,11 @@ class FineTuneSpec(_Frozen):
     seed: int = Field(default=0, description="Seeds the data order and any dropout.")
     loss: Loss = "cross_entropy"
     temperature: float = Field(default=4.0, gt=0.0, le=100.0, description="Distillation only.")
+    seq_len: SeqLen | None = Field(
+        default=None,
+        description="Language models: tokens per training block; default 512, never above the "
+        "model's `max_position_embeddings`.",
+    )
     alpha: float = Field(
         default=1.0,
         ge=0.0,
@@ -223,7 +240,10 @@ class FineTuneSpec(_Frozen):
 
     @property
     def needs_targets(self) -> bool:
-        """Whether the loss reads the dataset's targets."""
+        """Whether the loss reads the dataset's targets (language models read the next token
+        of their own text)."""
+        if self.loss == "causal_lm":
+            return False
         return self.loss != "distillation" or self.alpha < 1.0
 
 
@@ -232,19 +252,25 @@ class EvaluationSpec(_Frozen):
 
     ``classification`` reports ``accuracy`` (top-1), ``top_k_accuracy`` for ``top_k`` and the
     cross-entropy ``loss``; ``regression`` reports ``mse`` (= ``loss``). ``auto`` picks
-    classification when the targets are integers. Evaluation always needs targets.
+    classification when the targets are integers; both need targets. ``perplexity`` (language
+    models) scores next-token prediction on text.
     """
 
-    task: Literal["auto", "classification", "regression"] = "auto"
+    task: Literal["auto", "classification", "regression", "perplexity"] = "auto"
     top_k: int = Field(default=5, ge=2, le=1000, description="k of the top-k accuracy.")
     batch_size: int = Field(default=256, ge=1, le=65_536)
     max_samples: int | None = Field(
-        default=None, ge=1, description="Score only the first this many samples."
+        default=None, ge=1, description="Score only the first this many samples (blocks)."
+    )
+    seq_len: SeqLen | None = Field(
+        default=None,
+        description="`perplexity`: tokens per scored block; default 512, never above the "
+        "model's `max_position_embeddings`.",
     )
 
     @property
     def needs_targets(self) -> bool:
-        return True
+        return self.task != "perplexity"
 
 
 class JobSpec(_Frozen):

@@ -65,12 +65,15 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Cost of one model: MACs per sample (or per token) and median latency of one batch."""
+    """Cost of one model: MACs per sample (per token for language models), the median latency
+    of one batch (a prefill for language models) and, for language models, greedy decoding
+    throughput at batch 1 with the KV cache."""
 
     macs: int
     latency_ms: float
     batch_size: int
     device: str
+    tokens_per_second: float | None = None
 
 
 @dataclass(frozen=True)

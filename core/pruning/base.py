@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from core.criteria import fits_format
 from core.errors import InvalidSpec
 from core.formats.base import ModelInfo
 from core.spec import PruningSpec
@@ -132,4 +133,7 @@ def preflight(fmt: str, spec: PruningSpec, layers: Mapping[str, int]) -> None:
     Raises:
         InvalidSpec: naming what does not fit.
     """
+    misfit = fits_format(spec.criterion, fmt)
+    if misfit is not None:
+        raise InvalidSpec(misfit)
     pruner_for(fmt, spec.granularity).preflight(spec, layers)
