@@ -49,7 +49,10 @@ def train_tokenizer(text: str, vocab_size: int = 512) -> Tokenizer:
     return tokenizer
 
 
-def tiny_llama(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.02) -> torch.nn.Module:
+    """``initializer_range`` above the default 0.02 makes the decoder layers matter from the
+    start: after a short training a default-initialised model's outputs come mostly from its
+    embeddings, and pruning half its linear weights barely changes them."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -61,6 +64,7 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> torch.nn.Module:
         intermediate_size=128,
         vocab_size=vocab_size,
         max_position_embeddings=256,
+        initializer_range=initializer_range,
     )
     model: torch.nn.Module = LlamaForCausalLM(config)
     return model.eval()
@@ -70,6 +74,14 @@ def tiny_gpt2(vocab_size: int, seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=vocab_size)
+    config = GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        vocab_size=vocab_size,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model: torch.nn.Module = GPT2LMHeadModel(config)
     return model.eval()
