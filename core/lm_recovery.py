@@ -199,6 +199,18 @@ def _teacher_module(
     return module
 
 
+def _parameters_to_fp32(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
+    """Cast floating parameters (not buffers: RoPE's ``inv_freq`` stays as it is) to fp32 in
+    place; returns those cast, with their dtype, to cast back after training."""
+    cast = []
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                cast.append((param, param.dtype))
+                param.data = param.data.float()
+    return cast
+
+
 def _lm_loss(
     spec: FineTuneSpec, logits: torch.Tensor, ids: torch.Tensor, soft: torch.Tensor | None
 ) -> torch.Tensor:
@@ -293,8 +305,8 @@ def fine_tune_lm(
         distiller = _teacher_module(model, teacher).to(dev).eval()
         distiller.requires_grad_(False)
     was_training = model.training
-    dtype = next(model.parameters()).dtype
-    model.to(dev, dtype=torch.float32)  # fp32 master weights whatever the checkpoint's dtype
+    model.to(dev)
+    dtypes = _parameters_to_fp32(model)  # fp32 master weights whatever the checkpoint's dtype
     model.train()
     model.requires_grad_(True)
     masks = _keep_masks(model, masked)
@@ -358,8 +370,9 @@ def fine_tune_lm(
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        if dtype != torch.float32:
-            model.to(dtype=dtype)
+        with torch.no_grad():
+            for param, dtype in dtypes:
+                param.data = param.data.to(dtype)  # zeros stay zeros in any dtype
     return FineTuneResult(
         steps=total,
         epochs=math.ceil(total / per_epoch),

@@ -398,6 +398,8 @@ def _npz_token_arrays(path: Path, limits: DatasetLimits) -> dict[str, np.ndarray
     try:
         with zipfile.ZipFile(path) as zf:
             members = zf.infolist()
+            if any(not m.filename.endswith(".npy") for m in members):
+                raise InvalidDataset(f"the .npz holds a member that is not an array. {_IDS_HINT}")
             names = [m.filename.removesuffix(".npy") for m in members]
             _check_names(names)
             total = 0
