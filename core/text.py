@@ -97,7 +97,7 @@ class TextLimits:
 
     ``max_line_bytes`` bounds the memory one line may take (a JSON Lines document is one line);
     ``chunk_bytes`` is how much is read from disk at a time; ``piece_chars`` is about how much text
-    of one document is tokenized at once; ``batch_chars`` about how much text goes to one
+    of one document is tokenized at once; ``batch_chars`` about how much text goes at most to one
     ``encode_batch`` call.
     """
 
@@ -577,9 +577,14 @@ def _text_tokens(
     path: Path, tokenizer: Encoder, eos_id: int, limits: TextLimits
 ) -> Generator[list[int], None, None]:
     """Token ids of the text file, documents joined with ``eos_id``, in runs of any length.
-    Pieces go to ``encode_batch`` about ``batch_chars`` of text at a time."""
+
+    Pieces go to ``encode_batch`` in batches that start at 64 kB of text and double up to
+    ``batch_chars``: a caller that needs only a few blocks stops after a small first batch, and
+    a whole-file pass still gets large batches for the tokenizer's threads.
+    """
     batch: list[_Piece] = []
     chars = 0
+    budget = min(64 * 1024, limits.batch_chars)
     started = False
 
     def flush() -> list[int]:
@@ -596,9 +601,10 @@ def _text_tokens(
     for piece in _pieces(path, limits):
         batch.append(piece)
         chars += len(piece.text)
-        if chars >= limits.batch_chars:
+        if chars >= budget:
             yield flush()
             batch, chars = [], 0
+            budget = min(2 * budget, limits.batch_chars)
     if batch:
         yield flush()
 
