@@ -1,0 +1,84 @@
+"""Keep-masks of language-model linears, ranked within each output row (magnitude, Wanda) or in
+runs of ``m`` input features (n:m), plus the statistics Wanda and SparseGPT collect per layer.
+
+Weights that are zero already rank below every other weight, so pruning again at a higher ratio
+keeps the earlier zeros (rounds are nested) and the counts stay exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.allocation import removal_count
+from core.masks import nm_mask
+
+
+def ranked(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the positions where ``weight`` is already zero ranked lowest of all."""
+    return scores.masked_fill(weight == 0, -1.0)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask that removes the ``round(sparsity x in)`` lowest scores of every row.
+
+    Ties go to the earlier column (a stable sort), as in the Wanda reference code.
+    """
+    k = removal_count(sparsity, scores.shape[1])
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        keep.scatter_(1, lowest, False)
+    return keep
+
+
+def keep_mask(scores: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None) -> torch.Tensor:
+    """Row-wise keep-mask at ``sparsity``, or n:m along the input features when ``n_m``."""
+    return nm_mask(scores, *n_m) if n_m is not None else row_mask(scores, sparsity)
+
+
+def planned_removals(
+    shape: tuple[int, int], sparsity: float, n_m: tuple[int, int] | None, *, block: int | None
+) -> int:
+    """How many weights of an ``(out, in)`` layer with no zeros yet a pruning step removes:
+    row-wise (``block`` None), per block of ``block`` input columns (SparseGPT), or n:m."""
+    rows, cols = shape
+    if n_m is not None:
+        n, m = n_m
+        full, tail = divmod(cols, m)
+        kept_tail = min(tail, -(-n * tail // m))
+        return rows * (full * (m - n) + tail - kept_tail)
+    if block is None:
+        return rows * removal_count(sparsity, cols)
+    return sum(
+        removal_count(sparsity, rows * (min(start + block, cols) - start))
+        for start in range(0, cols, block)
+    )
+
+
+class FeatureNorms:
+    """Forward hook accumulating the squared L2 norm of every input feature of a linear over all
+    tokens it sees (Wanda's ``||X_j||_2^2``), in float64 so batch order does not matter."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])  # (tokens, in)
+        self.sum_sq += x.to(torch.float64).square().sum(dim=0)
+        self.tokens += int(x.shape[0])
+
+
+class Hessian:
+    """Forward hook accumulating ``X X^T`` (``(in, in)``, float32) over all tokens a linear sees;
+    SparseGPT's Hessian is ``2 X X^T`` up to a scale that does not change its result."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # (tokens, in)
+        self.xxt.addmm_(x.t(), x)
+        self.tokens += int(x.shape[0])

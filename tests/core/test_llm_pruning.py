@@ -1,0 +1,521 @@
+"""Language-model pruning (hf, unstructured and n:m): exact counts, references written out plainly,
+sequential calibration, the activation buffer's size, and the methods' order on a trained model.
+
+Everything runs on tiny transformers models built from configs (no hub); one thread, because the
+per-column SparseGPT sweep is many small ops that thread contention slows tenfold.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from core.allocation import removal_count
+from core.errors import InvalidSpec
+from core.formats.base import ModelInfo, PrunableLayer
+from core.pruning import PruneContext, run_rounds
+from core.pruning.llm import (
+    LanguageModelPruner,
+    LayerInputs,
+    decoder_layers,
+    prunable_linears,
+    prune_causal_lm,
+)
+from core.spec import PruningSpec
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(max_positions: int = 256, seed: int = 0) -> LlamaForCausalLM:
+    """Llama with GQA: 4 heads, 2 key/value heads, hidden 64, 2 layers."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def calibration_ids(samples: int = 8, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (samples, seq_len), generator=generator)
+
+
+def info_of(model: nn.Module) -> ModelInfo:
+    """What the hf format's gate will state: the decoder linears, (out, in)."""
+    layers = tuple(
+        PrunableLayer(name, "linear", lin.shape, lin.weight.numel())
+        for name, lin in prunable_linears(model).items()
+    )
+    params = sum(p.numel() for p in model.parameters())
+    return ModelInfo(format="hf", num_parameters=params, inputs=(), prunable_layers=layers)
+
+
+def matrix(module: nn.Module) -> torch.Tensor:
+    """A linear's weight as (out, in) (GPT-2's Conv1D stores it (in, out))."""
+    weight = module.weight.detach()
+    return weight if isinstance(module, nn.Linear) else weight.t()
+
+
+def prune(model: Any, spec: PruningSpec, ids: torch.Tensor | None = None, **kw: Any) -> Any:
+    net = model if isinstance(model, nn.Module) else model.model
+    ctx = PruneContext(calibration=(ids,) if ids is not None else None, **kw)
+    return run_rounds(LanguageModelPruner(batch_size=3), model, info_of(net), spec, ctx)
+
+
+# -- exact counts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_unstructured_removes_exactly_what_the_spec_says(arch: str, criterion: str) -> None:
+    model = BUILD[arch]()
+    dense = copy.deepcopy(model)
+    spec = PruningSpec(criterion=criterion, granularity="unstructured", sparsity=0.6)
+
+    outcome = prune(model, spec, calibration_ids())
+
+    linears = prunable_linears(model)
+    assert [layer.name for layer in outcome.layers] == list(linears)
+    for layer in outcome.layers:
+        w = matrix(linears[layer.name].module)
+        zeros_per_row = (w == 0).sum(dim=1)
+        if criterion == "sparsegpt":
+            # Each block of 128 input columns loses round(s x out x width): within 0.5% of s.
+            assert abs(layer.sparsity - 0.6) < 0.005, layer
+            expected = sum(
+                removal_count(0.6, w.shape[0] * (min(c + 128, w.shape[1]) - c))
+                for c in range(0, w.shape[1], 128)
+            )
+            assert int((w == 0).sum()) == expected, layer.name
+        else:
+            assert (zeros_per_row == removal_count(0.6, w.shape[1])).all(), layer.name
+        assert layer.nonzero == int(w.count_nonzero())
+        assert layer.shape_before == layer.shape_after == tuple(w.shape)
+    # Nothing outside the decoder linears changed: embeddings, norms, lm_head, biases.
+    for (name, before), after in zip(dense.named_parameters(), model.parameters(), strict=True):
+        if name.removesuffix(".weight") not in linears:
+            assert torch.equal(before, after), name
+    assert outcome.params_after == sum(p.numel() for p in model.parameters())
+    assert outcome.nonzero_params_after == sum(int(p.count_nonzero()) for p in model.parameters())
+    assert 0 < outcome.sparse_size_bytes < sum(p.numel() * 4 for p in model.parameters())
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("n_m", [(2, 4), (4, 8)])
+def test_n_m_keeps_n_of_every_run_of_m_inputs(criterion: str, n_m: tuple[int, int]) -> None:
+    for model in (tiny_llama(), tiny_gpt2()):
+        spec = PruningSpec(criterion=criterion, granularity="n:m", n_m=n_m)
+        prune(model, spec, calibration_ids())
+        for name, linear in prunable_linears(model).items():
+            w = matrix(linear.module)
+            runs = (w != 0).reshape(w.shape[0], -1, n_m[1]).sum(dim=-1)
+            assert (runs == n_m[0]).all(), name
+
+
+def test_exclude_and_layer_sparsity_follow_module_paths() -> None:
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    spec = PruningSpec(
+        criterion="wanda",
+        granularity="unstructured",
+        sparsity=0.5,
+        exclude=("model.layers.0.self_attn.*",),
+        layer_sparsity={"*.mlp.down_proj": 0.75, "model.layers.1.self_attn.q_proj": 0.0},
+    )
+    outcome = prune(model, spec, calibration_ids())
+
+    before = prunable_linears(dense)
+    expected_excluded = tuple(n for n in before if n.startswith("model.layers.0.self_attn."))
+    assert outcome.excluded == expected_excluded
+    for name, linear in prunable_linears(model).items():
+        w = matrix(linear.module)
+        if name in expected_excluded or name == "model.layers.1.self_attn.q_proj":
+            assert torch.equal(w, matrix(before[name].module)), name
+        else:
+            ratio = 0.75 if name.endswith("down_proj") else 0.5
+            assert ((w == 0).sum(dim=1) == removal_count(ratio, w.shape[1])).all(), name
+
+
+def test_refusals_say_what_to_do() -> None:
+    pruner = LanguageModelPruner()
+    layers = {"model.layers.0.mlp.up_proj": 100}
+    with pytest.raises(InvalidSpec, match="scope 'layer'"):
+        pruner.preflight(
+            PruningSpec(
+                criterion="magnitude", granularity="unstructured", sparsity=0.5, scope="global"
+            ),
+            layers,
+        )
+    with pytest.raises(InvalidSpec, match="use exclude"):
+        pruner.preflight(
+            PruningSpec(criterion="wanda", granularity="n:m", layer_sparsity={"*": 0.5}), layers
+        )
+    with pytest.raises(InvalidSpec, match="match no prunable layer"):
+        pruner.preflight(
+            PruningSpec(
+                criterion="wanda",
+                granularity="unstructured",
+                sparsity=0.5,
+                exclude=("model.layers.9.*",),
+            ),
+            layers,
+        )
+    with pytest.raises(InvalidSpec, match="needs calibration"):
+        prune(
+            tiny_llama(),
+            PruningSpec(criterion="sparsegpt", granularity="unstructured", sparsity=0.5),
+        )
+
+
+def test_dry_run_reports_the_plan_and_changes_nothing() -> None:
+    for criterion in ("magnitude", "wanda", "sparsegpt"):
+        spec = PruningSpec(criterion=criterion, granularity="unstructured", sparsity=0.7)
+        model = tiny_llama()
+        dense = copy.deepcopy(model)
+        planned = prune(model, spec, None, dry_run=True)  # no data needed for the plan
+        for a, b in zip(dense.parameters(), model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        done = prune(model, spec, calibration_ids())
+        assert [lr.nonzero for lr in planned.layers] == [lr.nonzero for lr in done.layers]
+        assert planned.nonzero_params_after == done.nonzero_params_after
+
+
+def test_the_model_object_may_hold_the_model() -> None:
+    """The hf format hands over an object whose ``.model`` is the transformers model."""
+    holder = SimpleNamespace(model=tiny_llama(), tokenizer=None)
+    spec = PruningSpec(criterion="wanda", granularity="unstructured", sparsity=0.5)
+    outcome = prune(holder, spec, calibration_ids())
+    assert outcome.model is holder
+    assert all(layer.sparsity == 0.5 for layer in outcome.layers)
+
+
+def test_iterative_rounds_nest_and_hold_zeros_after_the_hook() -> None:
+    model = tiny_llama()
+    spec = PruningSpec(
+        criterion="sparsegpt",
+        granularity="unstructured",
+        sparsity=0.6,
+        schedule={"kind": "iterative", "rounds": 3},
+    )
+    seen: list[torch.Tensor] = []
+
+    def retrain(t: int, rounds: int, m: Any) -> None:
+        up = prunable_linears(m)["model.layers.1.mlp.up_proj"].weight
+        seen.append(up.detach() == 0)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01)  # "training" moves every weight, pruned ones included
+
+    pruner = LanguageModelPruner(batch_size=4)
+    outcome = run_rounds(
+        pruner,
+        model,
+        info_of(model),
+        spec,
+        PruneContext(calibration=(calibration_ids(),)),
+        on_round=retrain,
+    )
+    final = prunable_linears(model)["model.layers.1.mlp.up_proj"].weight == 0
+    assert len(seen) == 2
+    # Nested masks: a weight zeroed in a round stays zero, through the retraining hook too.
+    assert (seen[0] <= seen[1]).all()
+    assert (seen[1] <= final).all()
+    assert all(abs(layer.sparsity - 0.6) < 0.005 for layer in outcome.layers)
+
+
+# -- sequential calibration ----------------------------------------------------------------------
+
+
+def _record_inputs(layer: nn.Module, run: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The hidden states and keyword arguments ``layer`` is called with while ``run()`` runs."""
+    got: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        got["hidden"], got["kwargs"] = args[0].detach().clone(), kwargs
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return got["hidden"], got["kwargs"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_each_layer_is_calibrated_on_the_pruned_layers_before_it(arch: str) -> None:
+    model = BUILD[arch]()
+    ids = calibration_ids()
+    fed: dict[int, torch.Tensor] = {}
+    kwargs: dict[int, dict[str, Any]] = {}
+
+    def observe(index: int, layer: Any, inputs: LayerInputs | None) -> None:
+        assert inputs is not None
+        fed[index] = inputs.hidden.clone()
+        kwargs[index] = inputs.kwargs()
+
+    ratios = {name: 0.5 for name in prunable_linears(model)}
+    prune_causal_lm(model, ratios, criterion="wanda", input_ids=ids, batch_size=3, on_layer=observe)
+
+    # Layer 1 was fed what the pruned model really gives it.
+    layer1 = decoder_layers(model)[1].module
+    hidden, real_kwargs = _record_inputs(layer1, lambda: model(input_ids=ids, use_cache=False))
+    torch.testing.assert_close(fed[1], hidden, rtol=1e-5, atol=1e-5)
+    assert fed[0].shape == (8, 32, 64)
+    if arch == "llama":
+        cos, sin = kwargs[0]["position_embeddings"]  # newer transformers pass (cos, sin)
+        assert cos.shape[-2:] == sin.shape[-2:] == (32, 16)
+        torch.testing.assert_close(cos, real_kwargs["position_embeddings"][0])
+
+
+def test_the_buffer_is_sized_by_the_calibration_data_not_the_context() -> None:
+    """A config allowing a billion positions: anything sized from it (as the Wanda reference
+    sizes its buffer from max_position_embeddings) would need terabytes."""
+    model = tiny_llama(max_positions=1_000_000_000)
+    sizes: list[int] = []
+
+    def observe(index: int, layer: Any, inputs: LayerInputs | None) -> None:
+        assert inputs is not None
+        sizes.append(inputs.hidden.numel())
+        assert len({id(call.kwargs["position_embeddings"]) for call in inputs.calls}) == 1
+
+    ratios = {name: 0.5 for name in prunable_linears(model)}
+    prune_causal_lm(
+        model,
+        ratios,
+        criterion="sparsegpt",
+        input_ids=calibration_ids(6, 16),
+        batch_size=2,
+        on_layer=observe,
+    )
+    assert sizes == [6 * 16 * 64, 6 * 16 * 64]  # num_samples x seq_len x hidden, per layer
+
+
+# -- reference implementations, written out plainly -----------------------------------------------
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    inner = model.model if isinstance(model, LlamaForCausalLM) else model.transformer
+    return inner.layers if isinstance(model, LlamaForCausalLM) else inner.h
+
+
+def _linear_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
+    """Run the whole model once; every token's input to each linear of ``block``, (tokens, in)."""
+    xs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+
+            def hook(m: nn.Module, inputs: Any, out: Any, name: str = name) -> None:
+                xs[name] = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {name: (dict(block.named_modules())[name], x) for name, x in xs.items()}
+
+
+def _reference_sparsegpt(w: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
+    """Algorithm 1 of the SparseGPT paper with B = Bs = 128, every update applied at once."""
+    w = w.double().clone()
+    cols = w.shape[1]
+    h = 2 * x.t() @ x
+    h += 0.01 * h.diagonal().mean() * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    mask = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
+    for j in range(cols):
+        if j % 128 == 0:
+            block = slice(j, min(j + 128, cols))
+            score = w[:, block] ** 2 / hinv.diagonal()[block] ** 2
+            k = removal_count(s, score.numel())
+            flat = torch.zeros(score.numel(), dtype=torch.bool)
+            flat[score.flatten().argsort()[:k]] = True
+            mask[:, block] = flat.reshape(score.shape)
+        err = w[:, j] / hinv[j, j] * mask[:, j]
+        w[:, j:] -= torch.outer(err, hinv[j, j:])
+    return w * ~mask
+
+
+def _reference_prune(model: nn.Module, ids: torch.Tensor, criterion: str, s: float) -> list[float]:
+    """Layer by layer: run the whole (partly pruned) model for each layer's inputs, prune its
+    linears the obvious way. Returns SparseGPT's ||(W - W')X||^2 / tokens per linear."""
+    errors = []
+    for block in _blocks(model):
+        for module, x in _linear_inputs(model, block, ids).values():
+            w = matrix(module).double()
+            if criterion == "sparsegpt":
+                new = _reference_sparsegpt(w, x, s)
+                errors.append(float(((w - new) @ x.t()).square().sum()) / x.shape[0])
+            else:
+                score = w.abs() * (x.square().sum(0).sqrt() if criterion == "wanda" else 1)
+                k = removal_count(s, w.shape[1])
+                new = w.clone()
+                new.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], 0.0)
+            with torch.no_grad():
+                target = new if isinstance(module, nn.Linear) else new.t()
+                module.weight.copy_(target.to(module.weight.dtype))
+    return errors
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_masks_match_a_plain_reference(arch: str, criterion: str) -> None:
+    ids = calibration_ids()
+    ours = BUILD[arch]().double()  # float64: no near-tie flips from summation order
+    reference = copy.deepcopy(ours)
+    spec = PruningSpec(criterion=criterion, granularity="unstructured", sparsity=0.5)
+
+    prune(ours, spec, ids)
+    _reference_prune(reference, ids, criterion, 0.5)
+
+    theirs = prunable_linears(reference)
+    for name, linear in prunable_linears(ours).items():
+        assert torch.equal(matrix(linear.module) == 0, matrix(theirs[name].module) == 0), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sparsegpt_reconstructs_as_well_as_a_plain_reference(arch: str) -> None:
+    ids = calibration_ids(16, 32)
+    ours = BUILD[arch]()
+    reference = copy.deepcopy(ours)
+    spec = PruningSpec(criterion="sparsegpt", granularity="unstructured", sparsity=0.5)
+
+    outcome = prune(ours, spec, ids)
+    theirs = _reference_prune(reference, ids, "sparsegpt", 0.5)
+
+    mine = list(outcome.details["reconstruction_error"].values())
+    assert len(mine) == len(theirs)
+    ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+    print(f"{arch}: ours/reference error per linear", [f"{r:.3f}" for r in ratios])
+    assert all(0.8 < r < 1.25 for r in ratios), ratios
+    # And both beat pruning the same weights without the OBS updates (Wanda at 50%).
+    wanda = BUILD[arch]()
+    wanda_errors = []
+    for block in _blocks(wanda):
+        for module, x in _linear_inputs(wanda, block, ids).values():
+            w = matrix(module).double()
+            kept = w.clone()
+            score = w.abs() * x.square().sum(0).sqrt()
+            kept.scatter_(1, score.argsort(dim=1)[:, : removal_count(0.5, w.shape[1])], 0.0)
+            wanda_errors.append(float(((w - kept) @ x.t()).square().sum()) / x.shape[0])
+            with torch.no_grad():
+                module.weight.copy_(kept if isinstance(module, nn.Linear) else kept.t())
+    assert sum(mine) < sum(wanda_errors)
+
+
+# -- a trained model ------------------------------------------------------------------------------
+
+
+def _stdlib_bytes() -> torch.Tensor:
+    import argparse
+    import collections
+    import dataclasses
+    import json
+    import textwrap
+
+    text = "".join(
+        inspect.getsource(m) for m in (argparse, collections, dataclasses, json, textwrap)
+    )
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def _perplexity(model: nn.Module, blocks: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=blocks, use_cache=False).logits[:, :-1]
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)
+        )
+    return math.exp(float(loss))
+
+
+def test_on_a_trained_model_sparsegpt_reconstructs_best_at_70() -> None:
+    """A byte-level Llama trained for 250 steps on stdlib source (about 50 s on a loaded 2-core
+    CPU). SparseGPT must beat both others clearly. Wanda vs magnitude is printed, not asserted:
+    at this size (no outlier features yet) they land within ~10% of each other either way
+    (NOTES fact 8 separates them on a 4-layer, d 256, 4k-BPE model, too slow for a unit test).
+    """
+    start = time.perf_counter()
+    data = _stdlib_bytes()
+    seq = 64
+    blocks = data[: data.numel() // seq * seq].reshape(-1, seq)
+    generator = torch.Generator().manual_seed(0)
+    blocks = blocks[torch.randperm(blocks.shape[0], generator=generator)]
+    held_out, calibration, train = blocks[:48], blocks[48:80], blocks[80:]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=seq,
+        )
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _step in range(250):
+        batch = train[torch.randint(0, train.shape[0], (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    trained = time.perf_counter() - start
+    dense = _perplexity(model, held_out)
+
+    results = {}
+    for criterion in ("magnitude", "wanda", "sparsegpt"):
+        pruned = copy.deepcopy(model)
+        spec = PruningSpec(criterion=criterion, granularity="unstructured", sparsity=0.7)
+        prune(pruned, spec, calibration)
+        results[criterion] = _perplexity(pruned, held_out)
+    print(
+        f"dense {dense:.2f}, 70%: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()),
+        f"(trained in {trained:.0f} s, all in {time.perf_counter() - start:.0f} s)",
+    )
+    assert dense < results["sparsegpt"]
+    assert results["sparsegpt"] < 0.95 * min(results["wanda"], results["magnitude"])
