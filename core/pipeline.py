@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from core.formats import MeasureConfig, ModelFormat, ModelInfo, detect
 from core.progress import FRACTION, ProgressCallback, Stage, between, no_progress
 from core.pruning import LayerResult, PruneContext, RoundHook, pruner_for, run_rounds
 from core.recovery import PipelineData, Recovered, Recovery, TrainingConfig
+from core.recovery_lm import LmRecovery
 from core.report import Measured, Metrics, build_metrics, write_report
 from core.spec import JobSpec
 
@@ -35,6 +37,23 @@ __all__ = [
     "TrainingConfig",
     "run",
 ]
+
+
+class RecoveryStage(Protocol):
+    """Evaluation and fine-tuning around the pruning step, for one model format."""
+
+    eval_before: dict[str, float] | None
+
+    @property
+    def calibration(self) -> tuple[Any, ...] | None: ...
+
+    def recover(self, model: Any) -> Recovered: ...
+
+    def round_hook(self, rounds: int) -> RoundHook: ...
+
+
+# How each format recovers: its datasets, evaluation and fine-tuning. One line per format.
+_RECOVERY: dict[str, Any] = {"pt2": Recovery, "hf": LmRecovery}
 
 
 @dataclass(frozen=True)
@@ -91,13 +110,53 @@ def run(
 
     progress("loading", FRACTION["load"], "validating and loading the model")
     fmt = detect(model_path)
-    model, info = fmt.load(model_path)
     pruner = pruner_for(fmt.name, spec.pruning.granularity)
+    model, info = fmt.load(model_path)
+    try:
+        return _run_loaded(
+            spec,
+            fmt,
+            pruner,
+            model,
+            info,
+            Path(model_path),
+            out,
+            m,
+            progress,
+            data or PipelineData(),
+            training or TrainingConfig(),
+            on_round,
+        )
+    finally:
+        _release(model)
+
+
+def _release(model: object) -> None:
+    # Formats whose loaded models hold resources (an unpacked checkpoint folder) close them.
+    close = getattr(model, "close", None)
+    if callable(close):
+        close()
+
+
+def _run_loaded(
+    spec: JobSpec,
+    fmt: ModelFormat,
+    pruner: Any,
+    model: Any,
+    info: ModelInfo,
+    model_path: Path,
+    out: Path,
+    m: MeasureConfig,
+    progress: ProgressCallback,
+    data: PipelineData,
+    training: TrainingConfig,
+    on_round: RoundHook | None,
+) -> PipelineResult:
     before = Measured(
-        fmt.measure(model, info, m), fmt.count_parameters(model), Path(model_path).stat().st_size
+        fmt.measure(model, info, m), fmt.count_parameters(model), model_path.stat().st_size
     )
-    recovery = Recovery.prepare(
-        spec, model, info, data or PipelineData(), training or TrainingConfig(), progress
+    recovery: RecoveryStage = _RECOVERY[fmt.name].prepare(
+        spec, model, info, data, training, progress
     )
 
     progress("pruning", FRACTION["prune"], f"pruning: {spec.pruning.granularity}")
@@ -107,7 +166,7 @@ def run(
         model,
         info,
         spec.pruning,
-        PruneContext(calibration=recovery.feeds.calibration, dry_run=spec.dry_run),
+        PruneContext(calibration=recovery.calibration, dry_run=spec.dry_run),
         on_round=rounds_hook,
         on_progress=lambda t, n, sparsity: progress(
             "pruning",
@@ -151,9 +210,12 @@ def _export_and_measure(
     artifacts = fmt.save(model, out)
     progress("evaluating", FRACTION["measure"], "reloading the written model and measuring it")
     reloaded, info = fmt.load(artifacts["model"])
-    measured = Measured(
-        fmt.measure(reloaded, info, m),
-        fmt.count_parameters(reloaded),
-        artifacts["model"].stat().st_size,
-    )
+    try:
+        measured = Measured(
+            fmt.measure(reloaded, info, m),
+            fmt.count_parameters(reloaded),
+            artifacts["model"].stat().st_size,
+        )
+    finally:
+        _release(reloaded)
     return artifacts, info, measured

@@ -148,6 +148,11 @@ class Recovery:
         return recovery
 
     @property
+    def calibration(self) -> tuple[torch.Tensor, ...] | None:
+        """Inputs for the data-aware criteria of the pruning step."""
+        return self.feeds.calibration
+
+    @property
     def masked(self) -> list[str]:
         return [f"{layer.name}.weight" for layer in self.info.prunable_layers]
 

@@ -1,0 +1,216 @@
+"""Recovery for language models (format ``hf``): token blocks for calibration, fine-tuning and
+evaluation, perplexity before and after, and fine-tuning with pruned weights held at zero.
+
+The same stages as :class:`core.recovery.Recovery` for ``pt2`` programs, on text: datasets are
+tokenized at job time with the model's own tokenizer into blocks of ``seq_len`` tokens (see
+:mod:`core.text`), scored by perplexity and trained with :func:`core.lm_recovery.fine_tune_lm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.device import pick_device
+from core.errors import InvalidSpec
+from core.finetune import Checkpointing, FineTuneResult
+from core.formats.base import ModelInfo
+from core.lm_recovery import evaluate_perplexity, fine_tune_lm
+from core.progress import FRACTION, ProgressCallback, between
+from core.pruning.rounds import RoundHook
+from core.recovery import PipelineData, Recovered, TrainingConfig
+from core.spec import FineTuneSpec, JobSpec
+from core.text import (
+    CALIBRATION_SEQ_LEN,
+    EVAL_SEQ_LEN,
+    FINE_TUNE_SEQ_LEN,
+    resolve_seq_len,
+    token_blocks,
+)
+
+
+@dataclass(frozen=True)
+class LmFeeds:
+    """The job's datasets as token blocks, ``[N, seq_len]`` int64 each."""
+
+    calibration: tuple[torch.Tensor, ...] | None
+    fine_tune: torch.Tensor | None
+    evaluation: torch.Tensor | None
+
+
+def _blocks(
+    model: Any, path: Path | None, what: str, seq_len: int, max_blocks: int | None
+) -> torch.Tensor:
+    if path is None:
+        raise InvalidSpec(f"'{what}' needs a dataset, and none was given")
+    config = model.model.config
+    return token_blocks(
+        path,
+        model.tokenizer,
+        seq_len,
+        model.eos_token_id,
+        max_blocks,
+        vocab_size=config.vocab_size,
+    )
+
+
+def load_lm_feeds(spec: JobSpec, data: PipelineData, model: Any) -> LmFeeds:
+    """Tokenize the datasets the spec names, each at its own ``seq_len`` (defaults 2048 for
+    calibration, 512 for fine-tuning and evaluation, never above ``max_position_embeddings``),
+    before any work: a dataset that cannot feed the model fails the job here."""
+    positions = getattr(model.model.config, "max_position_embeddings", None)
+    calibration = fine_tune = evaluation = None
+    if spec.calibration is not None:
+        seq_len = resolve_seq_len(spec.calibration.seq_len, CALIBRATION_SEQ_LEN, positions)
+        ids = _blocks(model, data.calibration, "calibration", seq_len, spec.calibration.num_samples)
+        calibration = (ids,)
+    if spec.fine_tune is not None:
+        if spec.fine_tune.loss not in ("causal_lm", "distillation"):
+            raise InvalidSpec(
+                f"fine_tune loss {spec.fine_tune.loss!r} does not train language models; use "
+                "'causal_lm' or 'distillation'"
+            )
+        seq_len = resolve_seq_len(spec.fine_tune.seq_len, FINE_TUNE_SEQ_LEN, positions)
+        fine_tune = _blocks(model, data.fine_tune, "fine_tune", seq_len, None)
+    if spec.evaluation is not None:
+        if spec.evaluation.task not in ("perplexity", "auto"):
+            raise InvalidSpec(
+                f"evaluation task {spec.evaluation.task!r} does not score language models; "
+                "use 'perplexity'"
+            )
+        seq_len = resolve_seq_len(spec.evaluation.seq_len, EVAL_SEQ_LEN, positions)
+        evaluation = _blocks(
+            model, data.evaluation, "evaluation", seq_len, spec.evaluation.max_samples
+        )
+    return LmFeeds(calibration, fine_tune, evaluation)
+
+
+@dataclass
+class LmRecovery:
+    """Evaluation and fine-tuning of one job's language model."""
+
+    spec: JobSpec
+    info: ModelInfo
+    feeds: LmFeeds
+    teacher: dict[str, torch.Tensor] | None
+    train: TrainingConfig
+    progress: ProgressCallback
+    eval_before: dict[str, float] | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        spec: JobSpec,
+        model: Any,
+        info: ModelInfo,
+        data: PipelineData,
+        train: TrainingConfig,
+        progress: ProgressCallback,
+    ) -> LmRecovery:
+        """Tokenize the datasets, keep the dense teacher, score the dense model."""
+        distills = spec.fine_tune is not None and spec.fine_tune.loss == "distillation"
+        teacher = (
+            {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+            if distills
+            else None
+        )
+        recovery = cls(spec, info, load_lm_feeds(spec, data, model), teacher, train, progress)
+        recovery.eval_before = recovery.evaluate(model, "evaluate_before", "before pruning")
+        return recovery
+
+    @property
+    def calibration(self) -> tuple[torch.Tensor, ...] | None:
+        return self.feeds.calibration
+
+    @property
+    def masked(self) -> list[str]:
+        return [f"{layer.name}.weight" for layer in self.info.prunable_layers]
+
+    def evaluate(self, model: Any, step: str, when: str) -> dict[str, float] | None:
+        """Perplexity on the evaluation blocks (None without evaluation)."""
+        if self.spec.evaluation is None or self.feeds.evaluation is None:
+            return None
+        fraction = FRACTION[step]
+        self.progress("evaluating", fraction, f"evaluating {when}")
+        metrics = evaluate_perplexity(
+            model.model,
+            self.feeds.evaluation,
+            batch_size=min(self.spec.evaluation.batch_size, 8),
+            device=pick_device(self.train.device),
+        )
+        self.progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
+        return metrics
+
+    def recover(self, model: Any) -> Recovered:
+        """Evaluate the pruned model, fine-tune it in place, evaluate again."""
+        after_pruning = self.evaluate(model, "evaluate_after_pruning", "after pruning")
+        tuned = self._fine_tune(model)
+        after_tuning = (
+            self.evaluate(model, "evaluate_after_fine_tune", "after fine-tuning")
+            if tuned is not None
+            else None
+        )
+        return Recovered(after_pruning, after_tuning, tuned)
+
+    def _fine_tune(self, model: Any) -> FineTuneResult | None:
+        tune, blocks = self.spec.fine_tune, self.feeds.fine_tune
+        if tune is None or blocks is None:
+            return None
+
+        def on_step(step: int, total: int, summary: dict[str, float] | None) -> None:
+            message = (
+                f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
+                if summary and "epoch" in summary
+                else f"step {step}/{total}"
+            )
+            fraction = between("fine_tune", "fine_tune_end", step / max(total, 1))
+            self.progress("fine_tuning", fraction, message, summary)
+
+        return self._train(model, blocks, tune, self.train.checkpoint, on_step)
+
+    def _train(
+        self,
+        model: Any,
+        blocks: torch.Tensor,
+        tune: FineTuneSpec,
+        checkpoint: Path | None,
+        on_step: Any,
+    ) -> FineTuneResult:
+        return fine_tune_lm(
+            model.model,
+            blocks,
+            tune,
+            masked=self.masked,
+            teacher=self.teacher,
+            device=self.train.device,
+            checkpoint=Checkpointing(checkpoint, self.train.checkpoint_every_steps)
+            if checkpoint
+            else None,
+            on_step=on_step,
+        )
+
+    def round_hook(self, rounds: int) -> RoundHook:
+        """Between rounds: evaluate, and fine-tune for ``1/rounds`` of the spec's steps."""
+        tune, blocks = self.spec.fine_tune, self.feeds.fine_tune
+
+        def hook(t: int, n: int, model: Any) -> None:
+            self.evaluate(model, "prune", f"after round {t} of {n}")
+            if tune is not None and blocks is not None:
+                per_epoch = -(-len(blocks) // tune.batch_size)
+                total = tune.steps or (tune.epochs or 1) * per_epoch
+                share = tune.model_copy(update={"steps": max(1, total // n), "epochs": None})
+                checkpoint = self.train.checkpoint
+                self._train(
+                    model,
+                    blocks,
+                    share,
+                    checkpoint.with_name(f"{checkpoint.stem}.round{t}.pt") if checkpoint else None,
+                    lambda step, total, data: self.progress(
+                        "fine_tuning", FRACTION["prune"], f"round {t}: step {step}/{total}", data
+                    ),
+                )
+
+        return hook
