@@ -31,9 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final, Literal
 
-# Reused on purpose: the zip end-record and local-header checks written for ``.pt2`` uploads
-# apply to any zip (no prepended data, no comments, no overlapping or disagreeing entries).
-from core.archive import ArchiveLimits, _check_end_records, _check_local_headers
 from core.errors import InvalidArchive, ShearsError, UnsafeArchive
 from core.formats.base import PathLike
 
@@ -120,6 +117,11 @@ class Container:
     # -- listing ---------------------------------------------------------------------------
 
     def _list_zip(self) -> list[tuple[str, bool, int, int]]:
+        # Reused on purpose: the zip end-record and local-header checks written for ``.pt2``
+        # apply to any zip (no prepended data, no comments, no overlapping or disagreeing
+        # entries). Imported here: core.archive imports core.formats, which registers hf.
+        from core.archive import ArchiveLimits, _check_end_records, _check_local_headers
+
         limits = ArchiveLimits(
             max_members=self.limits.max_members, max_total_bytes=self.limits.max_total_bytes
         )
