@@ -74,7 +74,8 @@ __all__ = [
     "register",
 ]
 
-# Registration: one line per format.
+# Registration: one line per format, asked in this order (hf before pt2, which claims any zip).
+from core.formats import hf as _hf  # noqa: E402  (registers itself)
 from core.formats import pt2 as _pt2  # noqa: E402  (registers itself)
 
-del _pt2
+del _hf, _pt2
