@@ -2,7 +2,9 @@
 
 from core.pruning.base import register_pruner
 from core.pruning.channels import ChannelPruner
+from core.pruning.llm import LanguageModelPruner
 from core.pruning.weights import WeightPruner
 
 register_pruner(WeightPruner())
 register_pruner(ChannelPruner())
+register_pruner(LanguageModelPruner())
