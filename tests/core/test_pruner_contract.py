@@ -22,17 +22,54 @@ from core.pruning import PruneContext, PruneOutcome, preflight, pruner_for, prun
 from core.spec import PruningSpec
 from core.structure.importance import group_scorers
 from tests.core.archs import MLP, Transformer, export
+from tests.hf_factories import archive_folder, save_checkpoint
 
 
 @dataclass(frozen=True)
 class Case:
-    """A model to prune, a spec, and the removal each prunable layer must show afterwards
+    """A model file to prune, a spec, and the removal each prunable layer must show afterwards
     (computed from the layer's shape before, independently of the pruner)."""
 
-    build: Callable[[], torch.nn.Module]
-    input_shape: tuple[int, ...]
+    write: Callable[[Path], Path]  # writes the model file into a folder, returns its path
     spec: PruningSpec
     expect: Callable[[str, tuple[int, ...], tuple[int, ...], int], None]
+
+
+def _program(build: Callable[[], torch.nn.Module], input_shape: tuple[int, ...]):
+    def write(folder: Path) -> Path:
+        torch.manual_seed(0)
+        path = folder / "model.pt2"
+        torch.export.save(export(build(), input_shape), str(path))
+        return path
+
+    return write
+
+
+def _checkpoint(arch: str):
+    def write(folder: Path) -> Path:
+        _, checkpoint = save_checkpoint(arch, folder / "checkpoint")
+        return archive_folder(checkpoint, folder / "model.tar")
+
+    return write
+
+
+def _weights(model: object) -> dict[str, torch.Tensor]:
+    """Every parameter of a loaded model of either format, by name."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return dict(model.state_dict)
+    return dict(model.model.named_parameters())  # hf: the transformers model inside
+
+
+def _run(model: object, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()(inputs["x"])
+    return model.model(input_ids=inputs["ids"]).logits
+
+
+def _rows_half(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
+    # Language models rank within each output row: every row loses round(s x in).
+    assert after == before
+    assert zeros == before[0] * removal_count(0.5, before[1]), name
 
 
 def _zeros_exact(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
@@ -78,34 +115,39 @@ def _half_the_heads(name: str, before: tuple[int, ...], after: tuple[int, ...], 
 
 CASES: dict[tuple[str, str], Case] = {
     ("pt2", "unstructured"): Case(
-        lambda: MLP(32, 2),
-        (12,),
+        _program(lambda: MLP(32, 2), (12,)),
         PruningSpec(criterion="l1", granularity="unstructured", sparsity=0.5),
         _zeros_exact,
     ),
     ("pt2", "n:m"): Case(
-        lambda: MLP(32, 2),
-        (12,),
+        _program(lambda: MLP(32, 2), (12,)),
         PruningSpec(criterion="l2", granularity="n:m", n_m=(2, 4)),
         _half_of_each_run,
     ),
     ("pt2", "block"): Case(
-        lambda: MLP(32, 2),
-        (12,),
+        _program(lambda: MLP(32, 2), (12,)),
         PruningSpec(criterion="l1", granularity="block", block=(1, 4), sparsity=0.5),
         _whole_blocks,
     ),
     ("pt2", "channel"): Case(
-        lambda: MLP(32, 2),
-        (12,),
+        _program(lambda: MLP(32, 2), (12,)),
         PruningSpec(criterion="l1", granularity="channel", sparsity=0.5),
         _half_the_outputs({"out"}),
     ),
     ("pt2", "head"): Case(
-        lambda: Transformer(16, 4, 32),
-        (5, 6),
+        _program(lambda: Transformer(16, 4, 32), (5, 6)),
         PruningSpec(criterion="l1", granularity="head", sparsity=0.5),
         _half_the_heads,
+    ),
+    ("hf", "unstructured"): Case(
+        _checkpoint("llama"),
+        PruningSpec(criterion="magnitude", granularity="unstructured", sparsity=0.5),
+        _rows_half,
+    ),
+    ("hf", "n:m"): Case(
+        _checkpoint("llama"),
+        PruningSpec(criterion="magnitude", granularity="n:m", n_m=(2, 4)),
+        _half_of_each_run,
     ),
 }
 
@@ -128,19 +170,20 @@ def test_every_criterion_has_a_scorer_for_what_it_claims() -> None:
 def test_pruner_contract(key: tuple[str, str], tmp_path: Path) -> None:
     fmt_name, granularity = key
     case = CASES[key]
-    torch.manual_seed(0)
-    path = tmp_path / "model.pt2"
-    torch.export.save(export(case.build(), case.input_shape), str(path))
     fmt = get_format(fmt_name)
-    model, info = fmt.load(path)
-    inputs = torch.randn(3, *case.input_shape)
+    model, info = fmt.load(case.write(tmp_path))
+    first = info.inputs[0]
+    inputs = {
+        "x": torch.randn(3, *first.shape[1:]),
+        "ids": torch.randint(0, 200, (3, 16)),
+    }
 
     outcome: PruneOutcome = run_rounds(
         pruner_for(fmt_name, granularity), model, info, case.spec, PruneContext()
     )
 
     # Shapes and counts: every prunable layer reported, each as the spec says.
-    state = outcome.model.state_dict
+    state = _weights(outcome.model)
     assert [layer.name for layer in outcome.layers] == [p.name for p in info.prunable_layers]
     for layer, before in zip(outcome.layers, info.prunable_layers, strict=True):
         weight = state[f"{layer.name}.weight"]
@@ -149,14 +192,17 @@ def test_pruner_contract(key: tuple[str, str], tmp_path: Path) -> None:
         assert layer.nonzero == int(weight.count_nonzero())
         zeros = weight.numel() - layer.nonzero
         case.expect(layer.name, before.shape, layer.shape_after, zeros)
-    assert outcome.params_after == sum(p.numel() for p in outcome.model.parameters())
+    assert outcome.params_after == fmt.count_parameters(outcome.model)
 
     # The result reloads through the format's own gate, computes the same and keeps its
     # interface (a batch size never exported).
-    written = fmt.save(outcome.model, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    written = fmt.save(outcome.model, out)
     reloaded, reloaded_info = fmt.load(written["model"])
     assert reloaded_info.inputs == info.inputs
-    torch.testing.assert_close(reloaded.module()(inputs), outcome.model.module()(inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(_run(reloaded, inputs), _run(outcome.model, inputs))
     assert fmt.count_parameters(reloaded) == outcome.params_after
 
 
@@ -176,5 +222,8 @@ def test_preflight_checks_what_metadata_can_tell() -> None:
             PruningSpec(criterion="l1", granularity="channel", sparsity=0.5, exclude=("c",)),
             layers,
         )
-    with pytest.raises(InvalidSpec, match="not available for 'hf' models"):
-        preflight("hf", PruningSpec(criterion="l1", granularity="channel", sparsity=0.5), layers)
+    # A criterion of another format's pruners.
+    with pytest.raises(InvalidSpec, match="'l1' is not available for 'hf' models"):
+        preflight(
+            "hf", PruningSpec(criterion="l1", granularity="unstructured", sparsity=0.5), layers
+        )
