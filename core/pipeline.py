@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import save_file
 
 from core.allocation import Allocation, allocate
-from core.archive import ArchiveInfo
 from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
 from core.device import pick_device
 from core.errors import InvalidSpec
@@ -34,13 +33,19 @@ from core.finetune import (
     Checkpointing,
     FineTuneResult,
     fine_tune,
-    module_on,
     plan_steps,
     snapshot_state,
 )
+from core.formats.pt2 import Pt2Info as ArchiveInfo
+from core.formats.pt2.program import (
+    batch_size_for,
+    load_program,
+    module_on,
+    save_program,
+    synthetic_inputs,
+)
 from core.masks import weight_masks
 from core.metrics import count_macs, median_latency_ms, sparse_size_bytes
-from core.program import batch_size_for, load_program, save_program, synthetic_inputs
 from core.schedule import RoundHook, agp_fractions, at_fraction, relative_step, rounds_of
 from core.spec import SPEC_VERSION, STRUCTURED, FineTuneSpec, JobSpec, PruningSpec
 from core.structure import StructuredResult, prune_program

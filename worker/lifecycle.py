@@ -17,8 +17,8 @@ from typing import Any
 import structlog
 from sqlalchemy.orm import Session
 
-from core.archive import inspect_archive
 from core.errors import Cancelled, InvalidDataset, ModelLoadError, ShearsError
+from core.formats import inspect_upload
 from core.pipeline import MeasureConfig, PipelineData, PipelineResult, Stage, TrainingConfig
 from core.pipeline import run as run_pipeline
 from shears.db import repository as repo
@@ -258,7 +258,7 @@ def _record_success(
         # The pruned program is a model of its own, so it can be pruned again; its own copy keeps
         # it alive when the job (and its artifacts) are deleted.
         model_id = new_id("mdl")
-        info = inspect_archive(result.model_path)
+        info = inspect_upload(result.model_path)
         copy = storage.put_file(result.model_path, f"models/{tenant}/{model_id}.pt2")
         stored.append(copy)
         result_model = repo.model_row(

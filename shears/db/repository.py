@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from core.archive import ArchiveInfo
+from core.formats import ModelInfo
 from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
 
 ACTIVE_STATUSES = ("queued", "running")
@@ -79,7 +79,7 @@ def model_row(
     model_id: str,
     tenant: str,
     name: str,
-    info: ArchiveInfo,
+    info: ModelInfo,
     key: str,
     size_bytes: int,
     sha256: str,
