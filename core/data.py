@@ -34,8 +34,8 @@ from typing import Final
 import numpy as np
 import torch
 
-from core.archive import ProgramInput
 from core.errors import DatasetMismatch, InvalidDataset, UnsupportedFormat
+from core.formats import ProgramInput
 
 __all__ = [
     "ArrayInfo",

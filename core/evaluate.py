@@ -5,7 +5,7 @@ Example::
     import torch
     from core.data import load_dataset, match_program, batch_range
     from core.evaluate import evaluate
-    from core.program import load_program
+    from core.formats.pt2.program import load_program
     from core.spec import EvaluationSpec
 
     program, info = load_program("model.pt2")

@@ -18,7 +18,7 @@ Example::
 
     from core.data import batch_range, load_dataset, match_program
     from core.finetune import fine_tune
-    from core.program import load_program
+    from core.formats.pt2.program import load_program
     from core.spec import FineTuneSpec
 
     program, info = load_program("pruned.pt2")
@@ -49,6 +49,7 @@ from core.data import BatchRange, Dataset
 from core.device import pick_device
 from core.errors import DatasetMismatch
 from core.evaluate import check_targets, first_tensor, is_classification
+from core.formats.pt2.program import module_on
 from core.spec import FineTuneSpec
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "FineTuneResult",
     "StepCallback",
     "fine_tune",
-    "module_on",
     "plan_steps",
     "set_training",
     "snapshot_state",
@@ -113,39 +113,6 @@ def set_training(module: torch.fx.GraphModule, mode: bool) -> int:
     if changed:
         module.recompile()
     return changed
-
-
-def module_on(
-    program: torch.export.ExportedProgram,
-    device: torch.device | str = "cpu",
-    state: Mapping[str, torch.Tensor] | None = None,
-) -> torch.fx.GraphModule:
-    """``program.module()`` holding its own copies of the parameters and buffers on ``device``
-    (taken from ``state`` where it names them).
-
-    Why: the module ``program.module()`` returns shares its ``nn.Parameter`` objects with
-    ``program.state_dict``, and ``module.to(device)`` swaps their data in place -- it would move
-    the program's own weights (measured: ``.to(torch.float64)`` changed the program's dtype).
-    """
-    module = program.module()
-    copies: dict[int, torch.Tensor] = {}
-
-    def copy(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in copies:  # tied tensors stay tied
-            source = state[name] if state is not None and name in state else tensor
-            copies[id(tensor)] = source.detach().to(device, copy=True)
-        return copies[id(tensor)]
-
-    for name, param in list(module.named_parameters(remove_duplicate=False)):
-        owner, _, attr = name.rpartition(".")
-        new = copy(name, param)
-        if not isinstance(new, torch.nn.Parameter):
-            new = copies[id(param)] = torch.nn.Parameter(new, requires_grad=param.requires_grad)
-        setattr(module.get_submodule(owner), attr, new)
-    for name, buffer in list(module.named_buffers(remove_duplicate=False)):
-        owner, _, attr = name.rpartition(".")
-        module.get_submodule(owner)._buffers[attr] = copy(name, buffer)
-    return module
 
 
 def snapshot_state(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:

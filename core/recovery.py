@@ -21,11 +21,11 @@ from core.finetune import (
     Checkpointing,
     FineTuneResult,
     fine_tune,
-    module_on,
     plan_steps,
     snapshot_state,
 )
 from core.formats.base import ModelInfo
+from core.formats.pt2.program import module_on
 from core.progress import FRACTION, ProgressCallback, between
 from core.pruning.rounds import RoundHook
 from core.spec import FineTuneSpec, JobSpec

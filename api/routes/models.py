@@ -10,7 +10,7 @@ from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import Problem, not_found
 from api.schemas import ModelList, ModelOut
 from api.uploads import delete_stored, receive_and_validate, store_with_row
-from core.archive import inspect_archive
+from core.formats import inspect_upload
 from shears.db import repository as repo
 from shears.db.tables import Model, new_id
 
@@ -57,7 +57,7 @@ async def upload_model(
     """Streamed to storage and hashed; the format is read from the content, and the archive is
     validated from its metadata alone: no weight is deserialized."""
     upload, info, name, temp = await receive_and_validate(
-        request, storage, settings.max_upload_bytes, inspect_archive, "model"
+        request, storage, settings.max_upload_bytes, inspect_upload, "model"
     )
     model_id = new_id("mdl")
     key = f"models/{tenant}/{model_id}.pt2"

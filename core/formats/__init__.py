@@ -35,6 +35,11 @@ def register(fmt: ModelFormat) -> ModelFormat:
     return fmt
 
 
+def unregister(name: str) -> ModelFormat:
+    """Forget the format called ``name`` and return it (``KeyError`` if there is none)."""
+    return _FORMATS.pop(name)
+
+
 def get_format(name: str) -> ModelFormat:
     """The registered format called ``name`` (``KeyError`` if there is none)."""
     return _FORMATS[name]
@@ -72,6 +77,7 @@ __all__ = [
     "get_format",
     "inspect_upload",
     "register",
+    "unregister",
 ]
 
 # Registration: one line per format, asked in this order (hf before pt2, which claims any zip).

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.archive import DynamicDim, ProgramInput
 from core.data import batch_range, inspect_dataset, load_dataset, match_program
 from core.errors import DatasetMismatch, InvalidDataset, UnsupportedFormat
+from core.formats import DynamicDim, ProgramInput
 from tests.factories import Canary, save_npz
 
 

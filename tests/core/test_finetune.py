@@ -10,8 +10,8 @@ import torch
 from core.data import Dataset, batch_range, load_dataset, match_program
 from core.errors import DatasetMismatch
 from core.evaluate import evaluate
-from core.finetune import Checkpointing, fine_tune, module_on, set_training, snapshot_state
-from core.program import load_program
+from core.finetune import Checkpointing, fine_tune, set_training, snapshot_state
+from core.formats.pt2.program import load_program
 from core.spec import EvaluationSpec, FineTuneSpec
 from tests.factories import DIGITS_PRUNABLE, Digits, digits_arrays, save_npz
 
@@ -173,16 +173,3 @@ def test_evaluation_metrics_and_mismatched_targets(digits: Digits, tmp_path: Pat
     regression = Dataset(inputs=test.inputs, targets=torch.zeros(test.num_samples, 3))
     with pytest.raises(DatasetMismatch, match="do not match"):
         evaluate(program.module(), regression, EvaluationSpec(), limits)
-
-
-def test_module_on_never_moves_the_programs_own_weights(digits: Digits) -> None:
-    program, _ = load_program(digits.model_path)
-    before = {name: (t, t.dtype, t.clone()) for name, t in program.state_dict.items()}
-    module = module_on(program, "cpu")
-    module.to(torch.float64)  # what .to("cuda") does to the shared parameters of program.module()
-    with torch.no_grad():
-        module.get_parameter("c1.weight").zero_()
-    for name, (tensor, dtype, value) in before.items():
-        assert program.state_dict[name] is tensor
-        assert tensor.dtype == dtype
-        assert torch.equal(tensor, value), name

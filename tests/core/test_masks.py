@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.allocation import allocate, removal_count
+from core.formats.pt2.program import load_program
 from core.importance import lamp_scores
 from core.masks import nm_mask, weight_masks
 from core.pipeline import MeasureConfig, run
-from core.program import load_program
 from core.spec import JobSpec, PruningSpec
 from tests.factories import PRUNABLE, export_resnet
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from core.errors import InvalidSpec
+from core.formats.pt2.program import load_program
 from core.pipeline import MeasureConfig, run
-from core.program import load_program
 from core.spec import JobSpec, PruningSpec
 from tests.factories import PRUNABLE, export_resnet, resnet_module
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from core.errors import Cancelled, DatasetMismatch, InvalidSpec
+from core.formats.pt2.program import load_program
 from core.pipeline import MeasureConfig, PipelineData, TrainingConfig, run
-from core.program import load_program
 from core.spec import CalibrationSpec, EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec
 from tests.factories import DIGITS_PRUNABLE, Digits, save_npz
 
@@ -120,7 +120,7 @@ def test_dataset_problems_fail_before_pruning(digits: Digits, tmp_path: Path) ->
 
 
 def test_round_hook_evaluates_and_trains_a_share_between_rounds(digits: Digits) -> None:
-    from core.program import load_program as load
+    from core.formats.pt2.program import load_program as load
     from core.recovery import Recovery, load_feeds
 
     spec = JobSpec(pruning=PRUNE_90, fine_tune=RECOVER, evaluation=EvaluationSpec())

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.formats.pt2.program import load_program
 from core.pipeline import MeasureConfig, run
-from core.program import load_program
 from core.schedule import agp_fractions, at_fraction, relative_step
 from core.spec import JobSpec, PruningSpec
 from tests.core.archs import ResidualCNN, export

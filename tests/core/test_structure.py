@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.errors import InvalidSpec
+from core.formats.pt2.program import load_program
 from core.pipeline import MeasureConfig, run
-from core.program import load_program
 from core.spec import JobSpec, PruningSpec
 from core.structure import analyze, plan_channels, prune_program
 from core.structure.slicing import apply_channels, mask_channels, reexport

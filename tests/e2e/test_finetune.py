@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.program import load_program
+from core.formats.pt2.program import load_program
 from tests.e2e.conftest import start_service
 from tests.e2e.service import Service
 from tests.e2e.test_bad_input import assert_problem, stored_files

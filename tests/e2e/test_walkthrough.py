@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.program import load_program
+from core.formats.pt2.program import load_program
 from tests.e2e.service import Service
 from tests.factories import PRUNABLE, export_resnet, resnet_module
 

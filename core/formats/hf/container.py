@@ -119,13 +119,15 @@ class Container:
     def _list_zip(self) -> list[tuple[str, bool, int, int]]:
         # Reused on purpose: the zip end-record and local-header checks written for ``.pt2``
         # apply to any zip (no prepended data, no comments, no overlapping or disagreeing
-        # entries). Imported here: core.archive imports core.formats, which registers hf.
-        from core.archive import ArchiveLimits, _check_end_records, _check_local_headers
+        # entries). Imported here, not at the top: importing the pt2 package registers pt2,
+        # and hf must be registered (asked) first.
+        from core.formats.pt2.constants import ArchiveLimits
+        from core.formats.pt2.container import check_end_records, check_local_headers
 
         limits = ArchiveLimits(
             max_members=self.limits.max_members, max_total_bytes=self.limits.max_total_bytes
         )
-        n_entries, cd_offset = _check_end_records(self._fh, self.size, limits, "The upload")
+        n_entries, cd_offset = check_end_records(self._fh, self.size, limits, "The upload")
         try:
             self._zip = zipfile.ZipFile(self._fh)
         except Exception as exc:  # zipfile raises many types on malformed input
@@ -161,7 +163,7 @@ class Container:
             total = self._count(index, total, info.file_size)
             self._handles[index] = info
             records.append((name, is_dir, info.file_size, index))
-        _check_local_headers(self._fh, infos, cd_offset, "The upload")
+        check_local_headers(self._fh, infos, cd_offset, "The upload")
         return records
 
     def _list_tar(self) -> list[tuple[str, bool, int, int]]:

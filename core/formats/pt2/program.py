@@ -9,19 +9,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from core.archive import ArchiveInfo, inspect_archive
 from core.device import pick_device
 from core.errors import ModelLoadError
-from core.finetune import module_on
 from core.formats.base import MeasureConfig, Measurement, ModelInfo, ProgramInput
+from core.formats.pt2.describe import Pt2Info
+from core.formats.pt2.gate import inspect_archive
 from core.metrics import count_macs, median_latency_ms
 
+__all__ = [
+    "batch_size_for",
+    "load_program",
+    "measure_program",
+    "module_on",
+    "save_program",
+    "synthetic_inputs",
+]
 
-def load_program(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, ArchiveInfo]:
+
+def load_program(path: str | os.PathLike[str]) -> tuple[torch.export.ExportedProgram, Pt2Info]:
     """Gate the archive at ``path``, then load it.
 
     ``torch.export.load`` may unpickle members with ``weights_only=False``; it only ever sees an
-    archive that :func:`core.archive.inspect_archive` has passed on the same bytes.
+    archive that :func:`core.formats.pt2.gate.inspect_archive` has passed on the same bytes.
 
     Raises:
         UnsupportedFormat, InvalidArchive, UnsafeArchive: the gate refused the file.
@@ -51,6 +60,39 @@ def save_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]
 def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> None:
     """Write ``program`` as a ``.pt2`` archive."""
     torch.export.save(program, str(Path(path)))
+
+
+def module_on(
+    program: torch.export.ExportedProgram,
+    device: torch.device | str = "cpu",
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> torch.fx.GraphModule:
+    """``program.module()`` holding its own copies of the parameters and buffers on ``device``
+    (taken from ``state`` where it names them).
+
+    Why: the module ``program.module()`` returns shares its ``nn.Parameter`` objects with
+    ``program.state_dict``, and ``module.to(device)`` swaps their data in place -- it would move
+    the program's own weights (measured: ``.to(torch.float64)`` changed the program's dtype).
+    """
+    module = program.module()
+    copies: dict[int, torch.Tensor] = {}
+
+    def copy(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in copies:  # tied tensors stay tied
+            source = state[name] if state is not None and name in state else tensor
+            copies[id(tensor)] = source.detach().to(device, copy=True)
+        return copies[id(tensor)]
+
+    for name, param in list(module.named_parameters(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        new = copy(name, param)
+        if not isinstance(new, torch.nn.Parameter):
+            new = copies[id(param)] = torch.nn.Parameter(new, requires_grad=param.requires_grad)
+        setattr(module.get_submodule(owner), attr, new)
+    for name, buffer in list(module.named_buffers(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        module.get_submodule(owner)._buffers[attr] = copy(name, buffer)
+    return module
 
 
 _INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
