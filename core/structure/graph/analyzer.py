@@ -185,7 +185,7 @@ class Analyzer:
 
     # --- the pass ---------------------------------------------------------------------------
     def run(self) -> GraphAnalysis:
-        """Label every node, then build the groups."""
+        """Label every node, then build the groups (once per analyzer)."""
         matches, internal = attention.find_mha(self.gm) if self.heads else ([], set())
         for node in self.gm.graph.nodes:
             if node in internal:

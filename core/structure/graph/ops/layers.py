@@ -23,12 +23,9 @@ if TYPE_CHECKING:
 
 
 def _conv(ctx: Analyzer, node: fx.Node, groups_arg: int, transposed: bool) -> Label:
-    x, weight, bias = (
-        args_of(node)[0],
-        args_of(node)[1],
-        args_of(node)[2] if len(args_of(node)) > 2 else None,
-    )
-    groups = const_int(args_of(node)[groups_arg]) if len(args_of(node)) > groups_arg else 1
+    args = args_of(node)
+    x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else None
+    groups = const_int(args[groups_arg]) if len(args) > groups_arg else 1
     label = ctx.label_of(x)
     wshape = shape_of(weight) or (0, 0)
     out_channels = int(wshape[0])
