@@ -17,10 +17,22 @@ Example (no service needed)::
     torch.export.save(pruned.program, "resnet-pruned.pt2")
 """
 
-from core.structure.graph import ChannelGroup, GraphAnalysis, Label, Member, analyze
+from core.structure.graph import (
+    Analyzer,
+    Blocked,
+    ChannelGroup,
+    GraphAnalysis,
+    Label,
+    Member,
+    analyze,
+    register_op,
+    unregister_op,
+)
 from core.structure.prune import StructuredResult, plan_channels, prune_program
 
 __all__ = [
+    "Analyzer",
+    "Blocked",
     "ChannelGroup",
     "GraphAnalysis",
     "Label",
@@ -29,4 +41,6 @@ __all__ = [
     "analyze",
     "plan_channels",
     "prune_program",
+    "register_op",
+    "unregister_op",
 ]

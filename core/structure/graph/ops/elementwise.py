@@ -1,0 +1,135 @@
+"""Elementwise ops, softmax, pooling and reductions: channels pass through or are reduced away."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import fx
+
+from core.structure.graph.model import Label, NodeLabel
+from core.structure.graph.nodes import (
+    Blocked,
+    args_of,
+    const_int,
+    nodes_in,
+    norm_dim,
+    packet,
+    rank_of,
+    shape_of,
+    static_size,
+)
+from core.structure.graph.registry import register_op
+
+if TYPE_CHECKING:
+    from core.structure.graph.analyzer import Analyzer
+
+# Ops whose output has the input's shape and mixes nothing across channels.
+UNARY = (
+    "relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish",
+    "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "relu6", "dropout", "clone",
+    "contiguous", "detach", "alias", "_to_copy", "to", "abs", "neg", "exp", "sqrt", "rsqrt",
+    "pow", "clamp", "clamp_min", "clamp_max", "square", "erf", "log", "log1p", "reciprocal",
+    "lift_fresh_copy", "type_as", "feature_dropout", "alpha_dropout", "identity",
+)  # fmt: skip
+BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "rsub", "true_divide", "masked_fill")
+# Pooling over the spatial dims of (N, C, *spatial): channels pass through untouched.
+POOL = (
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d",
+    "max_pool2d_with_indices", "upsample_nearest2d", "upsample_bilinear2d", "pad",
+    "constant_pad_nd",
+)  # fmt: skip
+REDUCE = ("mean", "sum", "amax", "amin", "max", "min", "var", "std")
+
+
+@register_op(*UNARY)
+def unary(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """One tensor in, the same shape out: the channels pass through."""
+    for extra in nodes_in((args_of(node)[1:], node.kwargs)):
+        if ctx.result_of(extra) is not None or ctx.param(extra):
+            raise Blocked(f"{node.name} takes a second tensor")
+    return ctx.label_of(args_of(node)[0])
+
+
+@register_op(*BINARY)
+def binary(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """Two tensors broadcast together: their channels couple; a parameter operand is sliced."""
+    a, b = args_of(node)[0], args_of(node)[1] if len(args_of(node)) > 1 else None
+    out = shape_of(node)
+    if out is None:
+        raise Blocked(f"{node.name} has no known shape")
+    rank = len(out)
+    result: Label | None = None
+    tensors = [x for x in (a, b) if isinstance(x, fx.Node)]
+    labels = [(x, ctx.label_of(x)) for x in tensors]
+    aligned = [(x, lab.moved(rank - rank_of(x) + lab.dim) if lab else None) for x, lab in labels]
+    for _, lab in aligned:
+        if lab is None:
+            continue
+        if result is None:
+            result = lab
+        elif lab.dim != result.dim:
+            raise Blocked(f"{node.name} combines channels on different dimensions")
+        else:
+            ctx.union(result, lab, node.name)
+    if result is None:
+        return None
+    for x, lab in aligned:
+        if lab is not None:
+            continue
+        shape = shape_of(x) or ()
+        pos = result.dim - (rank - len(shape))
+        if pos < 0 or static_size(shape[pos]) == 1:
+            continue  # broadcast along the channels: nothing to slice
+        ctx.member(x, pos, result.moved(pos), "param")
+    return result
+
+
+@register_op("softmax", "log_softmax", "_softmax")
+def softmax(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    label = ctx.label_of(args_of(node)[0])
+    if (
+        label is not None
+        and norm_dim(const_int(args_of(node)[1]), rank_of(args_of(node)[0])) == label.dim
+    ):
+        raise Blocked(f"{node.name} normalises over the channels")
+    return label
+
+
+@register_op(*POOL)
+def pool(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """Pooling, resizing and padding over the spatial dims of (N, C, *spatial)."""
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    rank = rank_of(args_of(node)[0])
+    if packet(node) in ("pad", "constant_pad_nd"):
+        pads = args_of(node)[1]
+        touched = len(pads) // 2
+        if label.dim >= rank - touched:
+            raise Blocked(f"{node.name} pads the channel dimension")
+    elif label.dim != 1 or rank < 3:
+        raise Blocked(f"{node.name} pools over the channel dimension")
+    if packet(node) == "max_pool2d_with_indices":
+        return (label, label)
+    return label
+
+
+@register_op(*REDUCE)
+def reduce(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """A reduction over other dimensions keeps the channels (moved when dims go)."""
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    rank = rank_of(args_of(node)[0])
+    dims = args_of(node)[1] if len(args_of(node)) > 1 else None
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        raise Blocked(f"{node.name} reduces over every dimension")
+    dim_list = [dims] if isinstance(dims, int) else list(dims)
+    reduced = {norm_dim(const_int(d), rank) for d in dim_list}
+    if label.dim in reduced:
+        raise Blocked(f"{node.name} reduces over the channels")
+    keepdim = bool(args_of(node)[2]) if len(args_of(node)) > 2 else bool(node.kwargs.get("keepdim"))
+    if keepdim:
+        return label
+    return label.moved(label.dim - sum(1 for d in reduced if d < label.dim))

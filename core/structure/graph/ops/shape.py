@@ -1,0 +1,338 @@
+"""Shape ops: permutes, transposes, (un)squeezes, select/slice, expand, cat, split and reshapes.
+
+They move the channel dimension, concatenate channel spaces side by side, split a space into
+parts (q/k/v, GLU halves), flatten channels with what follows them or split them into heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import fx
+
+from core.structure.graph.model import Label, NodeLabel
+from core.structure.graph.nodes import (
+    Blocked,
+    args_of,
+    const_int,
+    norm_dim,
+    packet,
+    prefix_match,
+    rank_of,
+    same_size,
+    shape_of,
+    static_size,
+)
+from core.structure.graph.registry import register_op
+
+if TYPE_CHECKING:
+    from core.structure.graph.analyzer import Analyzer
+
+RESHAPE = ("reshape", "view", "_unsafe_view", "flatten", "unflatten")
+SPLIT = ("chunk", "split", "split_with_sizes", "unbind")
+
+
+@register_op("getitem")
+def getitem(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """An element of a tuple output (a split's part, max_pool's values)."""
+    source = ctx.result_of(args_of(node)[0])
+    if isinstance(source, tuple):
+        return source[int(args_of(node)[1])]
+    if source is not None:
+        raise Blocked(f"indexing into {node.name}")
+    return None
+
+
+@register_op("sym_size")
+def sym_size(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    label = ctx.label_of(args_of(node)[0])
+    if (
+        label is not None
+        and norm_dim(int(args_of(node)[1]), rank_of(args_of(node)[0])) == label.dim
+    ):
+        raise Blocked(f"{node.name} reads the channel count")
+    return None
+
+
+@register_op("permute")
+def permute(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    rank = rank_of(args_of(node)[0])
+    dims = [norm_dim(const_int(d), rank) for d in args_of(node)[1]]
+    return label.moved(dims.index(label.dim))
+
+
+@register_op("transpose")
+def transpose(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    rank = rank_of(args_of(node)[0])
+    a, b = (norm_dim(const_int(d), rank) for d in args_of(node)[1:3])
+    if label.dim == a:
+        return label.moved(b)
+    if label.dim == b:
+        return label.moved(a)
+    return label
+
+
+@register_op("t")
+def t(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    return None if label is None else label.moved(1 - label.dim)
+
+
+@register_op("unsqueeze")
+def unsqueeze(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    dim = norm_dim(const_int(args_of(node)[1]), rank_of(args_of(node)[0]) + 1)
+    return label.moved(label.dim + 1) if dim <= label.dim else label
+
+
+@register_op("squeeze")
+def squeeze(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    shape = shape_of(args_of(node)[0]) or ()
+    rank = len(shape)
+    if len(args_of(node)) < 2:
+        dims = [i for i, s in enumerate(shape) if static_size(s) == 1]
+    else:
+        raw = args_of(node)[1]
+        dims = [
+            norm_dim(const_int(d), rank) for d in (raw if isinstance(raw, (list, tuple)) else [raw])
+        ]
+        dims = [d for d in dims if static_size(shape[d]) == 1]
+    if label.dim in dims:
+        raise Blocked(f"{node.name} squeezes the channel dimension")
+    return label.moved(label.dim - sum(1 for d in dims if d < label.dim))
+
+
+@register_op("select")
+def select(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    dim = norm_dim(const_int(args_of(node)[1]), rank_of(args_of(node)[0]))
+    if dim == label.dim:
+        raise Blocked(f"{node.name} picks single channels")
+    return label.moved(label.dim - 1) if dim < label.dim else label
+
+
+@register_op("slice")
+def slice_(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    dim = norm_dim(
+        const_int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, rank_of(args_of(node)[0])
+    )
+    if dim == label.dim and shape_of(node) != shape_of(args_of(node)[0]):
+        raise Blocked(f"{node.name} slices the channels")
+    return label
+
+
+@register_op("expand")
+def expand(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    out_rank = len(args_of(node)[1])
+    moved = label.moved(out_rank - rank_of(args_of(node)[0]) + label.dim)
+    size = args_of(node)[1][moved.dim]
+    if isinstance(size, int) and size != -1:
+        ctx.rewrite(node, 1, moved.dim, moved)
+    elif isinstance(size, fx.Node):
+        raise Blocked(f"{node.name} expands to a computed channel count")
+    return moved
+
+
+@register_op("cat", "concat")
+def cat(ctx: Analyzer, node: fx.Node) -> Label | None:
+    tensors = list(args_of(node)[0])
+    rank = rank_of(tensors[0])
+    dim = norm_dim(const_int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, rank)
+    labels = [ctx.label_of(t) for t in tensors]
+    if all(lab is None for lab in labels):
+        return None
+    first = next(lab for lab in labels if lab is not None)
+    if dim == first.dim and first.inner == 1 and first.unit == 1:
+        # An untracked tensor (a model input, say) joins with channels that all stay.
+        for i, lab in enumerate(labels):
+            if lab is None:
+                size = static_size((shape_of(tensors[i]) or ())[dim])
+                if size is None:
+                    raise Blocked(f"{node.name} concatenates a tensor of unknown width")
+                fixed = ctx.new_space(size, tensors[i].name, node, dim)
+                ctx.block(fixed, f"{tensors[i].name} is not produced by a prunable layer")
+                labels[i] = fixed
+    elif dim != first.dim:
+        # Along another dim (a class token joining the patch tokens): a parameter, maybe
+        # expanded over the batch, is sliced with the channels.
+        for i, lab in enumerate(labels):
+            if lab is None and _param_operand(ctx, node, tensors[i], first):
+                labels[i] = first
+    if any(lab is None for lab in labels):
+        raise Blocked(f"{node.name} concatenates channels with an untracked tensor")
+    known = [lab for lab in labels if lab is not None]
+    if dim == known[0].dim:
+        if any(
+            lab.dim != dim or lab.inner != known[0].inner or lab.unit != known[0].unit
+            for lab in known
+        ):
+            raise Blocked(f"{node.name} concatenates channels of different layouts")
+        spaces = tuple(s for lab in known for s in lab.spaces)
+        return Label(dim, spaces, known[0].inner, known[0].unit)
+    for lab in known[1:]:
+        if lab.dim != known[0].dim:
+            raise Blocked(f"{node.name} concatenates channels on different dimensions")
+        ctx.union(known[0], lab, node.name)
+    return known[0]
+
+
+def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -> bool:
+    """Make a parameter (or ``expand`` of one) a member sliced like ``label``; False when
+    ``tensor`` is neither."""
+    if not isinstance(tensor, fx.Node):
+        return False
+    source, expanded = tensor, None
+    if (
+        tensor.op == "call_function"
+        and packet(tensor) == "expand"
+        and not tensor.users.keys() - {node}
+    ):
+        source, expanded = args_of(tensor)[0], tensor
+    if ctx.param(source) is None:
+        return False
+    rank = len(shape_of(tensor) or ())
+    pos = label.dim - (rank - len(shape_of(source) or ()))
+    if pos < 0:
+        return False
+    ctx.member(source, pos, label.moved(pos), "param")
+    if expanded is not None:
+        size = args_of(expanded)[1][label.dim]
+        if isinstance(size, fx.Node):
+            raise Blocked(f"{expanded.name} expands to a computed channel count")
+        if isinstance(size, int) and size != -1:
+            ctx.rewrite(expanded, 1, label.dim, label)
+    return True
+
+
+@register_op(*SPLIT)
+def split_channels(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """chunk/split/unbind: along the channels each part becomes a space of its own."""
+    label = ctx.label_of(args_of(node)[0])
+    val = node.meta.get("val")
+    count = len(val) if isinstance(val, (list, tuple)) else 0
+    if label is None:
+        return tuple([None] * count) if count else None
+    dim_arg = args_of(node)[2] if len(args_of(node)) > 2 else node.kwargs.get("dim", 0)
+    if norm_dim(const_int(dim_arg), rank_of(args_of(node)[0])) == label.dim:
+        return _split_space(ctx, node, label, val)
+    return tuple([label] * count)
+
+
+def _split_space(ctx: Analyzer, node: fx.Node, label: Label, parts: Any) -> tuple[Label, ...]:
+    """Chunk along the channels (q/k/v, GLU halves): each part becomes a space of its own."""
+    spaces = ctx.leaves(label.spaces)
+    if len(spaces) != 1 or label.inner != 1 or label.unit != 1:
+        raise Blocked(f"{node.name} splits concatenated or flattened channels")
+    (space,) = spaces
+    if ctx.is_coupled(space):
+        raise Blocked(f"{node.name} splits channels already coupled to others")
+    sizes = [static_size(p.shape[label.dim]) for p in parts]
+    if any(size is None for size in sizes) or sum(s for s in sizes if s) != ctx.space(space).size:
+        raise Blocked(f"{node.name} splits the channels into parts of unknown size")
+    children = ctx.split_space(space, [int(size or 0) for size in sizes], node, label.dim)
+    return tuple(Label(label.dim, (c,)) for c in children)
+
+
+@register_op(*RESHAPE)
+def reshape(ctx: Analyzer, node: fx.Node) -> Label | None:
+    label = ctx.label_of(args_of(node)[0])
+    if label is None:
+        return None
+    src, out = shape_of(args_of(node)[0]), shape_of(node)
+    if src is None or out is None:
+        raise Blocked(f"{node.name} reshapes a tensor of unknown shape")
+    d = label.dim
+    k = prefix_match(src[:d], out)
+    if k is None or k >= len(out):
+        raise Blocked(f"{node.name} moves the channels across other dimensions")
+    op = packet(node)
+    j = d + 1
+    while j <= len(src):
+        if same_size(src[d:j], [out[k]]):
+            # The channel dim is kept (j = d+1) or flattened with what follows it.
+            trailing = math.prod(int(s) for s in src[d + 1 : j])
+            if label.unit > 1:
+                # Heads merged back with their channels: (H, D) -> H*D.
+                if j == d + 1:
+                    new = label.moved(k)
+                elif trailing == label.unit and label.inner == 1:
+                    new = Label(k, label.spaces)
+                else:
+                    raise Blocked(f"{node.name} merges heads with other dimensions")
+            else:
+                new = Label(k, label.spaces, label.inner * trailing)
+            _rewrite_size(ctx, node, op, k, new)
+            return new
+        j += 1
+    head = _split_heads(ctx, node, label, src[d], out, k)
+    if head is not None:
+        _rewrite_size(ctx, node, op, k, head)
+        return head
+    # The channel dimension is split; fine while only the inner part splits off.
+    for e in range(k + 1, len(out) + 1):
+        if same_size(out[k:e], [src[d]]):
+            tail = [static_size(s) for s in out[k + 1 : e]]
+            if any(t is None for t in tail):
+                break
+            split = math.prod(t for t in tail if t is not None)
+            if label.inner % split == 0:
+                new = Label(k, label.spaces, label.inner // split)
+                _rewrite_size(ctx, node, op, k, new)
+                return new
+            break
+    raise Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+
+
+def _split_heads(
+    ctx: Analyzer, node: fx.Node, label: Label, size: object, out: Sequence[object], k: int
+) -> Label | None:
+    """(.., C, ..) -> (.., H, D, ..): with head pruning, a label over the H heads."""
+    if not ctx.heads or label.inner != 1 or label.unit != 1 or k + 2 > len(out):
+        return None
+    head_size = static_size(out[k + 1])
+    if head_size is None or not same_size([out[k], out[k + 1]], [size]):
+        return None
+    for s in ctx.leaves(label.spaces):
+        if ctx.space(s).size % head_size or ctx.head_size(s) not in (None, head_size):
+            raise Blocked(f"{node.name} splits channels into heads of different sizes")
+        ctx.set_head_size(s, head_size)
+    return Label(k, label.spaces, 1, head_size)
+
+
+def _rewrite_size(ctx: Analyzer, node: fx.Node, op: str, k: int, label: Label) -> None:
+    if op in ("reshape", "view", "_unsafe_view"):
+        size = args_of(node)[1][k]
+        if isinstance(size, int) and size != -1:
+            ctx.rewrite(node, 1, k, label)
+        elif isinstance(size, fx.Node):
+            raise Blocked(f"{node.name} reshapes to a computed channel count")
+    elif op == "unflatten":
+        start = norm_dim(const_int(args_of(node)[1]), len(shape_of(node) or ()))
+        sizes = args_of(node)[2]
+        if start <= k < start + len(sizes):
+            size = sizes[k - start]
+            if isinstance(size, int) and size != -1:
+                ctx.rewrite(node, 2, k - start, label)
+            elif isinstance(size, fx.Node):
+                raise Blocked(f"{node.name} reshapes to a computed channel count")
