@@ -274,7 +274,8 @@ def _record_success(
         # back through the format's gate: that description is registered as is.
         model_id = new_id("mdl")
         info = result.model_info
-        copy = storage.put_file(result.model_path, f"models/{tenant}/{model_id}.{result.format}")
+        key = f"models/{tenant}/{model_id}{result.model_path.suffix}"
+        copy = storage.put_file(result.model_path, key)
         stored.append(copy)
         result_model = repo.model_row(
             model_id,
@@ -290,7 +291,7 @@ def _record_success(
     artifacts = []
     for kind, path in files.items():
         fmt = formats[kind]
-        item = storage.adopt(path, f"artifacts/{tenant}/{job_id}/{kind}.{fmt}")
+        item = storage.adopt(path, f"artifacts/{tenant}/{job_id}/{kind}{path.suffix}")
         stored.append(item)
         artifacts.append(
             Artifact(
