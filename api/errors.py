@@ -11,6 +11,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.services.errors import (
+    Conflict,
+    Gone,
+    IdempotencyMismatch,
+    InvalidField,
+    NotFound,
+    QueueFull,
+    ServiceError,
+)
 from core.errors import (
     DatasetMismatch,
     InvalidArchive,
@@ -49,10 +58,6 @@ class Problem(Exception):
         self.headers = headers
 
 
-def not_found(what: str, id_: str) -> Problem:
-    return Problem(404, "not-found", "Not found", f"No {what} with id {id_!r} exists.")
-
-
 def invalid_field(loc: list[str | int], message: str) -> Problem:
     """A 422 for one field of a well-formed request whose value cannot work."""
     return Problem(
@@ -81,6 +86,30 @@ def from_core(exc: ShearsError) -> Problem:
             status, slug, title = _CORE_ERRORS[cls]
             return Problem(status, slug, title, exc.message)
     return Problem(422, exc.code.replace("_", "-"), "Request refused", exc.message)
+
+
+def from_service(exc: ServiceError) -> Problem:
+    """The one mapping of the service's refusals to problem details."""
+    match exc:
+        case NotFound():
+            return Problem(404, "not-found", "Not found", exc.message)
+        case InvalidField():
+            return invalid_field(["body", *exc.field], exc.message)
+        case Conflict():
+            return Problem(409, exc.reason, exc.title, exc.message)
+        case QueueFull():
+            return Problem(
+                429,
+                "too-many-queued-jobs",
+                "Too many queued jobs",
+                exc.message,
+                headers={"Retry-After": str(exc.retry_after)},
+            )
+        case IdempotencyMismatch():
+            return Problem(422, "idempotency-key-reused", "Idempotency-Key reused", exc.message)
+        case Gone():
+            return Problem(410, f"{exc.what}-gone", f"{exc.what.capitalize()} gone", exc.message)
+    return Problem(422, "request-refused", "Request refused", exc.message)
 
 
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
@@ -114,6 +143,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc, request.url.path)
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return problem_response(from_service(exc), request.url.path)
 
     @app.exception_handler(ShearsError)
     async def _core(request: Request, exc: ShearsError) -> JSONResponse:

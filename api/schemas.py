@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from core.criteria import needs_data
-from core.spec import PruningSpec
-from shears.jobspec import CalibrationRequest, EvaluationRequest, FineTuneRequest
+from core.pipeline import LayerResult, Metrics
+from shears.jobspec import JobSpecRequest
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -58,35 +58,15 @@ class ModelList(_Out):
     next_cursor: str | None
 
 
-class JobCreate(BaseModel):
-    """``POST /v1/jobs``."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class JobCreate(JobSpecRequest):
+    """``POST /v1/jobs``: the model, a name, and the spec that is stored with the job."""
 
     model_id: str = Field(min_length=1, max_length=64)
     name: str | None = Field(default=None, max_length=255)
-    dry_run: bool = Field(default=False, description="Report what would be pruned; prune nothing.")
-    pruning: PruningSpec
-    calibration: CalibrationRequest | None = Field(
-        default=None, description="A dataset for data-aware criteria."
-    )
-    fine_tune: FineTuneRequest | None = Field(
-        default=None, description="Retrain after pruning, pruned weights held at zero."
-    )
-    evaluation: EvaluationRequest | None = Field(
-        default=None,
-        description="Score before pruning, after pruning and after fine-tuning (needs targets).",
-    )
 
-    @model_validator(mode="after")
-    def _calibration_for_data_aware(self) -> JobCreate:
-        # Checked here, not only in JobSpec, so the client gets a 422 with the field's path.
-        if needs_data(self.pruning.criterion) and self.calibration is None:
-            raise ValueError(
-                f"criterion {self.pruning.criterion!r} ranks channels on data; add "
-                '"calibration": {"dataset_id": "...", "num_samples": 256}'
-            )
-        return self
+    def spec(self) -> JobSpecRequest:
+        """The stored part of the request (everything but ``model_id`` and ``name``)."""
+        return JobSpecRequest.model_validate(self.stored())
 
 
 class ArrayOut(BaseModel):
@@ -119,29 +99,91 @@ class ProgressOut(_Out):
 
 class EvalOut(BaseModel):
     model_config = ConfigDict(extra="allow")
-    accuracy: float | None = None
-    loss: float | None = None
+    accuracy: float | None = Field(default=None, description="Top-1 accuracy (classification).")
+    loss: float | None = Field(
+        default=None,
+        description="Cross-entropy (classification), MSE (regression) or mean next-token "
+        "negative log-likelihood (perplexity).",
+    )
+    perplexity: float | None = Field(
+        default=None, description="exp(loss) over non-overlapping blocks (language models)."
+    )
+    num_tokens: int | None = Field(default=None, description="Tokens scored (perplexity).")
+    seq_len: int | None = Field(default=None, description="Tokens per scored block (perplexity).")
 
 
-class MetricsOut(BaseModel):
-    """Each field is null until it has been measured."""
+def _model_of(
+    source: type,
+    name: str,
+    doc: str,
+    descriptions: dict[str, str],
+    *,
+    nullable: bool,
+    replace: dict[str, Any] | None = None,
+) -> type[BaseModel]:
+    """A response model with the fields of the dataclass ``source`` (core declares them once):
+    each field's type, or ``replace``'s, and its description; ``nullable``: each also null, and
+    null when absent."""
+    hints = get_type_hints(source)
+    missing = set(descriptions) ^ {f.name for f in dataclasses.fields(source)}
+    assert not missing, f"{name}: describe exactly the fields of {source.__name__}: {missing}"
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(source):
+        annotation = (replace or {}).get(f.name, hints[f.name])
+        if nullable:
+            fields[f.name] = (annotation | None, Field(None, description=descriptions[f.name]))
+        else:
+            fields[f.name] = (annotation, Field(description=descriptions[f.name]))
+    return create_model(name, __base__=_Out, __doc__=doc, **fields)
 
-    sparsity: float | None = None
-    params_before: int | None = None
-    params_after: int | None = None
-    nonzero_params_after: int | None = None
-    macs_before: int | None = None
-    macs_after: int | None = None
-    size_bytes_before: int | None = None
-    size_bytes_after: int | None = None
-    sparse_size_bytes_after: int | None = None
-    latency_ms_before: float | None = None
-    latency_ms_after: float | None = None
-    latency_batch_size: int | None = None
-    device: str | None = None
-    eval_before: EvalOut | None = None
-    eval_after_pruning: EvalOut | None = None
-    eval_after_fine_tune: EvalOut | None = None
+
+_METRICS = {
+    "sparsity": "1 - nonzero prunable weights after / prunable weights before.",
+    "params_before": "Parameters of the uploaded program.",
+    "params_after": "Parameters of the pruned program (fewer only when structure was removed).",
+    "nonzero_params_after": "Parameters of the pruned program that are not zero.",
+    "macs_before": "Multiply-accumulates per sample (per token for language models), as dense "
+    "kernels execute them.",
+    "macs_after": "Multiply-accumulates per sample of the pruned program.",
+    "size_bytes_before": "Size of the uploaded program file.",
+    "size_bytes_after": "Size of the pruned program file; null for a dry run.",
+    "sparse_size_bytes_after": "The weights in a sparse encoding (bitmask + nonzeros).",
+    "latency_ms_before": "Median latency of one batch of latency_batch_size, before.",
+    "latency_ms_after": "Median latency of one batch of latency_batch_size, after; null for a "
+    "dry run.",
+    "latency_batch_size": "Batch size the latencies were measured at.",
+    "device": "Device the latencies were measured on.",
+    "eval_before": "Scores of the uploaded program; null without evaluation.",
+    "eval_after_pruning": "Scores right after pruning; null without evaluation.",
+    "eval_after_fine_tune": "Scores after fine-tuning; null without fine-tuning and evaluation.",
+    "tokens_per_second_before": "Language models (hf): greedy decoding at batch 1 with the KV "
+    "cache, on the worker's device, before pruning.",
+    "tokens_per_second_after": "Language models (hf): the same decoding rate after pruning.",
+}
+_LAYER = {
+    "name": "The layer's module path in the program, e.g. stage1.c1.",
+    "kind": "The layer's type, e.g. conv2d or linear.",
+    "shape_before": "The weight's shape before pruning.",
+    "shape_after": "The weight's shape after pruning (smaller only when structure was removed).",
+    "params": "Weights of the layer after pruning.",
+    "nonzero": "Weights of the layer after pruning that are not zero.",
+    "sparsity": "Fraction of the layer's weights before pruning that are zero or removed.",
+}
+_EVALS = {name: EvalOut for name in ("eval_before", "eval_after_pruning", "eval_after_fine_tune")}
+
+if TYPE_CHECKING:  # built at import from core's dataclasses; to mypy, plain models
+    MetricsOut = _Out
+    LayerOut = _Out
+else:
+    MetricsOut = _model_of(
+        Metrics,
+        "MetricsOut",
+        "Each field is null until it has been measured.",
+        _METRICS,
+        nullable=True,
+        replace=_EVALS,
+    )
+    LayerOut = _model_of(LayerResult, "LayerOut", LayerResult.__doc__ or "", _LAYER, nullable=False)
 
 
 class JobErrorOut(BaseModel):
@@ -182,16 +224,6 @@ class JobOut(BaseModel):
 class JobList(BaseModel):
     items: list[JobOut]
     next_cursor: str | None
-
-
-class LayerOut(_Out):
-    name: str
-    kind: str
-    shape_before: list[int]
-    shape_after: list[int]
-    params: int
-    nonzero: int
-    sparsity: float
 
 
 class LayerList(BaseModel):

@@ -12,11 +12,9 @@ from typing import BinaryIO, TypeVar
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import Problem, invalid_field
-from shears.db.tables import StoredFile, utcnow
 from shears.storage import LocalStorage
 
 _Info = TypeVar("_Info")
@@ -203,29 +201,3 @@ async def receive_and_validate(
             temp.unlink()
         raise
     return upload, info, name, temp
-
-
-def store_with_row(
-    session: Session, storage: LocalStorage, temp: Path, key: str, row: StoredFile
-) -> None:
-    """Commit ``temp`` to ``key``, then insert ``row``: there is never a file without its row nor a
-    row without its file."""
-    try:
-        storage.commit(temp, key)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-    try:
-        session.add(row)
-        session.commit()
-    except Exception:
-        storage.delete(key)
-        raise
-
-
-def delete_stored(session: Session, storage: LocalStorage, row: StoredFile) -> None:
-    """Mark ``row`` deleted, then remove its file: the row stays, so jobs that used it still say
-    what they used, and a failed commit leaves the file in place."""
-    row.deleted_at = utcnow()
-    session.commit()
-    storage.delete(row.storage_key)

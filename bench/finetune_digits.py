@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.pipeline import MeasureConfig, PipelineData, run  # noqa: E402
 from core.spec import EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec  # noqa: E402
-from tests.factories import (  # noqa: E402
+from examples.models import (  # noqa: E402
     DIGITS_PRUNABLE,
     accuracy,
     digits_arrays,

@@ -50,7 +50,7 @@ from bench.structured import ResNet, Transformer, median_ms  # noqa: E402
 from core.metrics import count_macs  # noqa: E402
 from core.spec import PruningSpec  # noqa: E402
 from core.structure import prune_program  # noqa: E402
-from tests.factories import (  # noqa: E402
+from examples.models import (  # noqa: E402
     DigitsCNN,
     accuracy,
     digits_arrays,

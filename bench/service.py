@@ -30,9 +30,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import PG_ADMIN_URL, REDIS_URL, _private_database, free_port  # noqa: E402
-from tests.e2e.service import Service, service_env  # noqa: E402
-from tests.factories import export_resnet  # noqa: E402
+from examples.models import export_resnet  # noqa: E402
+from examples.processes import (  # noqa: E402
+    PG_ADMIN_URL,
+    REDIS_URL,
+    Service,
+    free_port,
+    private_database,
+    service_env,
+)
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -170,7 +176,7 @@ def main() -> None:
     database_gen = None
     database = broker = None
     if args.backend == "postgres+redis":
-        database_gen = _private_database(PG_ADMIN_URL)
+        database_gen = private_database(PG_ADMIN_URL)
         database, broker = next(database_gen), REDIS_URL
     port = free_port()
     env = service_env(

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from core.metrics import count_macs
 from core.spec import PruningSpec
 from core.structure import prune_program
-from tests.core.archs import Attention  # the hand-written, nanoGPT-style attention the tests use
+from examples.models import Attention  # the hand-written, nanoGPT-style attention the tests use
 
 
 class Block(nn.Module):

@@ -14,6 +14,7 @@ Example (no service needed)::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 from core.formats import MeasureConfig, ModelFormat, ModelInfo, detect
 from core.progress import FRACTION, ProgressCallback, Stage, between, no_progress
 from core.pruning import LayerResult, PruneContext, RoundHook, pruner_for, run_rounds
+from core.pruning import preflight as pruning_preflight
 from core.recovery import PipelineData, Recovered, Recovery, TrainingConfig
 from core.recovery_lm import LmRecovery
 from core.report import Measured, Metrics, build_metrics, write_report
@@ -35,6 +37,8 @@ __all__ = [
     "ProgressCallback",
     "Stage",
     "TrainingConfig",
+    "check_recovery",
+    "preflight",
     "run",
 ]
 
@@ -43,6 +47,9 @@ class RecoveryStage(Protocol):
     """Evaluation and fine-tuning around the pruning step, for one model format."""
 
     eval_before: dict[str, float] | None
+
+    @staticmethod
+    def check(spec: JobSpec) -> None: ...
 
     @property
     def calibration(self) -> tuple[Any, ...] | None: ...
@@ -54,6 +61,23 @@ class RecoveryStage(Protocol):
 
 # How each format recovers: its datasets, evaluation and fine-tuning. One line per format.
 _RECOVERY: dict[str, Any] = {"pt2": Recovery, "hf": LmRecovery}
+
+
+def preflight(fmt: str, spec: JobSpec, layers: Mapping[str, int]) -> None:
+    """What can be checked before a job is queued, from the model's metadata alone: a pruner
+    exists for the format and granularity, the pruning fits the prunable layers (name ->
+    weights), and the format's recovery accepts the evaluation and fine-tuning asked for.
+
+    Raises:
+        InvalidSpec: naming what does not fit.
+    """
+    pruning_preflight(fmt, spec.pruning, layers)
+    check_recovery(fmt, spec)
+
+
+def check_recovery(fmt: str, spec: JobSpec) -> None:
+    """Refuse an evaluation task or fine-tuning loss that models of format ``fmt`` cannot do."""
+    _RECOVERY[fmt].check(spec)
 
 
 @dataclass(frozen=True)

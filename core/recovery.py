@@ -68,10 +68,7 @@ class Feeds:
 def load_feeds(spec: JobSpec, data: PipelineData, info: ModelInfo) -> Feeds:
     """Read the datasets the spec asks for and check them against the model before any work:
     a dataset that cannot feed the program fails the job here, not hours into training."""
-    if spec.evaluation is not None and spec.evaluation.task == "perplexity":
-        raise InvalidSpec("evaluation task 'perplexity' scores language models (format 'hf')")
-    if spec.fine_tune is not None and spec.fine_tune.loss == "causal_lm":
-        raise InvalidSpec("fine_tune loss 'causal_lm' trains language models (format 'hf')")
+    Recovery.check(spec)
     read: dict[Path, Dataset] = {}
 
     def feed(what: str, path: Path | None, needs_targets: bool) -> Dataset:
@@ -129,6 +126,14 @@ class Recovery:
     train: TrainingConfig
     progress: ProgressCallback
     eval_before: dict[str, float] | None = None
+
+    @staticmethod
+    def check(spec: JobSpec) -> None:
+        """Refuse what programs cannot be evaluated or trained with (before any work)."""
+        if spec.evaluation is not None and spec.evaluation.task == "perplexity":
+            raise InvalidSpec("evaluation task 'perplexity' scores language models (format 'hf')")
+        if spec.fine_tune is not None and spec.fine_tune.loss == "causal_lm":
+            raise InvalidSpec("fine_tune loss 'causal_lm' trains language models (format 'hf')")
 
     @classmethod
     def prepare(

@@ -61,6 +61,7 @@ def load_lm_feeds(spec: JobSpec, data: PipelineData, model: Any) -> LmFeeds:
     """Tokenize the datasets the spec names, each at its own ``seq_len`` (defaults 2048 for
     calibration, 512 for fine-tuning and evaluation, never above ``max_position_embeddings``),
     before any work: a dataset that cannot feed the model fails the job here."""
+    LmRecovery.check(spec)
     positions = getattr(model.model.config, "max_position_embeddings", None)
     calibration = fine_tune = evaluation = None
     if spec.calibration is not None:
@@ -68,19 +69,9 @@ def load_lm_feeds(spec: JobSpec, data: PipelineData, model: Any) -> LmFeeds:
         ids = _blocks(model, data.calibration, "calibration", seq_len, spec.calibration.num_samples)
         calibration = (ids,)
     if spec.fine_tune is not None:
-        if spec.fine_tune.loss not in ("causal_lm", "distillation"):
-            raise InvalidSpec(
-                f"fine_tune loss {spec.fine_tune.loss!r} does not train language models; use "
-                "'causal_lm' or 'distillation'"
-            )
         seq_len = resolve_seq_len(spec.fine_tune.seq_len, FINE_TUNE_SEQ_LEN, positions)
         fine_tune = _blocks(model, data.fine_tune, "fine_tune", seq_len, None)
     if spec.evaluation is not None:
-        if spec.evaluation.task not in ("perplexity", "auto"):
-            raise InvalidSpec(
-                f"evaluation task {spec.evaluation.task!r} does not score language models; "
-                "use 'perplexity'"
-            )
         seq_len = resolve_seq_len(spec.evaluation.seq_len, EVAL_SEQ_LEN, positions)
         evaluation = _blocks(
             model, data.evaluation, "evaluation", seq_len, spec.evaluation.max_samples
@@ -99,6 +90,20 @@ class LmRecovery:
     train: TrainingConfig
     progress: ProgressCallback
     eval_before: dict[str, float] | None = None
+
+    @staticmethod
+    def check(spec: JobSpec) -> None:
+        """Refuse what language models cannot be evaluated or trained with (before any work)."""
+        if spec.fine_tune is not None and spec.fine_tune.loss not in ("causal_lm", "distillation"):
+            raise InvalidSpec(
+                f"fine_tune loss {spec.fine_tune.loss!r} does not train language models; use "
+                "'causal_lm' or 'distillation'"
+            )
+        if spec.evaluation is not None and spec.evaluation.task not in ("perplexity", "auto"):
+            raise InvalidSpec(
+                f"evaluation task {spec.evaluation.task!r} does not score language models; "
+                "use 'perplexity'"
+            )
 
     @classmethod
     def prepare(

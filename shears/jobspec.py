@@ -1,21 +1,32 @@
-"""A job's spec as the service stores it: core's :class:`~core.spec.JobSpec` plus the ids of the
-datasets its sections use (ids are a service concept; core is handed files).
+"""A job's spec as the service takes and stores it: core's :class:`~core.spec.JobSpec` with a
+``dataset_id`` in each section that reads a dataset (ids are a service concept; core is handed
+files). The request's JSON and the stored JSON are one shape, :class:`JobSpecRequest`, and
+:func:`parse_stored` is the one way back to core's spec.
 
 Stored form (``jobs.spec``)::
 
-    {"pruning": {...}, "dry_run": false,
+    {"pruning": {...}, "dry_run": false, "calibration": null,
      "fine_tune": {"dataset_id": "dst_...", "epochs": 3, ...},
-     "evaluation": {"dataset_id": "dst_...", ...}, "calibration": null}
+     "evaluation": {"dataset_id": "dst_...", ...}}
+
+Rows written before this module had this shape too (core's dump with ``dataset_id`` put back in
+each section), so they parse unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.spec import CalibrationSpec, EvaluationSpec, FineTuneSpec, JobSpec
-from shears.db.repository import dataset_ids
+from core.criteria import needs_data
+from core.spec import (
+    CalibrationSpec,
+    EvaluationSpec,
+    FineTuneSpec,
+    JobSpec,
+    PruningSpec,
+)
 
 DatasetId = Field(min_length=1, max_length=64, description="A dataset uploaded to /v1/datasets.")
 
@@ -38,45 +49,60 @@ class EvaluationRequest(EvaluationSpec):
     dataset_id: str = DatasetId
 
 
-def _section_model(section: str) -> type[BaseModel]:
-    """The core model of a JobSpec section (``fine_tune`` -> FineTuneSpec)."""
-    annotation = JobSpec.model_fields[section].annotation
-    for arg in (*get_args(annotation), annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    raise KeyError(section)
+DatasetRequest = CalibrationRequest | FineTuneRequest | EvaluationRequest
 
 
-def _core_keeps_id(section: str) -> bool:
-    # Robust to a core section that declares its own dataset_id (then it is stored as is).
-    return "dataset_id" in _section_model(section).model_fields
+class JobSpecRequest(BaseModel):
+    """The spec part of ``POST /v1/jobs``, and what ``jobs.spec`` stores."""
 
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-def stored_spec(spec: JobSpec, ids: dict[str, str]) -> dict[str, Any]:
-    """The JSON to store: ``spec`` with each section's ``dataset_id`` put back in."""
-    data = spec.model_dump(mode="json")
-    for section, dataset_id in ids.items():
-        if not _core_keeps_id(section):
-            data[section] = {"dataset_id": dataset_id, **data[section]}
-    return data
+    pruning: PruningSpec
+    dry_run: bool = Field(default=False, description="Report what would be pruned; prune nothing.")
+    calibration: CalibrationRequest | None = Field(
+        default=None, description="A dataset for data-aware criteria."
+    )
+    fine_tune: FineTuneRequest | None = Field(
+        default=None, description="Retrain after pruning, pruned weights held at zero."
+    )
+    evaluation: EvaluationRequest | None = Field(
+        default=None,
+        description="Score before pruning, after pruning and after fine-tuning (needs targets).",
+    )
+
+    @model_validator(mode="after")
+    def _calibration_for_data_aware(self) -> JobSpecRequest:
+        # Checked here, not only in JobSpec, so the client gets a 422 with the field's path.
+        if needs_data(self.pruning.criterion) and self.calibration is None:
+            raise ValueError(
+                f"criterion {self.pruning.criterion!r} ranks channels on data; add "
+                '"calibration": {"dataset_id": "...", "num_samples": 256}'
+            )
+        return self
+
+    def datasets(self) -> dict[str, DatasetRequest]:
+        """``{section: request}`` of the sections given (each names a dataset)."""
+        sections: dict[str, DatasetRequest | None] = {
+            "calibration": self.calibration,
+            "fine_tune": self.fine_tune,
+            "evaluation": self.evaluation,
+        }
+        return {name: section for name, section in sections.items() if section is not None}
+
+    def stored(self) -> dict[str, Any]:
+        """The JSON ``jobs.spec`` keeps."""
+        return self.model_dump(mode="json", include=set(JobSpecRequest.model_fields))
+
+    def to_core(self) -> tuple[JobSpec, dict[str, str]]:
+        """Core's spec (the sections without their ids) and ``{section: dataset_id}``."""
+        ids = {name: section.dataset_id for name, section in self.datasets().items()}
+        plain = self.model_dump(
+            include=set(JobSpecRequest.model_fields),
+            exclude={name: {"dataset_id"} for name in ids},
+        )
+        return JobSpec.model_validate(plain), ids
 
 
 def parse_stored(data: dict[str, Any]) -> tuple[JobSpec, dict[str, str]]:
-    """The core spec and ``{section: dataset_id}`` of a stored spec."""
-    ids = dataset_ids(data)
-    plain = {
-        key: (
-            {k: v for k, v in value.items() if k != "dataset_id"}
-            if key in ids and isinstance(value, dict) and not _core_keeps_id(key)
-            else value
-        )
-        for key, value in data.items()
-    }
-    return JobSpec.model_validate(plain), ids
-
-
-def core_section(section: str, request: BaseModel) -> BaseModel:
-    """The core spec of one request section: its fields, without ``dataset_id`` unless the core
-    model keeps it."""
-    exclude = set() if _core_keeps_id(section) else {"dataset_id"}
-    return _section_model(section).model_validate(request.model_dump(exclude=exclude))
+    """The core spec and ``{section: dataset_id}`` of a stored (or requested) spec."""
+    return JobSpecRequest.model_validate(data).to_core()

@@ -8,7 +8,6 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -149,9 +148,6 @@ class LocalStorage:
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 
-    def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
-
     def healthy(self) -> bool:
         """True when a file can be written and removed under the root."""
         try:
@@ -161,13 +157,3 @@ class LocalStorage:
         except OSError:
             return False
         return True
-
-    @contextlib.contextmanager
-    def open_temp(self, suffix: str = "") -> Iterator[Path]:
-        """A temp path that is removed on exit unless it was committed (renamed) meanwhile."""
-        temp = self.temp_path(suffix)
-        try:
-            yield temp
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()

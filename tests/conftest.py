@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from examples.processes import PG_ADMIN_URL, REDIS_URL, free_port, private_database
+
+__all__ = ["IN_CI", "PG_ADMIN_URL", "REDIS_URL", "free_port", "unavailable"]
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
-PG_ADMIN_URL = os.environ.get(
-    "SHEARS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("SHEARS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def unavailable(what: str, exc: BaseException) -> None:
@@ -23,12 +21,6 @@ def unavailable(what: str, exc: BaseException) -> None:
     if IN_CI:
         pytest.fail(message + " (CI=true: the suite must run against it)")
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +41,7 @@ def pg_server() -> str:
 @pytest.fixture
 def pg_database(pg_server: str) -> Iterator[str]:
     """A fresh, private database on the shared server, dropped afterwards."""
-    yield from _private_database(pg_server)
+    yield from private_database(pg_server)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +50,7 @@ def make_pg_database(pg_server: str) -> Iterator[Callable[[], str]]:
     made: list[Iterator[str]] = []
 
     def make() -> str:
-        generator = _private_database(pg_server)
+        generator = private_database(pg_server)
         made.append(generator)
         return next(generator)
 
@@ -66,22 +58,6 @@ def make_pg_database(pg_server: str) -> Iterator[Callable[[], str]]:
     for generator in made:
         with contextlib.suppress(StopIteration):
             next(generator)
-
-
-def _private_database(server_url: str) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"shears_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

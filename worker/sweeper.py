@@ -16,8 +16,8 @@ from celery import Celery
 from shears.db import repository as repo
 from shears.db.tables import utcnow
 from shears.settings import Settings
-from worker.celery_app import RUN_JOB_TASK
 from worker.db import sessions
+from worker.publish import publish_job
 
 log = structlog.get_logger("shears.sweeper")
 
@@ -29,13 +29,8 @@ def sweep_once(celery: Celery, settings: Settings) -> list[str]:
     with sessions()() as session:
         job_ids = repo.stale_jobs(session, enqueued_before)
     for job_id in job_ids:
-        try:
-            celery.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id)
-        except Exception as exc:
-            log.warning("broker unavailable; will retry", job_id=job_id, error=str(exc))
-            break
-        with sessions().begin() as session:
-            repo.mark_enqueued(session, job_id)
+        if not publish_job(celery, sessions(), job_id):
+            break  # the broker is down: the next sweep tries again
         published.append(job_id)
     if published:
         log.info("republished stale jobs", job_ids=published)

@@ -6,8 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from api.deps import SessionDep, StorageDep, TenantDep
-from api.errors import Problem, not_found
-from shears.db import repository as repo
+from api.services import jobs
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -22,14 +21,7 @@ _MEDIA_TYPES = {
 def download(
     artifact_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> FileResponse:
-    artifact = repo.get_artifact(session, tenant, artifact_id)
-    if artifact is None:
-        raise not_found("artifact", artifact_id)
-    path = storage.path(artifact.storage_key)
-    if not path.is_file():
-        raise Problem(
-            410, "artifact-gone", "Artifact gone", "The artifact's file no longer exists."
-        )
+    artifact, path = jobs.artifact_file(session, storage, tenant, artifact_id)
     return FileResponse(
         path,
         media_type=_MEDIA_TYPES.get(artifact.format, "application/octet-stream"),

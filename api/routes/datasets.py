@@ -3,18 +3,15 @@ calibration."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import Problem, not_found
 from api.schemas import DatasetList, DatasetOut
-from api.uploads import delete_stored, receive_and_validate, store_with_row
-from core.data import inspect_dataset
-from shears.db import repository as repo
-from shears.db.tables import Dataset, new_id, utcnow
+from api.services import uploads
+from api.uploads import receive_and_validate
+from shears.db.tables import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -63,33 +60,17 @@ async def upload_dataset(
     """Streamed to storage and hashed; the format is read from the content, and every array is
     checked (numeric, finite, one sample count) without unpickling anything."""
     upload, info, name, temp = await receive_and_validate(
-        request, storage, settings.max_upload_bytes, inspect_dataset, "dataset"
+        request, storage, settings.max_upload_bytes, uploads.gate_dataset, "dataset"
     )
-    dataset_id = new_id("dst")
-    key = f"datasets/{tenant}/{dataset_id}.{info.format}"
-    dataset = Dataset(
-        id=dataset_id,
-        tenant=tenant,
-        name=name,
-        format=info.format,
-        size_bytes=upload.size_bytes,
-        sha256=upload.sha256,
-        num_samples=info.num_samples,
-        has_targets=info.has_targets,
-        arrays=[asdict(a) for a in (*info.inputs, *([info.targets] if info.targets else []))],
-        storage_key=key,
-        created_at=utcnow(),
-    )
-    store_with_row(session, storage, temp, key, dataset)
+    dataset = uploads.add_dataset(session, tenant, name, info, upload)
+    with uploads.kept(storage, temp, dataset.storage_key):
+        session.commit()
     return dataset
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
 def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dataset:
-    dataset = repo.get_dataset(session, tenant, dataset_id)
-    if dataset is None:
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return uploads.get_dataset(session, tenant, dataset_id)
 
 
 @router.get("", response_model=DatasetList)
@@ -99,7 +80,7 @@ def list_datasets(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    items, next_cursor = repo.list_datasets(session, tenant, limit, cursor)
+    items, next_cursor = uploads.list_datasets(session, tenant, limit, cursor)
     return {"items": items, "next_cursor": next_cursor}
 
 
@@ -107,15 +88,7 @@ def list_datasets(
 def delete_dataset(
     dataset_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> Response:
-    dataset = repo.get_dataset(session, tenant, dataset_id)
-    if dataset is None:
-        raise not_found("dataset", dataset_id)
-    if repo.dataset_in_use(session, tenant, dataset_id):
-        raise Problem(
-            409,
-            "dataset-in-use",
-            "Dataset in use",
-            "A queued or running job uses this dataset; cancel it or wait for it to finish.",
-        )
-    delete_stored(session, storage, dataset)
+    key = uploads.delete_dataset(session, tenant, dataset_id)
+    session.commit()
+    storage.delete(key)  # after the commit: a failed one leaves the file in place
     return Response(status_code=204)

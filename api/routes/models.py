@@ -7,12 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import Problem, not_found
 from api.schemas import ModelList, ModelOut
-from api.uploads import delete_stored, receive_and_validate, store_with_row
-from core.formats import inspect_upload
-from shears.db import repository as repo
-from shears.db.tables import Model, new_id
+from api.services import uploads
+from api.uploads import receive_and_validate
+from shears.db.tables import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -57,21 +55,17 @@ async def upload_model(
     """Streamed to storage and hashed; the format is read from the content, and the archive is
     validated from its metadata alone: no weight is deserialized."""
     upload, info, name, temp = await receive_and_validate(
-        request, storage, settings.max_upload_bytes, inspect_upload, "model"
+        request, storage, settings.max_upload_bytes, uploads.gate_model, "model"
     )
-    model_id = new_id("mdl")
-    key = f"models/{tenant}/{model_id}.pt2"
-    model = repo.model_row(model_id, tenant, name, info, key, upload.size_bytes, upload.sha256)
-    store_with_row(session, storage, temp, key, model)
+    model = uploads.add_model(session, tenant, name, info, upload)
+    with uploads.kept(storage, temp, model.storage_key):
+        session.commit()
     return model
 
 
 @router.get("/{model_id}", response_model=ModelOut)
 def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> Model:
-    model = repo.get_model(session, tenant, model_id)
-    if model is None:
-        raise not_found("model", model_id)
-    return model
+    return uploads.get_model(session, tenant, model_id)
 
 
 @router.get("", response_model=ModelList)
@@ -81,7 +75,7 @@ def list_models(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    items, next_cursor = repo.list_models(session, tenant, limit, cursor)
+    items, next_cursor = uploads.list_models(session, tenant, limit, cursor)
     return {"items": items, "next_cursor": next_cursor}
 
 
@@ -89,15 +83,7 @@ def list_models(
 def delete_model(
     model_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> Response:
-    model = repo.get_model(session, tenant, model_id)
-    if model is None:
-        raise not_found("model", model_id)
-    if repo.model_in_use(session, model_id):
-        raise Problem(
-            409,
-            "model-in-use",
-            "Model in use",
-            "A queued or running job uses this model; cancel it or wait for it to finish.",
-        )
-    delete_stored(session, storage, model)
+    key = uploads.delete_model(session, tenant, model_id)
+    session.commit()
+    storage.delete(key)  # after the commit: a failed one leaves the file in place
     return Response(status_code=204)

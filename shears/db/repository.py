@@ -26,7 +26,6 @@ from core.formats import ModelInfo
 from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
 
 ACTIVE_STATUSES = ("queued", "running")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 _Paged = TypeVar("_Paged", Model, Job, Dataset)

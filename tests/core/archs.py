@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from examples.models import Attention
+
 
 def _bn(c: int) -> nn.BatchNorm2d:
     bn = nn.BatchNorm2d(c)
@@ -113,25 +115,6 @@ class MLP(nn.Module):
         for layer in self.layers:
             x = F.gelu(layer(x))
         return self.out(x)
-
-
-class Attention(nn.Module):
-    """Hand-written multi-head attention, nanoGPT style: reshapes into heads."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q = q.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)
-        v = v.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
-        return self.proj(y)
 
 
 class Transformer(nn.Module):

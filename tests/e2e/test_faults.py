@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.bodies import global_l1
 from tests.conftest import free_port
 from tests.e2e.service import Service, service_env
-from tests.e2e.test_bad_input import assert_problem
-from tests.e2e.test_walkthrough import global_l1, upload
+from tests.e2e.test_walkthrough import upload
 from tests.faults import PrivatePostgres, PrivateRedis, private_postgres, private_redis
+from tests.problems import assert_problem
 
 pytestmark = pytest.mark.e2e
 __all__ = ["private_postgres", "private_redis"]  # fixtures used below

@@ -1,5 +1,6 @@
-"""API keys and tenants, Idempotency-Key, queued-job limits, storage quota and /metrics, on the
-real processes."""
+"""API keys and tenants with a real job's artifacts, keys made by the CLI, and the storage quota
+that fails a running job, on the real processes. Key checks, Idempotency-Key, queued-job limits
+and /metrics need no worker: tests/api."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.bodies import global_l1
 from tests.e2e.conftest import BACKENDS, start_service
 from tests.e2e.service import ROOT, Service
-from tests.e2e.test_bad_input import assert_problem
-from tests.e2e.test_walkthrough import global_l1
+from tests.problems import assert_problem
 
 pytestmark = pytest.mark.e2e
 
@@ -41,17 +42,6 @@ def upload(client: httpx.Client, path: Path) -> dict:
         response = client.post("/v1/models", files={"file": (path.name, f)})
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def test_keys_are_required_and_checked(secured: Service) -> None:
-    body = assert_problem(secured.client.get("/v1/models"), 401, "unauthorized")
-    assert "Bearer" in body["detail"]
-    wrong = secured.as_tenant("not-a-key")
-    assert_problem(wrong.get("/v1/jobs"), 401, "unauthorized")
-    assert secured.client.get("/v1/models").headers["www-authenticate"] == "Bearer"
-    # Health, metrics and docs stay open.
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
-        assert secured.client.get(path).status_code == 200, path
 
 
 def test_another_tenants_ids_answer_404_on_every_route(secured: Service, resnet_pt2: Path) -> None:
@@ -113,67 +103,6 @@ def test_keys_from_the_cli(secured: Service) -> None:
     cli("revoke", key_id)
     time.sleep(1.2)  # API processes remember key lookups for one second
     assert_problem(client.get("/v1/models"), 401, "unauthorized")
-
-
-@pytest.fixture(scope="module")
-def no_worker(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Service]:
-    # Without a worker jobs stay queued: what the queue limit and idempotency are about.
-    svc = start_service(
-        request,
-        tmp_path_factory,
-        "embedded",
-        with_worker=False,
-        SHEARS_MAX_QUEUED_JOBS_PER_TENANT="2",
-    )
-    try:
-        yield svc
-    finally:
-        svc.stop()
-
-
-def test_idempotency_key(no_worker: Service, resnet_pt2: Path) -> None:
-    model = upload(no_worker.client, resnet_pt2)
-    body = global_l1(model["id"])
-    headers = {"Idempotency-Key": "retry-me-1"}
-    first = no_worker.client.post("/v1/jobs", json=body, headers=headers)
-    again = no_worker.client.post("/v1/jobs", json=body, headers=headers)
-    assert first.status_code == again.status_code == 202
-    assert again.json()["id"] == first.json()["id"]
-    assert again.headers["location"] == first.headers["location"]
-    other = no_worker.client.post("/v1/jobs", json=global_l1(model["id"], 0.5), headers=headers)
-    body_problem = assert_problem(other, 422, "idempotency-key-reused")
-    assert "different request body" in body_problem["detail"]
-    jobs = no_worker.client.get("/v1/jobs", params={"model_id": model["id"]}).json()["items"]
-    assert [j["id"] for j in jobs] == [first.json()["id"]]
-    # Clean up so the queue-limit test starts from an empty queue.
-    assert no_worker.client.post(f"/v1/jobs/{first.json()['id']}/cancel").status_code == 202
-
-
-def test_queued_jobs_per_tenant_are_limited(no_worker: Service, resnet_pt2: Path) -> None:
-    model = upload(no_worker.client, resnet_pt2)
-    accepted = [no_worker.client.post("/v1/jobs", json=global_l1(model["id"])) for _ in range(2)]
-    assert [r.status_code for r in accepted] == [202, 202]
-    refused = no_worker.client.post("/v1/jobs", json=global_l1(model["id"]))
-    assert_problem(refused, 429, "too-many-queued-jobs")
-    assert int(refused.headers["retry-after"]) > 0
-    # Cancelling a queued job makes room again.
-    cancelled = no_worker.client.post(f"/v1/jobs/{accepted[0].json()['id']}/cancel")
-    assert cancelled.status_code == 202
-    assert cancelled.json()["status"] == "cancelled"
-    assert no_worker.client.post("/v1/jobs", json=global_l1(model["id"])).status_code == 202
-
-
-def test_metrics_expose_jobs_and_request_latency(no_worker: Service) -> None:
-    no_worker.client.get("/v1/jobs/job_unknown_id_for_metrics")
-    text = no_worker.client.get("/metrics").text
-    assert 'shears_jobs{status="queued"} 2.0' in text
-    assert 'shears_jobs{status="cancelled"} 2.0' in text
-    assert "shears_queue_depth 2.0" in text
-    assert "shears_job_duration_seconds_bucket" in text
-    assert 'route="/v1/jobs/{job_id}"' in text
-    assert "job_unknown_id_for_metrics" not in text  # ids never become labels
 
 
 def test_storage_quota(

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core.formats.pt2.program import load_program
+from tests.bodies import global_l1
 from tests.e2e.service import Service
 from tests.factories import PRUNABLE, export_resnet, resnet_module
 
@@ -32,19 +33,6 @@ def submit(service: Service, body: dict) -> dict:
     assert response.status_code == 202, response.text
     assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
     return response.json()
-
-
-def global_l1(model_id: str, sparsity: float = 0.8, **pruning) -> dict:
-    return {
-        "model_id": model_id,
-        "pruning": {
-            "criterion": "l1",
-            "granularity": "unstructured",
-            "sparsity": sparsity,
-            "scope": "global",
-            **pruning,
-        },
-    }
 
 
 def test_upload_reads_metadata_without_loading(service: Service, resnet_pt2: Path) -> None:

@@ -31,3 +31,21 @@ def test_core_imports_alone_without_service_frameworks() -> None:
 def test_celery_app_module_stays_light_for_the_api() -> None:
     code = "import sys, worker.celery_app\nassert 'torch' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_benchmarks_and_examples_do_not_import_the_tests() -> None:
+    # The tests may use what bench/ and examples/ share; never the other way round.
+    import ast
+
+    offenders = []
+    for path in [*ROOT.glob("bench/*.py"), *ROOT.glob("examples/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tests"]
+    assert offenders == []

@@ -13,13 +13,14 @@ from typing import Any, ClassVar
 import torch
 
 from core.allocation import allocate
+from core.criteria import needs_data
 from core.errors import InvalidSpec, PruningError
 from core.formats.base import ModelInfo
 from core.metrics import sparse_size_bytes
 from core.pruning.base import LayerResult, PruneContext, PruneOutcome
 from core.pruning.llm.layers import Linear, prunable_linears, unwrap
 from core.pruning.llm.masks import planned_removals
-from core.pruning.llm.sequential import CRITERIA, DATA_AWARE, prune_causal_lm
+from core.pruning.llm.sequential import CRITERIA, prune_causal_lm
 from core.pruning.llm.sparsegpt import BLOCK
 from core.schedule import at_fraction
 from core.spec import PruningSpec
@@ -172,7 +173,7 @@ def _layers(model: torch.nn.Module, info: ModelInfo) -> dict[str, Linear]:
 def _calibration_ids(spec: PruningSpec, ctx: PruneContext) -> torch.Tensor | None:
     """The ``(N, T)`` token ids data-aware criteria calibrate on (the first calibration tensor;
     an attention mask after it is not used: blocks are full token runs)."""
-    if spec.criterion not in DATA_AWARE:
+    if not needs_data(spec.criterion):
         return None
     if not ctx.calibration:
         raise InvalidSpec(

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.criteria import CRITERIA as CRITERIA_TABLE
+from core.criteria import needs_data
 from core.pruning.llm.calibrate import LayerInputs, capture_inputs
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers
 from core.pruning.llm.masks import FeatureNorms, Hessian, keep_mask, ranked
 from core.pruning.llm.sparsegpt import reconstruction_error, sparsegpt
 
-CRITERIA = frozenset({"magnitude", "wanda", "sparsegpt"})
-DATA_AWARE = frozenset({"wanda", "sparsegpt"})
+# The criteria table (core.criteria) says which criteria rank language models and need data.
+CRITERIA = frozenset(name for name, c in CRITERIA_TABLE.items() if "hf" in c.formats)
 # Tokens per calibration batch: small batches bound the attention's working memory.
 TOKENS_PER_BATCH = 4096
 
@@ -131,7 +133,7 @@ def prune_causal_lm(
         raise ValueError(f"unknown criterion {criterion!r}; one of {sorted(CRITERIA)}")
     layers = decoder_layers(model)
     inputs: LayerInputs | None = None
-    if criterion in DATA_AWARE:
+    if needs_data(criterion):
         if input_ids is None or input_ids.numel() == 0:
             raise ValueError(f"criterion {criterion!r} needs calibration input_ids")
         ids = input_ids.long()

@@ -1,0 +1,130 @@
+"""Hugging Face language models through the service: a checkpoint and a text dataset in, pruned by
+Wanda with layer-by-layer calibration, scored by perplexity, a standard checkpoint out."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.lm_recovery import evaluate_perplexity
+from core.text import token_blocks
+from tests.e2e.service import Service
+from tests.e2e.test_bad_input import assert_problem
+from tests.e2e.test_walkthrough import submit, upload
+from tests.hf_factories import EOS, archive_folder, save_checkpoint, write_archive
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    folder = tmp_path_factory.mktemp("llama")
+    model, checkpoint = save_checkpoint("llama", folder / "checkpoint")
+    return model, archive_folder(checkpoint, folder / "llama.tar.gz", top="llama")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Documents separated by blank lines: the standard library's own source."""
+    import json as json_module
+
+    source = inspect.getsource(json_module.decoder) + inspect.getsource(json_module.encoder)
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def test_prune_a_language_model_with_wanda(
+    service: Service, llama: tuple[torch.nn.Module, Path], text: Path, tmp_path: Path
+) -> None:
+    dense, archive = llama
+    model = upload(service, archive)
+    assert (model["format"], model["architecture"], model["has_tokenizer"]) == (
+        "hf",
+        "LlamaForCausalLM",
+        True,
+    )
+    assert model["config"]["num_key_value_heads"] == 2
+    assert model["num_parameters"] == sum(p.numel() for p in dense.parameters())
+    dataset = upload(service, text, collection="datasets")
+    assert (dataset["format"], dataset["has_targets"]) == ("text", False)
+
+    body = {
+        "model_id": model["id"],
+        "pruning": {"criterion": "wanda", "granularity": "unstructured", "sparsity": 0.5},
+        "calibration": {"dataset_id": dataset["id"], "num_samples": 8, "seq_len": SEQ_LEN},
+        "evaluation": {
+            "dataset_id": dataset["id"],
+            "task": "perplexity",
+            "seq_len": SEQ_LEN,
+            "max_samples": 8,
+        },
+    }
+    job = service.wait_for_job(submit(service, body)["id"])
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["sparsity"] == pytest.approx(0.5)
+    assert m["eval_before"]["seq_len"] == SEQ_LEN
+    assert m["eval_after_pruning"]["num_tokens"] == 8 * (SEQ_LEN - 1)
+    assert m["tokens_per_second_before"] > 0
+    assert m["tokens_per_second_after"] > 0
+    assert m["device"] == "cpu"
+    layers = service.client.get(f"/v1/jobs/{job['id']}/layers").json()["items"]
+    assert {layer["name"] for layer in layers} >= {"model.layers.0.mlp.down_proj"}
+    assert all(layer["sparsity"] == pytest.approx(0.5) for layer in layers)
+
+    # The artifact is a standard checkpoint: stock transformers loads it, without custom code,
+    # and scores what the job reported.
+    (artifact,) = [a for a in job["artifacts"] if a["kind"] == "model"]
+    assert artifact["format"] == "hf"
+    tar_path = tmp_path / "pruned.tar"
+    tar_path.write_bytes(service.client.get(artifact["download_url"]).content)
+    out = tmp_path / "pruned"
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(out, filter="data")
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    blocks = token_blocks(text, tokenizer, SEQ_LEN, tokenizer.token_to_id(EOS), 8)
+    scored = evaluate_perplexity(pruned, blocks, batch_size=8, device="cpu")
+    reported = m["eval_after_pruning"]["perplexity"]
+    assert scored["perplexity"] == pytest.approx(reported, rel=0.01)
+    down = pruned.model.layers[0].mlp.down_proj.weight
+    assert int((down == 0).sum(dim=1).min()) == down.shape[1] // 2  # every row, exactly half
+
+    registered = service.client.get(f"/v1/models/{job['result_model_id']}").json()
+    assert registered["format"] == "hf"
+
+
+def test_checkpoints_that_could_run_code_are_refused(
+    service: Service, llama: tuple[torch.nn.Module, Path], tmp_path: Path
+) -> None:
+    _, archive = llama
+    with tarfile.open(archive) as tar:
+        members = {
+            m.name.removeprefix("llama/"): tar.extractfile(m).read()
+            for m in tar.getmembers()
+            if m.isfile()
+        }
+    config = json.loads(members["config.json"])
+    crafted = {
+        **members,
+        "config.json": json.dumps({**config, "auto_map": {"AutoModel": "x.Model"}}).encode(),
+        "x.py": b"open('canary', 'w')\n",
+    }
+    path = write_archive(tmp_path / "remote-code.tar", crafted)
+    with path.open("rb") as f:
+        response = service.client.post("/v1/models", files={"file": (path.name, f)})
+    assert_problem(response, 415, "unsupported-format")
+    traversal = write_archive(tmp_path / "escape.zip", {**members, "../evil": b"x"})
+    with traversal.open("rb") as f:
+        response = service.client.post("/v1/models", files={"file": (traversal.name, f)})
+    assert_problem(response, 422, "unsafe-archive")
