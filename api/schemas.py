@@ -51,6 +51,18 @@ class ModelOut(_Out):
     prunable_layers: list[PrunableLayerOut]
     source_job_id: str | None = Field(description="The job that produced this model, if any.")
     created_at: datetime
+    architecture: str | None = Field(
+        default=None, description="hf: the transformers class, e.g. LlamaForCausalLM."
+    )
+    has_tokenizer: bool | None = Field(
+        default=None, description="hf: whether the checkpoint carries tokenizer.json."
+    )
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="hf: model_type, hidden_size, intermediate_size, num_hidden_layers, "
+        "num_attention_heads, num_key_value_heads, head_dim, vocab_size, "
+        "max_position_embeddings.",
+    )
 
 
 class ModelList(_Out):
@@ -78,7 +90,7 @@ class ArrayOut(BaseModel):
 class DatasetOut(_Out):
     id: str
     name: str
-    format: Literal["npz", "safetensors"]
+    format: Literal["npz", "safetensors", "text", "jsonl"]
     size_bytes: int
     sha256: str
     num_samples: int

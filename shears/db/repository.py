@@ -95,6 +95,7 @@ def model_row(
         num_parameters=info.num_parameters,
         inputs=[asdict(i) for i in info.inputs],
         prunable_layers=[asdict(layer) for layer in info.prunable_layers],
+        details=info.details(),
         storage_key=key,
         source_job_id=source_job_id,
         created_at=utcnow(),

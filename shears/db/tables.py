@@ -94,7 +94,7 @@ class StoredFile:
 
 
 class Model(StoredFile, Base):
-    """An uploaded (or Shears-produced) program."""
+    """An uploaded (or Shears-produced) model: a program (``pt2``) or a checkpoint (``hf``)."""
 
     __tablename__ = "models"
 
@@ -102,6 +102,20 @@ class Model(StoredFile, Base):
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     prunable_layers: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     source_job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # What only the format knows (core's ModelInfo.details()): hf's architecture and config.
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    @property
+    def architecture(self) -> str | None:
+        return (self.details or {}).get("architecture")
+
+    @property
+    def has_tokenizer(self) -> bool | None:
+        return (self.details or {}).get("has_tokenizer")
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return (self.details or {}).get("config")
 
 
 class Dataset(StoredFile, Base):
