@@ -15,9 +15,9 @@ import torch
 from core.lm_recovery import evaluate_perplexity
 from core.text import token_blocks
 from tests.e2e.service import Service
-from tests.problems import assert_problem
 from tests.e2e.test_walkthrough import submit, upload
 from tests.hf_factories import EOS, archive_folder, save_checkpoint, write_archive
+from tests.problems import assert_problem
 
 SEQ_LEN = 32
 
