@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.device import pick_device
 from core.formats import MeasureConfig, ModelFormat, ModelInfo, detect
 from core.progress import FRACTION, ProgressCallback, Stage, between, no_progress
 from core.pruning import LayerResult, PruneContext, RoundHook, pruner_for, run_rounds
@@ -26,6 +27,7 @@ from core.pruning import preflight as pruning_preflight
 from core.recovery import PipelineData, Recovered, Recovery, TrainingConfig
 from core.recovery_lm import LmRecovery
 from core.report import Measured, Metrics, build_metrics, write_report
+from core.sparse_verdict import SparseVerdict, measure_sparse_verdict
 from core.spec import JobSpec
 
 __all__ = [
@@ -204,9 +206,16 @@ def _run_loaded(
     after: Measured | None = None
     written: ModelInfo | None = None
     recovered = Recovered()
+    verdict: SparseVerdict | None = None
     if not spec.dry_run:
         recovered = recovery.recover(outcome.model)
-        artifacts, written, after = _export_and_measure(fmt, outcome.model, out, m, progress)
+        if outcome.params_after == before.params and outcome.nonzero_params_after < before.params:
+            # Zeros in place, shapes kept: say what they buy here, measured.
+            weights = fmt.layer_weights(outcome.model, info)
+            verdict = measure_sparse_verdict(weights, pick_device(m.device))
+        artifacts, written, after = _export_and_measure(
+            fmt, outcome.model, out, m, progress, verdict
+        )
     metrics = build_metrics(
         outcome=outcome,
         prunable_before=sum(layer.params for layer in info.prunable_layers),
@@ -215,7 +224,7 @@ def _run_loaded(
         eval_before=recovery.eval_before,
         recovered=recovered,
     )
-    report = write_report(out / "report.json", spec, metrics, outcome, recovered)
+    report = write_report(out / "report.json", spec, metrics, outcome, recovered, verdict)
     progress("done", FRACTION["done"], "finished")
     return PipelineResult(metrics, outcome.layers, fmt.name, report, artifacts, written)
 
@@ -226,11 +235,18 @@ def _rounds(spec: JobSpec) -> int:
 
 
 def _export_and_measure(
-    fmt: ModelFormat, model: object, out: Path, m: MeasureConfig, progress: ProgressCallback
+    fmt: ModelFormat,
+    model: object,
+    out: Path,
+    m: MeasureConfig,
+    progress: ProgressCallback,
+    verdict: SparseVerdict | None,
 ) -> tuple[dict[str, Path], ModelInfo, Measured]:
     """Write the model, then load the file back through the format's gate and measure it: the
-    numbers describe the artifact the user downloads, and prove it loads."""
-    progress("exporting", FRACTION["export"], "writing the pruned model")
+    numbers describe the artifact the user downloads, and prove it loads. The event of this
+    step carries the sparse-storage verdict, where there is one."""
+    message = "writing the pruned model" + (f"; {verdict.verdict}" if verdict else "")
+    progress("exporting", FRACTION["export"], message, verdict.as_dict() if verdict else None)
     artifacts = fmt.save(model, out)
     progress("evaluating", FRACTION["measure"], "reloading the written model and measuring it")
     reloaded, info = fmt.load(artifacts["model"])

@@ -10,6 +10,7 @@ from typing import Any
 from core.formats.base import Measurement
 from core.pruning.base import LayerResult, PruneOutcome
 from core.recovery import Recovered
+from core.sparse_verdict import SparseVerdict
 from core.spec import SPEC_VERSION, JobSpec
 
 
@@ -86,9 +87,11 @@ def write_report(
     metrics: Metrics,
     outcome: PruneOutcome,
     recovered: Recovered,
+    verdict: SparseVerdict | None = None,
 ) -> Path:
     """The ``report`` artifact: spec, metrics, per-layer result with kept channel indices, the
-    pruner's own details (channel groups) and what fine-tuning did."""
+    pruner's own details (channel groups), what fine-tuning did and, for weights zeroed in
+    place, what the sparsity buys on the device (``sparse_storage``)."""
     report: dict[str, Any] = {
         "spec_version": SPEC_VERSION,
         "spec": spec.model_dump(mode="json"),
@@ -98,6 +101,8 @@ def write_report(
         "layers": [_layer_entry(layer, outcome) for layer in outcome.layers],
         **outcome.details,
     }
+    if verdict is not None:
+        report["sparse_storage"] = verdict.as_dict()
     fine_tune = recovered.fine_tune_report()
     if fine_tune is not None:
         report["fine_tune"] = fine_tune

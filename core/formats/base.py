@@ -125,3 +125,7 @@ class ModelFormat(Protocol):
     def measure(self, model: Any, info: ModelInfo, config: MeasureConfig) -> Measurement:
         """MACs and median latency of ``model`` on ``config.device``."""
         ...
+
+    def layer_weights(self, model: Any, info: ModelInfo) -> dict[str, Any]:
+        """The weight tensor of each of ``info.prunable_layers`` in ``model``, by layer name."""
+        ...

@@ -104,3 +104,24 @@ def test_a_language_model_is_scored_by_perplexity_only(
     )
     with pytest.raises(InvalidSpec, match="use 'perplexity'"):
         run(spec, checkpoint, tmp_path, measure=FAST, data=PipelineData(evaluation=text))
+
+
+def test_the_job_says_what_its_sparsity_buys_here(checkpoint: Path, tmp_path: Path) -> None:
+    spec = JobSpec(pruning=PruningSpec(criterion="magnitude", granularity="n:m", n_m=(2, 4)))
+    events: list[tuple[str, dict | None]] = []
+    result = run(
+        spec,
+        checkpoint,
+        tmp_path,
+        measure=FAST,
+        on_progress=lambda stage, fraction, message, data=None: events.append((message, data)),
+    )
+    storage = json.loads(result.report_path.read_text())["sparse_storage"]
+    # 2:4 of fp32 weights: half the values plus one bit per position.
+    assert storage["sparse_bytes"] == storage["dense_bytes"] // 2 + storage["dense_bytes"] // 32
+    assert storage["kernel"] == "CSR"
+    assert storage["dense_ms"] > 0
+    assert storage["sparse_ms"] > 0
+    assert storage["faster"] == (storage["sparse_ms"] < storage["dense_ms"])
+    assert storage["verdict"].startswith("smaller to store (53% of the dense weights")
+    assert (f"writing the pruned model; {storage['verdict']}", storage) in events

@@ -60,6 +60,12 @@ class HfFormat:
 
         return save(model, out_dir)
 
+    def layer_weights(self, model: Any, info: ModelInfo) -> dict[str, Any]:
+        inner = model.model
+        return {
+            layer.name: inner.get_submodule(layer.name).weight for layer in info.prunable_layers
+        }
+
     def count_parameters(self, model: Any) -> int:
         from core.formats.hf.model import count_parameters
 

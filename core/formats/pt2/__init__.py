@@ -51,6 +51,10 @@ class Pt2Format:
         program.save_weights(model.state_dict, weights_file)
         return {"model": model_file, "weights": weights_file}
 
+    def layer_weights(self, model: Any, info: ModelInfo) -> dict[str, Any]:
+        state = model.state_dict
+        return {layer.name: state[f"{layer.name}.weight"] for layer in info.prunable_layers}
+
     def count_parameters(self, model: Any) -> int:
         return sum(p.numel() for p in model.parameters())
 
