@@ -7,6 +7,7 @@ zero, score again) and between the rounds of an iterative schedule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from core.formats.pt2.program import module_on
 from core.progress import FRACTION, ProgressCallback, between
 from core.pruning.rounds import RoundHook
 from core.spec import FineTuneSpec, JobSpec
+
+StepCallback = Callable[[int, int, dict[str, float] | None], None]
 
 Program = torch.export.ExportedProgram
 
@@ -115,9 +118,116 @@ class Recovered:
         }
 
 
+class RecoveryStages:
+    """The stages every format shares around the pruning step: score, fine-tune with the pruned
+    weights held, score again; the same between the rounds of an iterative schedule.
+
+    A format's recovery says how its model is scored (:meth:`_score`), trained (:meth:`_train`)
+    and how many optimizer steps its fine-tune takes (:meth:`_total_steps`).
+    """
+
+    spec: JobSpec
+    info: ModelInfo
+    train: TrainingConfig
+    progress: ProgressCallback
+    eval_before: dict[str, float] | None
+
+    @property
+    def masked(self) -> list[str]:
+        """The weights whose zeros stay zero while training: every prunable layer's."""
+        return [f"{layer.name}.weight" for layer in self.info.prunable_layers]
+
+    def _score(self, model: Any) -> dict[str, float] | None:
+        """The model's scores on the evaluation data; None without evaluation."""
+        raise NotImplementedError
+
+    def _train(
+        self, model: Any, tune: FineTuneSpec, checkpoint: Path | None, on_step: StepCallback
+    ) -> FineTuneResult | None:
+        """Train ``model`` in place as ``tune`` says; None without fine-tuning data."""
+        raise NotImplementedError
+
+    def _total_steps(self, tune: FineTuneSpec) -> int:
+        raise NotImplementedError
+
+    def evaluate(self, model: Any, step: str, when: str) -> dict[str, float] | None:
+        """Score ``model``, with an event before and one with the scores (``when`` says which)."""
+        if self.spec.evaluation is None:
+            return None
+        fraction = FRACTION[step]
+        self.progress("evaluating", fraction, f"evaluating {when}")
+        metrics = self._score(model)
+        if metrics is not None:
+            self.progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
+        return metrics
+
+    def recover(self, model: Any) -> Recovered:
+        """Evaluate the pruned model, fine-tune it in place, evaluate again."""
+        after_pruning = self.evaluate(model, "evaluate_after_pruning", "after pruning")
+        tuned = (
+            self._train(model, self.spec.fine_tune, self.train.checkpoint, self._on_step)
+            if self.spec.fine_tune is not None
+            else None
+        )
+        after_tuning = (
+            self.evaluate(model, "evaluate_after_fine_tune", "after fine-tuning")
+            if tuned is not None
+            else None
+        )
+        return Recovered(after_pruning, after_tuning, tuned)
+
+    def _on_step(self, step: int, total: int, summary: dict[str, float] | None) -> None:
+        # Every optimizer step reports progress: that is where a cancel stops training (the
+        # worker's callback raises), and it is throttled there. Each epoch's summary becomes an
+        # event.
+        if summary and "epoch" in summary:
+            message = f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
+        elif summary:
+            message = f"resumed from the checkpoint at step {step}/{total}"
+        else:
+            message = f"step {step}/{total}"
+        fraction = between("fine_tune", "fine_tune_end", step / max(total, 1))
+        self.progress("fine_tuning", fraction, message, summary)
+
+    def round_hook(self, rounds: int) -> RoundHook:
+        """The hook between the rounds of an iterative schedule: evaluate (an event per round
+        with ``{"round", "rounds", ...metrics}``) and fine-tune for ``1/rounds`` of the spec's
+        steps. The full fine-tune still runs after the last round, as in a one-shot job."""
+        tune = self.spec.fine_tune
+        share = (
+            tune.model_copy(
+                update={"steps": max(1, self._total_steps(tune) // rounds), "epochs": None}
+            )
+            if tune is not None
+            else None
+        )
+
+        def hook(t: int, n: int, model: Any) -> None:
+            metrics = self.evaluate(model, "prune", f"after round {t} of {n}")
+            if metrics is not None:
+                self.progress(
+                    "pruning",
+                    FRACTION["prune"],
+                    f"round {t} of {n} evaluated",
+                    {"round": t, "rounds": n, **metrics},
+                )
+            if share is not None:
+                checkpoint = self.train.checkpoint
+                self._train(
+                    model,
+                    share,
+                    checkpoint.with_name(f"{checkpoint.stem}.round{t}.pt") if checkpoint else None,
+                    lambda step, total, data: self.progress(
+                        "fine_tuning", FRACTION["prune"], f"round {t}: step {step}/{total}", data
+                    ),
+                )
+
+        return hook
+
+
 @dataclass
-class Recovery:
-    """Evaluation and fine-tuning of one job's program."""
+class Recovery(RecoveryStages):
+    """Evaluation and fine-tuning of one job's program (``pt2``)."""
 
     spec: JobSpec
     info: ModelInfo
@@ -157,63 +267,24 @@ class Recovery:
         """Inputs for the data-aware criteria of the pruning step."""
         return self.feeds.calibration
 
-    @property
-    def masked(self) -> list[str]:
-        return [f"{layer.name}.weight" for layer in self.info.prunable_layers]
-
-    def evaluate(self, program: Program, step: str, when: str) -> dict[str, float] | None:
-        """Score ``program`` on the evaluation data (None without evaluation)."""
+    def _score(self, program: Program) -> dict[str, float] | None:
         if self.spec.evaluation is None or self.feeds.evaluation is None:
             return None
-        fraction = FRACTION[step]
-        self.progress("evaluating", fraction, f"evaluating {when}")
         device = pick_device(self.train.device)
         module = module_on(program, device)  # eval mode: the graph as it was exported
-        metrics = evaluate(
+        return evaluate(
             module, self.feeds.evaluation, self.spec.evaluation, self.feeds.limits, device
         )
-        self.progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
-        return metrics
 
-    def recover(self, program: Program) -> Recovered:
-        """Evaluate the pruned program, fine-tune it in place, evaluate again."""
-        after_pruning = self.evaluate(program, "evaluate_after_pruning", "after pruning")
-        tuned = self._fine_tune(program)
-        after_tuning = (
-            self.evaluate(program, "evaluate_after_fine_tune", "after fine-tuning")
-            if tuned is not None
-            else None
-        )
-        return Recovered(after_pruning, after_tuning, tuned)
-
-    def _fine_tune(self, program: Program) -> FineTuneResult | None:
-        tune, data = self.spec.fine_tune, self.feeds.fine_tune
-        if tune is None or data is None:
-            return None
-
-        # Every optimizer step reports progress: that is where a cancel stops training (the
-        # worker's callback raises), and it is throttled there. Each epoch's summary becomes an
-        # event.
-        def on_step(step: int, total: int, summary: dict[str, float] | None) -> None:
-            if summary and "epoch" in summary:
-                message = f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
-            elif summary:
-                message = f"resumed from the checkpoint at step {step}/{total}"
-            else:
-                message = f"step {step}/{total}"
-            fraction = between("fine_tune", "fine_tune_end", step / max(total, 1))
-            self.progress("fine_tuning", fraction, message, summary)
-
-        return self._train(program, tune, self.train.checkpoint, on_step)
+    def _total_steps(self, tune: FineTuneSpec) -> int:
+        assert self.feeds.fine_tune is not None
+        return plan_steps(self.feeds.fine_tune.num_samples, tune, self.feeds.limits)[2]
 
     def _train(
-        self,
-        program: Program,
-        tune: FineTuneSpec,
-        checkpoint: Path | None,
-        on_step: Any,
-    ) -> FineTuneResult:
-        assert self.feeds.fine_tune is not None
+        self, program: Program, tune: FineTuneSpec, checkpoint: Path | None, on_step: StepCallback
+    ) -> FineTuneResult | None:
+        if self.feeds.fine_tune is None:
+            return None
         return fine_tune(
             program,
             self.feeds.fine_tune,
@@ -227,35 +298,3 @@ class Recovery:
             else None,
             on_step=on_step,
         )
-
-    def round_hook(self, rounds: int) -> RoundHook:
-        """The hook between the rounds of an iterative schedule: evaluate (an event per round
-        with ``{"round", "rounds", ...metrics}``) and fine-tune for ``1/rounds`` of the spec's
-        steps. The full fine-tune still runs after the last round, as in a one-shot job."""
-        tune, data = self.spec.fine_tune, self.feeds.fine_tune
-        share: FineTuneSpec | None = None
-        if tune is not None and data is not None:
-            _, _, total = plan_steps(data.num_samples, tune, self.feeds.limits)
-            share = tune.model_copy(update={"steps": max(1, total // rounds), "epochs": None})
-
-        def hook(t: int, n: int, program: Program) -> None:
-            metrics = self.evaluate(program, "prune", f"after round {t} of {n}")
-            if metrics is not None:
-                self.progress(
-                    "pruning",
-                    FRACTION["prune"],
-                    f"round {t} of {n} evaluated",
-                    {"round": t, "rounds": n, **metrics},
-                )
-            if share is not None:
-                checkpoint = self.train.checkpoint
-                self._train(
-                    program,
-                    share,
-                    checkpoint.with_name(f"{checkpoint.stem}.round{t}.pt") if checkpoint else None,
-                    lambda step, total, data: self.progress(
-                        "fine_tuning", FRACTION["prune"], f"round {t}: step {step}/{total}", data
-                    ),
-                )
-
-        return hook

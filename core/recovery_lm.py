@@ -19,9 +19,8 @@ from core.errors import InvalidSpec
 from core.finetune import Checkpointing, FineTuneResult
 from core.formats.base import ModelInfo
 from core.lm_recovery import evaluate_perplexity, fine_tune_lm
-from core.progress import FRACTION, ProgressCallback, between
-from core.pruning.rounds import RoundHook
-from core.recovery import PipelineData, Recovered, TrainingConfig
+from core.progress import ProgressCallback
+from core.recovery import PipelineData, RecoveryStages, StepCallback, TrainingConfig
 from core.spec import FineTuneSpec, JobSpec
 from core.text import (
     CALIBRATION_SEQ_LEN,
@@ -80,13 +79,13 @@ def load_lm_feeds(spec: JobSpec, data: PipelineData, model: Any) -> LmFeeds:
 
 
 @dataclass
-class LmRecovery:
-    """Evaluation and fine-tuning of one job's language model."""
+class LmRecovery(RecoveryStages):
+    """Evaluation and fine-tuning of one job's language model (``hf``)."""
 
     spec: JobSpec
     info: ModelInfo
     feeds: LmFeeds
-    teacher: dict[str, torch.Tensor] | None
+    teacher: dict[str, torch.Tensor] | None  # the dense model's weights, for distillation
     train: TrainingConfig
     progress: ProgressCallback
     eval_before: dict[str, float] | None = None
@@ -130,63 +129,29 @@ class LmRecovery:
     def calibration(self) -> tuple[torch.Tensor, ...] | None:
         return self.feeds.calibration
 
-    @property
-    def masked(self) -> list[str]:
-        return [f"{layer.name}.weight" for layer in self.info.prunable_layers]
-
-    def evaluate(self, model: Any, step: str, when: str) -> dict[str, float] | None:
-        """Perplexity on the evaluation blocks (None without evaluation)."""
+    def _score(self, model: Any) -> dict[str, float] | None:
         if self.spec.evaluation is None or self.feeds.evaluation is None:
             return None
-        fraction = FRACTION[step]
-        self.progress("evaluating", fraction, f"evaluating {when}")
-        metrics = evaluate_perplexity(
+        return evaluate_perplexity(
             model.model,
             self.feeds.evaluation,
             batch_size=min(self.spec.evaluation.batch_size, 8),
             device=pick_device(self.train.device),
         )
-        self.progress("evaluating", fraction, f"evaluated {when}", {"when": when, **metrics})
-        return metrics
 
-    def recover(self, model: Any) -> Recovered:
-        """Evaluate the pruned model, fine-tune it in place, evaluate again."""
-        after_pruning = self.evaluate(model, "evaluate_after_pruning", "after pruning")
-        tuned = self._fine_tune(model)
-        after_tuning = (
-            self.evaluate(model, "evaluate_after_fine_tune", "after fine-tuning")
-            if tuned is not None
-            else None
-        )
-        return Recovered(after_pruning, after_tuning, tuned)
-
-    def _fine_tune(self, model: Any) -> FineTuneResult | None:
-        tune, blocks = self.spec.fine_tune, self.feeds.fine_tune
-        if tune is None or blocks is None:
-            return None
-
-        def on_step(step: int, total: int, summary: dict[str, float] | None) -> None:
-            message = (
-                f"epoch {int(summary['epoch'])}: loss {summary['loss']:.4f}"
-                if summary and "epoch" in summary
-                else f"step {step}/{total}"
-            )
-            fraction = between("fine_tune", "fine_tune_end", step / max(total, 1))
-            self.progress("fine_tuning", fraction, message, summary)
-
-        return self._train(model, blocks, tune, self.train.checkpoint, on_step)
+    def _total_steps(self, tune: FineTuneSpec) -> int:
+        assert self.feeds.fine_tune is not None
+        per_epoch = -(-len(self.feeds.fine_tune) // tune.batch_size)
+        return tune.steps or (tune.epochs or 1) * per_epoch
 
     def _train(
-        self,
-        model: Any,
-        blocks: torch.Tensor,
-        tune: FineTuneSpec,
-        checkpoint: Path | None,
-        on_step: Any,
-    ) -> FineTuneResult:
+        self, model: Any, tune: FineTuneSpec, checkpoint: Path | None, on_step: StepCallback
+    ) -> FineTuneResult | None:
+        if self.feeds.fine_tune is None:
+            return None
         return fine_tune_lm(
             model.model,
-            blocks,
+            self.feeds.fine_tune,
             tune,
             masked=self.masked,
             teacher=self.teacher,
@@ -196,26 +161,3 @@ class LmRecovery:
             else None,
             on_step=on_step,
         )
-
-    def round_hook(self, rounds: int) -> RoundHook:
-        """Between rounds: evaluate, and fine-tune for ``1/rounds`` of the spec's steps."""
-        tune, blocks = self.spec.fine_tune, self.feeds.fine_tune
-
-        def hook(t: int, n: int, model: Any) -> None:
-            self.evaluate(model, "prune", f"after round {t} of {n}")
-            if tune is not None and blocks is not None:
-                per_epoch = -(-len(blocks) // tune.batch_size)
-                total = tune.steps or (tune.epochs or 1) * per_epoch
-                share = tune.model_copy(update={"steps": max(1, total // n), "epochs": None})
-                checkpoint = self.train.checkpoint
-                self._train(
-                    model,
-                    blocks,
-                    share,
-                    checkpoint.with_name(f"{checkpoint.stem}.round{t}.pt") if checkpoint else None,
-                    lambda step, total, data: self.progress(
-                        "fine_tuning", FRACTION["prune"], f"round {t}: step {step}/{total}", data
-                    ),
-                )
-
-        return hook

@@ -9,8 +9,6 @@ Each job says which, for its own weights and device.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -18,7 +16,7 @@ from typing import Any
 
 import torch
 
-from core.device import synchronize
+from core.metrics import median_latency_ms
 
 TOKENS = 128  # activations per timed matmul: a prefill chunk, or a batch of samples
 
@@ -42,15 +40,7 @@ class SparseVerdict:
 
 
 def _median_ms(fn: Any, device: torch.device, repeats: int) -> float:
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median_latency_ms(fn, warmup=1, repeats=repeats, device=device)
 
 
 def _is_2_4(weight: torch.Tensor) -> bool:
