@@ -110,6 +110,9 @@ class ProgressOut(_Out):
 
 
 class EvalOut(BaseModel):
+    """Scores: classification adds top_k_accuracy and num_samples; regression mse; perplexity
+    (language models) perplexity, num_tokens and seq_len."""
+
     model_config = ConfigDict(extra="allow")
     accuracy: float | None = Field(default=None, description="Top-1 accuracy (classification).")
     loss: float | None = Field(
@@ -117,11 +120,6 @@ class EvalOut(BaseModel):
         description="Cross-entropy (classification), MSE (regression) or mean next-token "
         "negative log-likelihood (perplexity).",
     )
-    perplexity: float | None = Field(
-        default=None, description="exp(loss) over non-overlapping blocks (language models)."
-    )
-    num_tokens: int | None = Field(default=None, description="Tokens scored (perplexity).")
-    seq_len: int | None = Field(default=None, description="Tokens per scored block (perplexity).")
 
 
 def _model_of(

@@ -148,7 +148,11 @@ def test_jobs_refuse_unknown_datasets_and_missing_targets(
     )
     assert accepted.status_code == 202, accepted.text
     spec = accepted.json()["spec"]
-    assert spec["calibration"] == {"dataset_id": unlabelled["id"], "num_samples": 64}
+    assert spec["calibration"] == {
+        "dataset_id": unlabelled["id"],
+        "num_samples": 64,
+        "seq_len": None,
+    }
     assert spec["fine_tune"]["dataset_id"] == unlabelled["id"]
     assert spec["fine_tune"]["loss"] == "distillation"
     # ...and a dataset a queued job names cannot be deleted.

@@ -4,6 +4,7 @@ e2e tier: the gate runs in the API process, no worker needed)."""
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,8 @@ def test_bad_datasets_get_4xx_and_leave_nothing(api: Api, tmp_path: Path) -> Non
     assert "NaN" in assert_problem(post(nan), 422, "invalid-dataset")["detail"]
     uneven = npz_bytes(inputs=np.zeros((3, 2), np.float32), targets=np.zeros(4, np.int64))
     assert "samples" in assert_problem(post(uneven), 422, "invalid-dataset")["detail"]
-    assert_problem(post(b"just some text, not arrays"), 415, "unsupported-format")
+    # Binary content of another format (a pickle) is a 415; text is a text dataset now.
+    assert_problem(post(pickle.dumps([1, 2, 3])), 415, "unsupported-format")
     big = npz_bytes(inputs=np.zeros((5 * 1024 * 1024 // 4 + 1,), np.float32))  # > 4 MiB limit
     assert_problem(post(big), 413, "payload-too-large")
     assert api.stored_files() == before

@@ -206,7 +206,11 @@ def test_distillation_and_calibration_run_without_targets(
             "calibration": {"dataset_id": unlabelled["id"], "num_samples": 64},
         },
     )
-    assert calibrated["spec"]["calibration"] == {"dataset_id": unlabelled["id"], "num_samples": 64}
+    assert calibrated["spec"]["calibration"] == {
+        "dataset_id": unlabelled["id"],
+        "num_samples": 64,
+        "seq_len": None,
+    }
     service.wait_for_job(calibrated["id"])
 
 
