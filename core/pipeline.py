@@ -22,11 +22,19 @@ from typing import Any, Protocol
 from core.device import pick_device
 from core.formats import MeasureConfig, ModelFormat, ModelInfo, detect
 from core.progress import FRACTION, ProgressCallback, Stage, between, no_progress
-from core.pruning import LayerResult, PruneContext, RoundHook, pruner_for, run_rounds
+from core.pruning import (
+    LayerResult,
+    PruneContext,
+    PruneOutcome,
+    RoundHook,
+    pruner_for,
+    run_rounds,
+)
 from core.pruning import preflight as pruning_preflight
 from core.recovery import PipelineData, Recovered, Recovery, TrainingConfig
 from core.recovery_lm import LmRecovery
 from core.report import Measured, Metrics, build_metrics, write_report
+from core.schedule import rounds_of
 from core.sparse_verdict import SparseVerdict, measure_sparse_verdict
 from core.spec import JobSpec
 
@@ -139,22 +147,66 @@ def run(
     pruner = pruner_for(fmt.name, spec.pruning.granularity)
     model, info = fmt.load(model_path)
     try:
-        return _run_loaded(
-            spec,
-            fmt,
+        before = Measured(
+            fmt.measure(model, info, m),
+            fmt.count_parameters(model),
+            Path(model_path).stat().st_size,
+        )
+        recovery: RecoveryStage = _RECOVERY[fmt.name].prepare(
+            spec, model, info, data or PipelineData(), training or TrainingConfig(), progress
+        )
+
+        progress("pruning", FRACTION["prune"], f"pruning: {spec.pruning.granularity}")
+        rounds_hook = on_round or recovery.round_hook(rounds_of(spec.pruning))
+        outcome = run_rounds(
             pruner,
             model,
             info,
-            Path(model_path),
-            out,
-            m,
-            progress,
-            data or PipelineData(),
-            training or TrainingConfig(),
-            on_round,
+            spec.pruning,
+            PruneContext(calibration=recovery.calibration, dry_run=spec.dry_run),
+            on_round=rounds_hook,
+            on_progress=lambda t, n, sparsity: progress(
+                "pruning",
+                between("prune", "fine_tune", t / n),
+                f"round {t} of {n}: sparsity {sparsity:.3f}",
+                {"round": t, "rounds": n, "sparsity": sparsity},
+            ),
         )
+
+        artifacts: dict[str, Path] = {}
+        after: Measured | None = None
+        written: ModelInfo | None = None
+        recovered = Recovered()
+        verdict: SparseVerdict | None = None
+        if not spec.dry_run:
+            recovered = recovery.recover(outcome.model)
+            verdict = _sparse_verdict(fmt, outcome, info, before.params, m)
+            artifacts, written, after = _export_and_measure(
+                fmt, outcome.model, out, m, progress, verdict
+            )
+        metrics = build_metrics(
+            outcome=outcome,
+            prunable_before=sum(layer.params for layer in info.prunable_layers),
+            before=before,
+            after=after,
+            eval_before=recovery.eval_before,
+            recovered=recovered,
+        )
+        report = write_report(out / "report.json", spec, metrics, outcome, recovered, verdict)
+        progress("done", FRACTION["done"], "finished")
+        return PipelineResult(metrics, outcome.layers, fmt.name, report, artifacts, written)
     finally:
         _release(model)
+
+
+def _sparse_verdict(
+    fmt: ModelFormat, outcome: PruneOutcome, info: ModelInfo, params_before: int, m: MeasureConfig
+) -> SparseVerdict | None:
+    """For weights zeroed in place (shapes kept), what the zeros buy on the device, measured."""
+    if outcome.params_after != params_before or outcome.nonzero_params_after >= params_before:
+        return None
+    weights = fmt.layer_weights(outcome.model, info)
+    return measure_sparse_verdict(weights, pick_device(m.device))
 
 
 def _release(model: object) -> None:
@@ -162,76 +214,6 @@ def _release(model: object) -> None:
     close = getattr(model, "close", None)
     if callable(close):
         close()
-
-
-def _run_loaded(
-    spec: JobSpec,
-    fmt: ModelFormat,
-    pruner: Any,
-    model: Any,
-    info: ModelInfo,
-    model_path: Path,
-    out: Path,
-    m: MeasureConfig,
-    progress: ProgressCallback,
-    data: PipelineData,
-    training: TrainingConfig,
-    on_round: RoundHook | None,
-) -> PipelineResult:
-    before = Measured(
-        fmt.measure(model, info, m), fmt.count_parameters(model), model_path.stat().st_size
-    )
-    recovery: RecoveryStage = _RECOVERY[fmt.name].prepare(
-        spec, model, info, data, training, progress
-    )
-
-    progress("pruning", FRACTION["prune"], f"pruning: {spec.pruning.granularity}")
-    rounds_hook = on_round or recovery.round_hook(max(1, _rounds(spec)))
-    outcome = run_rounds(
-        pruner,
-        model,
-        info,
-        spec.pruning,
-        PruneContext(calibration=recovery.calibration, dry_run=spec.dry_run),
-        on_round=rounds_hook,
-        on_progress=lambda t, n, sparsity: progress(
-            "pruning",
-            between("prune", "fine_tune", t / n),
-            f"round {t} of {n}: sparsity {sparsity:.3f}",
-            {"round": t, "rounds": n, "sparsity": sparsity},
-        ),
-    )
-
-    artifacts: dict[str, Path] = {}
-    after: Measured | None = None
-    written: ModelInfo | None = None
-    recovered = Recovered()
-    verdict: SparseVerdict | None = None
-    if not spec.dry_run:
-        recovered = recovery.recover(outcome.model)
-        if outcome.params_after == before.params and outcome.nonzero_params_after < before.params:
-            # Zeros in place, shapes kept: say what they buy here, measured.
-            weights = fmt.layer_weights(outcome.model, info)
-            verdict = measure_sparse_verdict(weights, pick_device(m.device))
-        artifacts, written, after = _export_and_measure(
-            fmt, outcome.model, out, m, progress, verdict
-        )
-    metrics = build_metrics(
-        outcome=outcome,
-        prunable_before=sum(layer.params for layer in info.prunable_layers),
-        before=before,
-        after=after,
-        eval_before=recovery.eval_before,
-        recovered=recovered,
-    )
-    report = write_report(out / "report.json", spec, metrics, outcome, recovered, verdict)
-    progress("done", FRACTION["done"], "finished")
-    return PipelineResult(metrics, outcome.layers, fmt.name, report, artifacts, written)
-
-
-def _rounds(spec: JobSpec) -> int:
-    schedule = spec.pruning.schedule
-    return schedule.rounds if schedule.kind == "iterative" else 1
 
 
 def _export_and_measure(
