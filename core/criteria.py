@@ -31,11 +31,12 @@ class CriterionInfo:
 
     @property
     def structured_only(self) -> bool:
-        return self.granularities <= STRUCTURED_GRANULARITIES
+        return self.granularities <= STRUCTURED_GRANULARITIES | {"width", "depth"}
 
 
 _ALL = WEIGHT_GRANULARITIES | STRUCTURED_GRANULARITIES
 _LLM_WEIGHTS = frozenset({"unstructured", "n:m"})
+_LLM_STRUCTURE = frozenset({"width", "depth"})
 _HF = frozenset({"hf"})
 
 CRITERIA: dict[str, CriterionInfo] = {
@@ -44,7 +45,12 @@ CRITERIA: dict[str, CriterionInfo] = {
         CriterionInfo("l1", _ALL, description="|w|; a channel sums it over its filters"),
         CriterionInfo("l2", _ALL, description="w^2; a channel sums it over its filters"),
         CriterionInfo("lp", _ALL, description="|w|^p, with `p`"),
-        CriterionInfo("random", _ALL, description="seeded random ranking, with `seed`"),
+        CriterionInfo(
+            "random",
+            _ALL | _LLM_STRUCTURE,
+            description="seeded random ranking, with `seed`",
+            formats=frozenset({"pt2", "hf"}),
+        ),
         CriterionInfo(
             "lamp",
             frozenset({"unstructured"}),
@@ -69,15 +75,24 @@ CRITERIA: dict[str, CriterionInfo] = {
         ),
         CriterionInfo(
             "taylor",
-            STRUCTURED_GRANULARITIES,
+            STRUCTURED_GRANULARITIES | _LLM_STRUCTURE,
             needs_data=True,
             description="first-order Taylor estimate of the loss change",
+            formats=frozenset({"pt2", "hf"}),
         ),
         # Language models (``hf``): ranked within each output row of a linear layer.
         CriterionInfo(
             "magnitude",
-            _LLM_WEIGHTS,
-            description="|W|, compared within each output row",
+            _LLM_WEIGHTS | _LLM_STRUCTURE,
+            description="|W|, compared within each output row (width: a unit's weights' norm)",
+            formats=_HF,
+        ),
+        CriterionInfo(
+            "activation",
+            _LLM_STRUCTURE,
+            needs_data=True,
+            description="mean |activation| of each MLP neuron, head and hidden channel over the "
+            "calibration tokens (Minitron); for depth, 1 - cosine of a layer's input and output",
             formats=_HF,
         ),
         CriterionInfo(
@@ -124,5 +139,5 @@ def fits_granularity(name: str, granularity: str) -> str | None:
     if granularity in info.granularities:
         return None
     choices = " or ".join(repr(g) for g in sorted(info.granularities))
-    what = "whole channels" if info.structured_only else "single weights"
+    what = "whole channels, heads or layers" if info.structured_only else "single weights"
     return f"criterion {name!r} ranks {what}; use granularity {choices}"

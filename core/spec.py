@@ -28,7 +28,7 @@ Criterion = Annotated[
     AfterValidator(_known_criterion),
     WithJsonSchema({"type": "string", "enum": list(CRITERIA)}),
 ]
-Granularity = Literal["unstructured", "channel", "head", "n:m", "block"]
+Granularity = Literal["unstructured", "channel", "head", "n:m", "block", "width", "depth"]
 Scope = Literal["layer", "global"]
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -54,6 +54,26 @@ class IterativeSchedule(_Frozen):
 
 
 Schedule = Annotated[OneShotSchedule | IterativeSchedule, Field(discriminator="kind")]
+
+
+class WidthSpec(_Frozen):
+    """Language models: fractions removed in every decoder layer alike, so the result stays a
+    stock config. A fraction f removes round(f x count) units."""
+
+    mlp: Ratio = Field(default=0.0, description="MLP neurons (intermediate_size).")
+    heads: Ratio = Field(
+        default=0.0,
+        description="Attention heads; under GQA whole key/value groups with their query heads.",
+    )
+    hidden: Ratio = Field(
+        default=0.0, description="Hidden channels: embeddings, every norm and projection."
+    )
+
+
+class DepthSpec(_Frozen):
+    """Language models: remove the decoder layers whose removal changes the hidden states least."""
+
+    layers: int = Field(ge=1, le=1000, description="Decoder layers removed.")
 
 
 def _sparsity_optional(schema: dict[str, Any]) -> None:
@@ -123,6 +143,12 @@ class PruningSpec(_Frozen):
         default_factory=OneShotSchedule,
         description='`{"kind": "one_shot"}` or `{"kind": "iterative", "rounds": 5}` (cubic AGP).',
     )
+    width: WidthSpec | None = Field(
+        default=None, description='With `width` (language models): `{"mlp", "heads", "hidden"}`.'
+    )
+    depth: DepthSpec | None = Field(
+        default=None, description='With `depth` (language models): `{"layers": k}`.'
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -137,6 +163,9 @@ class PruningSpec(_Frozen):
                 and all(isinstance(v, int) and v > 0 for v in n_m)
             ):
                 data.setdefault("sparsity", 1 - n_m[0] / n_m[1])
+        if isinstance(data, dict) and data.get("granularity") in ("width", "depth"):
+            # The amounts are in `width`/`depth`; `sparsity` has no meaning there.
+            data = {**data, "sparsity": data.get("sparsity", 0.0)}
         if isinstance(data, dict) and data.get("granularity") == "block":
             data = {**data, "block": data.get("block") or (1, 4)}
         return data
@@ -162,6 +191,14 @@ class PruningSpec(_Frozen):
                 )
         if self.granularity == "n:m" and self.schedule.kind != "one_shot":
             raise ValueError("n:m is a fixed pattern, applied in one shot; use kind 'one_shot'")
+        for name in ("width", "depth"):
+            given = getattr(self, name) is not None
+            if given != (self.granularity == name):
+                raise ValueError(
+                    f"granularity {name!r} takes its amounts in {name!r}"
+                    if self.granularity == name
+                    else f"{name!r} only applies to granularity {name!r}"
+                )
         if self.block is not None and self.granularity != "block":
             raise ValueError("'block' only applies to granularity 'block'")
         return self

@@ -78,9 +78,11 @@ def test_a_minimal_row_parses() -> None:
     assert ids == {}
 
 
-# The second round added `seq_len` to these sections (language models); stored as null otherwise.
+# The second round added `seq_len` to these sections and `width`/`depth` to `pruning` (language
+# models); stored as null otherwise.
 WITH_SEQ_LEN = {
     **TODAYS_ROW,
+    "pruning": {**TODAYS_ROW["pruning"], "width": None, "depth": None},
     **{
         section: {**TODAYS_ROW[section], "seq_len": None}
         for section in ("calibration", "fine_tune", "evaluation")
