@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 TORCH_VERSION := 2.13.0
 
-.PHONY: install run migrate test lint format clean
+.PHONY: install run migrate test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# The in-process tiers only (no uvicorn or Celery processes): the fast feedback loop.
+test-fast: install
+	$(PY) -m pytest tests/api tests/core
 
 lint: install
 	$(VENV)/bin/ruff check .
