@@ -113,6 +113,30 @@ def _half_the_heads(name: str, before: tuple[int, ...], after: tuple[int, ...], 
         assert after == before, name
 
 
+def _narrower(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
+    # Tiny Llama (hidden 32, MLP 64, 4 heads of 8 in 2 key/value groups) at width mlp 0.5 and
+    # heads 0.5: every layer keeps 32 neurons and 1 group (2 query heads); nothing is zeroed.
+    out, inp = before
+    short = name.rsplit(".", 1)[-1]
+    expected = {
+        "gate_proj": (out - removal_count(0.5, out), inp),
+        "up_proj": (out - removal_count(0.5, out), inp),
+        "down_proj": (out, inp - removal_count(0.5, inp)),
+        "q_proj": (out // 2, inp),
+        "k_proj": (out // 2, inp),
+        "v_proj": (out // 2, inp),
+        "o_proj": (out, inp // 2),
+    }
+    assert after == expected[short], name
+    assert zeros == 0, name
+
+
+def _one_layer_gone(name: str, before: tuple[int, ...], after: tuple[int, ...], zeros: int) -> None:
+    # depth 1 of 2 layers: a removed layer's linears report (0, 0), the kept ones are untouched.
+    assert after in ((0, 0), before), name
+    assert zeros == 0, name
+
+
 CASES: dict[tuple[str, str], Case] = {
     ("pt2", "unstructured"): Case(
         _program(lambda: MLP(32, 2), (12,)),
@@ -148,6 +172,16 @@ CASES: dict[tuple[str, str], Case] = {
         _checkpoint("llama"),
         PruningSpec(criterion="magnitude", granularity="n:m", n_m=(2, 4)),
         _half_of_each_run,
+    ),
+    ("hf", "width"): Case(
+        _checkpoint("llama"),
+        PruningSpec(criterion="magnitude", granularity="width", width={"mlp": 0.5, "heads": 0.5}),
+        _narrower,
+    ),
+    ("hf", "depth"): Case(
+        _checkpoint("llama"),
+        PruningSpec(criterion="random", granularity="depth", depth={"layers": 1}),
+        _one_layer_gone,
     ),
 }
 
@@ -185,8 +219,15 @@ def test_pruner_contract(key: tuple[str, str], tmp_path: Path) -> None:
     # Shapes and counts: every prunable layer reported, each as the spec says.
     state = _weights(outcome.model)
     assert [layer.name for layer in outcome.layers] == [p.name for p in info.prunable_layers]
+    renamed = outcome.details.get("renamed", {})  # depth renumbers the decoder layers it keeps
     for layer, before in zip(outcome.layers, info.prunable_layers, strict=True):
-        weight = state[f"{layer.name}.weight"]
+        if layer.shape_after == (0, 0):  # removed with its decoder layer
+            assert (layer.params, layer.nonzero) == (0, 0)
+            case.expect(layer.name, before.shape, layer.shape_after, 0)
+            continue
+        prefix = next((old for old in renamed if layer.name.startswith(old + ".")), None)
+        current = renamed[prefix] + layer.name[len(prefix) :] if prefix else layer.name
+        weight = state[f"{current}.weight"]
         assert layer.shape_before == before.shape
         assert layer.shape_after == tuple(weight.shape)
         assert layer.nonzero == int(weight.count_nonzero())

@@ -1,0 +1,605 @@
+"""The ``hf`` pruner at ``width`` and ``depth``: a causal LM that physically gets smaller.
+
+``width`` removes the same number of units from every decoder layer, so the result stays a stock
+checkpoint (one ``intermediate_size`` and one head count for all layers):
+
+* ``mlp``: neurons -- rows of ``gate_proj``/``up_proj`` and columns of ``down_proj``;
+* ``heads``: whole key/value groups with their query heads -- rows of ``q/k/v_proj`` (and their
+  biases) and columns of ``o_proj``; ``head_dim`` is written explicitly into the config.
+
+``hidden`` is refused for now. Width works on the Llama layout (Llama, Mistral, Qwen2, Qwen3:
+``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``); GPT-2 is refused.
+
+``depth`` removes the ``k`` decoder layers whose removal changes the hidden states least:
+``activation`` scores a layer ``1 - cos(input, output)`` averaged over the calibration tokens
+(one pass through the dense model, layer by layer); ``random`` ranks them at random (``seed``).
+The kept layers are renumbered (``layer_idx`` of every submodule that has one, for the KV cache),
+and ``num_hidden_layers`` and per-layer config lists (``layer_types``) are rewritten.
+
+Reported per prunable linear of the *original* model (``PruneOutcome.layers``): a linear whose
+decoder layer was removed has ``shape_after == (0, 0)`` and no parameters; ``details["renamed"]``
+maps the old module path of every kept, renumbered decoder layer to its new one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from core.criteria import needs_data
+from core.errors import InvalidSpec, PruningError
+from core.formats.base import ModelInfo
+from core.metrics import sparse_size_bytes
+from core.pruning.base import LayerResult, PruneContext, PruneOutcome
+from core.pruning.llm.calibrate import LayerInputs, capture_inputs
+from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers, prunable_linears, unwrap
+from core.pruning.llm.sequential import TOKENS_PER_BATCH
+from core.spec import PruningSpec
+
+WIDTH_CRITERIA = frozenset({"activation", "magnitude", "random"})
+DEPTH_CRITERIA = frozenset({"activation", "random"})
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+Scores = torch.Tensor  # one score per unit; the lowest go first
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The Llama-layout modules of one decoder layer that width pruning slices."""
+
+    attn: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+def _block(layer: DecoderLayer) -> _Block:
+    attn = getattr(layer.module, "self_attn", None)
+    mlp = getattr(layer.module, "mlp", None)
+    found: dict[str, nn.Linear] = {}
+    for owner, names in (
+        (attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+        (mlp, ("gate_proj", "up_proj", "down_proj")),
+    ):
+        for name in names:
+            module = getattr(owner, name, None) if owner is not None else None
+            if not isinstance(module, nn.Linear):
+                raise InvalidSpec(
+                    f"granularity 'width' needs the Llama layout (self_attn.q/k/v/o_proj and "
+                    f"mlp.gate/up/down_proj as linear layers); {layer.name} has no {name} "
+                    "(GPT-2 layouts are not supported yet: use 'depth', 'unstructured' or 'n:m')"
+                )
+            found[name] = module
+    assert attn is not None
+    return _Block(
+        attn,
+        found["q_proj"],
+        found["k_proj"],
+        found["v_proj"],
+        found["o_proj"],
+        found["gate_proj"],
+        found["up_proj"],
+        found["down_proj"],
+    )
+
+
+def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+    """Keep only ``rows`` (outputs) and ``cols`` (inputs) of ``linear``, in place."""
+    with torch.no_grad():
+        weight = linear.weight.detach()
+        if rows is not None:
+            weight = weight.index_select(0, rows.to(weight.device))
+            if linear.bias is not None:
+                bias = linear.bias.detach().index_select(0, rows.to(weight.device))
+                linear.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
+        if cols is not None:
+            weight = weight.index_select(1, cols.to(weight.device))
+        linear.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    linear.out_features, linear.in_features = int(weight.shape[0]), int(weight.shape[1])
+
+
+def _lowest(scores: Scores, removals: int) -> torch.Tensor:
+    """The kept indices, ascending: all but the ``removals`` lowest scores (ties: lower index
+    goes first)."""
+    order = torch.argsort(scores.float().cpu(), stable=True)
+    return order[removals:].sort().values
+
+
+def _random_scores(count: int, generator: torch.Generator) -> Scores:
+    return torch.rand(count, generator=generator)
+
+
+class _AbsSum:
+    """Forward pre-hook summing |x| per input feature over every token."""
+
+    def __init__(self, features: int) -> None:
+        self.total = torch.zeros(features, dtype=torch.float64)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        self.total += x.abs().sum(0, dtype=torch.float64).cpu()
+
+
+class _SqSum:
+    """Forward pre-hook summing x^2 per input feature over every token."""
+
+    def __init__(self, features: int) -> None:
+        self.total = torch.zeros(features, dtype=torch.float64)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        self.total += x.square().sum(0).cpu()
+
+
+@dataclass(frozen=True)
+class _Heads:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def _head_layout(net: nn.Module) -> _Heads:
+    config = net.config
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    return _Heads(heads, kv, int(head_dim))
+
+
+def _width_scores(
+    criterion: str,
+    block: _Block,
+    heads: _Heads,
+    stats: Mapping[str, torch.Tensor] | None,
+    generator: torch.Generator,
+) -> tuple[Scores, Scores]:
+    """(per MLP neuron, per key/value group) scores of one layer."""
+    neurons = block.down.in_features
+    if criterion == "random":
+        return _random_scores(neurons, generator), _random_scores(heads.kv_heads, generator)
+    if criterion == "magnitude":
+        with torch.no_grad():
+            mlp = (
+                block.gate.weight.double().square().sum(1)
+                + block.up.weight.double().square().sum(1)
+                + block.down.weight.double().square().sum(0)
+            ).sqrt()
+            per_head = block.q.weight.double().square().sum(1).reshape(heads.heads, -1).sum(
+                1
+            ) + block.o.weight.double().square().sum(0).reshape(heads.heads, -1).sum(1)
+            per_kv = block.k.weight.double().square().sum(1).reshape(heads.kv_heads, -1).sum(
+                1
+            ) + block.v.weight.double().square().sum(1).reshape(heads.kv_heads, -1).sum(1)
+            groups = (per_head.reshape(heads.kv_heads, heads.group).sum(1) + per_kv).sqrt()
+        return mlp.cpu(), groups.cpu()
+    assert stats is not None
+    # activation: mean |x| of the down_proj input per neuron; per head the L2 norm of its slice
+    # of the o_proj input over every token, summed over the heads of each key/value group.
+    per_head = stats["o"].reshape(heads.heads, heads.head_dim).sum(1).sqrt()
+    return stats["down"], per_head.reshape(heads.kv_heads, heads.group).sum(1)
+
+
+def _prune_width_layer(
+    block: _Block, heads: _Heads, kept_mlp: torch.Tensor | None, kept_kv: torch.Tensor | None
+) -> None:
+    if kept_mlp is not None:
+        _slice_linear(block.gate, kept_mlp, None)
+        _slice_linear(block.up, kept_mlp, None)
+        _slice_linear(block.down, None, kept_mlp)
+    if kept_kv is not None:
+        d = heads.head_dim
+        kv_rows = (kept_kv[:, None] * d + torch.arange(d)).reshape(-1)
+        q_heads = (kept_kv[:, None] * heads.group + torch.arange(heads.group)).reshape(-1)
+        q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+        _slice_linear(block.q, q_rows, None)
+        _slice_linear(block.k, kv_rows, None)
+        _slice_linear(block.v, kv_rows, None)
+        _slice_linear(block.o, None, q_rows)
+        for name, value in (
+            ("num_heads", len(q_heads)),
+            ("num_key_value_heads", len(kept_kv)),
+        ):
+            if hasattr(block.attn, name):
+                setattr(block.attn, name, value)
+
+
+def _removals(fraction: float, count: int) -> int:
+    removals = round(fraction * count)
+    return removals
+
+
+class StructurePruner:
+    """Makes a causal LM narrower (``width``) or shallower (``depth``); see the module docs.
+
+    One shot only: an iterative schedule is refused in :meth:`preflight`. A dry run changes no
+    weight: it reports the sizes and the parameter count the spec leads to; for ``depth`` it
+    also names the layers that would go (``random``, or ``activation`` given calibration data:
+    one forward pass). Which width units go depends on the layers pruned before, so a width dry
+    run names none.
+    """
+
+    format: ClassVar[str] = "hf"
+    granularities: ClassVar[frozenset[str]] = frozenset({"width", "depth"})
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        self.batch_size = batch_size
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def preflight(self, spec: PruningSpec, layers: Mapping[str, int]) -> None:
+        allowed = WIDTH_CRITERIA if spec.granularity == "width" else DEPTH_CRITERIA
+        if spec.criterion not in allowed:
+            raise InvalidSpec(
+                f"criterion {spec.criterion!r} is not available for {spec.granularity!r} on 'hf' "
+                f"models yet; use one of: {', '.join(sorted(allowed))}"
+            )
+        if spec.schedule.kind != "one_shot":
+            raise InvalidSpec(
+                f"granularity {spec.granularity!r} prunes in one shot; use schedule "
+                "{'kind': 'one_shot'} (fine-tuning afterwards still applies)"
+            )
+        if spec.exclude or spec.layer_sparsity or spec.scope != "layer":
+            raise InvalidSpec(
+                f"granularity {spec.granularity!r} removes the same units from every decoder "
+                "layer; exclude, layer_sparsity and scope 'global' do not apply"
+            )
+        if spec.width is not None and spec.width.hidden > 0:
+            raise InvalidSpec(
+                "width.hidden (hidden channels) is not implemented yet; use width.mlp and "
+                "width.heads"
+            )
+        if spec.depth is not None and layers:
+            count = len({m.group(1) for name in layers if (m := _LAYER_INDEX.search(name))})
+            if count and spec.depth.layers >= count:
+                raise InvalidSpec(
+                    f"depth.layers is {spec.depth.layers} but the model has {count} decoder "
+                    "layers; at least one must stay"
+                )
+
+    def round_spec(self, spec: PruningSpec, before: float, after: float) -> PruningSpec:
+        # preflight refuses iterative schedules: the one round is the whole spec.
+        return spec
+
+    def hold_zeros(self, model: Any, info: ModelInfo) -> Callable[[Any], None]:
+        # Removed units are gone from the model: nothing is held at zero.
+        def restore(retrained: Any) -> None:
+            return None
+
+        return restore
+
+    # -- pruning ---------------------------------------------------------------------------
+
+    def prune(
+        self, model: Any, info: ModelInfo, spec: PruningSpec, ctx: PruneContext
+    ) -> PruneOutcome:
+        net = unwrap(model)
+        layers = decoder_layers(net)
+        linears = prunable_linears(net)
+        names = [layer.name for layer in info.prunable_layers] or list(linears)
+        missing = [name for name in names if name not in linears]
+        if missing:
+            raise PruningError(f"prunable layers {missing[:5]} are not in the model")
+        self.preflight(spec, {name: linears[name].weight.numel() for name in names})
+        owner = {lin.name: layer.name for layer in layers for lin in layer.linears}
+        before = {name: _before_shape(info, name, linears[name]) for name in names}
+        details: dict[str, Any] = {"criterion": spec.criterion}
+        input_ids = None if ctx.dry_run and not ctx.calibration else _calibration_ids(spec, ctx)
+        if input_ids is not None:
+            details["calibration"] = {
+                "num_samples": int(input_ids.shape[0]),
+                "seq_len": int(input_ids.shape[1]),
+            }
+        shapes: dict[str, tuple[int, int]]
+        removed: set[str] = set()
+        if spec.granularity == "width":
+            assert spec.width is not None
+            shapes = self._width(net, layers, spec, input_ids, ctx.dry_run, details)
+        else:
+            assert spec.depth is not None
+            removed = self._depth(net, layers, spec, input_ids, ctx.dry_run, details)
+            shapes = {name: lin.shape for name, lin in linears.items()}
+        kinds = {layer.name: layer.kind for layer in info.prunable_layers}
+        results = []
+        for name in names:
+            linear = linears[name]
+            gone = owner[name] in removed
+            shape = (0, 0) if gone else shapes[name]
+            params = 0 if gone else shape[0] * shape[1]
+            nonzero = 0 if gone else (params if ctx.dry_run else int(linear.weight.count_nonzero()))
+            results.append(
+                LayerResult(
+                    name=name,
+                    kind=kinds.get(name, "linear"),
+                    shape_before=before[name],
+                    shape_after=shape,
+                    params=params,
+                    nonzero=nonzero,
+                    sparsity=1.0 - nonzero / params if params else 1.0,
+                )
+            )
+        parameters = dict(net.named_parameters())  # tied tensors once
+        if ctx.dry_run:
+            params_after = int(details["predicted_params_after"])
+            nonzero_after = params_after
+            size = 0
+        else:
+            params_after = sum(p.numel() for p in parameters.values())
+            nonzero_after = sum(int(p.count_nonzero()) for p in parameters.values())
+            live = {n for n in linears if owner[n] not in removed}
+            size = sparse_size_bytes(
+                {n: p.detach() for n, p in parameters.items()},
+                (f"{_renamed(n, details.get('renamed', {}))}.weight" for n in sorted(live)),
+            )
+        return PruneOutcome(
+            model=model,
+            layers=tuple(results),
+            params_after=params_after,
+            nonzero_params_after=nonzero_after,
+            sparse_size_bytes=size,
+            details=details,
+        )
+
+    def _width(
+        self,
+        net: nn.Module,
+        layers: tuple[DecoderLayer, ...],
+        spec: PruningSpec,
+        input_ids: torch.Tensor | None,
+        dry_run: bool,
+        details: dict[str, Any],
+    ) -> dict[str, tuple[int, int]]:
+        assert spec.width is not None
+        blocks = [_block(layer) for layer in layers]
+        heads = _head_layout(net)
+        neurons = blocks[0].down.in_features
+        drop_mlp = _removals(spec.width.mlp, neurons)
+        drop_kv = _removals(spec.width.heads, heads.kv_heads)
+        if drop_mlp >= neurons or drop_kv >= heads.kv_heads:
+            raise InvalidSpec(
+                f"width removes {drop_mlp} of {neurons} MLP neurons and {drop_kv} of "
+                f"{heads.kv_heads} key/value groups per layer; at least one of each must stay"
+            )
+        new_mlp = neurons - drop_mlp
+        new_kv = heads.kv_heads - drop_kv
+        new_heads = new_kv * heads.group
+        details["intermediate_size"] = new_mlp
+        details["num_key_value_heads"] = new_kv
+        details["num_attention_heads"] = new_heads
+        if dry_run:
+            removed_params = sum(
+                drop_mlp * (b.gate.in_features + b.up.in_features + b.down.out_features)
+                + drop_kv
+                * heads.head_dim
+                * (
+                    heads.group * (b.q.in_features + b.o.out_features)
+                    + b.k.in_features
+                    + b.v.in_features
+                )
+                + drop_mlp * int(b.gate.bias is not None) * 2
+                + drop_kv * heads.head_dim * int(b.q.bias is not None) * (heads.group + 2)
+                for b in blocks
+            )
+            details["predicted_params_after"] = _unique_params(net) - removed_params
+            return {
+                lin.name: _width_shape(
+                    lin, layer, new_mlp, new_heads * heads.head_dim, new_kv * heads.head_dim
+                )
+                for layer in layers
+                for lin in layer.linears
+            }
+        inputs = None
+        if spec.criterion in ("activation", "taylor"):
+            assert input_ids is not None
+            inputs = self._capture(net, layers, input_ids)
+        generator = torch.Generator().manual_seed(spec.seed)
+        kept_mlp: dict[str, list[int]] = {}
+        kept_kv: dict[str, list[int]] = {}
+        was_training = net.training
+        net.eval()
+        try:
+            for index, (layer, block) in enumerate(zip(layers, blocks, strict=True)):
+                stats = None
+                if inputs is not None:
+                    stats = _activation_stats(layer, block, inputs)
+                mlp_scores, kv_scores = _width_scores(
+                    spec.criterion, block, heads, stats, generator
+                )
+                keep_mlp = _lowest(mlp_scores, drop_mlp) if drop_mlp else None
+                keep_kv = _lowest(kv_scores, drop_kv) if drop_kv else None
+                _prune_width_layer(block, heads, keep_mlp, keep_kv)
+                kept_mlp[layer.name] = (
+                    keep_mlp if keep_mlp is not None else torch.arange(neurons)
+                ).tolist()
+                kept_kv[layer.name] = (
+                    keep_kv if keep_kv is not None else torch.arange(heads.kv_heads)
+                ).tolist()
+                if inputs is not None and index + 1 < len(layers):
+                    inputs.advance(layer.module)  # the next layer sees this one pruned
+        finally:
+            net.train(was_training)
+        config = net.config
+        config.intermediate_size = new_mlp
+        config.num_attention_heads = new_heads
+        config.num_key_value_heads = new_kv
+        config.head_dim = heads.head_dim
+        details["kept_mlp"] = kept_mlp
+        details["kept_kv_groups"] = kept_kv
+        return {lin.name: lin.shape for layer in layers for lin in layer.linears}
+
+    def _capture(
+        self, net: nn.Module, layers: tuple[DecoderLayer, ...], input_ids: torch.Tensor
+    ) -> LayerInputs:
+        ids = input_ids.long()
+        size = self.batch_size or max(1, TOKENS_PER_BATCH // int(ids.shape[1]))
+        return capture_inputs(net, layers[0].module, ids, batch_size=size)
+
+    def _depth(
+        self,
+        net: nn.Module,
+        layers: tuple[DecoderLayer, ...],
+        spec: PruningSpec,
+        input_ids: torch.Tensor | None,
+        dry_run: bool,
+        details: dict[str, Any],
+    ) -> set[str]:
+        assert spec.depth is not None
+        k = spec.depth.layers
+        if k >= len(layers):
+            raise InvalidSpec(
+                f"depth.layers is {k} but the model has {len(layers)} decoder layers; at least "
+                "one must stay"
+            )
+        details["num_hidden_layers"] = len(layers) - k
+        by_layer = sum(_unique_params(layer.module) for layer in layers) / len(layers)
+        predicted = int(_unique_params(net) - k * by_layer)
+        if spec.criterion == "random":
+            scores = _random_scores(len(layers), torch.Generator().manual_seed(spec.seed))
+        elif input_ids is not None:
+            scores = self._block_influence(net, layers, input_ids)
+            details["layer_scores"] = {
+                layer.name: float(s) for layer, s in zip(layers, scores, strict=True)
+            }
+        else:  # a dry run without calibration data: the sizes are known, the layers are not
+            details["predicted_params_after"] = predicted
+            return set()
+        kept = set(_lowest(scores, k).tolist())
+        removed = [layer.name for i, layer in enumerate(layers) if i not in kept]
+        details["removed_layers"] = removed
+        if dry_run:
+            details["predicted_params_after"] = predicted
+            return set(removed)
+        details["renamed"] = _drop_layers(net, layers, kept)
+        return set(removed)
+
+    @torch.no_grad()
+    def _block_influence(
+        self, net: nn.Module, layers: tuple[DecoderLayer, ...], input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """1 - cos(input, output) of each layer, averaged over tokens, on the dense model."""
+        was_training = net.training
+        net.eval()
+        try:
+            inputs = self._capture(net, layers, input_ids)
+            scores = []
+            for layer in layers:
+                before = inputs.hidden.clone()
+                inputs.advance(layer.module)
+                cos = torch.nn.functional.cosine_similarity(
+                    before.float(), inputs.hidden.float(), dim=-1
+                )
+                scores.append(float((1.0 - cos).mean()))
+        finally:
+            net.train(was_training)
+        return torch.tensor(scores, dtype=torch.float64)
+
+
+def _activation_stats(
+    layer: DecoderLayer, block: _Block, inputs: LayerInputs
+) -> dict[str, torch.Tensor]:
+    down = _AbsSum(block.down.in_features)
+    o = _SqSum(block.o.in_features)
+    handles = [
+        block.down.register_forward_pre_hook(down),
+        block.o.register_forward_pre_hook(o),
+    ]
+    try:
+        inputs.run(layer.module)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = max(inputs.num_tokens, 1)
+    return {"down": down.total / tokens, "o": o.total}
+
+
+def _width_shape(
+    linear: Linear, layer: DecoderLayer, mlp: int, q_out: int, kv_out: int
+) -> tuple[int, int]:
+    out, inp = linear.shape
+    short = linear.name[len(layer.name) + 1 :].rsplit(".", 1)[-1]
+    if short in ("gate_proj", "up_proj"):
+        return (mlp, inp)
+    if short == "down_proj":
+        return (out, mlp)
+    if short == "q_proj":
+        return (q_out, inp)
+    if short in ("k_proj", "v_proj"):
+        return (kv_out, inp)
+    if short == "o_proj":
+        return (out, q_out)
+    return (out, inp)
+
+
+def _unique_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in dict(module.named_parameters()).values())
+
+
+def _drop_layers(
+    net: nn.Module, layers: tuple[DecoderLayer, ...], kept: set[int]
+) -> dict[str, str]:
+    """Remove the decoder layers not in ``kept`` and renumber the rest; old -> new paths of the
+    layers that moved."""
+    prefix = layers[0].name.rsplit(".", 1)[0]
+    blocks = net.get_submodule(prefix)
+    assert isinstance(blocks, nn.ModuleList)
+    order = sorted(kept)
+    new = nn.ModuleList([blocks[i] for i in order])
+    parent_name, _, attr = prefix.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, attr, new)
+    renamed = {}
+    for new_index, old_index in enumerate(order):
+        for module in new[new_index].modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+        if new_index != old_index:
+            renamed[f"{prefix}.{old_index}"] = f"{prefix}.{new_index}"
+    config = net.config
+    count = len(layers)
+    config.num_hidden_layers = len(order)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == count and key != "architectures":
+            setattr(config, key, [value[i] for i in order])
+    return renamed
+
+
+def _renamed(name: str, renamed: Mapping[str, str]) -> str:
+    for old, new in renamed.items():
+        if name.startswith(old + "."):
+            return new + name[len(old) :]
+    return name
+
+
+def _before_shape(info: ModelInfo, name: str, linear: Linear) -> tuple[int, ...]:
+    for layer in info.prunable_layers:
+        if layer.name == name:
+            return layer.shape
+    return linear.shape
+
+
+def _calibration_ids(spec: PruningSpec, ctx: PruneContext) -> torch.Tensor | None:
+    if not needs_data(spec.criterion):
+        return None
+    if not ctx.calibration:
+        raise InvalidSpec(
+            f"criterion {spec.criterion!r} needs calibration data (token ids, samples x seq_len)"
+        )
+    ids = ctx.calibration[0]
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise InvalidSpec(
+            f"calibration for {spec.criterion!r} must be integer token ids (samples x seq_len), "
+            f"got {ids.dtype} {tuple(ids.shape)}"
+        )
+    return ids

@@ -1,0 +1,220 @@
+"""Width and depth pruning of Hugging Face causal LMs: the model really gets smaller, stock
+transformers loads it from its rewritten config, and the right units are removed."""
+
+from __future__ import annotations
+
+import copy
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from core.errors import InvalidSpec
+from core.formats import get_format
+from core.pruning import PruneContext, preflight, pruner_for
+from core.spec import PruningSpec
+from tests.hf_factories import archive_folder, save_checkpoint
+
+torch.set_num_threads(1)
+
+IDS = torch.randint(0, 290, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _width(criterion: str = "activation", **fractions: float) -> PruningSpec:
+    return PruningSpec(criterion=criterion, granularity="width", width=fractions)
+
+
+def _depth(k: int, criterion: str = "activation") -> PruningSpec:
+    return PruningSpec(criterion=criterion, granularity="depth", depth={"layers": k})
+
+
+def _load(tmp_path: Path, arch: str = "llama") -> tuple[Any, Any]:
+    _, folder = save_checkpoint(arch, tmp_path / "src")
+    return get_format("hf").load(archive_folder(folder, tmp_path / "model.tar"))
+
+
+def _prune(model: Any, info: Any, spec: PruningSpec, dry_run: bool = False) -> Any:
+    return pruner_for("hf", spec.granularity).prune(
+        model, info, spec, PruneContext(calibration=(IDS,), dry_run=dry_run)
+    )
+
+
+def _reload_stock(model: Any, tmp_path: Path) -> Any:
+    """Save through the format, unpack the tar and load with stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    written = get_format("hf").save(model, tmp_path / "out")
+    folder = tmp_path / "unpacked"
+    with tarfile.open(written["model"]) as tar:
+        tar.extractall(folder, filter="data")
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
+
+
+def _check_reload(model: Any, tmp_path: Path) -> Any:
+    stock = _reload_stock(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=IDS).logits, model.model(input_ids=IDS).logits)
+    out = stock.generate(IDS[:1, :6], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 11)
+    return stock
+
+
+@pytest.mark.parametrize("criterion", ["activation", "magnitude", "random"])
+def test_width_mlp_halves_intermediate_size(criterion: str, tmp_path: Path) -> None:
+    model, info = _load(tmp_path)
+    outcome = _prune(model, info, _width(criterion, mlp=0.5))
+    stock = _check_reload(model, tmp_path)
+    assert stock.config.intermediate_size == 32
+    for layer in stock.model.layers:
+        assert layer.mlp.gate_proj.weight.shape == (32, 32)
+        assert layer.mlp.down_proj.weight.shape == (32, 32)
+    assert outcome.params_after == get_format("hf").count_parameters(model)
+    assert all(len(kept) == 32 for kept in outcome.details["kept_mlp"].values())
+    shapes = {layer.name: layer.shape_after for layer in outcome.layers}
+    assert shapes["model.layers.0.mlp.up_proj"] == (32, 32)
+    assert shapes["model.layers.1.self_attn.q_proj"] == (32, 32)
+
+
+def test_width_heads_removes_whole_kv_groups(tmp_path: Path) -> None:
+    model, info = _load(tmp_path)
+    outcome = _prune(model, info, _width(heads=0.5))
+    stock = _check_reload(model, tmp_path)
+    config = stock.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 8)
+    attn = stock.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (16, 32)
+    assert attn.k_proj.weight.shape == (8, 32)
+    assert attn.o_proj.weight.shape == (32, 16)
+    assert all(len(kept) == 1 for kept in outcome.details["kept_kv_groups"].values())
+
+
+def test_depth_removes_the_least_changing_layer(tmp_path: Path) -> None:
+    model, info = _load(tmp_path)
+    outcome = _prune(model, info, _depth(1))
+    stock = _check_reload(model, tmp_path)
+    assert stock.config.num_hidden_layers == 1
+    assert len(stock.model.layers) == 1
+    scores = outcome.details["layer_scores"]
+    assert outcome.details["removed_layers"] == [min(scores, key=scores.get)]
+    removed = outcome.details["removed_layers"][0]
+    for layer in outcome.layers:
+        gone = layer.name.startswith(removed + ".")
+        assert (layer.shape_after == (0, 0)) == gone
+        assert (layer.params == 0) == gone
+    assert stock.model.layers[0].self_attn.layer_idx == 0
+
+
+def _masked_reference(original: torch.nn.Module, details: dict[str, Any], heads: bool) -> None:
+    """Zero, in the unpruned ``original``, what the pruner removed."""
+    with torch.no_grad():
+        for index, layer in enumerate(original.model.layers):
+            name = f"model.layers.{index}"
+            if heads:
+                kept = details["kept_kv_groups"][name]
+                o = layer.self_attn.o_proj.weight  # 4 heads of 8, 2 per kv group
+                for group in range(2):
+                    if group not in kept:
+                        o[:, group * 16 : (group + 1) * 16] = 0
+            else:
+                kept = details["kept_mlp"][name]
+                down = layer.mlp.down_proj.weight
+                drop = [j for j in range(down.shape[1]) if j not in kept]
+                down[:, drop] = 0
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["mlp", "heads"])
+def test_pruned_model_computes_the_original_with_removed_units_zeroed(
+    heads: bool, tmp_path: Path
+) -> None:
+    model, info = _load(tmp_path)
+    original = copy.deepcopy(model.model)
+    spec = _width(heads=0.5) if heads else _width(mlp=0.5)
+    outcome = _prune(model, info, spec)
+    _masked_reference(original, outcome.details, heads)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.model(input_ids=IDS).logits, original(input_ids=IDS).logits
+        )
+
+
+def test_activation_keeps_the_most_active_neurons(tmp_path: Path) -> None:
+    model, info = _load(tmp_path)
+    original = copy.deepcopy(model.model)
+    sums = [torch.zeros(64, dtype=torch.float64) for _ in original.model.layers]
+
+    def hook(index: int):
+        def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sums[index] += args[0].reshape(-1, 64).abs().sum(0).double()
+
+        return record
+
+    for index, layer in enumerate(original.model.layers):
+        layer.mlp.down_proj.register_forward_pre_hook(hook(index))
+    with torch.no_grad():
+        original(input_ids=IDS)  # layer 0 sees the same input before and after
+    outcome = _prune(model, info, _width(mlp=0.5))
+    kept = outcome.details["kept_mlp"]["model.layers.0"]
+    assert kept == sorted(sums[0].argsort(descending=True)[:32].tolist())
+
+
+def test_dry_run_predicts_and_touches_nothing(tmp_path: Path) -> None:
+    for spec in (_width(mlp=0.5, heads=0.5), _depth(1)):
+        model, info = _load(tmp_path / spec.granularity)
+        before = {n: p.clone() for n, p in model.model.named_parameters()}
+        outcome = _prune(model, info, spec, dry_run=True)
+        after = dict(model.model.named_parameters())
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        real = _prune(model, info, spec)
+        assert outcome.params_after == real.params_after
+        assert [lr.shape_after for lr in outcome.layers] == [lr.shape_after for lr in real.layers]
+
+
+def test_depth_works_on_gpt2_and_width_refuses_it(tmp_path: Path) -> None:
+    model, info = _load(tmp_path, "gpt2")
+    with pytest.raises(InvalidSpec, match="Llama layout"):
+        _prune(model, info, _width(mlp=0.5))
+    outcome = _prune(model, info, _depth(1, "random"))
+    assert model.model.config.n_layer == 1
+    _check_reload(model, tmp_path)
+    assert len(outcome.details["removed_layers"]) == 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_width_and_depth_on_other_llama_layouts(arch: str, tmp_path: Path) -> None:
+    model, info = _load(tmp_path, arch)
+    _prune(model, info, _width(mlp=0.25, heads=0.5))
+    _prune(model, info, _depth(1))
+    stock = _check_reload(model, tmp_path)
+    assert stock.config.num_hidden_layers == 1
+    assert stock.config.intermediate_size == 48
+
+
+def test_preflight_refuses_what_is_not_there() -> None:
+    layers = {f"model.layers.{i}.mlp.down_proj": 10 for i in range(2)}
+    with pytest.raises(InvalidSpec, match="not implemented yet"):
+        preflight("hf", _width(hidden=0.25), layers)
+    with pytest.raises(InvalidSpec, match="at least one must stay"):
+        preflight("hf", _depth(2), layers)
+    with pytest.raises(InvalidSpec, match="one shot"):
+        preflight(
+            "hf",
+            PruningSpec(
+                criterion="magnitude",
+                granularity="width",
+                width={"mlp": 0.5},
+                schedule={"kind": "iterative", "rounds": 2},
+            ),
+            layers,
+        )
+    with pytest.raises(InvalidSpec, match="'taylor' is not available"):
+        preflight("hf", _width("taylor", mlp=0.5), layers)
+    with pytest.raises(InvalidSpec, match="'magnitude' is not available"):
+        preflight("hf", _depth(1, "magnitude"), layers)
+
+
+def test_activation_needs_calibration(tmp_path: Path) -> None:
+    model, info = _load(tmp_path)
+    with pytest.raises(InvalidSpec, match="needs calibration"):
+        pruner_for("hf", "width").prune(model, info, _width(mlp=0.5), PruneContext())
