@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -152,7 +152,7 @@ class _Heads:
 
 
 def _head_layout(net: nn.Module) -> _Heads:
-    config = net.config
+    config: Any = net.config
     heads = int(config.num_attention_heads)
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
@@ -430,7 +430,7 @@ class StructurePruner:
                     inputs.advance(layer.module)  # the next layer sees this one pruned
         finally:
             net.train(was_training)
-        config = net.config
+        config: Any = net.config
         config.intermediate_size = new_mlp
         config.num_attention_heads = new_heads
         config.num_key_value_heads = new_kv
@@ -563,10 +563,10 @@ def _drop_layers(
     for new_index, old_index in enumerate(order):
         for module in new[new_index].modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
+                cast(Any, module).layer_idx = new_index  # the KV cache's slot
         if new_index != old_index:
             renamed[f"{prefix}.{old_index}"] = f"{prefix}.{new_index}"
-    config = net.config
+    config: Any = net.config
     count = len(layers)
     config.num_hidden_layers = len(order)
     for key, value in list(vars(config).items()):
