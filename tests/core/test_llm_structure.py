@@ -4,8 +4,8 @@ transformers loads it from its rewritten config, and the right units are removed
 from __future__ import annotations
 
 import copy
-import time
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +161,9 @@ def test_activation_keeps_the_most_active_neurons(tmp_path: Path) -> None:
 
 
 def test_dry_run_predicts_and_touches_nothing(tmp_path: Path) -> None:
-    for spec in (_width(mlp=0.5, heads=0.5), _depth(1)):
-        model, info = _load(tmp_path / spec.granularity)
+    specs = (_width(mlp=0.5, heads=0.5), _width(hidden=0.25, mlp=0.25), _depth(1))
+    for index, spec in enumerate(specs):
+        model, info = _load(tmp_path / str(index))
         before = {n: p.clone() for n, p in model.model.named_parameters()}
         outcome = _prune(model, info, spec, dry_run=True)
         after = dict(model.model.named_parameters())
@@ -194,8 +195,6 @@ def test_width_and_depth_on_other_llama_layouts(arch: str, tmp_path: Path) -> No
 
 def test_preflight_refuses_what_is_not_there() -> None:
     layers = {f"model.layers.{i}.mlp.down_proj": 10 for i in range(2)}
-    with pytest.raises(InvalidSpec, match="not implemented yet"):
-        preflight("hf", _width(hidden=0.25), layers)
     with pytest.raises(InvalidSpec, match="at least one must stay"):
         preflight("hf", _depth(2), layers)
     with pytest.raises(InvalidSpec, match="one shot"):
@@ -274,3 +273,30 @@ def test_on_a_trained_model_activation_beats_random_at_half_the_mlp() -> None:
     )
     best_random = min(v for k, v in results.items() if k.startswith("random"))
     assert dense < results["activation"] < 0.98 * best_random
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_width_hidden_narrows_the_residual_stream(arch: str, tmp_path: Path) -> None:
+    model, info = _load(tmp_path, arch)
+    outcome = _prune(model, info, _width(hidden=0.25, mlp=0.5))
+    stock = _check_reload(model, tmp_path)
+    assert stock.config.hidden_size == 24
+    assert stock.model.embed_tokens.weight.shape[1] == 24
+    assert stock.model.layers[1].input_layernorm.weight.shape == (24,)
+    assert stock.lm_head.weight.shape[1] == 24
+    if arch == "qwen3":  # tied embeddings stay tied
+        assert stock.lm_head.weight.data_ptr() == stock.model.embed_tokens.weight.data_ptr()
+        assert outcome.params_after == get_format("hf").count_parameters(stock)
+    assert len(outcome.details["kept_hidden"]) == 24
+    shapes = {layer.name: layer.shape_after for layer in outcome.layers}
+    assert shapes["model.layers.0.self_attn.o_proj"][0] == 24
+    assert shapes["model.layers.0.mlp.gate_proj"] == (32, 24)
+
+
+def test_width_refuses_sizes_the_config_refuses(tmp_path: Path) -> None:
+    model, info = _load(tmp_path)
+    before = {n: p.clone() for n, p in model.model.named_parameters()}
+    with pytest.raises(InvalidSpec, match="multiple of the number of attention heads"):
+        _prune(model, info, _width("magnitude", hidden=0.1))  # 29 channels, 4 heads
+    after = dict(model.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)

@@ -5,10 +5,17 @@ checkpoint (one ``intermediate_size`` and one head count for all layers):
 
 * ``mlp``: neurons -- rows of ``gate_proj``/``up_proj`` and columns of ``down_proj``;
 * ``heads``: whole key/value groups with their query heads -- rows of ``q/k/v_proj`` (and their
-  biases) and columns of ``o_proj``; ``head_dim`` is written explicitly into the config.
+  biases) and columns of ``o_proj``; ``head_dim`` is written explicitly into the config;
+* ``hidden``: channels of the residual stream -- columns of the embedding, the output head and
+  every projection reading it, rows of every projection writing it, entries of every norm on
+  it (tied embeddings stay tied).
 
-``hidden`` is refused for now. Width works on the Llama layout (Llama, Mistral, Qwen2, Qwen3:
-``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``); GPT-2 is refused.
+Units are chosen per layer (lowest scores go) by ``activation`` (calibrated layer by layer on the
+already narrowed layers before), ``magnitude`` (the unit's weights' norm) or ``random``
+(``seed``). Sizes the config class refuses (transformers wants ``hidden_size`` a multiple of
+``num_attention_heads``) are refused with ``InvalidSpec`` before anything changes. Width works on
+the Llama layout (Llama, Mistral, Qwen2, Qwen3: ``self_attn.{q,k,v,o}_proj`` and
+``mlp.{gate,up,down}_proj``); GPT-2 is refused.
 
 ``depth`` removes the ``k`` decoder layers whose removal changes the hidden states least:
 ``activation`` scores a layer ``1 - cos(input, output)`` averaged over the calibration tokens
@@ -221,6 +228,111 @@ def _removals(fraction: float, count: int) -> int:
     return removals
 
 
+def _is_norm(module: nn.Module, size: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        "norm" in type(module).__name__.lower()
+        and isinstance(weight, torch.Tensor)
+        and weight.shape == (size,)
+    )
+
+
+@dataclass(frozen=True)
+class _Hidden:
+    """Everything that carries the hidden (residual) dimension: the input embedding, the norms
+    on the residual stream (those of each decoder layer outside its attention and MLP, and the
+    final one), the projections' hidden side and the output embedding (tied or not)."""
+
+    size: int
+    embed: nn.Embedding
+    head: nn.Linear | None  # None when tied to ``embed``
+    layer_norms: tuple[tuple[nn.Module, ...], ...]
+    final_norms: tuple[nn.Module, ...]
+
+    @classmethod
+    def of(cls, net: nn.Module, layers: tuple[DecoderLayer, ...]) -> _Hidden:
+        embed = cast(Any, net).get_input_embeddings()
+        head = cast(Any, net).get_output_embeddings()
+        if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
+            raise InvalidSpec("width needs an nn.Embedding input and an nn.Linear output head")
+        size = int(embed.weight.shape[1])
+        inside = {id(m) for layer in layers for m in layer.module.modules()}
+        per_layer = tuple(
+            tuple(
+                m
+                for name, m in layer.module.named_children()
+                if name not in ("self_attn", "mlp") and _is_norm(m, size)
+            )
+            for layer in layers
+        )
+        final = tuple(m for m in net.modules() if id(m) not in inside and _is_norm(m, size))
+        tied = head.weight is embed.weight
+        return cls(size, embed, None if tied else head, per_layer, final)
+
+    def outside_per_channel(self) -> int:
+        """Parameters per hidden channel outside the decoder layers."""
+        vocab = int(self.embed.weight.shape[0])
+        head = int(self.head.weight.shape[0]) if self.head is not None else 0
+        return vocab + head + len(self.final_norms)
+
+    def magnitude(self) -> Scores:
+        """Each channel's input-embedding column norm (what every token writes into it)."""
+        return self.embed.weight.detach().double().square().sum(0).sqrt().cpu()
+
+    @torch.no_grad()
+    def activation(
+        self, net: nn.Module, layers: tuple[DecoderLayer, ...], inputs: LayerInputs
+    ) -> Scores:
+        """Mean |x| of every residual norm's output per channel, layer by layer."""
+        total = torch.zeros(self.size, dtype=torch.float64)
+        count = 0
+
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            nonlocal total, count
+            x = out.detach().reshape(-1, self.size)
+            total += x.abs().sum(0, dtype=torch.float64).cpu()
+            count += int(x.shape[0])
+
+        for layer, norms in zip(layers, self.layer_norms, strict=True):
+            handles = [m.register_forward_hook(hook) for m in norms]
+            try:
+                inputs.advance(layer.module)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        for norm in self.final_norms:
+            hook(norm, (), norm(inputs.hidden))
+        return total / max(count, 1)
+
+    def prune(self, net: nn.Module, blocks: list[_Block], kept: torch.Tensor) -> None:
+        tied = self.head is None
+        with torch.no_grad():
+            weight = self.embed.weight.detach().index_select(1, kept.to(self.embed.weight.device))
+            self.embed.weight = nn.Parameter(weight.clone())
+            self.embed.embedding_dim = int(weight.shape[1])
+            for norm in (*(m for norms in self.layer_norms for m in norms), *self.final_norms):
+                w = cast(Any, norm).weight
+                cast(Any, norm).weight = nn.Parameter(
+                    w.detach().index_select(0, kept.to(w.device)).clone()
+                )
+                if isinstance(getattr(norm, "bias", None), torch.Tensor):
+                    b = cast(Any, norm).bias
+                    cast(Any, norm).bias = nn.Parameter(
+                        b.detach().index_select(0, kept.to(b.device)).clone()
+                    )
+        for block in blocks:
+            for linear in (block.q, block.k, block.v, block.gate, block.up):
+                _slice_linear(linear, None, kept)
+            _slice_linear(block.o, kept, None)
+            _slice_linear(block.down, kept, None)
+        head = cast(Any, net).get_output_embeddings()
+        if tied:
+            head.weight = self.embed.weight
+            head.in_features = int(self.embed.weight.shape[1])
+        else:
+            _slice_linear(head, None, kept)
+
+
 class StructurePruner:
     """Makes a causal LM narrower (``width``) or shallower (``depth``); see the module docs.
 
@@ -255,11 +367,6 @@ class StructurePruner:
             raise InvalidSpec(
                 f"granularity {spec.granularity!r} removes the same units from every decoder "
                 "layer; exclude, layer_sparsity and scope 'global' do not apply"
-            )
-        if spec.width is not None and spec.width.hidden > 0:
-            raise InvalidSpec(
-                "width.hidden (hidden channels) is not implemented yet; use width.mlp and "
-                "width.heads"
             )
         if spec.depth is not None and layers:
             count = len({m.group(1) for name in layers if (m := _LAYER_INDEX.search(name))})
@@ -372,9 +479,23 @@ class StructurePruner:
                 f"width removes {drop_mlp} of {neurons} MLP neurons and {drop_kv} of "
                 f"{heads.kv_heads} key/value groups per layer; at least one of each must stay"
             )
+        hidden = _Hidden.of(net, layers)
+        drop_hidden = _removals(spec.width.hidden, hidden.size)
+        if drop_hidden >= hidden.size:
+            raise InvalidSpec(f"width.hidden removes all {hidden.size} hidden channels")
         new_mlp = neurons - drop_mlp
         new_kv = heads.kv_heads - drop_kv
         new_heads = new_kv * heads.group
+        new_hidden = hidden.size - drop_hidden
+        _check_config(
+            net,
+            hidden_size=new_hidden,
+            intermediate_size=new_mlp,
+            num_attention_heads=new_heads,
+            num_key_value_heads=new_kv,
+            head_dim=heads.head_dim,
+        )
+        details["hidden_size"] = new_hidden
         details["intermediate_size"] = new_mlp
         details["num_key_value_heads"] = new_kv
         details["num_attention_heads"] = new_heads
@@ -392,11 +513,13 @@ class StructurePruner:
                 + drop_kv * heads.head_dim * int(b.q.bias is not None) * (heads.group + 2)
                 for b in blocks
             )
+            q_out, kv_out = new_heads * heads.head_dim, new_kv * heads.head_dim
+            per_layer = 2 * q_out + 2 * kv_out + 3 * new_mlp + len(hidden.layer_norms[0])
+            per_layer += int(blocks[0].o.bias is not None) + int(blocks[0].down.bias is not None)
+            removed_params += drop_hidden * (per_layer * len(layers) + hidden.outside_per_channel())
             details["predicted_params_after"] = _unique_params(net) - removed_params
             return {
-                lin.name: _width_shape(
-                    lin, layer, new_mlp, new_heads * heads.head_dim, new_kv * heads.head_dim
-                )
+                lin.name: _width_shape(lin, layer, new_mlp, q_out, kv_out, new_hidden)
                 for layer in layers
                 for lin in layer.linears
             }
@@ -428,9 +551,21 @@ class StructurePruner:
                 ).tolist()
                 if inputs is not None and index + 1 < len(layers):
                     inputs.advance(layer.module)  # the next layer sees this one pruned
+            if drop_hidden:
+                scores = (
+                    hidden.activation(net, layers, self._capture(net, layers, input_ids))
+                    if input_ids is not None
+                    else hidden.magnitude()
+                    if spec.criterion == "magnitude"
+                    else _random_scores(hidden.size, generator)
+                )
+                keep_hidden = _lowest(scores, drop_hidden)
+                hidden.prune(net, blocks, keep_hidden)
+                details["kept_hidden"] = keep_hidden.tolist()
         finally:
             net.train(was_training)
         config: Any = net.config
+        config.hidden_size = new_hidden
         config.intermediate_size = new_mlp
         config.num_attention_heads = new_heads
         config.num_key_value_heads = new_kv
@@ -525,21 +660,34 @@ def _activation_stats(
 
 
 def _width_shape(
-    linear: Linear, layer: DecoderLayer, mlp: int, q_out: int, kv_out: int
+    linear: Linear, layer: DecoderLayer, mlp: int, q_out: int, kv_out: int, hidden: int
 ) -> tuple[int, int]:
     out, inp = linear.shape
     short = linear.name[len(layer.name) + 1 :].rsplit(".", 1)[-1]
     if short in ("gate_proj", "up_proj"):
-        return (mlp, inp)
+        return (mlp, hidden)
     if short == "down_proj":
-        return (out, mlp)
+        return (hidden, mlp)
     if short == "q_proj":
-        return (q_out, inp)
+        return (q_out, hidden)
     if short in ("k_proj", "v_proj"):
-        return (kv_out, inp)
+        return (kv_out, hidden)
     if short == "o_proj":
-        return (out, q_out)
+        return (hidden, q_out)
     return (out, inp)
+
+
+def _check_config(net: nn.Module, **sizes: int) -> None:
+    """Raise ``InvalidSpec`` unless the config class accepts the new sizes (transformers checks,
+    for instance, that ``hidden_size`` is a multiple of ``num_attention_heads``)."""
+    config: Any = net.config
+    try:
+        type(config).from_dict({**config.to_dict(), **sizes})
+    except Exception as exc:
+        raise InvalidSpec(
+            f"these width fractions give sizes {sizes} that {type(config).__name__} refuses "
+            f"({str(exc).strip()}); choose other fractions"
+        ) from exc
 
 
 def _unique_params(module: nn.Module) -> int:
