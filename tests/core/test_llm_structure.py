@@ -208,8 +208,6 @@ def test_preflight_refuses_what_is_not_there() -> None:
             ),
             layers,
         )
-    with pytest.raises(InvalidSpec, match="'taylor' is not available"):
-        preflight("hf", _width("taylor", mlp=0.5), layers)
     with pytest.raises(InvalidSpec, match="'magnitude' is not available"):
         preflight("hf", _depth(1, "magnitude"), layers)
 
@@ -300,3 +298,39 @@ def test_width_refuses_sizes_the_config_refuses(tmp_path: Path) -> None:
         _prune(model, info, _width("magnitude", hidden=0.1))  # 29 channels, 4 heads
     after = dict(model.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_taylor_prunes_every_width_part_and_depth(tmp_path: Path) -> None:
+    model, info = _load(tmp_path)
+    outcome = _prune(model, info, _width("taylor", mlp=0.5, heads=0.5, hidden=0.25))
+    assert len(outcome.details["kept_hidden"]) == 24
+    depth = _prune(model, info, _depth(1, "taylor"))
+    assert len(depth.details["layer_scores"]) == 2
+    stock = _check_reload(model, tmp_path)
+    assert (stock.config.num_hidden_layers, stock.config.hidden_size) == (1, 24)
+    assert all(p.grad is None for p in model.model.parameters())
+
+
+def test_taylor_scores_match_a_direct_estimate(tmp_path: Path) -> None:
+    """The MLP scores are |sum a * dL/da| over the tokens, computed here with autograd."""
+    from core.formats.base import ModelInfo
+
+    model, _ = _load(tmp_path)
+    net = model.model
+    captured: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        args[0].retain_grad()
+        captured.append(args[0])
+
+    handle = net.model.layers[0].mlp.down_proj.register_forward_pre_hook(keep)
+    out = net(input_ids=IDS, labels=IDS, use_cache=False)
+    (out.loss * IDS.shape[0]).backward()
+    handle.remove()
+    a = captured[0]
+    expected = (a * a.grad).reshape(-1, 64).sum(0).abs()
+    net.zero_grad(set_to_none=True)
+    info = ModelInfo(format="hf", num_parameters=0, inputs=(), prunable_layers=())
+    outcome = _prune(net, info, _width("taylor", mlp=0.5))
+    kept = outcome.details["kept_mlp"]["model.layers.0"]
+    assert kept == sorted(expected.argsort(descending=True)[:32].tolist())

@@ -48,8 +48,8 @@ from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers, prunab
 from core.pruning.llm.sequential import TOKENS_PER_BATCH
 from core.spec import PruningSpec
 
-WIDTH_CRITERIA = frozenset({"activation", "magnitude", "random"})
-DEPTH_CRITERIA = frozenset({"activation", "random"})
+WIDTH_CRITERIA = frozenset({"activation", "magnitude", "random", "taylor"})
+DEPTH_CRITERIA = frozenset({"activation", "random", "taylor"})
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 Scores = torch.Tensor  # one score per unit; the lowest go first
@@ -524,9 +524,13 @@ class StructurePruner:
                 for lin in layer.linears
             }
         inputs = None
-        if spec.criterion in ("activation", "taylor"):
+        taylor: _Taylor | None = None
+        if spec.criterion == "activation":
             assert input_ids is not None
             inputs = self._capture(net, layers, input_ids)
+        elif spec.criterion == "taylor":
+            assert input_ids is not None
+            taylor = self._taylor(net, layers, input_ids, blocks, hidden if drop_hidden else None)
         generator = torch.Generator().manual_seed(spec.seed)
         kept_mlp: dict[str, list[int]] = {}
         kept_kv: dict[str, list[int]] = {}
@@ -537,8 +541,10 @@ class StructurePruner:
                 stats = None
                 if inputs is not None:
                     stats = _activation_stats(layer, block, inputs)
-                mlp_scores, kv_scores = _width_scores(
-                    spec.criterion, block, heads, stats, generator
+                mlp_scores, kv_scores = (
+                    _width_scores(spec.criterion, block, heads, stats, generator)
+                    if taylor is None
+                    else (taylor.mlp[index], taylor.kv_groups(index, heads))
                 )
                 keep_mlp = _lowest(mlp_scores, drop_mlp) if drop_mlp else None
                 keep_kv = _lowest(kv_scores, drop_kv) if drop_kv else None
@@ -553,7 +559,9 @@ class StructurePruner:
                     inputs.advance(layer.module)  # the next layer sees this one pruned
             if drop_hidden:
                 scores = (
-                    hidden.activation(net, layers, self._capture(net, layers, input_ids))
+                    taylor.hidden
+                    if taylor is not None
+                    else hidden.activation(net, layers, self._capture(net, layers, input_ids))
                     if input_ids is not None
                     else hidden.magnitude()
                     if spec.criterion == "magnitude"
@@ -602,6 +610,11 @@ class StructurePruner:
         predicted = int(_unique_params(net) - k * by_layer)
         if spec.criterion == "random":
             scores = _random_scores(len(layers), torch.Generator().manual_seed(spec.seed))
+        elif input_ids is not None and spec.criterion == "taylor":
+            scores = self._taylor(net, layers, input_ids, None, None).depth
+            details["layer_scores"] = {
+                layer.name: float(s) for layer, s in zip(layers, scores, strict=True)
+            }
         elif input_ids is not None:
             scores = self._block_influence(net, layers, input_ids)
             details["layer_scores"] = {
@@ -618,6 +631,90 @@ class StructurePruner:
             return set(removed)
         details["renamed"] = _drop_layers(net, layers, kept)
         return set(removed)
+
+    def _taylor(
+        self,
+        net: nn.Module,
+        layers: tuple[DecoderLayer, ...],
+        input_ids: torch.Tensor,
+        blocks: list[_Block] | None,
+        hidden: _Hidden | None,
+    ) -> _Taylor:
+        """First-order Taylor estimates |sum over tokens of a * dL/da| of the next-token loss
+        change when a unit's activation ``a`` is zeroed, on the dense model (one forward and
+        backward per calibration batch, the whole model at once): MLP neurons (``down_proj``
+        input), heads (``o_proj`` input slices), hidden channels (residual norm outputs,
+        summed over norms) and decoder layers (``a`` = output - input of the layer)."""
+        scores = _Taylor(len(layers))
+        handles: list[Any] = []
+
+        def watch(key: str, index: int, x: torch.Tensor, delta: torch.Tensor | None) -> None:
+            if not x.requires_grad:
+                return
+            value = (x if delta is None else delta).detach()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                product = (value * grad).reshape(-1, value.shape[-1]).double().sum(0).cpu()
+                scores.add(key, index, product)
+
+            cast(Any, x).register_hook(on_grad)
+
+        for index, layer in enumerate(layers):
+
+            def layer_hook(
+                module: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                out: Any,
+                index: int = index,
+            ) -> None:
+                x_in = args[0] if args else kwargs["hidden_states"]
+                x_out = out[0] if isinstance(out, (tuple, list)) else out
+                watch("depth", index, x_out, x_out - x_in)
+
+            handles.append(layer.module.register_forward_hook(layer_hook, with_kwargs=True))
+            if blocks is not None:
+                for key, target in (("mlp", blocks[index].down), ("o", blocks[index].o)):
+
+                    def pre(
+                        module: nn.Module, args: tuple[Any, ...], key: str = key, i: int = index
+                    ) -> None:
+                        watch(key, i, args[0], None)
+
+                    handles.append(target.register_forward_pre_hook(pre))
+            if hidden is not None:
+                for norm in hidden.layer_norms[index]:
+
+                    def post(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+                        watch("hidden", 0, out, None)
+
+                    handles.append(norm.register_forward_hook(post))
+        if hidden is not None:
+            for norm in hidden.final_norms:
+
+                def final(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+                    watch("hidden", 0, out, None)
+
+                handles.append(norm.register_forward_hook(final))
+        ids = input_ids.long()
+        size = self.batch_size or max(1, TOKENS_PER_BATCH // int(ids.shape[1]))
+        device = next(net.parameters()).device
+        params = [p for p in net.parameters() if p.requires_grad]
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.enable_grad():
+                for start in range(0, int(ids.shape[0]), size):
+                    batch = ids[start : start + size].to(device)
+                    out = net(input_ids=batch, labels=batch, use_cache=False)
+                    (out.loss * batch.shape[0]).backward()
+                    for param in params:
+                        param.grad = None
+        finally:
+            net.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return scores
 
     @torch.no_grad()
     def _block_influence(
@@ -639,6 +736,35 @@ class StructurePruner:
         finally:
             net.train(was_training)
         return torch.tensor(scores, dtype=torch.float64)
+
+
+class _Taylor:
+    """Signed sums of a * dL/da per unit, collected over calibration batches; ``abs`` ranks."""
+
+    def __init__(self, layers: int) -> None:
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.layers = layers
+
+    def add(self, key: str, index: int, value: torch.Tensor) -> None:
+        previous = self.sums.get((key, index))
+        self.sums[(key, index)] = value if previous is None else previous + value
+
+    @property
+    def mlp(self) -> list[Scores]:
+        return [self.sums[("mlp", i)].abs() for i in range(self.layers)]
+
+    def kv_groups(self, index: int, heads: _Heads) -> Scores:
+        # Zeroing a group zeroes all its heads: the estimate is the sum over them.
+        per_group = self.sums[("o", index)].reshape(heads.kv_heads, heads.group * heads.head_dim)
+        return per_group.sum(1).abs()
+
+    @property
+    def hidden(self) -> Scores:
+        return self.sums[("hidden", 0)].abs()
+
+    @property
+    def depth(self) -> Scores:
+        return torch.stack([self.sums[("depth", i)].sum() for i in range(self.layers)]).abs()
 
 
 def _activation_stats(
