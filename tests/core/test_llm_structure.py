@@ -334,3 +334,12 @@ def test_taylor_scores_match_a_direct_estimate(tmp_path: Path) -> None:
     outcome = _prune(net, info, _width("taylor", mlp=0.5))
     kept = outcome.details["kept_mlp"]["model.layers.0"]
     assert kept == sorted(expected.argsort(descending=True)[:32].tolist())
+
+
+def test_depth_cuts_per_layer_config_lists(tmp_path: Path) -> None:
+    model, info = _load(tmp_path, "qwen2")
+    model.model.config.layer_types = ["full_attention", "sliding_attention"]
+    outcome = _prune(model, info, _depth(1, "random"))
+    kept = 0 if outcome.details["removed_layers"] == ["model.layers.1"] else 1
+    expected = ["full_attention", "sliding_attention"][kept]
+    assert model.model.config.layer_types == [expected]

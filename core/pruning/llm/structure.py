@@ -51,6 +51,8 @@ from core.spec import PruningSpec
 WIDTH_CRITERIA = frozenset({"activation", "magnitude", "random", "taylor"})
 DEPTH_CRITERIA = frozenset({"activation", "random", "taylor"})
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# Config lists with one entry per decoder layer, cut to the kept layers by depth pruning.
+_PER_LAYER_LISTS = frozenset({"layer_types", "no_rope_layers"})
 
 Scores = torch.Tensor  # one score per unit; the lowest go first
 
@@ -844,7 +846,7 @@ def _drop_layers(
     count = len(layers)
     config.num_hidden_layers = len(order)
     for key, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == count and key != "architectures":
+        if key in _PER_LAYER_LISTS and isinstance(value, list) and len(value) == count:
             setattr(config, key, [value[i] for i in order])
     return renamed
 
