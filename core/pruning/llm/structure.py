@@ -38,6 +38,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from core.allocation import removal_count
 from core.criteria import needs_data
 from core.errors import InvalidSpec, PruningError
 from core.formats.base import ModelInfo
@@ -226,8 +227,8 @@ def _prune_width_layer(
 
 
 def _removals(fraction: float, count: int) -> int:
-    removals = round(fraction * count)
-    return removals
+    """round(fraction x count), halves up, as every pruner counts."""
+    return removal_count(fraction, count)
 
 
 def _is_norm(module: nn.Module, size: int) -> bool:
