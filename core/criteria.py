@@ -83,7 +83,7 @@ CRITERIA: dict[str, CriterionInfo] = {
         # Language models (``hf``): ranked within each output row of a linear layer.
         CriterionInfo(
             "magnitude",
-            _LLM_WEIGHTS | _LLM_STRUCTURE,
+            _LLM_WEIGHTS | {"width"},
             description="|W|, compared within each output row (width: a unit's weights' norm)",
             formats=_HF,
         ),

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from core.criteria import WEIGHT_GRANULARITIES
 from core.device import pick_device
 from core.errors import InvalidSpec
 from core.finetune import Checkpointing, FineTuneResult
@@ -128,6 +129,14 @@ class LmRecovery(RecoveryStages):
     @property
     def calibration(self) -> tuple[torch.Tensor, ...] | None:
         return self.feeds.calibration
+
+    @property
+    def masked(self) -> list[str]:
+        # Width and depth remove units physically (a removed layer's weights are gone): only
+        # weights zeroed in place have zeros to hold.
+        if self.spec.pruning.granularity in WEIGHT_GRANULARITIES:
+            return super().masked
+        return []
 
     def _score(self, model: Any) -> dict[str, float] | None:
         if self.spec.evaluation is None or self.feeds.evaluation is None:
