@@ -216,6 +216,9 @@ Upload = Annotated[
     Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The file to upload.")
 ]
 Name = Annotated[str | None, typer.Option("--name", help="A label (default: the file name).")]
+Wait = Annotated[
+    bool, typer.Option("--wait", help="Follow the job to its end; exit 3 unless it succeeds.")
+]
 
 
 @contextmanager
@@ -368,9 +371,7 @@ def jobs_submit(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; prune nothing.")] = False,
     name: Annotated[str | None, typer.Option(help="A label for the job.")] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Wait for the end; exit 3 if it fails or is cancelled.")
-    ] = False,
+    wait: Wait = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
     json_: AsJson = False,
@@ -399,9 +400,24 @@ def jobs_submit(
             dry_run=dry_run,
             name=name,
         )
-        if wait:
-            job = client.wait(job["id"])
-    _emit(job, json_, _job_text)
+        job = _follow(client, job, wait)
+    _report(job, wait, json_)
+
+
+def _follow(client: Client, job: dict[str, Any], wait: bool) -> dict[str, Any]:
+    """With ``wait``, the job's final body (a progress bar on a terminal); else ``job``."""
+    if not wait:
+        return job
+    try:
+        return client.wait(job["id"])
+    except KeyboardInterrupt:
+        typer.echo(f"stopped waiting; job {job['id']} goes on (shears jobs get --wait)", err=True)
+        raise typer.Exit(130) from None
+
+
+def _report(job: dict[str, Any], wait: bool, as_json: bool) -> None:
+    """Print the job; after ``wait``, exit 3 unless it succeeded, saying why on stderr."""
+    _emit(job, as_json, _job_text)
     if wait and job["status"] != "succeeded":
         error = job.get("error") or {}
         reason = f": {error.get('type')}: {error.get('message')}" if error else ""
@@ -412,14 +428,15 @@ def jobs_submit(
 @jobs_app.command("get")
 def jobs_get(
     job_id: Annotated[str, typer.Argument(metavar="ID")],
+    wait: Wait = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
     json_: AsJson = False,
 ) -> None:
-    """Print a job: status, progress, metrics, error, artifacts."""
+    """Print a job: status, progress, metrics, error, artifacts (with --wait: once finished)."""
     with _client(url, api_key) as client:
-        job = client.get_job(job_id)
-    _emit(job, json_, _job_text)
+        job = _follow(client, client.get_job(job_id), wait)
+    _report(job, wait, json_)
 
 
 @jobs_app.command("download")

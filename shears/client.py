@@ -190,7 +190,7 @@ class Client:
         etag: str | None = None
         with _job_bar(job_id, progress) as show:
             while True:
-                headers = {"If-None-Match": etag} if etag and job is not None else {}
+                headers = {"If-None-Match": etag} if etag else {}
                 response = self._http.get(f"/v1/jobs/{job_id}", headers=headers)
                 if response.status_code != 304 or job is None:
                     job = _json(response)

@@ -113,6 +113,10 @@ def test_wait_exits_non_zero_when_the_job_fails(
     assert job["status"] == "failed"
     assert job["error"]["type"] == "dataset_mismatch"
     assert job["error"]["message"] in result.stderr
+    # Following it again later says the same.
+    again = shears(service, "jobs get --wait", job["id"])
+    assert again.returncode == result.returncode
+    assert "failed: dataset_mismatch" in again.stderr
 
 
 def test_refusals_exit_non_zero_with_the_problems_detail(
