@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +15,22 @@ import pytest
 import torch
 
 from shears import Client, ShearsAPIError
+from tests.e2e.conftest import start_service
 from tests.e2e.service import ROOT, Service
 from tests.factories import save_npz
 
 pytestmark = pytest.mark.e2e
 
 
-def shears(service: Service, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+def shears(
+    service: Service, command: str, *args: str, api_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """``shears COMMAND ARGS`` as a user runs it (``command`` split on spaces, ``args`` as they
     are): a process of its own, stdout and stderr pipes (no terminal), ``SHEARS_URL`` set."""
     env = {k: v for k, v in service.env.items() if not k.startswith("SHEARS_")}
     env["SHEARS_URL"] = f"http://127.0.0.1:{service.port}"
+    if api_key:
+        env["SHEARS_API_KEY"] = api_key
     return subprocess.run(
         [sys.executable, "-m", "shears.cli", *command.split(), *args],
         cwd=ROOT,
@@ -207,6 +213,30 @@ def test_api_errors_carry_the_problem_document(service: Service, resnet_pt2: Pat
         with pytest.raises(ShearsAPIError) as missing:
             client.get_job("no-such-job")
         assert missing.value.status == 404
+
+
+@pytest.fixture(scope="module")
+def secured(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    svc = start_service(
+        request, tmp_path_factory, "embedded", with_worker=False, SHEARS_API_KEYS="cli:sk-cli-1"
+    )
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_the_api_key_comes_from_shears_api_key(secured: Service, resnet_pt2: Path) -> None:
+    denied = shears(secured, "models upload --json", str(resnet_pt2))
+    assert denied.returncode == 1
+    assert denied.stdout == ""
+    assert secured.client.get("/v1/models").json()["detail"] in denied.stderr
+
+    model = one_json(shears(secured, "models upload --json", str(resnet_pt2), api_key="sk-cli-1"))
+    with Client(f"http://127.0.0.1:{secured.port}", api_key="sk-cli-1") as client:
+        assert client.http.get(f"/v1/models/{model['id']}").json() == model
 
 
 def test_the_client_and_cli_do_not_import_torch() -> None:
