@@ -1,18 +1,25 @@
-"""``shears``: run the service, apply migrations."""
+"""``shears``: run the service, apply migrations, manage keys; and the API client commands
+(``models``, ``datasets``, ``jobs``) on :class:`shears.client.Client`."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
+import httpx
 import typer
 from sqlalchemy.orm import Session, sessionmaker
 
 from shears.auth import InvalidKeySpec, create_key, list_keys, revoke_key
+from shears.client import DEFAULT_URL, Client, ShearsAPIError, ShearsClientError
 from shears.db.engine import make_engine, make_sessionmaker
 from shears.db.migrate import upgrade
 from shears.settings import get_settings
@@ -20,6 +27,14 @@ from shears.settings import get_settings
 app = typer.Typer(help="Shears: pruning as a service.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+models_app = typer.Typer(help="Upload models (a running API).", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload datasets (a running API).", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Submit, follow and download jobs (a running API).", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
 
 
 def _sessions() -> sessionmaker[Session]:
@@ -178,6 +193,268 @@ def serve() -> None:
                 p.kill()
     code = next((p.returncode for p in procs if p.returncode not in (0, None, -15)), 0)
     raise typer.Exit(0 if stopping else (code or 1))
+
+
+# -- the API client commands ---------------------------------------------------------------------
+# They talk to a running API over HTTP and never touch the database. SHEARS_URL / SHEARS_API_KEY
+# are the client's environment, read by typer (not Settings: those configure the service).
+
+EXIT_ERROR = 1  # the API refused, or could not be reached
+EXIT_JOB_FAILED = 3  # --wait: the job finished failed or cancelled (2 is typer's usage error)
+
+Url = Annotated[
+    str, typer.Option("--url", envvar="SHEARS_URL", help="The Shears API.", show_default=True)
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="SHEARS_API_KEY", help="Bearer key, when auth is on."),
+]
+AsJson = Annotated[
+    bool, typer.Option("--json", help="Print exactly one JSON document: the response body.")
+]
+Upload = Annotated[
+    Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The file to upload.")
+]
+Name = Annotated[str | None, typer.Option("--name", help="A label (default: the file name).")]
+Wait = Annotated[
+    bool, typer.Option("--wait", help="Follow the job to its end; exit 3 unless it succeeds.")
+]
+
+
+@contextmanager
+def _client(url: str, api_key: str | None) -> Iterator[Client]:
+    """A client whose failures end the command: the problem's detail on stderr, exit 1."""
+    try:
+        with Client(url, api_key=api_key) as client:
+            yield client
+    except ShearsAPIError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        # The detail names the first invalid field; list them all when there are more.
+        for error in exc.errors if exc.errors and len(exc.errors) > 1 else []:
+            where = ".".join(str(p) for p in error.get("loc", []) if p != "body")
+            typer.echo(f"  {where}: {error.get('msg', '')}", err=True)
+        raise typer.Exit(EXIT_ERROR) from exc
+    except ShearsClientError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from exc
+    except httpx.TransportError as exc:
+        typer.echo(f"error: cannot reach Shears at {url}: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from exc
+
+
+def _emit(body: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    typer.echo(json.dumps(body) if as_json else human(body))
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows if v is not None)
+
+
+def _upload_text(body: dict[str, Any]) -> str:
+    count = (
+        ("parameters", f"{body['num_parameters']:,}")
+        if "num_parameters" in body
+        else ("samples", f"{body.get('num_samples', 0):,}")
+    )
+    return _table(
+        [
+            ("id", body["id"]),
+            ("name", body.get("name")),
+            ("format", body.get("format")),
+            count,
+            ("size", f"{body['size_bytes']:,} bytes"),
+            ("sha256", body.get("sha256")),
+        ]
+    )
+
+
+def _before_after(metrics: dict[str, Any], key: str, unit: str = "") -> str | None:
+    before, after = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
+    if before is None and after is None:
+        return None
+    return f"{_number(before)} -> {_number(after)}{unit}"
+
+
+def _number(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _job_text(job: dict[str, Any]) -> str:
+    progress = job.get("progress") or {}
+    metrics = job.get("metrics") or {}
+    error = job.get("error")
+    sparsity = metrics.get("sparsity")
+    evals = [
+        f"{label} {json.dumps(metrics[key])}"
+        for key, label in (
+            ("eval_before", "before"),
+            ("eval_after_pruning", "after pruning"),
+            ("eval_after_fine_tune", "after fine-tune"),
+        )
+        if metrics.get(key) is not None
+    ]
+    rows: list[tuple[str, object]] = [
+        ("job", job["id"]),
+        ("status", f"{job['status']} ({progress.get('stage')}, {progress.get('fraction', 0):.0%})"),
+        ("model", job.get("model_id")),
+        ("error", f"{error['type']}: {error['message']}" if error else None),
+        ("sparsity", f"{sparsity:.4f}" if sparsity is not None else None),
+        ("params", _before_after(metrics, "params")),
+        ("macs", _before_after(metrics, "macs")),
+        ("size", _before_after(metrics, "size_bytes", " bytes")),
+        ("latency", _before_after(metrics, "latency_ms", " ms")),
+        ("eval", "; ".join(evals) or None),
+        ("result", job.get("result_model_id")),
+    ]
+    rows += [
+        (f"artifact {a['kind']}", f"{a['format']}, {a['size_bytes']:,} bytes, {a['download_url']}")
+        for a in job.get("artifacts") or []
+    ]
+    return _table(rows)
+
+
+@models_app.command("upload")
+def models_upload(
+    file: Upload,
+    name: Name = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    json_: AsJson = False,
+) -> None:
+    """Upload a model (torch.export .pt2, or a save_pretrained archive) and print it."""
+    with _client(url, api_key) as client:
+        body = client.upload_model(file, name=name)
+    _emit(body, json_, _upload_text)
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    file: Upload,
+    name: Name = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    json_: AsJson = False,
+) -> None:
+    """Upload a dataset (.npz, .safetensors, .txt, .jsonl) and print it."""
+    with _client(url, api_key) as client:
+        body = client.upload_dataset(file, name=name)
+    _emit(body, json_, _upload_text)
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    model: Annotated[str, typer.Option("--model", help="The model id to prune.")],
+    criterion: Annotated[str, typer.Option(help="l1, l2, lamp, taylor, wanda, … (see README).")],
+    granularity: Annotated[
+        str, typer.Option(help="unstructured, channel, head, n:m, block, width, depth.")
+    ],
+    sparsity: Annotated[
+        float | None, typer.Option(help="Fraction removed (0 <= s < 1).", show_default=False)
+    ] = None,
+    target_macs: Annotated[
+        float | None,
+        typer.Option(help="Instead of --sparsity: keep at most this fraction of the MACs."),
+    ] = None,
+    scope: Annotated[str | None, typer.Option(help="layer (API default) or global.")] = None,
+    fine_tune: Annotated[
+        str | None, typer.Option("--fine-tune", help="Dataset id to fine-tune on.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs.")] = None,
+    evaluation: Annotated[
+        str | None, typer.Option("--eval", help="Dataset id to score on.")
+    ] = None,
+    calibration: Annotated[
+        str | None, typer.Option(help="Dataset id for data-aware criteria.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; prune nothing.")] = False,
+    name: Annotated[str | None, typer.Option(help="A label for the job.")] = None,
+    wait: Wait = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    json_: AsJson = False,
+) -> None:
+    """Submit a pruning job and print it (with --wait: its final state)."""
+    if sparsity is not None and target_macs is not None:
+        raise typer.BadParameter("give --sparsity or --target-macs, not both")
+    if epochs is not None and fine_tune is None:
+        raise typer.BadParameter("--epochs needs --fine-tune DATASET", param_hint="--epochs")
+    pruning: dict[str, Any] = {"criterion": criterion, "granularity": granularity}
+    if sparsity is not None:
+        pruning["sparsity"] = sparsity
+    if target_macs is not None:
+        pruning["target"] = {"macs": target_macs}
+    if scope is not None:
+        pruning["scope"] = scope
+    with _client(url, api_key) as client:
+        job = client.submit(
+            model,
+            pruning=pruning,
+            fine_tune=None
+            if fine_tune is None
+            else {"dataset_id": fine_tune, **({"epochs": epochs} if epochs is not None else {})},
+            evaluation=None if evaluation is None else {"dataset_id": evaluation},
+            calibration=None if calibration is None else {"dataset_id": calibration},
+            dry_run=dry_run,
+            name=name,
+        )
+        job = _follow(client, job, wait)
+    _report(job, wait, json_)
+
+
+def _follow(client: Client, job: dict[str, Any], wait: bool) -> dict[str, Any]:
+    """With ``wait``, the job's final body (a progress bar on a terminal); else ``job``."""
+    if not wait:
+        return job
+    try:
+        return client.wait(job["id"])
+    except KeyboardInterrupt:
+        typer.echo(f"stopped waiting; job {job['id']} goes on (shears jobs get --wait)", err=True)
+        raise typer.Exit(130) from None
+
+
+def _report(job: dict[str, Any], wait: bool, as_json: bool) -> None:
+    """Print the job; after ``wait``, exit 3 unless it succeeded, saying why on stderr."""
+    _emit(job, as_json, _job_text)
+    if wait and job["status"] != "succeeded":
+        error = job.get("error") or {}
+        reason = f": {error.get('type')}: {error.get('message')}" if error else ""
+        typer.echo(f"job {job['id']} {job['status']}{reason}", err=True)
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+@jobs_app.command("get")
+def jobs_get(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    wait: Wait = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    json_: AsJson = False,
+) -> None:
+    """Print a job: status, progress, metrics, error, artifacts (with --wait: once finished)."""
+    with _client(url, api_key) as client:
+        job = _follow(client, client.get_job(job_id), wait)
+    _report(job, wait, json_)
+
+
+@jobs_app.command("download")
+def jobs_download(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", dir_okay=False, help="Where to save the file.")
+    ],
+    kind: Annotated[str, typer.Option(help="model, weights or report.")] = "model",
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    json_: AsJson = False,
+) -> None:
+    """Download a job's artifact (resuming a partial file) and check its sha256."""
+    with _client(url, api_key) as client:
+        path = client.download(job_id, kind=kind, path=output)
+        job = client.get_job(job_id) if json_ else {}
+    _emit(job, json_, lambda _: f"saved {path} (sha256 verified)")
 
 
 if __name__ == "__main__":
