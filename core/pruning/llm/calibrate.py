@@ -27,6 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.criteria import needs_data
+from core.errors import InvalidSpec
+from core.pruning.base import PruneContext
+from core.spec import PruningSpec
+
 
 class _Captured(Exception):
     """Raised by the pre-hook to stop the forward once the first layer's inputs are known."""
@@ -170,3 +175,21 @@ def capture_inputs(
         handle.remove()
     assert hidden is not None  # at least one sample
     return LayerInputs(hidden, calls)
+
+
+def calibration_ids(spec: PruningSpec, ctx: PruneContext) -> torch.Tensor | None:
+    """The ``(N, T)`` token ids data-aware criteria calibrate on (the first calibration tensor;
+    an attention mask after it is not used: blocks are full token runs)."""
+    if not needs_data(spec.criterion):
+        return None
+    if not ctx.calibration:
+        raise InvalidSpec(
+            f"criterion {spec.criterion!r} needs calibration data (token ids, samples x seq_len)"
+        )
+    ids = ctx.calibration[0]
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise InvalidSpec(
+            f"calibration for {spec.criterion!r} must be integer token ids (samples x seq_len), "
+            f"got {ids.dtype} {tuple(ids.shape)}"
+        )
+    return ids

@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 import torch
 
 from core.allocation import allocate
-from core.criteria import needs_data
 from core.errors import InvalidSpec, PruningError
 from core.formats.base import ModelInfo
 from core.metrics import sparse_size_bytes
 from core.pruning.base import LayerResult, PruneContext, PruneOutcome
+from core.pruning.llm.calibrate import calibration_ids
 from core.pruning.llm.layers import Linear, prunable_linears, unwrap
 from core.pruning.llm.masks import planned_removals
 from core.pruning.llm.sequential import CRITERIA, prune_causal_lm
@@ -89,7 +89,7 @@ class LanguageModelPruner:
             }
         else:
             planned = {}
-            input_ids = _calibration_ids(spec, ctx)
+            input_ids = calibration_ids(spec, ctx)
             results = prune_causal_lm(
                 net,
                 ratios,
@@ -168,21 +168,3 @@ def _layers(model: torch.nn.Module, info: ModelInfo) -> dict[str, Linear]:
             f"the model; those are: {', '.join(list(found)[:8])}..."
         )
     return {layer.name: found[layer.name] for layer in info.prunable_layers}
-
-
-def _calibration_ids(spec: PruningSpec, ctx: PruneContext) -> torch.Tensor | None:
-    """The ``(N, T)`` token ids data-aware criteria calibrate on (the first calibration tensor;
-    an attention mask after it is not used: blocks are full token runs)."""
-    if not needs_data(spec.criterion):
-        return None
-    if not ctx.calibration:
-        raise InvalidSpec(
-            f"criterion {spec.criterion!r} needs calibration data (token ids, samples x seq_len)"
-        )
-    ids = ctx.calibration[0]
-    if ids.dim() != 2 or ids.is_floating_point():
-        raise InvalidSpec(
-            f"calibration for {spec.criterion!r} must be integer token ids (samples x seq_len), "
-            f"got {ids.dtype} {tuple(ids.shape)}"
-        )
-    return ids

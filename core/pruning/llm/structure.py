@@ -39,12 +39,11 @@ import torch
 from torch import nn
 
 from core.allocation import removal_count
-from core.criteria import needs_data
 from core.errors import InvalidSpec, PruningError
 from core.formats.base import ModelInfo
 from core.metrics import sparse_size_bytes
 from core.pruning.base import LayerResult, PruneContext, PruneOutcome
-from core.pruning.llm.calibrate import LayerInputs, capture_inputs
+from core.pruning.llm.calibrate import LayerInputs, calibration_ids, capture_inputs
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers, prunable_linears, unwrap
 from core.pruning.llm.sequential import TOKENS_PER_BATCH
 from core.spec import PruningSpec
@@ -406,7 +405,7 @@ class StructurePruner:
         owner = {lin.name: layer.name for layer in layers for lin in layer.linears}
         before = {name: _before_shape(info, name, linears[name]) for name in names}
         details: dict[str, Any] = {"criterion": spec.criterion}
-        input_ids = None if ctx.dry_run and not ctx.calibration else _calibration_ids(spec, ctx)
+        input_ids = None if ctx.dry_run and not ctx.calibration else calibration_ids(spec, ctx)
         if input_ids is not None:
             details["calibration"] = {
                 "num_samples": int(input_ids.shape[0]),
@@ -864,19 +863,3 @@ def _before_shape(info: ModelInfo, name: str, linear: Linear) -> tuple[int, ...]
         if layer.name == name:
             return layer.shape
     return linear.shape
-
-
-def _calibration_ids(spec: PruningSpec, ctx: PruneContext) -> torch.Tensor | None:
-    if not needs_data(spec.criterion):
-        return None
-    if not ctx.calibration:
-        raise InvalidSpec(
-            f"criterion {spec.criterion!r} needs calibration data (token ids, samples x seq_len)"
-        )
-    ids = ctx.calibration[0]
-    if ids.dim() != 2 or ids.is_floating_point():
-        raise InvalidSpec(
-            f"calibration for {spec.criterion!r} must be integer token ids (samples x seq_len), "
-            f"got {ids.dtype} {tuple(ids.shape)}"
-        )
-    return ids
