@@ -54,6 +54,9 @@ class ToyFormat:
     def measure(self, model: Any, info: ModelInfo, config: MeasureConfig) -> Measurement:
         return Measurement(macs=0, latency_ms=0.0, batch_size=1, device=config.device)
 
+    def layer_weights(self, model: Any, info: ModelInfo) -> dict[str, Any]:
+        return {}
+
 
 @pytest.fixture
 def toy() -> Iterator[ModelFormat]:
