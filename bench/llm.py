@@ -359,8 +359,17 @@ def _scale_one(a: argparse.Namespace) -> dict[str, Any]:
     sparsity, n_m = SETTINGS[a.setting]
     if a.impl == "shears":
         fn = prune_shears(model, calibration, a.method, sparsity, n_m)
-    else:
+    elif a.impl == "reference":
         fn = prune_ref(model, calibration, a.method, sparsity, n_m, a.reference)
+    else:
+        # oneshot reads the config from the model's name_or_path: save it, load it back.
+        path = WORK / f"scale-model-{a.layers}"
+        model.save_pretrained(path)
+        del model
+        model = LlamaForCausalLM.from_pretrained(path).eval()
+        for param in model.parameters():  # out of the memory-mapped file, into the baseline
+            param.data = param.data.clone()
+        fn = prune_llmc(model, calibration, a.method, sparsity, n_m)
     rss_model = _status_kib("VmRSS") / 1024
     r = measured(fn)
     act = a.samples * a.seq * a.hidden * 4
@@ -419,7 +428,7 @@ def scale(a: argparse.Namespace) -> None:
         a.reference,
     ]
     WORK.mkdir(parents=True, exist_ok=True)
-    r = _child(argv)
+    r = _child(argv, a.llmc_python if a.impl == "llmcompressor" else sys.executable)
     # Goal: one decoder layer's weights + the calibration activations (the N x T x hidden input
     # buffer and one more of the same size for the outputs) + 20%.
     r["bound_mib"] = 1.2 * (r["layer_weights_mib"] + 2 * r["activations_mib"])
@@ -461,7 +470,8 @@ def main() -> None:
     for name in ("scale", "_scale"):
         s = sub.add_parser(name)
         s.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt"])
-        s.add_argument("--impl", default="shears", choices=["shears", "reference"])
+        s.add_argument("--impl", default="shears", choices=["shears", "reference", "llmcompressor"])
+        s.add_argument("--llmc-python", default="/tmp/llmc-venv/bin/python")  # noqa: S108
         s.add_argument("--setting", default="50%", choices=list(SETTINGS))
         s.add_argument("--layers", type=int, default=22)
         s.add_argument("--hidden", type=int, default=2048)
