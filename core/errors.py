@@ -38,9 +38,16 @@ class UnsafeArchive(InvalidArchive):
 
 
 class InvalidSpec(ShearsError):
-    """A well-formed pruning spec that cannot apply to this model (unknown layer, bad ratio)."""
+    """A well-formed pruning spec that cannot apply to this model (unknown layer, bad ratio).
+
+    ``field`` names the spec's section at fault where one does (``"evaluation"``), so a caller
+    can point at it."""
 
     code = "invalid_spec"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelLoadError(ShearsError):

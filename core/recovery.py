@@ -241,9 +241,13 @@ class Recovery(RecoveryStages):
     def check(spec: JobSpec) -> None:
         """Refuse what programs cannot be evaluated or trained with (before any work)."""
         if spec.evaluation is not None and spec.evaluation.task == "perplexity":
-            raise InvalidSpec("evaluation task 'perplexity' scores language models (format 'hf')")
+            raise InvalidSpec(
+                "evaluation task 'perplexity' scores language models (format 'hf')", "evaluation"
+            )
         if spec.fine_tune is not None and spec.fine_tune.loss == "causal_lm":
-            raise InvalidSpec("fine_tune loss 'causal_lm' trains language models (format 'hf')")
+            raise InvalidSpec(
+                "fine_tune loss 'causal_lm' trains language models (format 'hf')", "fine_tune"
+            )
 
     @classmethod
     def prepare(

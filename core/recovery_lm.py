@@ -97,12 +97,14 @@ class LmRecovery(RecoveryStages):
         if spec.fine_tune is not None and spec.fine_tune.loss not in ("causal_lm", "distillation"):
             raise InvalidSpec(
                 f"fine_tune loss {spec.fine_tune.loss!r} does not train language models; use "
-                "'causal_lm' or 'distillation'"
+                "'causal_lm' or 'distillation'",
+                "fine_tune",
             )
         if spec.evaluation is not None and spec.evaluation.task not in ("perplexity", "auto"):
             raise InvalidSpec(
                 f"evaluation task {spec.evaluation.task!r} does not score language models; "
-                "use 'perplexity'"
+                "use 'perplexity'",
+                "evaluation",
             )
 
     @classmethod

@@ -119,18 +119,10 @@ def _preflight(spec: JobSpecRequest, model: Model) -> None:
         pruning_preflight(model.format, core_spec.pruning, layers)
     except InvalidSpec as exc:
         raise InvalidField(("pruning",), exc.message) from exc
-    for section in ("evaluation", "fine_tune"):
-        try:
-            check_recovery(
-                model.format,
-                core_spec.model_copy(
-                    update={
-                        other: None for other in ("evaluation", "fine_tune") if other != section
-                    }
-                ),
-            )
-        except InvalidSpec as exc:
-            raise InvalidField((section,), exc.message) from exc
+    try:
+        check_recovery(model.format, core_spec)
+    except InvalidSpec as exc:
+        raise InvalidField((exc.field or "pruning",), exc.message) from exc
 
 
 def _check_datasets(session: Session, tenant: str, spec: JobSpecRequest) -> None:

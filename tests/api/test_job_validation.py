@@ -159,3 +159,45 @@ def test_jobs_refuse_unknown_datasets_and_missing_targets(
     assert_problem(api.client.delete(f"/v1/datasets/{unlabelled['id']}"), 409, "dataset-in-use")
     assert api.client.post(f"/v1/jobs/{accepted.json()['id']}/cancel").status_code == 202
     assert api.client.delete(f"/v1/datasets/{unlabelled['id']}").status_code == 204
+
+
+def test_what_the_models_format_cannot_do_is_422_where_it_is_asked(
+    api: Api, model: dict, tmp_path: Path
+) -> None:
+    """A program is not a language model: its format's pruners and recovery say so before
+    anything is queued, pointing at the section."""
+    before = job_ids(api)
+    text = tmp_path / "corpus.txt"
+    text.write_text("one document\n\nanother one\n")
+    dataset = upload(api.client, text, "datasets")
+    assert dataset["format"] == "text"
+    wanda = {"criterion": "wanda", "granularity": "unstructured", "sparsity": 0.5}
+    calibration = {"dataset_id": dataset["id"], "num_samples": 8}
+    body = assert_problem(
+        post(api, {"model_id": model["id"], "pruning": wanda, "calibration": calibration}),
+        422,
+        "validation-error",
+    )
+    assert body["errors"][0]["loc"] == ["body", "pruning"]
+    assert "'wanda' is not available for 'pt2' models" in body["detail"]
+    body = assert_problem(
+        post(
+            api,
+            {
+                "model_id": model["id"],
+                "pruning": GOOD,
+                "evaluation": {"dataset_id": dataset["id"], "task": "perplexity"},
+            },
+        ),
+        422,
+        "validation-error",
+    )
+    assert body["errors"][0]["loc"] == ["body", "evaluation"]
+    assert "language models" in body["detail"]
+    width = {"criterion": "random", "granularity": "width", "width": {"mlp": 0.5}}
+    body = assert_problem(
+        post(api, {"model_id": model["id"], "pruning": width}), 422, "validation-error"
+    )
+    assert body["errors"][0]["loc"] == ["body", "pruning"]
+    assert "not available for 'pt2' models" in body["detail"]
+    assert job_ids(api) == before
