@@ -258,18 +258,16 @@ def fine_tune(
                     params[name].mul_(keep)  # weight decay and momentum must not revive them
 
             _accumulate(progress, loss, output, targets, soft, classification)
-            progress.step += 1
-            summary = None
-            if progress.step % per_epoch == 0 or progress.step == total:
-                summary = _summary(progress, per_epoch, spec, total)
-                history.append(summary)
-                progress.loss_sum = progress.correct = progress.agree = 0.0
-                progress.count = 0
-            if checkpoint is not None and (
-                progress.step % checkpoint.every_steps == 0 and progress.step < total
-            ):
-                _save(checkpoint.path, fingerprint, student, optimizer, progress, history)
-            notify(progress.step, total, summary)
+            _after_step(
+                progress,
+                spec,
+                per_epoch,
+                total,
+                history,
+                checkpoint,
+                lambda path: _save(path, fingerprint, student, optimizer, progress, history),
+                notify,
+            )
 
     _copy_back(student, program)
     return FineTuneResult(
@@ -351,6 +349,32 @@ def _accumulate(
             progress.correct += float((output.argmax(1) == targets).float().mean()) * rows
         if soft is not None and output.dim() >= 2:
             progress.agree += float((output.argmax(1) == soft.argmax(1)).float().mean()) * rows
+
+
+def _after_step(
+    progress: _Progress,
+    spec: FineTuneSpec,
+    per_epoch: int,
+    total: int,
+    history: list[dict[str, float]],
+    checkpoint: Checkpointing | None,
+    save: Callable[[Path], None],
+    notify: StepCallback,
+) -> None:
+    """Bookkeeping after every optimizer step, for programs and language models alike: the
+    epoch's summary (kept, tallies reset), a checkpoint when one is due, the step callback."""
+    progress.step += 1
+    summary = None
+    if progress.step % per_epoch == 0 or progress.step == total:
+        summary = _summary(progress, per_epoch, spec, total)
+        history.append(summary)
+        progress.loss_sum = progress.correct = progress.agree = 0.0
+        progress.count = 0
+    if checkpoint is not None and (
+        progress.step % checkpoint.every_steps == 0 and progress.step < total
+    ):
+        save(checkpoint.path)
+    notify(progress.step, total, summary)
 
 
 def _summary(

@@ -54,6 +54,7 @@ from core.finetune import (
     Checkpointing,
     FineTuneResult,
     StepCallback,
+    _after_step,
     _epoch_order,
     _fingerprint,
     _lr_at,
@@ -61,7 +62,6 @@ from core.finetune import (
     _Progress,
     _restore,
     _save,
-    _summary,
     plan_steps,
 )
 from core.spec import FineTuneSpec
@@ -355,18 +355,16 @@ def fine_tune_lm(
                         param.mul_(keep)  # weight decay and momentum must not revive them
 
                 _accumulate(progress, loss, logits, ids, soft)
-                progress.step += 1
-                summary = None
-                if progress.step % per_epoch == 0 or progress.step == total:
-                    summary = _summary(progress, per_epoch, spec, total)
-                    history.append(summary)
-                    progress.loss_sum = progress.correct = progress.agree = 0.0
-                    progress.count = 0
-                if checkpoint is not None and (
-                    progress.step % checkpoint.every_steps == 0 and progress.step < total
-                ):
-                    _save(checkpoint.path, fingerprint, model, optimizer, progress, history)
-                notify(progress.step, total, summary)
+                _after_step(
+                    progress,
+                    spec,
+                    per_epoch,
+                    total,
+                    history,
+                    checkpoint,
+                    lambda path: _save(path, fingerprint, model, optimizer, progress, history),
+                    notify,
+                )
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
