@@ -203,11 +203,34 @@ class JobErrorOut(BaseModel):
 
 class ArtifactOut(_Out):
     id: str
-    kind: Literal["model", "weights", "report"]
+    kind: Literal["model", "weights", "report", "sensitivity"]
     format: str
     size_bytes: int
     sha256: str
     download_url: str
+
+
+class SearchOut(BaseModel):
+    """A target's search: the scan's progress, the ratios chosen, and what they were predicted
+    to give beside what the pruned model measured."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["scanning", "scanned", "chosen", "done"] = Field(
+        description="scanning; scanned (sensitivity_only: stopped there); chosen; done."
+    )
+    layers_scanned: int
+    layers_total: int
+    chosen: dict[str, float] | None = Field(
+        default=None, description="Ratio per layer (a channel group by its first layer)."
+    )
+    predicted: dict[str, float] | None = Field(
+        default=None, description="Fractions of the dense macs and params; loss, accuracy."
+    )
+    achieved: dict[str, Any] | None = Field(
+        default=None,
+        description="Measured on the pruned model: macs, params, latency fractions, accuracy "
+        "and loss after pruning (and after fine-tuning), and whether the target was met.",
+    )
 
 
 class JobOut(BaseModel):
@@ -229,6 +252,9 @@ class JobOut(BaseModel):
     error: JobErrorOut | None
     result_model_id: str | None
     artifacts: list[ArtifactOut]
+    search: SearchOut | None = Field(
+        default=None, description="With pruning.target: the search for per-layer ratios."
+    )
 
 
 class JobList(BaseModel):

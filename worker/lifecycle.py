@@ -33,6 +33,7 @@ from shears.db.tables import Artifact, Dataset, JobLayer, Model, new_id, utcnow
 from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
 from shears.storage import LocalStorage, StorageError, StoredFile, storage_from_settings
+from worker import search
 from worker.db import sessions
 
 log = structlog.get_logger("shears.worker")
@@ -153,6 +154,7 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
         model = session.get(Model, job.model_id)
         spec_data, tenant = job.spec, job.tenant
         model_key = model.storage_key if model and model.deleted_at is None else None
+        model_format = model.format if model else ""
         dataset_keys = _dataset_keys(session, tenant, spec_data)
 
     stored: list[StoredFile] = []
@@ -164,8 +166,19 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
             if model_key is None:
                 raise ModelLoadError("the job's model was deleted before the job ran")
             spec, _ = parse_stored(spec_data)
+            progress = Progress(job_id, attempt, heartbeat)
+            searched = None
+            if spec.pruning.target is not None:  # the ratios are found first (worker/search.py)
+                searched = search.run_search(
+                    job_id, attempt, spec, storage, model_key, dataset_keys, progress, workdir,
+                    model_format,
+                )  # fmt: skip
+                if spec.sensitivity_only:
+                    search.record_scan_only(job_id, attempt, tenant, searched, storage, stored)
+                    finished = True
+                    return
             result = run_pipeline(
-                spec,
+                searched.spec if searched else spec,
                 storage.path(model_key),
                 workdir,
                 measure=MeasureConfig(
@@ -175,7 +188,7 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
                     # Latency is reported on the device the worker prunes and trains on.
                     device=str(pick_device(settings.train_device)),
                 ),
-                on_progress=Progress(job_id, attempt, heartbeat),
+                on_progress=progress,
                 data=_pipeline_data(storage, dataset_keys),
                 training=TrainingConfig(
                     device=settings.train_device,
@@ -185,6 +198,9 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
             )
             if heartbeat.cancel_requested.is_set():
                 raise Cancelled("the job was cancelled")
+            if searched is not None:
+                search.record_achieved(job_id, attempt, spec, searched, result)
+                result.artifacts["sensitivity"] = searched.sensitivity
             _record_success(job_id, attempt, tenant, result, storage, stored)
             finished = True
     except Cancelled as exc:
@@ -242,7 +258,11 @@ def _pipeline_data(storage: LocalStorage, keys: dict[str, str | None]) -> Pipeli
     for section, key in keys.items():
         if key is None:
             raise InvalidDataset(f"the job's {section} dataset was deleted before the job ran")
-    paths = {section: storage.path(key) for section, key in keys.items() if key is not None}
+    paths = {
+        section: storage.path(key)
+        for section, key in keys.items()
+        if key is not None and section != "search"  # the search stage reads its own data
+    }
     return PipelineData(**paths)
 
 
@@ -252,7 +272,7 @@ def _discard(storage: LocalStorage, stored: list[StoredFile]) -> None:
 
 
 # Artifact kinds whose format is fixed; the `model` artifact has the model's own format.
-_ARTIFACT_FORMATS = {"weights": "safetensors", "report": "json"}
+_ARTIFACT_FORMATS = {"weights": "safetensors", "report": "json", "sensitivity": "json"}
 
 
 def _record_success(

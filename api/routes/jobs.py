@@ -44,6 +44,7 @@ def job_body(
         if job.error_type
         else None,
         "result_model_id": job.result_model_id,
+        "search": job.search,
         "artifacts": [
             {
                 "id": a.id,
