@@ -107,6 +107,8 @@ class JobSpecRequest(BaseModel):
                 f"criterion {self.pruning.criterion!r} ranks channels on data; add "
                 '"calibration": {"dataset_id": "...", "num_samples": 256}'
             )
+        if self.sensitivity_only and self.pruning.target is None:
+            raise ValueError("'sensitivity_only' needs 'pruning.target' (a scan to stop after)")
         search = self.pruning.search
         if (
             self.pruning.target is not None
