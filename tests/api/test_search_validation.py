@@ -84,7 +84,8 @@ def test_a_target_the_granularity_cannot_reach_is_422(api: Api, model: dict, dat
     unstructured = {"criterion": "l1", "granularity": "unstructured", "target": {"macs": 0.5}}
     body = assert_problem(post(api, with_eval(model, data, unstructured)), 422, "validation-error")
     assert body["errors"][0]["loc"] == ["body", "pruning", "target"]
-    assert "unstructured" in body["detail"] and "channel" in body["detail"]
+    assert "unstructured" in body["detail"]
+    assert "channel" in body["detail"]
     n_m = {"criterion": "l1", "granularity": "n:m", "target": {"params": 0.5}}
     assert_problem(post(api, with_eval(model, data, n_m)), 422, "validation-error")
     language = {**CHANNEL, "target": {"max_perplexity_increase": 0.05}}

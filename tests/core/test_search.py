@@ -91,7 +91,7 @@ def test_curves_are_non_decreasing_and_interpolated() -> None:
     assert acc.damage == pytest.approx((0.0, 0.1, 0.1, 0.4))
 
 
-# --- cells and cost --------------------------------------------------------------------------------
+# --- cells and cost ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def test_targets_are_checked_against_format_and_granularity() -> None:
     assert raised.value.field == "evaluation"
 
 
-# --- what the search buys ----------------------------------------------------------------------------
+# --- what the search buys ---------------------------------------------------------------------
 
 
 def _search(model: Path, data: Path, target: float) -> tuple[dict[str, float], Scanner, float]:
