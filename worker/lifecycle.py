@@ -28,6 +28,7 @@ from core.errors import (
 )
 from core.pipeline import MeasureConfig, PipelineData, PipelineResult, Stage, TrainingConfig
 from core.pipeline import run as run_pipeline
+from core.spec import JobSpec
 from shears.db import repository as repo
 from shears.db.tables import Artifact, Dataset, JobLayer, Model, new_id, utcnow
 from shears.jobspec import parse_stored
@@ -177,24 +178,32 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
                     search.record_scan_only(job_id, attempt, tenant, searched, storage, stored)
                     finished = True
                     return
-            result = run_pipeline(
-                searched.spec if searched else spec,
-                storage.path(model_key),
-                workdir,
-                measure=MeasureConfig(
-                    batch_size=settings.latency_batch_size,
-                    warmup=settings.latency_warmup,
-                    repeats=settings.latency_repeats,
-                    # Latency is reported on the device the worker prunes and trains on.
-                    device=str(pick_device(settings.train_device)),
-                ),
-                on_progress=progress,
-                data=_pipeline_data(storage, dataset_keys),
-                training=TrainingConfig(
-                    device=settings.train_device,
-                    checkpoint=storage.path(f"{checkpoint_dir}/fine_tune.pt"),
-                    checkpoint_every_steps=settings.checkpoint_every_steps,
-                ),
+
+            def prune(spec: JobSpec, again: bool = False) -> PipelineResult:
+                if again:  # a search's step back: not the last try's fine-tuning checkpoint
+                    storage.delete_prefix(checkpoint_dir)
+                return run_pipeline(
+                    spec,
+                    storage.path(model_key),
+                    workdir,
+                    measure=MeasureConfig(
+                        batch_size=settings.latency_batch_size,
+                        warmup=settings.latency_warmup,
+                        repeats=settings.latency_repeats,
+                        # Latency is reported on the device the worker prunes and trains on.
+                        device=str(pick_device(settings.train_device)),
+                    ),
+                    on_progress=progress,
+                    data=_pipeline_data(storage, dataset_keys),
+                    training=TrainingConfig(
+                        device=settings.train_device,
+                        checkpoint=storage.path(f"{checkpoint_dir}/fine_tune.pt"),
+                        checkpoint_every_steps=settings.checkpoint_every_steps,
+                    ),
+                )
+
+            result = (
+                search.prune_verified(spec, searched, prune, progress) if searched else prune(spec)
             )
             if heartbeat.cancel_requested.is_set():
                 raise Cancelled("the job was cancelled")

@@ -17,24 +17,33 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from core.device import pick_device
 from core.errors import Cancelled, InvalidDataset, InvalidSpec
+from core.formats.base import MeasureConfig
 from core.pipeline import PipelineResult, ProgressCallback
 from core.progress import between
 from core.search import Scanner, with_ratios
-from core.search.allocate import Choice, predicted_damage
-from core.search.targets import check_target, choose, curves_from_cells, sensitivity_document
+from core.search.allocate import Choice, Curve, allocate_within_damage, predicted_damage
+from core.search.cost import CostModel
+from core.search.targets import (
+    check_target,
+    choose_measured,
+    curves_from_cells,
+    sensitivity_document,
+)
 from core.spec import JobSpec
 from shears.db import repository as repo
 from shears.db import scans
 from shears.db.tables import Artifact, Model, new_id, utcnow
 from shears.jobspec import parse_stored
-from shears.settings import get_settings
+from shears.settings import Settings, get_settings
 from shears.storage import LocalStorage, StoredFile, storage_from_settings
 from worker.db import sessions
 
@@ -55,11 +64,14 @@ def node_name() -> str:
 
 @dataclass(frozen=True)
 class Searched:
-    """What the search chose, and the spec the pipeline prunes with."""
+    """What the search chose, and the spec the pipeline prunes with; the accuracy curves and the
+    cost model stay for a step back."""
 
     spec: JobSpec
     summary: dict[str, Any]
     sensitivity: Path
+    curves: list[Curve]
+    cost: CostModel
 
 
 class _CellLease:
@@ -226,12 +238,18 @@ def run_search(
         else loss_curves
     )
     cost = scanner.cost_model()
-    choice = choose(target, loss_curves, acc_curves, cost)
-    summary.update(
-        status="chosen",
-        chosen=choice.ratios,
-        predicted=_predicted(choice, cost, baseline, loss_curves, acc_curves),
+    config = measure_config(settings)
+    choice, latency = choose_measured(
+        target,
+        loss_curves,
+        acc_curves,
+        cost,
+        lambda ratios: scanner.latency_fraction(ratios, config),
     )
+    predicted = _predicted(choice, cost, baseline, loss_curves, acc_curves)
+    if latency is not None:
+        predicted["latency"] = latency  # measured on this worker's device, before export
+    summary.update(status="chosen", chosen=choice.ratios, predicted=predicted)
     _write(job_id, attempt, summary)
     progress(
         "pruning",
@@ -245,7 +263,75 @@ def run_search(
     document.update(target={target.kind: target.value}, chosen=choice.ratios)
     path.write_text(json.dumps(document, indent=1))
     resolved = spec.model_copy(update={"pruning": with_ratios(spec.pruning, choice.ratios)})
-    return Searched(resolved, summary, path)
+    return Searched(resolved, summary, path, acc_curves, cost)
+
+
+def measure_config(settings: Settings) -> MeasureConfig:
+    """How latency is measured on this worker (the pipeline measures the same way)."""
+    return MeasureConfig(
+        batch_size=settings.latency_batch_size,
+        warmup=settings.latency_warmup,
+        repeats=settings.latency_repeats,
+        device=str(pick_device(settings.train_device)),
+    )
+
+
+_STEP_BACKS = 2
+
+
+def prune_verified(
+    spec: JobSpec,
+    searched: Searched,
+    prune: Callable[[JobSpec, bool], PipelineResult],
+    progress: ProgressCallback,
+) -> PipelineResult:
+    """Run the pipeline at the chosen ratios. A target judged on the evaluation data after
+    fine-tuning (``max_accuracy_drop``) is then verified; where the drop is larger than allowed,
+    the search steps back (half the predicted damage budget) and prunes again, at most twice.
+    ``prune(spec, again)``: ``again`` is True for a step back (its fine-tune starts afresh)."""
+    result = prune(searched.spec, False)
+    target = spec.pruning.target
+    if target is None or target.kind != "max_accuracy_drop":
+        return result
+    budget = target.value
+    for step in range(_STEP_BACKS):
+        drop = _accuracy_drop(result)
+        if drop is None or drop <= target.value + 1e-9:
+            return result
+        budget /= 2
+        cost = searched.cost
+        kind = "macs" if "macs" in cost.reduces else "params"
+        choice = allocate_within_damage(
+            searched.curves,
+            lambda r, cost=cost, kind=kind: cost.fraction(kind, r),  # type: ignore[misc]
+            budget,
+            sizes=cost.sizes,
+        )
+        progress(
+            "pruning",
+            between("load", "prune", 1.0),
+            f"verified accuracy drop {drop:.4f} > {target.value}: stepping back "
+            f"({step + 1} of {_STEP_BACKS})",
+            {"drop": drop, "chosen": choice.ratios},
+        )
+        searched.summary.update(chosen=choice.ratios, step_backs=step + 1)
+        searched.summary["predicted"].update(
+            accuracy=searched.summary["baseline"].get("accuracy", 0.0) - choice.damage
+        )
+        searched = replace(
+            searched,
+            spec=spec.model_copy(update={"pruning": with_ratios(spec.pruning, choice.ratios)}),
+        )
+        result = prune(searched.spec, True)
+    return result
+
+
+def _accuracy_drop(result: PipelineResult) -> float | None:
+    m = result.metrics
+    final = m.eval_after_fine_tune or m.eval_after_pruning
+    if not m.eval_before or not final or "accuracy" not in final:
+        return None
+    return float(m.eval_before["accuracy"] - final["accuracy"])
 
 
 def _predicted(

@@ -15,6 +15,7 @@ Example (no service needed)::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +23,12 @@ import torch
 
 from core.data import Dataset, batch_range, load_dataset, match_program
 from core.evaluate import evaluate
-from core.formats import detect
-from core.formats.base import ModelInfo
+from core.formats import detect, get_format
+from core.formats.base import MeasureConfig, ModelInfo
 from core.search.cost import CostModel
-from core.search.units import Calibration, ScanUnit, UnitFamily, family_for
+from core.search.units import Calibration, ScanUnit, UnitFamily, family_for, with_ratios
 from core.spec import EvaluationSpec, JobSpec
+from core.structure import prune_program
 
 Program = torch.export.ExportedProgram
 _BATCH_NORM = torch.ops.aten.batch_norm.default
@@ -43,6 +45,7 @@ class Scanner:
     calibration: Calibration = None
     family: UnitFamily = field(init=False)
     _units: list[ScanUnit] | None = field(default=None, init=False)
+    _dense_latency: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.family = family_for(self.info.format, self.spec.pruning.granularity)
@@ -88,6 +91,15 @@ class Scanner:
 
     def cost_model(self) -> CostModel:
         return self.family.cost_model(self.program, self.info, self.spec.pruning, self.units())
+
+    def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
+        """Latency of the program pruned at ``ratios`` over the dense program's, measured on
+        ``config.device`` (the dense one once)."""
+        fmt = get_format(self.info.format)
+        if self._dense_latency is None:
+            self._dense_latency = fmt.measure(self.program, self.info, config).latency_ms
+        pruned = prune_program(self.program, with_ratios(self.spec.pruning, ratios)).program
+        return fmt.measure(pruned, self.info, config).latency_ms / self._dense_latency
 
     def score(self, key: str | None, ratio: float) -> dict[str, float]:
         """Scores (``accuracy``, ``loss``, ...) with unit ``key`` pruned at ``ratio``; the dense

@@ -25,6 +25,9 @@ from core.search.cost import CostModel
 from core.spec import JobSpec, TargetSpec
 
 Chooser = Callable[[float, Sequence[Curve], Sequence[Curve], CostModel], Choice]
+Measure = Callable[[Mapping[str, float]], float]
+"""The target's own quantity measured on the model pruned at some ratios (a fraction of dense)."""
+Refiner = Callable[[float, Callable[[float], Choice], Measure], Choice]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class TargetKind:
     choose: Chooser
     reduces: str | None = None
     needs_evaluation: bool = False
+    # Where the allocation's cost is only a proxy (latency through MACs): re-choose at a tighter
+    # proxy budget until the measured quantity meets the target.
+    refine: Refiner | None = None
 
 
 _TARGETS: dict[str, TargetKind] = {}
@@ -99,6 +105,46 @@ def choose(
 ) -> Choice:
     """Per-unit ratios for ``target`` from the scan's curves and the model's cost."""
     return _TARGETS[target.kind].choose(target.value, loss_curves, accuracy_curves, cost)
+
+
+def choose_measured(
+    target: TargetSpec,
+    loss_curves: Sequence[Curve],
+    accuracy_curves: Sequence[Curve],
+    cost: CostModel,
+    measure: Measure,
+) -> tuple[Choice, float | None]:
+    """As :func:`choose`; for a target whose cost is a proxy, refined against ``measure`` (then
+    also returns the measured fraction)."""
+    kind = _TARGETS[target.kind]
+    if kind.refine is None:
+        return choose(target, loss_curves, accuracy_curves, cost), None
+
+    def at(budget: float) -> Choice:
+        return kind.choose(budget, loss_curves, accuracy_curves, cost)
+
+    choice = kind.refine(target.value, at, measure)
+    return choice, measure(choice.ratios)
+
+
+def refine_by_measurement(
+    value: float, choose_at: Callable[[float], Choice], measure: Measure, tries: int = 5
+) -> Choice:
+    """Tighten the proxy budget by the measured overshoot until ``measure`` is within ``value``
+    (a latency fraction falls less than the MACs behind it: memory-bound layers, fixed costs).
+    Returns the last choice if ``tries`` do not get there; the job reports it as not met."""
+    budget = value
+    choice = choose_at(budget)
+    for _ in range(tries - 1):
+        got = measure(choice.ratios)
+        if got <= value:
+            break
+        budget *= value / got
+        try:
+            choice = choose_at(budget)
+        except InvalidSpec:
+            break  # the proxy cannot go lower: keep the closest choice there was
+    return choice
 
 
 def curves_from_cells(
@@ -164,8 +210,17 @@ register_target(
         "params", frozenset({"pt2"}), _CHANNELS | {"unstructured"}, _by_cost("params"), "params"
     )
 )
-# Latency is allocated through MACs (the device's own cost is measured after, on the artifact).
-register_target(TargetKind("latency", frozenset({"pt2"}), _CHANNELS, _by_cost("macs"), "macs"))
+# Latency is allocated through MACs, then checked on the worker's device and tightened.
+register_target(
+    TargetKind(
+        "latency",
+        frozenset({"pt2"}),
+        _CHANNELS,
+        _by_cost("macs"),
+        "macs",
+        refine=refine_by_measurement,
+    )
+)
 register_target(
     TargetKind(
         "max_accuracy_drop",
