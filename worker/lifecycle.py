@@ -200,6 +200,7 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
                         checkpoint=storage.path(f"{checkpoint_dir}/fine_tune.pt"),
                         checkpoint_every_steps=settings.checkpoint_every_steps,
                     ),
+                    after_prune=searched.after_prune(progress) if searched else None,
                 )
 
             result = (

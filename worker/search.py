@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 
 from core.device import pick_device
 from core.errors import Cancelled, InvalidDataset, InvalidSpec
 from core.formats.base import MeasureConfig
 from core.pipeline import PipelineResult, ProgressCallback
-from core.progress import between
-from core.search import Scanner, with_ratios
+from core.progress import FRACTION, between
+from core.search import Scanner, reestimate_program_batchnorm, with_ratios
 from core.search.allocate import Choice, Curve, allocate_within_damage, predicted_damage
 from core.search.cost import CostModel
 from core.search.targets import (
@@ -72,6 +73,23 @@ class Searched:
     sensitivity: Path
     curves: list[Curve]
     cost: CostModel
+    search_inputs: tuple[torch.Tensor, ...]
+
+    def after_prune(self, progress: ProgressCallback) -> Callable[[Any], None]:
+        """Re-estimate the pruned model's BatchNorm statistics on the search data, as the scan
+        did for every cell (the predictions assume it)."""
+
+        def hook(program: Any) -> None:
+            count = reestimate_program_batchnorm(program, self.search_inputs)
+            if count:
+                progress(
+                    "pruning",
+                    FRACTION["prune"],
+                    f"re-estimated {count} BatchNorm statistics on the search data",
+                    {"batchnorms": count},
+                )
+
+        return hook
 
 
 class _CellLease:
@@ -263,7 +281,7 @@ def run_search(
     document.update(target={target.kind: target.value}, chosen=choice.ratios)
     path.write_text(json.dumps(document, indent=1))
     resolved = spec.model_copy(update={"pruning": with_ratios(spec.pruning, choice.ratios)})
-    return Searched(resolved, summary, path, acc_curves, cost)
+    return Searched(resolved, summary, path, acc_curves, cost, scanner.data.inputs)
 
 
 def measure_config(settings: Settings) -> MeasureConfig:

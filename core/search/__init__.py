@@ -5,7 +5,7 @@ curves and allocates a target over them (:mod:`core.search.allocate`), then prun
 ``layer_sparsity`` (:func:`with_ratios`) through the ordinary pipeline.
 """
 
-from core.search.scan import Scanner, reestimate_batchnorm
+from core.search.scan import Scanner, reestimate_batchnorm, reestimate_program_batchnorm
 from core.search.units import ScanUnit, family_for, register_family, with_ratios
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Scanner",
     "family_for",
     "reestimate_batchnorm",
+    "reestimate_program_batchnorm",
     "register_family",
     "with_ratios",
 ]

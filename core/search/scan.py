@@ -25,6 +25,7 @@ from core.data import Dataset, batch_range, load_dataset, match_program
 from core.evaluate import evaluate
 from core.formats import detect, get_format
 from core.formats.base import MeasureConfig, ModelInfo
+from core.formats.pt2.program import module_on
 from core.search.cost import CostModel
 from core.search.units import Calibration, ScanUnit, UnitFamily, family_for, with_ratios
 from core.spec import EvaluationSpec, JobSpec
@@ -117,6 +118,20 @@ class Scanner:
     def _evaluation(self) -> EvaluationSpec:
         base = self.spec.evaluation or EvaluationSpec()
         return base.model_copy(update={"max_samples": None})
+
+
+@torch.no_grad()
+def reestimate_program_batchnorm(program: Program, inputs: tuple[torch.Tensor, ...]) -> int:
+    """:func:`reestimate_batchnorm` for an exported program: its running statistics are set, in
+    place, to those of ``inputs``. Returns how many BatchNorms there were."""
+    module = module_on(program)
+    count = reestimate_batchnorm(module, inputs)
+    if count:
+        state = program.state_dict
+        for name, buffer in module.named_buffers():
+            if name in state and state[name].shape == buffer.shape:
+                state[name].copy_(buffer)
+    return count
 
 
 @torch.no_grad()

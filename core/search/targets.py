@@ -128,22 +128,29 @@ def choose_measured(
 
 
 def refine_by_measurement(
-    value: float, choose_at: Callable[[float], Choice], measure: Measure, tries: int = 5
+    value: float, choose_at: Callable[[float], Choice], measure: Measure, tries: int = 6
 ) -> Choice:
-    """Tighten the proxy budget by the measured overshoot until ``measure`` is within ``value``
-    (a latency fraction falls less than the MACs behind it: memory-bound layers, fixed costs).
+    """Tighten the proxy budget until ``measure`` is within ``value``: a latency fraction falls
+    less than the MACs behind it (memory-bound layers, fixed costs). The first step scales the
+    budget by the overshoot; the next ones follow the secant through the last two measurements.
     Returns the last choice if ``tries`` do not get there; the job reports it as not met."""
-    budget = value
-    choice = choose_at(budget)
-    for _ in range(tries - 1):
-        got = measure(choice.ratios)
-        if got <= value:
-            break
-        budget *= value / got
+    aim = value * 0.99  # a little under: the artifact is measured again, with its own noise
+    budgets = [value]
+    choice = choose_at(value)
+    measured = [measure(choice.ratios)]
+    while measured[-1] > value and len(measured) < tries:
+        if len(measured) == 1 or measured[-1] == measured[-2]:
+            budget = budgets[-1] * aim / measured[-1]
+        else:
+            slope = (budgets[-1] - budgets[-2]) / (measured[-1] - measured[-2])
+            budget = budgets[-1] + (aim - measured[-1]) * slope
+        budget = min(max(budget, 1e-3), budgets[-1])
         try:
             choice = choose_at(budget)
         except InvalidSpec:
             break  # the proxy cannot go lower: keep the closest choice there was
+        budgets.append(budget)
+        measured.append(measure(choice.ratios))
     return choice
 
 

@@ -16,14 +16,20 @@ from torch import nn
 from core.errors import InvalidSpec
 from core.formats.pt2.program import module_on, synthetic_inputs
 from core.metrics import count_macs
-from core.search import Scanner, reestimate_batchnorm, with_ratios
+from core.search import (
+    Scanner,
+    reestimate_batchnorm,
+    reestimate_program_batchnorm,
+    with_ratios,
+)
 from core.search.allocate import (
+    Choice,
     Curve,
     allocate_to_budget,
     allocate_within_damage,
     uniform_to_budget,
 )
-from core.search.targets import check_target, curves_from_cells
+from core.search.targets import check_target, curves_from_cells, refine_by_measurement
 from core.spec import JobSpec
 from core.structure import prune_program
 from tests.factories import (
@@ -75,6 +81,21 @@ def test_greedy_prunes_the_insensitive_unit_first() -> None:
     assert within.ratios["flat"] == pytest.approx(0.9)
     assert within.damage <= 0.05
     assert uniform_to_budget(["flat", "steep"], cost, 0.6) == pytest.approx(0.4)
+
+
+def test_a_proxy_budget_is_tightened_until_the_measurement_meets_the_target() -> None:
+    # Latency falls slower than MACs (a fixed share does not shrink): 0.6 + 0.4 x MACs.
+    def choose_at(budget: float) -> Choice:
+        return Choice({"a": 1 - budget}, budget, 0.0)
+
+    def measure(ratios: dict[str, float]) -> float:
+        return 0.6 + 0.4 * (1 - ratios["a"])
+
+    choice = refine_by_measurement(0.8, choose_at, measure)
+    assert measure(choice.ratios) <= 0.8
+    assert choice.ratios["a"] > 0.2  # tighter than the proxy's own budget
+    # Unreachable: the last try is returned, and the job reports the target as not met.
+    assert measure(refine_by_measurement(0.5, choose_at, measure).ratios) > 0.5
 
 
 def test_curves_are_non_decreasing_and_interpolated() -> None:
@@ -190,6 +211,11 @@ def test_batchnorm_is_reestimated_on_the_given_data(residual) -> None:
     saved = gm.stage1.b1.running_mean.clone()
     assert torch.equal(gm(x), gm(x))
     assert torch.equal(saved, gm.stage1.b1.running_mean)
+    # A program's own statistics, in place (what a target job does after pruning).
+    program = torch.export.load(str(model))
+    assert reestimate_program_batchnorm(program, (x,)) == 4
+    assert torch.equal(program.state_dict["stage1.b1.running_mean"], saved)
+    assert torch.allclose(program.module()(x), gm(x), atol=1e-6)
 
 
 def test_targets_are_checked_against_format_and_granularity() -> None:

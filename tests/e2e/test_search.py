@@ -152,6 +152,25 @@ def test_sensitivity_only_stops_after_the_scan(two_workers: Service, uploaded) -
         )
 
 
+def test_max_accuracy_drop_is_verified_after_fine_tuning(two_workers: Service, uploaded) -> None:
+    body = target_job(uploaded)
+    body["pruning"]["target"] = {"max_accuracy_drop": 0.01}
+    body["pruning"]["search"]["grid"] = [0.2, 0.4, 0.6, 0.8]
+    body["fine_tune"] = {"dataset_id": uploaded["train"], "epochs": 1, "lr": 0.002}
+    done = two_workers.wait_for_job(submit(two_workers, body)["id"], timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    metrics, search = done["metrics"], done["search"]
+    drop = metrics["eval_before"]["accuracy"] - metrics["eval_after_fine_tune"]["accuracy"]
+    assert (
+        search["achieved"]["accuracy_after_fine_tune"]
+        == metrics["eval_after_fine_tune"]["accuracy"]
+    )
+    assert search["achieved"]["met"] is (drop <= 0.01 + 1e-9)
+    assert search["achieved"]["met"] or search["step_backs"] == 2
+    assert metrics["macs_after"] < metrics["macs_before"]  # as much as fits was removed
+    assert any(r > 0 for r in search["chosen"].values())
+
+
 def _children(pid: int) -> set[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
