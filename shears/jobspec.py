@@ -25,9 +25,9 @@ from core.spec import (
     EvaluationSpec,
     FineTuneSpec,
     JobSpec,
-    PruningSpec,
     SearchSpec,
 )
+from core.spec import PruningSpec as CorePruningSpec
 
 DatasetId = Field(min_length=1, max_length=64, description="A dataset uploaded to /v1/datasets.")
 
@@ -65,8 +65,9 @@ class SearchRequest(SearchSpec):
         return True
 
 
-class PruningRequest(PruningSpec):
-    """``pruning`` of ``POST /v1/jobs``: core's spec, its ``search`` naming a dataset."""
+class PruningSpec(CorePruningSpec):
+    """``pruning`` of ``POST /v1/jobs``: core's spec, its ``search`` naming a dataset. (Named as
+    core's class, so the published schema keeps its component name ``PruningSpec``.)"""
 
     search: SearchRequest | None = Field(
         default=None, description="With `target`: the sensitivity scan's data, grid and samples."
@@ -81,7 +82,7 @@ class JobSpecRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    pruning: PruningRequest
+    pruning: PruningSpec
     dry_run: bool = Field(default=False, description="Report what would be pruned; prune nothing.")
     sensitivity_only: bool = Field(
         default=False,
