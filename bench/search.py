@@ -50,6 +50,7 @@ from examples.models import (
     save_npz,
     train_digits_cnn,
 )
+from examples.peers import macs_fraction, torch_pruning_global
 
 Program = torch.export.ExportedProgram
 
@@ -117,7 +118,7 @@ def bisect(measure: Callable[[float], float], budget: float, top: float = 0.95) 
     return hi
 
 
-def one_run(name: str, net: nn.Module, head: nn.Module, data, budget: float, seed: int, root: Path):
+def one_run(name: str, net: nn.Module, head: str, data, budget: float, seed: int, root: Path):
     x, y, x_test, y_test = data
     path = export_digits(net, root / f"{name}.pt2")
     search_data = save_npz(root / "search.npz", inputs=x[:512], targets=y[:512])
@@ -170,31 +171,11 @@ def one_run(name: str, net: nn.Module, head: nn.Module, data, budget: float, see
     ratio = bisect(lambda r: macs_of(global_at(r), scanner.info) / dense_macs, budget)
     record("global", global_at(ratio), time.perf_counter() - start)
 
-    import torch_pruning as tp
-
     start = time.perf_counter()
-    example = torch.randn(1, 1, 8, 8)
-    tp_dense, _ = tp.utils.count_ops_and_params(net, example)
-    head_name = next(n for n, m in net.named_modules() if m is head)
-
-    def tp_at(ratio: float) -> nn.Module:
-        model = copy.deepcopy(net)
-        tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            global_pruning=True,
-            pruning_ratio=ratio,
-            ignored_layers=[model.get_submodule(head_name)],
-        ).step()
-        return model.eval()
-
-    ratio = bisect(lambda r: tp.utils.count_ops_and_params(tp_at(r), example)[0] / tp_dense, budget)
-    peer = tp_at(ratio)
+    peer = torch_pruning_global(net, head, budget)
     seconds = time.perf_counter() - start
-    macs, _ = tp.utils.count_ops_and_params(peer, example)
     rows["torch_pruning"] = {
-        "macs": macs / tp_dense,
+        "macs": macs_fraction(peer, net),
         "after_pruning": accuracy(peer, x_test, y_test),
         "after_bn": accuracy(eager_batchnorm(peer, calibration[0]), x_test, y_test),
         "after_fine_tune": fine_tuned_accuracy(peer, False, data, seed),
@@ -218,9 +199,7 @@ def quality(seeds: list[int], budgets: list[float], out: Path) -> None:
             )
             for budget in budgets:
                 with tempfile.TemporaryDirectory() as tmp:
-                    rows, chosen = one_run(
-                        name, net, net.get_submodule(head), data, budget, seed, Path(tmp)
-                    )
+                    rows, chosen = one_run(name, net, head, data, budget, seed, Path(tmp))
                 entry = {
                     "model": name,
                     "seed": seed,

@@ -88,33 +88,14 @@ def allocate_to_budget(
     Raises:
         InvalidSpec: even every unit at its largest grid ratio costs more than ``budget``.
     """
-    ratios = {c.unit: 0.0 for c in curves}
-    sizes = sizes or {}
-    current = cost(ratios)
-    while current > budget + 1e-12:
-        best: tuple[float, float, str, float] | None = None
-        for curve in curves:
-            r = ratios[curve.unit]
-            nxt = _next_ratio(r, step, sizes.get(curve.unit), curve.max_ratio)
-            if nxt is None:
-                continue
-            saved = current - cost({**ratios, curve.unit: nxt})
-            if saved <= 0:
-                continue
-            harm = max(curve.at(nxt) - curve.at(r), 0.0)
-            key = (harm / saved, -saved, curve.unit, nxt)
-            if best is None or key < best:
-                best = key
-        if best is None:
-            raise InvalidSpec(
-                f"the target cannot be reached: with every searched layer at its largest grid "
-                f"ratio the model keeps {current:.3f} of the dense cost, above {budget}; "
-                "widen the search grid or relax the target",
-                "pruning",
-            )
-        unit = best[2]
-        ratios[unit] = best[3]
-        current = cost(ratios)
+    ratios, current = _greedy(curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12)
+    if current > budget + 1e-12:
+        raise InvalidSpec(
+            f"the target cannot be reached: with every searched layer at its largest grid "
+            f"ratio the model keeps {current:.3f} of the dense cost, above {budget}; "
+            "widen the search grid or relax the target",
+            "pruning",
+        )
     return Choice(ratios, current, predicted_damage(curves, ratios))
 
 
@@ -128,10 +109,31 @@ def allocate_within_damage(
 ) -> Choice:
     """As much pruning as the greedy order allows while the predicted damage stays within
     ``max_damage`` (for targets judged by quality, not cost)."""
+    ratios, current = _greedy(
+        curves,
+        cost,
+        step,
+        sizes,
+        lambda r, c: False,
+        allowed=lambda trial: predicted_damage(curves, trial) <= max_damage,
+    )
+    return Choice(ratios, current, predicted_damage(curves, ratios))
+
+
+def _greedy(
+    curves: Sequence[Curve],
+    cost: Cost,
+    step: float,
+    sizes: Mapping[str, int] | None,
+    done: Callable[[Mapping[str, float], float], bool],
+    allowed: Callable[[Mapping[str, float]], bool] | None = None,
+) -> tuple[dict[str, float], float]:
+    """From nothing pruned, give the next step to the unit with the least added damage per cost
+    saved until ``done(ratios, cost)``, or no unit can step (or none is ``allowed`` to)."""
     ratios = {c.unit: 0.0 for c in curves}
     sizes = sizes or {}
     current = cost(ratios)
-    while True:
+    while not done(ratios, current):
         best: tuple[float, float, str, float] | None = None
         for curve in curves:
             r = ratios[curve.unit]
@@ -140,17 +142,17 @@ def allocate_within_damage(
                 continue
             trial = {**ratios, curve.unit: nxt}
             saved = current - cost(trial)
-            if saved <= 0 or predicted_damage(curves, trial) > max_damage:
+            if saved <= 0 or (allowed is not None and not allowed(trial)):
                 continue
             harm = max(curve.at(nxt) - curve.at(r), 0.0)
             key = (harm / saved, -saved, curve.unit, nxt)
             if best is None or key < best:
                 best = key
         if best is None:
-            return Choice(ratios, current, predicted_damage(curves, ratios))
-        unit = best[2]
-        ratios[unit] = best[3]
+            break
+        ratios[best[2]] = best[3]
         current = cost(ratios)
+    return ratios, current
 
 
 def uniform_to_budget(units: Sequence[str], cost: Cost, budget: float, top: float = 0.99) -> float:

@@ -4,7 +4,6 @@ Torch-Pruning's global ranking at the same MACs)."""
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from core.search.allocate import (
 from core.search.targets import check_target, curves_from_cells, refine_by_measurement
 from core.spec import JobSpec
 from core.structure import prune_program
+from examples.peers import torch_pruning_global
 from tests.factories import (
     ResidualCNN,
     accuracy,
@@ -255,34 +255,6 @@ def _search(model: Path, data: Path, target: float) -> tuple[dict[str, float], S
     return chosen.ratios, scanner, uniform
 
 
-def _torch_pruning_global(model: nn.Module, target: float) -> nn.Module:
-    """Torch-Pruning's global ranking (GroupMagnitudeImportance(p=2)), ratio bisected to the
-    same MACs."""
-    import torch_pruning as tp
-
-    example = torch.randn(1, 1, 8, 8)
-    dense, _ = tp.utils.count_ops_and_params(model, example)
-
-    def pruned(ratio: float) -> nn.Module:
-        copy_ = copy.deepcopy(model)
-        tp.pruner.MetaPruner(
-            copy_,
-            example,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            global_pruning=True,
-            pruning_ratio=ratio,
-            ignored_layers=[copy_.fc],
-        ).step()
-        return copy_
-
-    lo, hi = 0.0, 0.95
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        macs, _ = tp.utils.count_ops_and_params(pruned(mid), example)
-        lo, hi = (mid, hi) if macs / dense > target else (lo, mid)
-    return pruned(hi).eval()
-
-
 def test_searched_ratios_beat_uniform_and_match_torch_pruning_at_equal_macs(tmp_path: Path) -> None:
     x, y, x_test, y_test = digits_arrays()
     net = train_digits_cnn(x, y, epochs=12)
@@ -302,7 +274,7 @@ def test_searched_ratios_beat_uniform_and_match_torch_pruning_at_equal_macs(tmp_
     assert 0.48 <= searched_macs <= 0.5  # the target, met within 2%
     # One ratio for every group steps in whole channels: the nearest under the budget.
     assert 0.46 <= flat_macs <= 0.5
-    peer = _torch_pruning_global(net, 0.5)
+    peer = torch_pruning_global(net, "fc", 0.5)
     peer_accuracy = accuracy(peer, x_test, y_test)
     assert searched >= flat + 0.01 or searched >= dense - 0.005, (searched, flat, dense)
     assert searched >= peer_accuracy - 0.005, (searched, peer_accuracy)
