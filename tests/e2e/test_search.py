@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 
 from shears.cli import worker_command
 from tests.conftest import free_port
+from tests.e2e.conftest import BACKENDS
 from tests.e2e.service import Service, service_env
 from tests.e2e.test_walkthrough import submit, upload
 from tests.factories import Digits, make_digits
@@ -33,12 +34,19 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
     return make_digits(tmp_path_factory.mktemp("digits"))
 
 
-@pytest.fixture(scope="module")
-def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The embedded service (SQLite, broker without a server) with two worker processes."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def two_workers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """The service with two worker processes, embedded (SQLite, a broker without a server) and
+    on PostgreSQL with Redis."""
     data_dir = tmp_path_factory.mktemp("svc-search")
     port = free_port()
-    env = service_env(data_dir, port, None, None, SHEARS_JOB_LEASE_SECONDS="4")
+    database = broker = None
+    if request.param != "embedded":
+        database = request.getfixturevalue("make_pg_database")()
+        broker = request.getfixturevalue("redis_server")
+    env = service_env(data_dir, port, database, broker, SHEARS_JOB_LEASE_SECONDS="4")
     svc = Service(data_dir=data_dir, env=env, port=port, with_worker=False)
     try:
         svc.start()
