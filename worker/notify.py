@@ -95,7 +95,7 @@ def publish_job_event(
             )
         celery.send_task(JOB_EVENT_TASK, args=[asdict(event)])
     except Exception as exc:
-        log.warning("job event not published", job_id=job_id, event=event_type, error=str(exc))
+        log.warning("job event not published", job_id=job_id, event_type=event_type, error=str(exc))
         return False
     return True
 
