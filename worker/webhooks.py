@@ -97,15 +97,7 @@ def deliver(delivery_id: str, attempt: int) -> None:
         # Only the sweeper asks for one more after a lost last attempt: the budget is spent.
         outcome = Outcome(None, "no attempt left (the last one was lost)")
     else:
-        outcome = send(
-            claimed.url,
-            claimed.secret,
-            claimed.message_id,
-            claimed.payload,
-            timeout=settings.webhook_timeout_seconds,
-            max_response_bytes=settings.webhook_max_response_bytes,
-            allow_private=settings.webhook_allow_private,
-        )
+        outcome = send(claimed, settings)
     delay = None if outcome.ok else retry_delay(settings, attempt)
     status = "succeeded" if outcome.ok else ("pending" if delay is not None else "failed")
     next_at: datetime | None = None if delay is None else utcnow() + timedelta(seconds=delay)
@@ -140,21 +132,11 @@ def sign(secret: str, message_id: str, payload: str, at: datetime) -> dict[str, 
     }
 
 
-def send(
-    url: str,
-    secret: str,
-    message_id: str,
-    payload: str,
-    *,
-    timeout: float,
-    max_response_bytes: int,
-    allow_private: bool,
-) -> Outcome:
-    """POST ``payload`` to ``url`` once, signed; never raises."""
+def send(attempt: repo.ClaimedAttempt, settings: Settings) -> Outcome:
+    """POST the attempt's payload to its URL once, signed; never raises."""
+    timeout = settings.webhook_timeout_seconds
     try:
-        return anyio.run(
-            _send, url, secret, message_id, payload, timeout, max_response_bytes, allow_private
-        )
+        return anyio.run(_send, attempt, settings)
     except TimeoutError:
         return Outcome(None, f"no response within {timeout:g} s")
     except ssrf.UnsafeURL as exc:
@@ -166,31 +148,25 @@ def send(
         return Outcome(None, f"{type(exc).__name__}: {exc}")
 
 
-async def _send(
-    url: str,
-    secret: str,
-    message_id: str,
-    payload: str,
-    timeout: float,
-    max_response_bytes: int,
-    allow_private: bool,
-) -> Outcome:
+async def _send(attempt: repo.ClaimedAttempt, settings: Settings) -> Outcome:
+    timeout = settings.webhook_timeout_seconds
     with anyio.fail_after(timeout):
         target = await anyio.to_thread.run_sync(
-            lambda: ssrf.check(url, allow_private=allow_private), abandon_on_cancel=True
+            lambda: ssrf.check(attempt.url, allow_private=settings.webhook_allow_private),
+            abandon_on_cancel=True,
         )
         headers = {
-            **sign(secret, message_id, payload, utcnow()),
+            **sign(attempt.secret, attempt.message_id, attempt.payload, utcnow()),
             "content-type": "application/json",
             "user-agent": USER_AGENT,
         }
         async with httpx.AsyncClient(
             follow_redirects=False, trust_env=False, timeout=timeout
         ) as client:
-            request = _pinned(client, target, payload, headers)
+            request = _pinned(client, target, attempt.payload, headers)
             response = await client.send(request, stream=True)
             try:
-                body = await _read_capped(response, max_response_bytes)
+                body = await _read_capped(response, settings.webhook_max_response_bytes)
             finally:
                 await response.aclose()
     if 200 <= response.status_code < 300:

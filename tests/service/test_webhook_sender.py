@@ -11,7 +11,8 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from shears.db.webhooks_repo import new_secret
+from shears.db.webhooks_repo import ClaimedAttempt, new_secret
+from shears.settings import Settings
 from tests.webhook_receiver import Receiver, receiver
 from worker.webhooks import Outcome, send
 
@@ -24,11 +25,13 @@ def hooks() -> Iterator[Receiver]:
         yield r
 
 
-def _send(url: str, secret: str = "", *, allow_private: bool = True, **kw: Any) -> Outcome:
-    options: dict[str, Any] = {"timeout": 5.0, "max_response_bytes": 1024, **kw}
-    return send(
-        url, secret or new_secret(), "msg_1", PAYLOAD, allow_private=allow_private, **options
+def _send(url: str, secret: str = "", *, allow_private: bool = True, timeout: float = 5) -> Outcome:
+    settings = Settings(
+        webhook_allow_private=allow_private,
+        webhook_timeout_seconds=timeout,
+        webhook_max_response_bytes=1024,
     )
+    return send(ClaimedAttempt("dlv_1", 1, url, secret or new_secret(), "msg_1", PAYLOAD), settings)
 
 
 def test_a_signed_post_that_standard_webhooks_verifies(hooks: Receiver) -> None:
