@@ -69,3 +69,15 @@ def test_publishing_with_the_broker_down_returns_false(tmp_path: Path) -> None:
         assert notify.publish_job_event(down, sessions, "job_gone", "job.cancelled") is False
     finally:
         engine.dispose()
+
+
+def test_compose_runs_a_notify_worker_on_the_notify_queue() -> None:
+    from shears.settings import Settings
+    from tests.service.test_deployment import check_entry_point, compose
+
+    notify_service = compose()["services"]["notify"]
+    command = notify_service["command"]
+    check_entry_point(command)
+    assert command[command.index("-A") + 1] == "worker.notify_app"
+    assert command[command.index("-Q") + 1] == Settings().notify_queue
+    assert "deploy" not in notify_service  # no GPU: it only waits on the network
