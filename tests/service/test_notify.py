@@ -21,6 +21,7 @@ EVENT = notify.JobEvent(
 @pytest.fixture
 def registered() -> dict[str, notify.Listener]:
     saved = dict(notify._LISTENERS)
+    notify._LISTENERS.clear()  # only this test's listeners, whatever other tests imported
     yield notify._LISTENERS
     notify._LISTENERS.clear()
     notify._LISTENERS.update(saved)
