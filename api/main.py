@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.observability import install_metrics
-from api.routes import artifacts, datasets, health, jobs, models
+from api.routes import artifacts, datasets, health, jobs, models, webhooks
 from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import autocommit, make_engine, make_sessionmaker
 from shears.logs import configure_logging
@@ -56,4 +56,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
     app.include_router(datasets.router)
+    app.include_router(webhooks.router)
     return app

@@ -82,7 +82,8 @@ def migrate() -> None:
     upgrade(settings.resolved_database_url)
     typer.echo("database at head")
     if settings.resolved_broker_url.startswith("sqla+"):
-        _declare_embedded_queue(settings.resolved_broker_url, settings.queue)
+        for queue in (settings.queue, settings.notify_queue):
+            _declare_embedded_queue(settings.resolved_broker_url, queue)
 
 
 def _declare_embedded_queue(broker_url: str, queue: str) -> None:
@@ -136,6 +137,32 @@ def worker_command(queue: str) -> list[str]:
     ]
 
 
+def notify_worker_command(queue: str, concurrency: int) -> list[str]:
+    # Its own app (no job code, no torch) and threads: deliveries wait on the network, and a slow
+    # receiver holds one thread, not the others.
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.notify_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "threads",
+        "-Q",
+        queue,
+        "-n",
+        "notify@%h",
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
+
+
 def sweeper_command() -> list[str]:
     return [sys.executable, "-m", "shears.cli", "sweeper"]
 
@@ -159,12 +186,14 @@ def sweeper() -> None:
 
 @app.command()
 def serve() -> None:
-    """Migrate, then run the API, one worker and the sweeper until Ctrl-C (`make run`)."""
+    """Migrate, then run the API, one worker, the notify worker (webhooks) and the sweeper until
+    Ctrl-C (`make run`)."""
     settings = get_settings()
     migrate()
     procs = [
         subprocess.Popen(api_command(settings.host, settings.port)),
         subprocess.Popen(worker_command(settings.queue)),
+        subprocess.Popen(notify_worker_command(settings.notify_queue, settings.notify_concurrency)),
         subprocess.Popen(sweeper_command()),
     ]
     typer.echo(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, computed_field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, computed_field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -89,6 +90,46 @@ class Settings(BaseSettings):
         description="Most bytes Shears keeps in storage (models, artifacts); unset: no quota.",
     )
     log_level: str = Field(default="INFO", description="Log level of API and worker (JSON logs).")
+    notify_queue: str = Field(
+        default="shears-notify",
+        description="Celery queue of notifications (webhook deliveries, job event listeners), "
+        "served by a worker of its own so that none waits behind a pruning job.",
+    )
+    notify_concurrency: int = Field(
+        default=8,
+        ge=1,
+        description="Threads of the notify worker (deliveries wait on the network).",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow webhook URLs on loopback, private and link-local addresses "
+        "(development and tests only: it opens the service to SSRF).",
+    )
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0),
+        description="Seconds before each retry of a failed webhook delivery, comma-separated "
+        "(each gets +-20% jitter); one attempt plus one retry per entry.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Whole-attempt limit of one webhook delivery."
+    )
+    webhook_max_response_bytes: int = Field(
+        default=64 * 1024, ge=0, description="Most of a webhook response body that is read."
+    )
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < 0 for delay in value):
+            raise ValueError("retry delays are seconds >= 0")
+        return value
 
     @computed_field  # type: ignore[prop-decorator]
     @property

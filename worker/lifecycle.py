@@ -33,7 +33,9 @@ from shears.db.tables import Artifact, Dataset, JobLayer, Model, new_id, utcnow
 from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
 from shears.storage import LocalStorage, StorageError, StoredFile, storage_from_settings
+from worker.celery_app import app as celery_app
 from worker.db import sessions
+from worker.notify import JobEventType, publish_job_event
 
 log = structlog.get_logger("shears.worker")
 
@@ -137,8 +139,10 @@ def run_job(job_id: str) -> None:
                     f"(limit {settings.max_attempts}); its worker may be crashing on it",
                 )
             log.error("job exceeded its attempts", attempt=attempt)
+            _announce(job_id, "job.failed")
             return
         log.info("job claimed", attempt=attempt)
+        _announce(job_id, "job.started")
         _run_claimed(job_id, attempt, settings)
     finally:
         structlog.contextvars.unbind_contextvars("job_id")
@@ -225,7 +229,14 @@ def _finish(job_id: str, attempt: int, status: str, code: str | None, message: s
         if owned:
             repo.add_event(session, job_id, "done", message, {"status": status, "error": code})
     log.info("job finished", status=status, error=code, message=message)
+    if owned:
+        _announce(job_id, "job.cancelled" if status == "cancelled" else "job.failed")
     return owned
+
+
+def _announce(job_id: str, event: JobEventType) -> None:
+    """Tell the job event listeners (webhooks, ...); only ever after the change is committed."""
+    publish_job_event(celery_app, sessions(), job_id, event)
 
 
 def _dataset_keys(session: Session, tenant: str, spec: dict[str, Any]) -> dict[str, str | None]:
@@ -334,3 +345,4 @@ def _record_success(
             raise Cancelled("the job was cancelled or taken over before its results were recorded")
         repo.add_event(session, job_id, "done", "succeeded", {"status": "succeeded"})
     log.info("job succeeded", sparsity=result.metrics.sparsity, pid=os.getpid())
+    _announce(job_id, "job.succeeded")

@@ -18,6 +18,7 @@ from shears.db.tables import utcnow
 from shears.settings import Settings
 from worker.db import sessions
 from worker.publish import publish_job
+from worker.webhooks import republish_overdue
 
 log = structlog.get_logger("shears.sweeper")
 
@@ -41,5 +42,6 @@ def run_forever(celery: Celery, settings: Settings, stop: threading.Event) -> No
     while not stop.wait(settings.sweep_interval_seconds):
         try:
             sweep_once(celery, settings)
+            republish_overdue(celery)  # webhook attempts whose message was lost
         except Exception:  # the database may be down for a while: keep sweeping
             log.warning("sweep failed", exc_info=True)

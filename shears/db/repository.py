@@ -23,12 +23,22 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from core.formats import ModelInfo
-from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
+from shears.db.tables import (
+    Artifact,
+    Dataset,
+    Job,
+    JobEvent,
+    JobLayer,
+    Model,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
 
 ACTIVE_STATUSES = ("queued", "running")
 
 
-_Paged = TypeVar("_Paged", Model, Job, Dataset)
+_Paged = TypeVar("_Paged", Model, Job, Dataset, WebhookEndpoint, WebhookDelivery)
 
 
 def _rowcount(result: Any) -> int:
