@@ -105,8 +105,9 @@ class Service:
             self.start_worker()
         self.wait_ready()
 
-    def start_worker(self) -> None:
-        self._spawn("worker", worker_command(self.env["SHEARS_QUEUE"]))
+    def start_worker(self, name: str = "worker", queue: str | None = None) -> None:
+        """A Celery worker process; ``queue`` (default the jobs' queue) may be comma-separated."""
+        self._spawn(name, worker_command(queue or self.env["SHEARS_QUEUE"]))
 
     def stop_process(self, name: str, sig: int = 15) -> None:
         """Stop one process (and its children) and wait for it."""

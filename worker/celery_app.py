@@ -12,6 +12,7 @@ from shears.logs import configure_logging
 from shears.settings import Settings, get_settings
 
 RUN_JOB_TASK = "shears.run_job"
+MLFLOW_LOG_TASK = "shears.mlflow.log_job"
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -26,9 +27,16 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("shears", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    app = Celery(
+        "shears",
+        broker=settings.resolved_broker_url,
+        include=["worker.tasks", "worker.mlflow_log"],
+    )
     app.conf.update(
         task_default_queue=settings.queue,
+        # Work after a job ends waits on other servers (MLflow): its own queue and worker, so it
+        # never holds up a pruning job and a slow server never delays the next job.
+        task_routes={MLFLOW_LOG_TASK: {"queue": settings.notify_queue}},
         # The database row is the truth about a job; Celery results would be a second one.
         task_ignore_result=True,
         # Ack after the job, not before: a worker that dies mid-job leaves the message to be

@@ -34,6 +34,7 @@ from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
 from shears.storage import LocalStorage, StorageError, StoredFile, storage_from_settings
 from worker.db import sessions
+from worker.mlflow_log import on_job_finished as mlflow_on_job_finished
 
 log = structlog.get_logger("shears.worker")
 
@@ -130,12 +131,14 @@ def run_job(job_id: str) -> None:
             return
         if attempt > settings.max_attempts:
             with sessions().begin() as session:
-                repo.fail_unclaimable(
+                failed = repo.fail_unclaimable(
                     session,
                     job_id,
                     f"the job was started {attempt - 1} times without finishing "
                     f"(limit {settings.max_attempts}); its worker may be crashing on it",
                 )
+            if failed:
+                mlflow_on_job_finished(job_id, "failed")  # MLflow: after the final commit
             log.error("job exceeded its attempts", attempt=attempt)
             return
         log.info("job claimed", attempt=attempt)
@@ -224,6 +227,8 @@ def _finish(job_id: str, attempt: int, status: str, code: str | None, message: s
         owned = repo.finish_job(session, job_id, attempt, status, values)
         if owned:
             repo.add_event(session, job_id, "done", message, {"status": status, "error": code})
+    if owned:
+        mlflow_on_job_finished(job_id, status)  # MLflow: after the final commit
     log.info("job finished", status=status, error=code, message=message)
     return owned
 
@@ -333,4 +338,5 @@ def _record_success(
             # caller's handler removes the files and records the cancel if the job is still ours.
             raise Cancelled("the job was cancelled or taken over before its results were recorded")
         repo.add_event(session, job_id, "done", "succeeded", {"status": "succeeded"})
+    mlflow_on_job_finished(job_id, "succeeded")  # MLflow: after the final commit
     log.info("job succeeded", sparsity=result.metrics.sparsity, pid=os.getpid())
