@@ -28,6 +28,11 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process; :meth:`wait_ready` waits for it (start-up takes tens of seconds)."""
         self.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SHEARS_", "MLFLOW_"))}
         # The server's background job runner (huey consumers, for GenAI features) is not needed
@@ -57,6 +62,9 @@ class MlflowServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -23,6 +23,7 @@ from tests.e2e.conftest import start_service
 from tests.e2e.service import Service
 from tests.factories import export_resnet, save_npz
 from tests.mlflow_server import MlflowServer
+from tests.problems import assert_problem
 from worker.celery_app import MLFLOW_LOG_TASK, create_celery
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +35,7 @@ EXPERIMENT = "shears-e2e"
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), free_port())
-    server.start()
+    server.spawn()  # ready by the time the service is: `svc` waits for it
     try:
         yield server
     finally:
@@ -63,6 +64,7 @@ def svc(
     )
     try:
         service.start_worker("notify", notify_queue)
+        mlflow_server.wait_ready()
         yield service
     finally:
         service.stop()
@@ -259,3 +261,23 @@ def test_a_tracking_server_that_is_down_never_fails_the_job_and_gets_the_run_lat
     assert {a.path for a in mlflow.list_artifacts(run.info.run_id)} == {"model", "report.json"}
     # The job itself was never touched: still succeeded, same artifacts.
     assert acme.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"register_as": "../other tenant's model"}, "register_as"),
+        ({"register_as": ""}, "register_as"),
+        ({"register_as": "ok", "stage": "Production"}, "stage"),
+    ],
+)
+def test_a_bad_mlflow_section_is_refused_before_anything_is_stored(
+    acme: httpx.Client, resnet_pt2: Path, section: dict, field: str
+) -> None:
+    model = upload(acme, resnet_pt2)
+    before = acme.get("/v1/jobs").json()["items"]
+    response = acme.post("/v1/jobs", json={**global_l1(model["id"]), "mlflow": section})
+    body = assert_problem(response, 422, "validation-error")
+    assert field in response.text
+    assert body["errors"]
+    assert acme.get("/v1/jobs").json()["items"] == before
