@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from shears.settings import Settings
 from tests.bodies import global_l1
@@ -25,6 +27,7 @@ from tests.factories import export_resnet, save_npz
 from tests.mlflow_server import MlflowServer
 from tests.problems import assert_problem
 from worker.celery_app import MLFLOW_LOG_TASK, create_celery
+from worker.mlflow_log import unreachable
 
 pytestmark = pytest.mark.e2e
 
@@ -78,6 +81,7 @@ def acme(svc: Service) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def mlflow(mlflow_server: MlflowServer) -> MlflowClient:
+    mlflow_server.wait_ready()
     return MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
 
 
@@ -281,3 +285,17 @@ def test_a_bad_mlflow_section_is_refused_before_anything_is_stored(
     assert field in response.text
     assert body["errors"]
     assert acme.get("/v1/jobs").json()["items"] == before
+
+
+def test_only_errors_that_may_pass_are_retried(
+    mlflow: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    nobody = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(MlflowException) as down:
+        nobody.search_experiments()
+    assert unreachable(down.value)
+    with pytest.raises(MlflowException) as missing:  # the real server answering "no such run"
+        mlflow.get_run("0" * 32)
+    assert not unreachable(missing.value)
+    assert unreachable(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
