@@ -212,7 +212,11 @@ def test_a_finished_job_is_an_mlflow_run_with_its_model_registered(
     assert event["data"]["mlflow"]["model_version"] == version.version
 
     # A duplicated message logs nothing twice: the run is found again by its job id tag.
-    settings = Settings(data_dir=svc.data_dir, notify_queue=svc.env["SHEARS_NOTIFY_QUEUE"])
+    settings = Settings(
+        data_dir=svc.data_dir,
+        broker_url=svc.env.get("SHEARS_BROKER_URL"),
+        notify_queue=svc.env["SHEARS_NOTIFY_QUEUE"],
+    )
     create_celery(settings).send_task(MLFLOW_LOG_TASK, args=[job["id"]])
     again = wait_for_event(svc, acme, job["id"], "mlflow: was already logged run ")
     assert again["data"]["mlflow"]["run_id"] == run.info.run_id
