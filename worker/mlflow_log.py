@@ -11,8 +11,10 @@ artifacts ``model/<file>`` and ``report.json``; ``mlflow.register_as`` in the sp
 A tracking server that is down never touches the job: the job committed before this task was
 enqueued. The task retries with doubling delays (``SHEARS_MLFLOW_RETRY_SECONDS`` up to
 ``SHEARS_MLFLOW_RETRY_MAX_SECONDS``, ``SHEARS_MLFLOW_MAX_RETRIES`` times) and says so in the
-job's events. It is idempotent: the run is found again by its ``shears.job_id`` tag, so a retried
-or duplicated message completes the same run instead of creating a second one.
+job's events; an error that would recur on every try (a refused parameter, a missing file) is
+recorded as an event once, without retrying. It is idempotent: the run is found again by its
+``shears.job_id`` tag, so a retried or duplicated message completes the same run instead of
+creating a second one (two copies running at the very same moment could still make two).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ _LATER = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 _BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
 _PARAM_CHARS = 6000
+_REASON_CHARS = 1000  # of an error quoted in a job event (MLflow's can carry a response body)
 
 
 def on_job_finished(job_id: str, status: str) -> None:
@@ -77,7 +80,8 @@ def log_job(self: Task, job_id: str) -> None:
         retries: int = self.request.retries
         if not unreachable(exc):
             log.exception("MLflow refused the run")
-            _event(job_id, f"mlflow: could not log the run: {exc}", {"error": str(exc)})
+            reason = str(exc)[:_REASON_CHARS]
+            _event(job_id, f"mlflow: could not log the run: {reason}", {"error": reason})
             return
         if retries >= settings.mlflow_max_retries:
             log.error("tracking server still unreachable; giving up", tries=retries + 1)
