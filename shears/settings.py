@@ -117,6 +117,29 @@ class Settings(BaseSettings):
         default=64 * 1024, ge=0, description="Most of a webhook response body that is read."
     )
 
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server, e.g. http://mlflow:5000. Set: every finished job is "
+        "logged as a run (params, metrics, tags, model and report). Unset: nothing is logged.",
+    )
+    mlflow_experiment: str = Field(
+        default="shears", description="MLflow experiment the runs are logged to."
+    )
+    mlflow_retry_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="First wait before logging a run again when the tracking server is "
+        "unreachable; each retry doubles it, up to mlflow_retry_max_seconds.",
+    )
+    mlflow_retry_max_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest wait between two tries to log a run."
+    )
+    mlflow_max_retries: int = Field(
+        default=48,
+        ge=0,
+        description="Tries after the first before a run is given up (the job's events say so).",
+    )
+
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:

@@ -132,14 +132,15 @@ def run_job(job_id: str) -> None:
             return
         if attempt > settings.max_attempts:
             with sessions().begin() as session:
-                repo.fail_unclaimable(
+                failed = repo.fail_unclaimable(
                     session,
                     job_id,
                     f"the job was started {attempt - 1} times without finishing "
                     f"(limit {settings.max_attempts}); its worker may be crashing on it",
                 )
             log.error("job exceeded its attempts", attempt=attempt)
-            _announce(job_id, "job.failed")
+            if failed:
+                _announce(job_id, "job.failed")
             return
         log.info("job claimed", attempt=attempt)
         _announce(job_id, "job.started")

@@ -12,6 +12,7 @@ from worker.celery_app import create_celery
 NOTIFY_MODULES = (
     "worker.notify",
     "worker.webhooks",
+    "worker.mlflow_log",
 )
 
 app = create_celery(include=NOTIFY_MODULES)
