@@ -4,6 +4,7 @@ that a page loaded everything it needed from the API and tried nothing else."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -30,8 +31,8 @@ def chromium_path() -> str:
         or shutil.which("chromium")
         or shutil.which("chromium-browser")
     )
-    if not path:
-        unavailable("Chromium", FileNotFoundError(INSTALL_HINT))
+    if not path or not os.access(path, os.X_OK):
+        unavailable("Chromium", FileNotFoundError(f"{path or 'chromium'}: {INSTALL_HINT}"))
     assert path is not None
     return path
 
@@ -66,8 +67,11 @@ class OfflinePage:
 
 
 @contextmanager
-def offline_page(browser: Browser) -> Iterator[OfflinePage]:
-    context = browser.new_context(service_workers="block")
+def offline_page(browser: Browser, api_key: str | None = None) -> Iterator[OfflinePage]:
+    """A fresh browser profile; with ``api_key``, the dashboard finds it already entered."""
+    context = browser.new_context(service_workers="block", accept_downloads=True)
+    if api_key is not None:
+        context.add_init_script(f"sessionStorage.setItem('shears.apiKey', {json.dumps(api_key)})")
     page = context.new_page()
     result = OfflinePage(page)
 
