@@ -34,7 +34,10 @@ export class ApiError extends Error {
 export const onUnauthorized = new Set();
 
 /** fetch() against the API with the key; resolves to the Response, rejects with ApiError. */
-export async function request(path, { method = "GET", body, accept = "application/json", signal } = {}) {
+export async function request(
+  path,
+  { method = "GET", body, accept = "application/json", signal } = {},
+) {
   const headers = { Accept: accept };
   const key = storedKey();
   if (key) headers.Authorization = `Bearer ${key}`;

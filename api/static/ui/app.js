@@ -48,9 +48,11 @@ document.getElementById("key-forget").addEventListener("click", () => {
   dialog.close();
   route();
 });
-document.getElementById("key-button").addEventListener("click", () =>
-  askForKey(storedKey() ? "A key is set; enter another to replace it." : "No key is set."),
-);
+document
+  .getElementById("key-button")
+  .addEventListener("click", () =>
+    askForKey(storedKey() ? "A key is set; enter another to replace it." : "No key is set."),
+  );
 
 window.addEventListener("hashchange", route);
 route();

@@ -50,7 +50,9 @@ export function bytes(n) {
 export function number(n) {
   if (n === null || n === undefined) return "—";
   if (typeof n !== "number") return String(n);
-  return Number.isInteger(n) ? n.toLocaleString("en") : n.toLocaleString("en", { maximumFractionDigits: 4 });
+  return Number.isInteger(n)
+    ? n.toLocaleString("en")
+    : n.toLocaleString("en", { maximumFractionDigits: 4 });
 }
 
 export function percent(fraction) {
@@ -63,11 +65,20 @@ export function when(iso) {
 
 /** A status badge: the text is the status itself, the class only colours it. */
 export function status(value) {
-  return h("span", { class: `status status-${/^[a-z_]+$/.test(value) ? value : "unknown"}` }, value);
+  return h(
+    "span",
+    { class: `status status-${/^[a-z_]+$/.test(value) ? value : "unknown"}` },
+    value,
+  );
 }
 
 /** A problem-details error (or any Error) as an alert a screen reader announces. */
 export function alertBox(error) {
   const detail = error.detail || error.message || String(error);
-  return h("div", { class: "alert", role: "alert" }, error.title ? h("strong", {}, `${error.title}: `) : null, detail);
+  return h(
+    "div",
+    { class: "alert", role: "alert" },
+    error.title ? h("strong", {}, `${error.title}: `) : null,
+    detail,
+  );
 }

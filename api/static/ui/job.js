@@ -22,7 +22,12 @@ export function jobView(main, signal, jobId) {
     artifacts: h("section", { "aria-labelledby": "artifacts-title" }),
     events: h("section", { "aria-labelledby": "events-title" }),
   };
-  fill(main, h("p", {}, h("a", { href: "#/jobs" }, "← All jobs")), h("h1", { class: "id" }, jobId), Object.values(parts));
+  fill(
+    main,
+    h("p", {}, h("a", { href: "#/jobs" }, "← All jobs")),
+    h("h1", { class: "id" }, jobId),
+    Object.values(parts),
+  );
 
   const live = new AbortController();
   signal.addEventListener("abort", () => live.abort(), { once: true });
@@ -36,13 +41,13 @@ export function jobView(main, signal, jobId) {
       const job = await json(path, { signal });
       const [layers, events] = await Promise.all([
         json(`${path}/layers`, { signal }),
-        json(`${path}/events`, { signal }),
+        json(`${path}/events?limit=1000`, { signal }),
       ]);
       renderSummary(parts.summary, job);
       renderMetrics(parts.metrics, job.metrics);
       renderLayers(parts.layers, layers.items);
       renderArtifacts(parts.artifacts, job.artifacts);
-      renderEvents(parts.events, events.items);
+      renderEvents(parts.events, events);
       finished = TERMINAL.has(job.status);
       if (finished) {
         live.abort();
@@ -78,12 +83,21 @@ function renderSummary(section, job) {
     h("h2", { id: "summary-title", class: "visually-hidden" }, "Summary"),
     job.error ? alertBox({ title: job.error.type, detail: job.error.message }) : null,
     definitions(rows, "summary"),
-    h("details", {}, h("summary", {}, "Specification"), h("pre", {}, JSON.stringify(job.spec, null, 2))),
+    h(
+      "details",
+      {},
+      h("summary", {}, "Specification"),
+      h("pre", {}, JSON.stringify(job.spec, null, 2)),
+    ),
   );
 }
 
 function definitions(rows, id) {
-  return h("dl", { class: "facts", id }, rows.map(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
+  return h(
+    "dl",
+    { class: "facts", id },
+    rows.map(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]),
+  );
 }
 
 // Metrics named `<x>_before` and `<x>_after` are shown side by side with their ratio.
@@ -92,21 +106,37 @@ function renderMetrics(section, metrics) {
   if (!metrics) return fill(section, title, h("p", {}, "Not measured yet."));
   const paired = [];
   const single = [];
+  const measured = (value) => value !== null && value !== undefined;
   for (const [name, value] of Object.entries(metrics)) {
     if (name.endsWith("_after") && `${name.slice(0, -6)}_before` in metrics) continue;
     const base = name.endsWith("_before") ? name.slice(0, -7) : null;
-    if (base && `${base}_after` in metrics) paired.push([base, value, metrics[`${base}_after`]]);
-    else single.push([name, value]);
+    if (base && `${base}_after` in metrics) {
+      const after = metrics[`${base}_after`];
+      if (measured(value) || measured(after)) paired.push([base, value, after]);
+    } else if (measured(value)) {
+      single.push([name, value]);
+    }
   }
+  if (!paired.length && !single.length)
+    return fill(section, title, h("p", {}, "Not measured yet."));
   const isBytes = (name) => name.includes("bytes");
-  const show = (name, value) => (isBytes(name) && typeof value === "number" ? bytes(value) : metric(value));
+  const show = (name, value) =>
+    isBytes(name) && typeof value === "number" ? bytes(value) : metric(value);
   fill(
     section,
     title,
     h(
       "table",
       { class: "metrics", id: "metrics" },
-      h("thead", {}, h("tr", {}, ["Metric", "Before", "After", "After / before"].map((c) => h("th", { scope: "col" }, c)))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          ["Metric", "Before", "After", "After / before"].map((c) => h("th", { scope: "col" }, c)),
+        ),
+      ),
       h(
         "tbody",
         {},
@@ -117,11 +147,22 @@ function renderMetrics(section, metrics) {
             h("th", { scope: "row" }, name),
             h("td", {}, show(name, before)),
             h("td", {}, show(name, after)),
-            h("td", {}, typeof before === "number" && typeof after === "number" && before ? `×${(after / before).toFixed(3)}` : ""),
+            h(
+              "td",
+              {},
+              typeof before === "number" && typeof after === "number" && before
+                ? `×${(after / before).toFixed(3)}`
+                : "",
+            ),
           ),
         ),
         single.map(([name, value]) =>
-          h("tr", {}, h("th", { scope: "row" }, name), h("td", { colspan: 3 }, name === "sparsity" ? percent(value) : show(name, value))),
+          h(
+            "tr",
+            {},
+            h("th", { scope: "row" }, name),
+            h("td", { colspan: 3 }, name === "sparsity" ? percent(value) : show(name, value)),
+          ),
         ),
       ),
     ),
@@ -132,7 +173,9 @@ function renderMetrics(section, metrics) {
 function metric(value) {
   if (value === null || value === undefined) return "—";
   if (typeof value === "object") {
-    return Object.entries(value).map(([k, v]) => `${k} ${number(v)}`).join(", ");
+    return Object.entries(value)
+      .map(([k, v]) => `${k} ${number(v)}`)
+      .join(", ");
   }
   return number(value);
 }
@@ -147,7 +190,17 @@ function renderLayers(section, layers) {
     h(
       "table",
       { class: "layers", id: "layers" },
-      h("thead", {}, h("tr", {}, ["Layer", "Kind", "Shape before → after", "Parameters", "Non-zero", "Sparsity"].map((c) => h("th", { scope: "col" }, c)))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          ["Layer", "Kind", "Shape before → after", "Parameters", "Non-zero", "Sparsity"].map((c) =>
+            h("th", { scope: "col" }, c),
+          ),
+        ),
+      ),
       h(
         "tbody",
         {},
@@ -178,8 +231,17 @@ function renderLayers(section, layers) {
 async function renderPlots(section, path) {
   const figures = [];
   for (const [name, caption] of PLOTS) {
-    const url = await blobUrl(`${path}/plots/${name}.svg`, "image/svg+xml");
-    if (url) figures.push(h("figure", { "data-plot": name }, h("img", { src: url, alt: caption }), h("figcaption", {}, caption)));
+    // A plot that fails to load is left out too: the numbers are all on the page already.
+    const url = await blobUrl(`${path}/plots/${name}.svg`, "image/svg+xml").catch(() => null);
+    if (url)
+      figures.push(
+        h(
+          "figure",
+          { "data-plot": name },
+          h("img", { src: url, alt: caption }),
+          h("figcaption", {}, caption),
+        ),
+      );
   }
   fill(section, h("h2", { id: "plots-title" }, "Plots"), figures);
   section.hidden = !figures.length;
@@ -195,7 +257,13 @@ function renderArtifacts(section, artifacts) {
       "ul",
       { class: "artifacts" },
       artifacts.map((a) =>
-        h("li", {}, download(a), ` ${a.format}, ${bytes(a.size_bytes)}, sha256 `, h("span", { class: "id" }, a.sha256)),
+        h(
+          "li",
+          {},
+          download(a),
+          ` ${a.format}, ${bytes(a.size_bytes)}, sha256 `,
+          h("span", { class: "id" }, a.sha256),
+        ),
       ),
     ),
   );
@@ -225,14 +293,24 @@ function download(artifact) {
   );
 }
 
-function renderEvents(section, events) {
+function renderEvents(section, page) {
   fill(
     section,
     h("h2", { id: "events-title" }, "Events"),
     h(
       "ol",
       { class: "events" },
-      events.map((e) => h("li", {}, h("time", { datetime: e.at }, when(e.at)), " ", h("span", { class: "stage" }, e.stage), " ", e.message ?? "")),
+      page.items.map((e) =>
+        h(
+          "li",
+          {},
+          h("time", { datetime: e.at }, when(e.at)),
+          " ",
+          h("span", { class: "stage" }, e.stage),
+          " ",
+          e.message ?? "",
+        ),
+      ),
     ),
   );
 }

@@ -13,10 +13,21 @@ export function jobsView(main, signal) {
   let nextCursor = null;
   const body = h("tbody");
   const message = h("div", { "aria-live": "polite" });
-  const more = h("button", { type: "button", class: "secondary", hidden: true, onclick: loadOlder }, "Older jobs");
+  const more = h(
+    "button",
+    { type: "button", class: "secondary", hidden: true, onclick: loadOlder },
+    "Older jobs",
+  );
   const select = h(
     "select",
-    { id: "status-filter", onchange: () => { filter = select.value; older = []; refresh(); } },
+    {
+      id: "status-filter",
+      onchange: () => {
+        filter = select.value;
+        older = [];
+        refresh();
+      },
+    },
     STATUSES.map((s) => h("option", { value: s }, s || "any")),
   );
 
@@ -29,7 +40,17 @@ export function jobsView(main, signal) {
       "table",
       { class: "jobs" },
       h("caption", { class: "visually-hidden" }, "Jobs, newest first"),
-      h("thead", {}, h("tr", {}, ["Job", "Name", "Model", "Status", "Progress", "Created"].map((c) => h("th", { scope: "col" }, c)))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          ["Job", "Name", "Model", "Status", "Progress", "Created"].map((c) =>
+            h("th", { scope: "col" }, c),
+          ),
+        ),
+      ),
       body,
     ),
     more,
@@ -49,7 +70,10 @@ export function jobsView(main, signal) {
   }
 
   async function loadOlder() {
-    const page = await json(withQuery("/v1/jobs", { limit: PAGE, status: filter, cursor: nextCursor }), { signal });
+    const page = await json(
+      withQuery("/v1/jobs", { limit: PAGE, status: filter, cursor: nextCursor }),
+      { signal },
+    );
     older = older.concat(page.items);
     nextCursor = page.next_cursor;
     render();
@@ -58,7 +82,10 @@ export function jobsView(main, signal) {
   function render() {
     const seen = new Set(first.map((job) => job.id));
     const items = first.concat(older.filter((job) => !seen.has(job.id)));
-    fill(body, items.length ? items.map(row) : h("tr", {}, h("td", { colspan: 6 }, "No jobs yet.")));
+    fill(
+      body,
+      items.length ? items.map(row) : h("tr", {}, h("td", { colspan: 6 }, "No jobs yet.")),
+    );
     more.hidden = !nextCursor;
   }
 
@@ -89,7 +116,11 @@ export function progress(job) {
   return h(
     "span",
     { class: "progress" },
-    h("progress", { max: 1, value: fraction ?? 0, "aria-label": `${stage ?? ""} ${percent(fraction)}` }),
+    h("progress", {
+      max: 1,
+      value: fraction ?? 0,
+      "aria-label": `${stage ?? ""} ${percent(fraction)}`,
+    }),
     h("span", { class: "stage" }, `${stage ?? ""} ${percent(fraction)}`),
   );
 }

@@ -51,9 +51,13 @@ function poll(onChange, signal) {
     const timer = setInterval(() => {
       if (!document.hidden) onChange();
     }, POLL_MS);
-    signal.addEventListener("abort", () => {
-      clearInterval(timer);
-      resolve();
-    }, { once: true });
+    signal.addEventListener(
+      "abort",
+      () => {
+        clearInterval(timer);
+        resolve();
+      },
+      { once: true },
+    );
   });
 }

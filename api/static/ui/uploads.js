@@ -23,20 +23,33 @@ const COLLECTIONS = [
 ];
 
 export function uploadsView(main, signal) {
-  fill(main, h("h1", {}, "Models & datasets"), COLLECTIONS.map((c) => collection(c, signal)));
+  fill(
+    main,
+    h("h1", {}, "Models & datasets"),
+    COLLECTIONS.map((c) => collection(c, signal)),
+  );
 }
 
 function collection(spec, signal) {
   const body = h("tbody");
   const message = h("div", { "aria-live": "polite" });
-  const file = h("input", { type: "file", name: "file", id: `${spec.key}-file`, accept: spec.accept, required: true });
+  const file = h("input", {
+    type: "file",
+    name: "file",
+    id: `${spec.key}-file`,
+    accept: spec.accept,
+    required: true,
+  });
   const name = h("input", { type: "text", name: "name", id: `${spec.key}-name`, maxlength: "255" });
   const submit = h("button", { type: "submit" }, "Upload");
 
   async function load() {
     try {
       const page = await json(`/v1/${spec.key}?limit=200`, { signal });
-      fill(body, page.items.length ? page.items.map(row) : h("tr", {}, h("td", { colspan: 6 }, "None yet.")));
+      fill(
+        body,
+        page.items.length ? page.items.map(row) : h("tr", {}, h("td", { colspan: 6 }, "None yet.")),
+      );
     } catch (error) {
       if (!signal.aborted) fill(message, alertBox(error));
     }
@@ -59,8 +72,13 @@ function collection(spec, signal) {
     submit.disabled = true;
     fill(message, h("p", {}, "Uploading…"));
     try {
-      const created = await (await request(`/v1/${spec.key}`, { method: "POST", body: form })).json();
-      fill(message, h("p", { class: "ok" }, "Uploaded ", h("span", { class: "id" }, created.id), "."));
+      const created = await (
+        await request(`/v1/${spec.key}`, { method: "POST", body: form })
+      ).json();
+      fill(
+        message,
+        h("p", { class: "ok" }, "Uploaded ", h("span", { class: "id" }, created.id), "."),
+      );
       event.target.reset();
       await load();
     } catch (error) {
@@ -89,7 +107,15 @@ function collection(spec, signal) {
     h(
       "table",
       {},
-      h("thead", {}, h("tr", {}, spec.columns.map((c) => h("th", { scope: "col" }, c)))),
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          spec.columns.map((c) => h("th", { scope: "col" }, c)),
+        ),
+      ),
       body,
     ),
   );
