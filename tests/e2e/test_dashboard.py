@@ -125,6 +125,15 @@ def test_dashboard_follows_a_job_live(
     from playwright.sync_api import expect
 
     page = offline.page
+    followed: list[str] = []  # the content types of the page's requests for a job's events
+    page.on(
+        "response",
+        lambda r: (
+            followed.append(r.headers.get("content-type", ""))
+            if "/events" in r.url and r.request.headers.get("accept") == "text/event-stream"
+            else None
+        ),
+    )
     page.goto(url(service, "/ui"))
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
     page.evaluate("window.sameDocument = true")  # gone if the page reloads
@@ -146,6 +155,13 @@ def test_dashboard_follows_a_job_live(
 
     done = acme.get(f"/v1/jobs/{job['id']}").json()
     assert done["status"] == "succeeded"
+    # The page asked for the event stream; where the service offers one it followed it (else it
+    # polled, which the status reaching `succeeded` above already shows).
+    assert followed
+    headers = {"Accept": "text/event-stream"}
+    with acme.stream("GET", f"/v1/jobs/{job['id']}/events", headers=headers) as stream:
+        offers_stream = stream.headers["content-type"].startswith("text/event-stream")
+    assert offers_stream == followed[0].startswith("text/event-stream")
     metrics = page.locator("#metrics")
     expect(metrics.locator("tr", has_text="sparsity")).to_contain_text(
         pct(done["metrics"]["sparsity"])
