@@ -58,8 +58,11 @@ def test_pages_load_only_their_own_assets(api: Api, page: str) -> None:
     response = api.client.get(page)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    # The browser itself refuses anything from another origin.
-    assert "default-src 'self'" in response.headers["content-security-policy"]
+    # The browser itself refuses anything from another origin, and inline scripts but the page's.
+    directives = response.headers["content-security-policy"].split(";")
+    policy = {name: value for name, _, value in (d.strip().partition(" ") for d in directives)}
+    assert policy["default-src"] == "'self'"
+    assert "unsafe-inline" not in policy.get("script-src", "")
     urls = assets(response.text)
     assert urls
     for url in urls:
