@@ -105,8 +105,10 @@ class Service:
             self.start_worker()
         self.wait_ready()
 
-    def start_worker(self) -> None:
-        self._spawn("worker", worker_command(self.env["SHEARS_QUEUE"]))
+    def start_worker(self, name: str = "worker", queues: str | None = None) -> None:
+        """Start a worker process (``shears worker``) named ``name`` on ``queues`` (default: the
+        service's queue); several may run side by side."""
+        self._spawn(name, worker_command(queues or self.env["SHEARS_QUEUE"]))
 
     def stop_process(self, name: str, sig: int = 15) -> None:
         """Stop one process (and its children) and wait for it."""

@@ -44,6 +44,8 @@ def job_body(
         if job.error_type
         else None,
         "result_model_id": job.result_model_id,
+        "queue": job.queue,
+        "worker": job.worker,
         "artifacts": [
             {
                 "id": a.id,
@@ -81,7 +83,7 @@ def create_job(
     session.commit()  # the row is the truth: it exists before any worker can hear of it
     job = submitted.job
     if submitted.created:
-        publish_job(celery, request.app.state.sessions, job.id)
+        publish_job(celery, request.app.state.sessions, job.id, settings)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_body(job, job.artifacts)
 

@@ -7,11 +7,12 @@ row and takes it away again if that commit fails. Nothing here commits.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.services.errors import Conflict, NotFound
 from api.uploads import ReceivedUpload
@@ -20,7 +21,7 @@ from core.datasets import inspect_any_dataset
 from core.formats import ModelInfo, get_format, inspect_upload
 from shears.db import repository as repo
 from shears.db.tables import Dataset, Model, StoredFile, new_id, utcnow
-from shears.storage import LocalStorage
+from shears.storage import Storage
 
 
 def gate_model(path: Path) -> ModelInfo:
@@ -69,7 +70,7 @@ def add_dataset(
 
 
 @contextlib.contextmanager
-def kept(storage: LocalStorage, temp: Path, key: str) -> Iterator[None]:
+def kept(storage: Storage, temp: Path, key: str) -> Iterator[None]:
     """Move ``temp`` to ``key`` (quota checked), then run the block, which commits the file's row;
     if the block fails the file is removed: never a file without its row nor a row without its
     file."""
@@ -82,6 +83,22 @@ def kept(storage: LocalStorage, temp: Path, key: str) -> Iterator[None]:
         yield
     except BaseException:
         storage.delete(key)
+        raise
+
+
+@contextlib.asynccontextmanager
+async def stored(storage: Storage, temp: Path, key: str) -> AsyncIterator[None]:
+    """:func:`kept` for an async route: the transfer (a multipart upload to object storage, a
+    rename on local disk) runs in a worker thread, so a 1 GiB model never blocks the event loop."""
+    try:
+        await run_in_threadpool(storage.commit, temp, key)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    try:
+        yield
+    except BaseException:
+        await run_in_threadpool(storage.delete, key)
         raise
 
 
