@@ -108,9 +108,7 @@ def test_gpu_work_goes_to_the_gpu_queue_only_while_a_gpu_worker_beats(sessions) 
 
     # Its heartbeat older than the lease: the GPU worker is gone, GPU work falls back to the CPU.
     with sessions.begin() as session:
-        session.execute(
-            update(WorkerHeartbeat).values(seen_at=utcnow() - timedelta(seconds=31))
-        )
+        session.execute(update(WorkerHeartbeat).values(seen_at=utcnow() - timedelta(seconds=31)))
     assert queue_of(sessions, fine_tune) == "cpu-q"
     announce(sessions, "shears-2@gpu-host", ["cpu-q", "gpu-q"])  # renewed: back on the GPU
     assert queue_of(sessions, fine_tune) == "gpu-q"
@@ -130,9 +128,11 @@ def test_a_heartbeat_renews_its_row_and_old_rows_are_pruned(sessions) -> None:
 
 def test_default_queues_follow_the_cuda_probe() -> None:
     no_gpu = visible_gpus(probe=lambda: 0, env={})
-    assert no_gpu == [] and default_queues(SETTINGS, no_gpu) == ["cpu-q"]
+    assert no_gpu == []
+    assert default_queues(SETTINGS, no_gpu) == ["cpu-q"]
     two = visible_gpus(probe=lambda: 2, env={})
-    assert two == ["0", "1"] and default_queues(SETTINGS, two) == ["cpu-q", "gpu-q"]
+    assert two == ["0", "1"]
+    assert default_queues(SETTINGS, two) == ["cpu-q", "gpu-q"]
     assert visible_gpus(probe=lambda: 8, env={"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
     assert visible_gpus(probe=lambda: 8, env={"CUDA_VISIBLE_DEVICES": "-1"}) == []
     assert visible_gpus(probe=lambda: 8, env={"CUDA_VISIBLE_DEVICES": ""}) == []

@@ -199,9 +199,11 @@ def test_presigned_url_serves_the_object(
     data = write(tmp_path / "r.json", 300)
     storage.put_file(tmp_path / "r.json", "artifacts/t/j/report.json")
     url = storage.presigned_url("artifacts/t/j/report.json", "j-report.json")
-    assert url is not None and url.startswith(s3_server.endpoint_url)
+    assert url is not None
+    assert url.startswith(s3_server.endpoint_url)
     response = httpx.get(url)
-    assert response.status_code == 200 and response.content == data
+    assert response.status_code == 200
+    assert response.content == data
     assert "j-report.json" in response.headers["content-disposition"]
 
 
@@ -228,7 +230,8 @@ def test_an_entry_larger_than_the_bound_is_kept_alone(tmp_path: Path) -> None:
     small = cache.get(hashlib.sha256(b"x").hexdigest(), fill(b"x"))
     big_data = b"y" * 500
     big = cache.get(hashlib.sha256(big_data).hexdigest(), fill(big_data))
-    assert big.exists() and not small.exists()
+    assert big.exists()
+    assert not small.exists()
 
 
 def test_the_backend_comes_from_the_url_scheme(tmp_path: Path) -> None:
