@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -181,6 +182,24 @@ def pg_writes(database_url: str) -> int:
         engine.dispose()
 
 
+def pg_connections(database_url: str) -> int:
+    """Connections open to the service's database now (pools keep theirs open between uses)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    engine = create_engine(PG_ADMIN_URL)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": make_url(database_url).database},
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
 def wait_for_workers(svc: Service, count: int, timeout: float = 180) -> None:
     from sqlalchemy import create_engine, func, select
 
@@ -246,6 +265,7 @@ def many_workers_run(
         before = pg_writes(database)
         ids = [svc.client.post("/v1/jobs", json=prune).json()["id"] for _ in range(jobs)]
         done = [svc.wait_for_job(job_id, timeout=600) for job_id in ids]
+        connections = pg_connections(database)
         first = min(datetime.fromisoformat(j["created_at"]) for j in done)
         last = max(datetime.fromisoformat(j["finished_at"]) for j in done)
         time.sleep(settle_s)
@@ -284,6 +304,7 @@ def many_workers_run(
         "tuned_rows": tuned_writes,
         "tuned_s": tuned_s,
         "artifact_bytes_per_job": artifact_bytes,
+        "connections": connections,
     }
 
 
@@ -309,15 +330,15 @@ def many_workers(args: argparse.Namespace) -> None:
     )
     print(
         "| worker processes | jobs/min | vs 1 | median job (s) | workers that ran jobs | "
-        "failed | rows written per job | idle rows/s (heartbeats) |"
+        "failed | rows written per job | idle rows/s (heartbeats) | DB connections |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = results[0]["jobs_per_min"]
     for r in results:
         print(
             f"| {r['workers']} | {r['jobs_per_min']:.1f} | {r['jobs_per_min'] / base:.2f}x | "
             f"{r['median_job_s']:.2f} | {r['workers_used']} | {r['failed']} | "
-            f"{r['rows_per_job']:.1f} | {r['idle_rows_per_s']:.2f} |"
+            f"{r['rows_per_job']:.1f} | {r['idle_rows_per_s']:.2f} | {r['connections']} |"
         )
     one = results[0]
     if one["tuned_s"]:
@@ -352,6 +373,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=12.0, help="s for pg_stat to settle")
     parser.add_argument("--fine-tune-steps", type=int, default=300)
     args = parser.parse_args()
+    # Stopped with SIGTERM (a background run ignores SIGINT): still stop the services it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.workers:
         many_workers(args)
         return

@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Size bound of the read cache; least recently used objects are evicted.",
     )
+    progress_every_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="Least time between two progress writes of a running job (stage changes "
+        "are written at once): the main database write rate of a fleet of workers.",
+    )
     gpu_queue: str = Field(
         default="shears-gpu",
         description="Queue of jobs that fine-tune or prune an hf model, while a GPU worker is "

@@ -39,8 +39,6 @@ from worker.db import sessions
 
 log = structlog.get_logger("shears.worker")
 
-_PROGRESS_EVERY_S = 0.5
-
 
 class Heartbeat:
     """Renews the job's lease from a thread while the pipeline runs; notices cancel requests."""
@@ -82,10 +80,13 @@ class Heartbeat:
 class Progress:
     """The pipeline's progress callback: throttled writes, and the place a cancel takes effect."""
 
-    def __init__(self, job_id: str, attempt: int, heartbeat: Heartbeat) -> None:
+    def __init__(
+        self, job_id: str, attempt: int, heartbeat: Heartbeat, every_s: float = 0.5
+    ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.heartbeat = heartbeat
+        self.every_s = every_s
         self._stage: str | None = None
         self._last_write = 0.0
 
@@ -99,7 +100,7 @@ class Progress:
         # Stage changes and calls with data are events; plain progress is throttled.
         is_event = stage != self._stage or data is not None
         now = time.monotonic()
-        if not is_event and now - self._last_write < _PROGRESS_EVERY_S:
+        if not is_event and now - self._last_write < self.every_s:
             return
         with sessions().begin() as session:
             cancel = repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
@@ -107,7 +108,7 @@ class Progress:
                 repo.add_event(session, self.job_id, stage, message, data)
         self._stage = stage
         self._last_write = now
-        # Progress is written every _PROGRESS_EVERY_S while training, so a cancel takes effect
+        # Progress is written every `every_s` while training, so a cancel takes effect
         # at the next optimizer step after that write, not at the next lease renewal.
         if cancel:
             self.heartbeat.cancel_requested.set()
@@ -190,7 +191,9 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
                         # Latency is reported on the device the worker prunes and trains on.
                         device=str(pick_device(settings.train_device)),
                     ),
-                    on_progress=Progress(job_id, attempt, heartbeat),
+                    on_progress=Progress(
+                        job_id, attempt, heartbeat, settings.progress_every_seconds
+                    ),
                     data=data,
                     training=TrainingConfig(
                         device=settings.train_device,
