@@ -172,7 +172,7 @@ def pg_writes(database_url: str) -> int:
             return int(
                 conn.execute(
                     text(
-                        "SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_database "
+                        "SELECT tup_inserted + tup_updated + tup_deleted FROM pg_stat_database "
                         "WHERE datname = :name"
                     ),
                     {"name": make_url(database_url).database},

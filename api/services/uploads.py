@@ -1,13 +1,13 @@
 """Models and datasets: the rows of uploaded files, their lookups and their deletion.
 
-The file and its row go together: :func:`kept` puts the file in place around the commit of the
+The file and its row go together: :func:`stored` puts the file in place around the commit of the
 row and takes it away again if that commit fails. Nothing here commits.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -69,27 +69,12 @@ def add_dataset(
     return dataset
 
 
-@contextlib.contextmanager
-def kept(storage: Storage, temp: Path, key: str) -> Iterator[None]:
-    """Move ``temp`` to ``key`` (quota checked), then run the block, which commits the file's row;
-    if the block fails the file is removed: never a file without its row nor a row without its
-    file."""
-    try:
-        storage.commit(temp, key)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-    try:
-        yield
-    except BaseException:
-        storage.delete(key)
-        raise
-
-
 @contextlib.asynccontextmanager
 async def stored(storage: Storage, temp: Path, key: str) -> AsyncIterator[None]:
-    """:func:`kept` for an async route: the transfer (a multipart upload to object storage, a
-    rename on local disk) runs in a worker thread, so a 1 GiB model never blocks the event loop."""
+    """Move ``temp`` to ``key`` (quota checked), then run the block, which commits the file's row;
+    if the block fails the file is removed: never a file without its row nor a row without its
+    file. The transfer (a multipart upload to object storage, a rename on local disk) runs in a
+    worker thread, so a 1 GiB model never blocks the event loop."""
     try:
         await run_in_threadpool(storage.commit, temp, key)
     finally:

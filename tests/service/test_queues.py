@@ -19,8 +19,9 @@ from shears.cli import app as cli
 from shears.db import workers
 from shears.db.engine import make_engine, make_sessionmaker
 from shears.db.migrate import upgrade
-from shears.db.tables import Job, Model, WorkerHeartbeat, new_id, utcnow
+from shears.db.tables import WorkerHeartbeat, utcnow
 from shears.settings import Settings, get_settings
+from tests.service.test_lifecycle import add_job as lifecycle_job
 from worker.devices import (
     check_device_string,
     default_queues,
@@ -48,37 +49,7 @@ def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 
 def add_job(sessions: sessionmaker[Session], spec: dict, model_format: str = "pt2") -> str:
-    with sessions.begin() as session:
-        model = Model(
-            id=new_id("mdl"),
-            tenant="default",
-            name="m",
-            format=model_format,
-            size_bytes=1,
-            sha256="0",
-            num_parameters=1,
-            inputs=[],
-            prunable_layers=[],
-            storage_key="models/x",
-            created_at=utcnow(),
-        )
-        session.add(model)
-        session.flush()
-        job = Job(
-            id=new_id("job"),
-            tenant="default",
-            model_id=model.id,
-            status="queued",
-            spec=spec,
-            spec_version=1,
-            attempts=0,
-            progress_stage="queued",
-            progress_fraction=0.0,
-            cancel_requested=False,
-            created_at=utcnow(),
-        )
-        session.add(job)
-        return job.id
+    return lifecycle_job(sessions, model_format, spec=spec)
 
 
 def queue_of(sessions: sessionmaker[Session], job_id: str) -> str:
