@@ -7,6 +7,7 @@ several worker processes, with the database rows written per job and per second 
     .venv/bin/python bench/service.py --backend embedded
     .venv/bin/python bench/service.py --api-workers 2 --runs 3 --skip-upload   # as compose runs it
     .venv/bin/python bench/service.py --workers 1,2,4 --jobs 16   # many workers: jobs/min, DB rows
+    .venv/bin/python bench/service.py --s3-upload   # 1 GiB upload to object storage (moto)
 
 On a shared machine, serialise timing runs: ``flock /tmp/shears-bench.lock .venv/bin/python ...``.
 
@@ -350,6 +351,48 @@ def many_workers(args: argparse.Namespace) -> None:
     print(f"Artifacts per prune job (median): {one['artifact_bytes_per_job'] / 1024:.0f} KiB.")
 
 
+def s3_upload() -> None:
+    """A 1 GiB model uploaded to a service on object storage (a moto S3 server on loopback): the
+    API receives it to scratch, gates it, then sends it as a multipart upload."""
+    from examples.s3server import S3Server
+
+    workdir = Path(tempfile.mkdtemp(prefix="shears-bench-s3-"))
+    s3 = S3Server(workdir).start()
+    database_gen = private_database(PG_ADMIN_URL)
+    database = next(database_gen)
+    port = free_port()
+    (workdir / "data").mkdir()
+    env = service_env(
+        workdir / "data",
+        port,
+        database,
+        REDIS_URL,
+        **s3.env(s3.new_bucket()),
+        SHEARS_CACHE_DIR=str(workdir / "cache"),
+        SHEARS_MAX_UPLOAD_BYTES=str(2 * 1024**3),
+        SHEARS_LOG_LEVEL="WARNING",
+    )
+    svc = Service(data_dir=workdir / "data", env=env, port=port, with_worker=False)
+    try:
+        svc.start()
+        upload = big_upload(svc, workdir)
+    finally:
+        svc.stop()
+        s3.stop()
+        next(database_gen, None)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n### 1 GiB upload to object storage (moto on loopback), {datetime.now():%Y-%m-%d}\n")
+    print("| measure | value |\n| --- | --- |")
+    print(
+        f"| 1 GiB upload ({upload['bytes']} B, HTTP {upload['status']}) | "
+        f"{upload['seconds']:.1f} s, {upload['mib_per_s']:.0f} MiB/s |"
+    )
+    print(
+        f"| API RSS before / peak growth during upload | {upload['rss_before_mib']:.0f} MiB"
+        f" / {upload['growth_mib']:.1f} MiB |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -372,11 +415,17 @@ def main() -> None:
     )
     parser.add_argument("--settle", type=float, default=12.0, help="s for pg_stat to settle")
     parser.add_argument("--fine-tune-steps", type=int, default=300)
+    parser.add_argument(
+        "--s3-upload", action="store_true", help="only the 1 GiB upload, to object storage"
+    )
     args = parser.parse_args()
     # Stopped with SIGTERM (a background run ignores SIGINT): still stop the services it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.workers:
         many_workers(args)
+        return
+    if args.s3_upload:
+        s3_upload()
         return
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install -y wrk")

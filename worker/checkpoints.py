@@ -32,14 +32,12 @@ class CheckpointMirror:
 
     def __enter__(self) -> CheckpointMirror:
         self._seen = self._version()  # what checkout brought: already stored
-        if self.storage.local_path(self.key) != self.path:
-            self._thread.start()
+        self._thread.start()  # on local disk checkin is a no-op: the path is the stored file
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
+        self._thread.join(timeout=60)
 
     def _version(self) -> int | None:
         try:
