@@ -145,6 +145,17 @@ def big_upload(svc: Service, workdir: Path) -> dict:
     }
 
 
+def print_upload(upload: dict) -> None:
+    print(
+        f"| 1 GiB upload ({upload['bytes']} B, HTTP {upload['status']}) | "
+        f"{upload['seconds']:.1f} s, {upload['mib_per_s']:.0f} MiB/s |"
+    )
+    print(
+        f"| API RSS before / peak growth during upload | {upload['rss_before_mib']:.0f} MiB"
+        f" / {upload['growth_mib']:.1f} MiB |"
+    )
+
+
 def print_poll(what: str, poll: dict, args: argparse.Namespace) -> None:
     runs = poll["runs"]
     median = "median of " if len(runs) > 1 else ""
@@ -383,14 +394,7 @@ def s3_upload() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n### 1 GiB upload to object storage (moto on loopback), {datetime.now():%Y-%m-%d}\n")
     print("| measure | value |\n| --- | --- |")
-    print(
-        f"| 1 GiB upload ({upload['bytes']} B, HTTP {upload['status']}) | "
-        f"{upload['seconds']:.1f} s, {upload['mib_per_s']:.0f} MiB/s |"
-    )
-    print(
-        f"| API RSS before / peak growth during upload | {upload['rss_before_mib']:.0f} MiB"
-        f" / {upload['growth_mib']:.1f} MiB |"
-    )
+    print_upload(upload)
 
 
 def main() -> None:
@@ -475,14 +479,7 @@ def main() -> None:
         f"{statistics.median(delays):.0f} ms, min {min(delays):.0f}, max {max(delays):.0f} |"
     )
     if upload:
-        print(
-            f"| 1 GiB upload ({upload['bytes']} B, HTTP {upload['status']}) | "
-            f"{upload['seconds']:.1f} s, {upload['mib_per_s']:.0f} MiB/s |"
-        )
-        print(
-            f"| API RSS before / peak growth during upload | {upload['rss_before_mib']:.0f} MiB"
-            f" / {upload['growth_mib']:.1f} MiB |"
-        )
+        print_upload(upload)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ there until the job ends.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from shears.storage.base import CHUNK, StorageError
+from shears.storage.base import StorageError, file_digest
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -50,7 +49,7 @@ class ReadCache:
         temp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             fill(temp)
-            actual = _digest(temp)
+            _, actual = file_digest(temp)
             if actual != sha256:
                 raise StorageError(
                     f"the stored object's content does not match its recorded SHA-256 "
@@ -106,11 +105,3 @@ class ReadCache:
         except OSError:
             shutil.copyfile(entry, target)
         return target
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
