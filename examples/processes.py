@@ -106,9 +106,10 @@ class Service:
             self.start_worker()
         self.wait_ready()
 
-    def start_worker(self, name: str = "worker", queue: str | None = None) -> None:
-        """A Celery worker process; ``queue`` (default the jobs' queue) may be comma-separated."""
-        self._spawn(name, worker_command(queue or self.env["SHEARS_QUEUE"]))
+    def start_worker(self, name: str = "worker", queues: str | None = None) -> None:
+        """Start a worker process (``shears worker``) named ``name`` on ``queues`` (default: the
+        service's queue); several may run side by side."""
+        self._spawn(name, worker_command(queues or self.env["SHEARS_QUEUE"]))
 
     def start_notify_worker(self) -> None:
         self._spawn("notify", notify_worker_command(self.env["SHEARS_NOTIFY_QUEUE"], 4))

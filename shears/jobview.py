@@ -40,6 +40,8 @@ def job_body(
         if job.error_type
         else None,
         "result_model_id": job.result_model_id,
+        "queue": job.queue,
+        "worker": job.worker,
         "artifacts": [
             {
                 "id": a.id,

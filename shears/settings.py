@@ -154,6 +154,47 @@ class Settings(BaseSettings):
             raise ValueError("retry delays are seconds >= 0")
         return value
 
+    # -- scale-out: object storage, the worker's read cache, the GPU queue ---------------------
+    storage_url: str | None = Field(
+        default=None,
+        description="Where models, datasets, checkpoints and artifacts live: s3://bucket/prefix "
+        "for any S3-compatible server; unset: local disk (storage_dir).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3-compatible server (MinIO, moto...); unset: AWS. Credentials come "
+        "the usual boto3 way (AWS_ACCESS_KEY_ID..., a profile, an instance role).",
+    )
+    s3_presign: bool = Field(
+        default=False,
+        description="Answer an artifact download with 307 to a presigned URL instead of "
+        "streaming it through the API.",
+    )
+    s3_presign_seconds: int = Field(
+        default=900, gt=0, le=7 * 24 * 3600, description="How long a presigned URL stays valid."
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="The worker's read cache and local scratch with object storage; unset: "
+        "~/.cache/shears. Never under data_dir.",
+    )
+    cache_max_bytes: int = Field(
+        default=50 * 1024**3,
+        gt=0,
+        description="Size bound of the read cache; least recently used objects are evicted.",
+    )
+    progress_every_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="Least time between two progress writes of a running job (stage changes "
+        "are written at once): the main database write rate of a fleet of workers.",
+    )
+    gpu_queue: str = Field(
+        default="shears-gpu",
+        description="Queue of jobs that fine-tune or prune an hf model, while a GPU worker is "
+        "alive (a heartbeat within the lease); they go to `queue` otherwise.",
+    )
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:
@@ -172,6 +213,11 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or Path.home() / ".cache" / "shears").resolve()
 
 
 @lru_cache

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -141,7 +143,7 @@ class _JobView:
     metrics: dict[str, Any]
     error_type: str | None
     error_message: str | None
-    artifacts: dict[str, str]  # kind -> storage key
+    artifacts: dict[str, tuple[str, str]]  # kind -> (storage key, sha256)
 
 
 def log_run(job_id: str, settings: Settings) -> Logged | None:
@@ -244,7 +246,7 @@ def _read_job(job_id: str) -> _JobView | None:
             metrics=dict(job.metrics or {}),
             error_type=job.error_type,
             error_message=job.error_message,
-            artifacts={a.kind: a.storage_key for a in job.artifacts},
+            artifacts={a.kind: (a.storage_key, a.sha256) for a in job.artifacts},
         )
 
 
@@ -316,13 +318,16 @@ def _param_value(value: Any) -> str:
 
 
 def _log_artifacts(client: MlflowClient, run_id: str, job: _JobView, settings: Settings) -> None:
-    # Same-named files overwrite, so a retried upload replaces a partial one.
+    # Same-named files overwrite, so a retried upload replaces a partial one. With object
+    # storage the files come through the worker's read cache, linked into a scratch folder.
     storage = storage_from_settings(settings)
-    if "model" in job.artifacts:
-        client.log_artifact(run_id, str(storage.path(job.artifacts["model"])), "model")
-    if "report" in job.artifacts:
-        report = storage.path(job.artifacts["report"])
-        client.log_artifact(run_id, str(report))
+    with tempfile.TemporaryDirectory(prefix="shears-mlflow-") as scratch:
+        if "model" in job.artifacts:
+            model = storage.materialize(*job.artifacts["model"], Path(scratch))
+            client.log_artifact(run_id, str(model), "model")
+        if "report" in job.artifacts:
+            report = storage.materialize(*job.artifacts["report"], Path(scratch))
+            client.log_artifact(run_id, str(report))
 
 
 def _versions(client: MlflowClient, name: str, run_id: str) -> list[str]:

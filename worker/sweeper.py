@@ -30,7 +30,7 @@ def sweep_once(celery: Celery, settings: Settings) -> list[str]:
     with sessions()() as session:
         job_ids = repo.stale_jobs(session, enqueued_before)
     for job_id in job_ids:
-        if not publish_job(celery, sessions(), job_id):
+        if not publish_job(celery, sessions(), job_id, settings):
             break  # the broker is down: the next sweep tries again
         published.append(job_id)
     if published:

@@ -43,7 +43,7 @@ def create_job(
     session.commit()  # the row is the truth: it exists before any worker can hear of it
     job = submitted.job
     if submitted.created:
-        publish_job(celery, request.app.state.sessions, job.id)
+        publish_job(celery, request.app.state.sessions, job.id, settings)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_body(job, job.artifacts)
 
