@@ -44,6 +44,7 @@ def create_job(
     job = submitted.job
     if submitted.created:
         publish_job(celery, request.app.state.sessions, job.id, settings)
+        session.refresh(job)  # publish_job recorded the queue in a transaction of its own
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_body(job, job.artifacts)
 
