@@ -24,6 +24,7 @@ from core.progress import ProgressCallback
 from core.recovery import PipelineData, RecoveryStages, StepCallback, TrainingConfig
 from core.spec import FineTuneSpec, JobSpec
 from core.text import (
+    CALIBRATION_SAMPLES,
     CALIBRATION_SEQ_LEN,
     EVAL_SEQ_LEN,
     FINE_TUNE_SEQ_LEN,
@@ -59,14 +60,16 @@ def _blocks(
 
 def load_lm_feeds(spec: JobSpec, data: PipelineData, model: Any) -> LmFeeds:
     """Tokenize the datasets the spec names, each at its own ``seq_len`` (defaults 2048 for
-    calibration, 512 for fine-tuning and evaluation, never above ``max_position_embeddings``),
+    calibration, 512 for fine-tuning and evaluation, never above ``max_position_embeddings``;
+    128 calibration blocks unless ``num_samples`` says otherwise),
     before any work: a dataset that cannot feed the model fails the job here."""
     LmRecovery.check(spec)
     positions = getattr(model.model.config, "max_position_embeddings", None)
     calibration = fine_tune = evaluation = None
     if spec.calibration is not None:
         seq_len = resolve_seq_len(spec.calibration.seq_len, CALIBRATION_SEQ_LEN, positions)
-        ids = _blocks(model, data.calibration, "calibration", seq_len, spec.calibration.num_samples)
+        samples = spec.calibration.samples(CALIBRATION_SAMPLES)
+        ids = _blocks(model, data.calibration, "calibration", seq_len, samples)
         calibration = (ids,)
     if spec.fine_tune is not None:
         seq_len = resolve_seq_len(spec.fine_tune.seq_len, FINE_TUNE_SEQ_LEN, positions)
