@@ -56,18 +56,31 @@ def planned_removals(
     )
 
 
+# Rows (tokens) converted to float32 at a time inside the hooks, so no statistic ever holds a
+# wider copy of a whole batch of activations.
+CHUNK_ROWS = 1024
+
+
+def _rows(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` as ``(tokens, in)`` float32 chunks of at most ``CHUNK_ROWS`` rows (no copy when
+    ``x`` is float32 already)."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    return [chunk.to(torch.float32) for chunk in torch.split(flat, CHUNK_ROWS)]
+
+
 class FeatureNorms:
     """Forward hook accumulating the squared L2 norm of every input feature of a linear over all
-    tokens it sees (Wanda's ``||X_j||_2^2``), in float64 so batch order does not matter."""
+    tokens it sees (Wanda's ``||X_j||_2^2``): each chunk summed in float32, the running total in
+    float64 so the number of batches does not matter."""
 
     def __init__(self, in_features: int, device: torch.device) -> None:
         self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])  # (tokens, in)
-        self.sum_sq += x.to(torch.float64).square().sum(dim=0)
-        self.tokens += int(x.shape[0])
+        for x in _rows(inputs[0]):
+            self.sum_sq += torch.linalg.vector_norm(x, dim=0).square().to(torch.float64)
+            self.tokens += int(x.shape[0])
 
 
 class Hessian:
@@ -79,6 +92,6 @@ class Hessian:
         self.tokens = 0
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # (tokens, in)
-        self.xxt.addmm_(x.t(), x)
-        self.tokens += int(x.shape[0])
+        for x in _rows(inputs[0]):
+            self.xxt.addmm_(x.t(), x)
+            self.tokens += int(x.shape[0])

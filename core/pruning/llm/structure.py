@@ -45,7 +45,7 @@ from core.metrics import sparse_size_bytes
 from core.pruning.base import LayerResult, PruneContext, PruneOutcome
 from core.pruning.llm.calibrate import LayerInputs, calibration_ids, capture_inputs
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers, prunable_linears, unwrap
-from core.pruning.llm.sequential import TOKENS_PER_BATCH
+from core.pruning.llm.sequential import CALIBRATION_MEMORY, calibration_batch
 from core.spec import PruningSpec
 
 WIDTH_CRITERIA = frozenset({"activation", "magnitude", "random", "taylor"})
@@ -588,7 +588,7 @@ class StructurePruner:
         self, net: nn.Module, layers: tuple[DecoderLayer, ...], input_ids: torch.Tensor
     ) -> LayerInputs:
         ids = input_ids.long()
-        size = self.batch_size or max(1, TOKENS_PER_BATCH // int(ids.shape[1]))
+        size = self.batch_size or calibration_batch(net, layers[0], int(ids.shape[1]))
         return capture_inputs(net, layers[0].module, ids, batch_size=size)
 
     def _depth(
@@ -699,7 +699,9 @@ class StructurePruner:
 
                 handles.append(norm.register_forward_hook(final))
         ids = input_ids.long()
-        size = self.batch_size or max(1, TOKENS_PER_BATCH // int(ids.shape[1]))
+        # A backward pass keeps every layer's activations: the budget is shared among them.
+        budget = CALIBRATION_MEMORY // len(layers)
+        size = self.batch_size or calibration_batch(net, layers[0], int(ids.shape[1]), budget)
         device = next(net.parameters()).device
         params = [p for p in net.parameters() if p.requires_grad]
         was_training = net.training
