@@ -13,6 +13,10 @@ from torch import nn
 from core.allocation import removal_count
 from core.masks import nm_mask
 
+# Rows handled at a time: tokens converted to float32 inside the hooks (no statistic holds a
+# wider copy of a whole batch of activations), weight rows ranked by ``row_mask``.
+CHUNK_ROWS = 1024
+
 
 def ranked(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``scores`` with the positions where ``weight`` is already zero ranked lowest of all."""
@@ -27,8 +31,12 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = removal_count(sparsity, scores.shape[1])
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k:
-        lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        keep.scatter_(1, lowest, False)
+        # A few rows at a time: the sorted copy and its int64 indices of a whole wide layer
+        # would be several times the scores' size.
+        for start in range(0, scores.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            lowest = torch.sort(scores[rows], dim=1, stable=True).indices[:, :k]
+            keep[rows].scatter_(1, lowest, False)
     return keep
 
 
@@ -54,11 +62,6 @@ def planned_removals(
         removal_count(sparsity, rows * (min(start + block, cols) - start))
         for start in range(0, cols, block)
     )
-
-
-# Rows (tokens) converted to float32 at a time inside the hooks, so no statistic ever holds a
-# wider copy of a whole batch of activations.
-CHUNK_ROWS = 1024
 
 
 def _rows(x: torch.Tensor) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ from core.pruning.llm.sparsegpt import reconstruction_error, sparsegpt
 # The criteria table (core.criteria) says which criteria rank language models and need data.
 CRITERIA = frozenset(name for name, c in CRITERIA_TABLE.items() if "hf" in c.formats)
 # Working memory a calibration forward may use; the samples per batch are derived from it.
-CALIBRATION_MEMORY = 512 * 2**20
+CALIBRATION_MEMORY = 256 * 2**20
 
 LayerObserver = Callable[[int, DecoderLayer, LayerInputs | None], None]
 """Told ``(index, layer, inputs)`` before each decoder layer is calibrated (``inputs`` is None
