@@ -8,6 +8,7 @@ tokenized at job time with the model's own tokenizer into blocks of ``seq_len`` 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class LmRecovery(RecoveryStages):
     spec: JobSpec
     info: ModelInfo
     feeds: LmFeeds
-    teacher: dict[str, torch.Tensor] | None  # the dense model's weights, for distillation
+    teacher: torch.nn.Module | None  # the dense model, for distillation
     train: TrainingConfig
     progress: ProgressCallback
     eval_before: dict[str, float] | None = None
@@ -122,11 +123,9 @@ class LmRecovery(RecoveryStages):
     ) -> LmRecovery:
         """Tokenize the datasets, keep the dense teacher, score the dense model."""
         distills = spec.fine_tune is not None and spec.fine_tune.loss == "distillation"
-        teacher = (
-            {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-            if distills
-            else None
-        )
+        # The dense module itself, not its weights: width and depth change the student's shapes,
+        # so a state dict would no longer load into a copy of it.
+        teacher = copy.deepcopy(model.model).requires_grad_(False) if distills else None
         recovery = cls(spec, info, load_lm_feeds(spec, data, model), teacher, train, progress)
         recovery.eval_before = recovery.evaluate(model, "evaluate_before", "before pruning")
         return recovery
