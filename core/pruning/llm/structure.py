@@ -227,14 +227,14 @@ class StructurePruner:
         new_kv = heads.kv_heads - drop_kv
         new_heads = new_kv * heads.group
         new_hidden = hidden.size - drop_hidden
-        check_config(
-            net,
-            hidden_size=new_hidden,
-            intermediate_size=new_mlp,
-            num_attention_heads=new_heads,
-            num_key_value_heads=new_kv,
-            head_dim=heads.head_dim,
-        )
+        sizes = {
+            "hidden_size": new_hidden,
+            "intermediate_size": new_mlp,
+            "num_attention_heads": new_heads,
+            "num_key_value_heads": new_kv,
+            "head_dim": heads.head_dim,
+        }
+        check_config(net, **sizes)
         details["hidden_size"] = new_hidden
         details["intermediate_size"] = new_mlp
         details["num_key_value_heads"] = new_kv
@@ -314,14 +314,7 @@ class StructurePruner:
                 details["kept_hidden"] = keep_hidden.tolist()
         finally:
             net.train(was_training)
-        write_sizes(
-            net,
-            hidden_size=new_hidden,
-            intermediate_size=new_mlp,
-            num_attention_heads=new_heads,
-            num_key_value_heads=new_kv,
-            head_dim=heads.head_dim,
-        )
+        write_sizes(net, **sizes)
         details["kept_mlp"] = kept_mlp
         details["kept_kv_groups"] = kept_kv
         return {lin.name: lin.shape for layer in layers for lin in layer.linears}
