@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -45,7 +46,7 @@ from shears.db import scans
 from shears.db.tables import Artifact, Model, new_id, utcnow
 from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
-from shears.storage import LocalStorage, StoredFile, storage_from_settings
+from shears.storage import Storage, StoredFile, storage_from_settings
 from worker.db import sessions
 
 log = structlog.get_logger("shears.search")
@@ -136,8 +137,8 @@ def scan_some(job_id: str, scanner: Scanner, worker: str, lease_s: float, limit:
 
 
 # One scanner per process, for the job it last scanned: a worker that takes several subtasks of
-# one job loads the model once.
-_cached: tuple[str, Scanner] | None = None
+# one job loads the model once. Its local copies live in a scratch folder replaced with it.
+_cached: tuple[str, Scanner, Path] | None = None
 
 
 def run_scan_task(job_id: str) -> None:
@@ -154,45 +155,49 @@ def run_scan_task(job_id: str) -> None:
         spec_data, tenant = job.spec, job.tenant
         if model is None or model.deleted_at is not None:
             return
-        model_key = model.storage_key
+        model_file = (model.storage_key, model.sha256)
         keys = dataset_keys(session, tenant, spec_data)
     storage = storage_from_settings(settings)
     spec, _ = parse_stored(spec_data)
     if _cached is None or _cached[0] != job_id:
-        _cached = (job_id, _open(spec, storage, model_key, keys))
+        if _cached is not None:
+            shutil.rmtree(_cached[2], ignore_errors=True)
+        scratch = storage.temp_path(f".scan-{job_id}-{os.getpid()}")
+        model_path = storage.materialize(*model_file, scratch)
+        paths = data_paths(storage, keys, scratch)
+        _cached = (job_id, _open(spec, model_path, paths), scratch)
     worker = node_name()
     scored = scan_some(job_id, _cached[1], worker, settings.job_lease_seconds, None)
     log.info("scan subtask done", job_id=job_id, cells=scored, worker=worker)
 
 
-def search_data_key(keys: dict[str, str | None]) -> str:
-    """The scan's data: ``pruning.search``'s dataset, else the evaluation's."""
+DataKeys = dict[str, tuple[str, str] | None]
+
+
+def data_paths(storage: Storage, keys: DataKeys, scratch: Path) -> tuple[Path, Path | None]:
+    """Local copies of the scan's data (``pruning.search``'s dataset, else the evaluation's) and
+    of the calibration data, if any."""
     section = "search" if "search" in keys else "evaluation"
     key = keys.get(section)
     if key is None:
         raise InvalidDataset(f"the job's {section} dataset (the search data) is gone or missing")
-    return key
-
-
-def _open(
-    spec: JobSpec, storage: LocalStorage, model_key: str, keys: dict[str, str | None]
-) -> Scanner:
     calibration = keys.get("calibration")
-    return Scanner.open(
-        spec,
-        storage.path(model_key),
-        storage.path(search_data_key(keys)),
-        storage.path(calibration) if calibration else None,
+    return (
+        storage.materialize(*key, scratch),
+        storage.materialize(*calibration, scratch) if calibration else None,
     )
+
+
+def _open(spec: JobSpec, model_path: Path, paths: tuple[Path, Path | None]) -> Scanner:
+    return Scanner.open(spec, model_path, paths[0], paths[1])
 
 
 def run_search(
     job_id: str,
     attempt: int,
     spec: JobSpec,
-    storage: LocalStorage,
-    model_key: str,
-    keys: dict[str, str | None],
+    model_path: Path,
+    paths: tuple[Path, Path | None],
     progress: ProgressCallback,
     workdir: Path,
     fmt: str,
@@ -205,7 +210,7 @@ def run_search(
     assert target is not None
     settings = get_settings()
     progress("pruning", between("load", "prune", 0.1), "searching: loading the model for the scan")
-    scanner = _open(spec, storage, model_key, keys)
+    scanner = _open(spec, model_path, paths)
     units = scanner.units()
     if not units:
         raise InvalidSpec("no layer is left for the target to prune (all excluded or fixed)")
@@ -445,7 +450,7 @@ def record_scan_only(
     attempt: int,
     tenant: str,
     searched: Searched,
-    storage: LocalStorage,
+    storage: Storage,
     stored: list[StoredFile],
 ) -> None:
     """Finish a ``sensitivity_only`` job: the sensitivity artifact, the summary, ``succeeded``."""
@@ -479,3 +484,6 @@ def record_scan_only(
         repo.add_event(
             session, job_id, "done", "succeeded: sensitivity scan only", {"status": "succeeded"}
         )
+    from worker.lifecycle import _announce  # after the commit, as for every finished job
+
+    _announce(job_id, "job.succeeded")

@@ -1,7 +1,7 @@
 """sensitivity scan: a row per (job, unit, ratio) cell, and the search summary on each job
 
 Revision ID: 0005r
-Revises: 0004
+Revises: 0005s
 Create Date: 2026-12-03 08:00:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005r"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005s"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
