@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.docs_pages import install_docs_pages
 from api.errors import install_error_handlers
 from api.observability import install_metrics
-from api.routes import artifacts, datasets, health, jobs, models, ui, webhooks
+from api.routes import artifacts, datasets, health, jobs, models, plots, ui, webhooks
 from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import autocommit, make_engine, make_sessionmaker
 from shears.logs import configure_logging
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
     app.include_router(datasets.router)
+    app.include_router(plots.router)
     app.include_router(webhooks.router)
     install_docs_pages(app)
     app.include_router(ui.router)

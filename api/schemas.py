@@ -203,11 +203,34 @@ class JobErrorOut(BaseModel):
 
 class ArtifactOut(_Out):
     id: str
-    kind: Literal["model", "weights", "report"]
+    kind: Literal["model", "weights", "report", "sensitivity"]
     format: str
     size_bytes: int
     sha256: str
     download_url: str
+
+
+class SearchOut(BaseModel):
+    """A target's search: the scan's progress, the ratios chosen, and what they were predicted
+    to give beside what the pruned model measured."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["scanning", "scanned", "chosen", "done"] = Field(
+        description="scanning; scanned (sensitivity_only: stopped there); chosen; done."
+    )
+    layers_scanned: int
+    layers_total: int
+    chosen: dict[str, float] | None = Field(
+        default=None, description="Ratio per layer (a channel group by its first layer)."
+    )
+    predicted: dict[str, float] | None = Field(
+        default=None, description="Fractions of the dense macs and params; loss, accuracy."
+    )
+    achieved: dict[str, Any] | None = Field(
+        default=None,
+        description="Measured on the pruned model: macs, params, latency fractions, accuracy "
+        "and loss after pruning (and after fine-tuning), and whether the target was met.",
+    )
 
 
 class JobOut(BaseModel):
@@ -236,6 +259,9 @@ class JobOut(BaseModel):
         default=None,
         description="The Celery node name of the worker process that ran its last attempt, "
         "e.g. shears-4242@gpu-host-3 (unique per process); null before any attempt.",
+    )
+    search: SearchOut | None = Field(
+        default=None, description="With pruning.target: the search for per-layer ratios."
     )
 
 

@@ -14,7 +14,7 @@ Example (no service needed)::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,6 +122,7 @@ def run(
     data: PipelineData | None = None,
     training: TrainingConfig | None = None,
     on_round: RoundHook | None = None,
+    after_prune: Callable[[Any], None] | None = None,
 ) -> PipelineResult:
     """Prune the model at ``model_path`` as ``spec`` says and write the artifacts to ``out_dir``.
 
@@ -132,6 +133,8 @@ def run(
     Their datasets come from ``data``; the data-aware criteria read ``data.calibration``. Cost
     (MACs, latency) is measured on ``measure.device``. An iterative schedule calls ``on_round``
     after every round but the last (default: evaluation and a share of the fine-tuning).
+    ``after_prune`` is given the pruned model before it is scored (a search re-estimates
+    BatchNorm statistics there, as its scan did); not in a dry run.
 
     Raises:
         core.errors.ShearsError: the file was refused, the spec does not fit this model, or a step
@@ -179,6 +182,8 @@ def run(
         recovered = Recovered()
         verdict: SparseVerdict | None = None
         if not spec.dry_run:
+            if after_prune is not None:
+                after_prune(outcome.model)
             recovered = recovery.recover(outcome.model)
             verdict = _sparse_verdict(fmt, outcome, info, before.params, m)
             artifacts, written, after = _export_and_measure(

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    WithJsonSchema,
+    model_serializer,
+    model_validator,
+)
 
 from core.criteria import CRITERIA, fits_granularity, needs_data
 
@@ -32,6 +41,7 @@ Granularity = Literal["unstructured", "channel", "head", "n:m", "block", "width"
 Scope = Literal["layer", "global"]
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
+GridRatio = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class _Frozen(BaseModel):
@@ -74,6 +84,84 @@ class DepthSpec(_Frozen):
     """Language models: remove the decoder layers whose removal changes the hidden states least."""
 
     layers: int = Field(ge=1, le=1000, description="Decoder layers removed.")
+
+
+class TargetSpec(_Frozen):
+    """What the job aims for when it finds the per-layer ratios itself: exactly one key.
+
+    Example:
+        >>> TargetSpec(macs=0.5)   # keep at most half of the dense model's MACs
+        TargetSpec(macs=0.5, ...)
+    """
+
+    macs: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Keep at most this fraction of the MACs."
+    )
+    params: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Keep at most this fraction of the parameters."
+    )
+    latency: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="At most this fraction of the dense latency, on the worker's device.",
+    )
+    max_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Classification: lose at most this much accuracy (absolute), judged on the "
+        "evaluation data after any fine-tuning; as much is removed as fits.",
+    )
+    max_perplexity_increase: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="Language models: at most this relative perplexity increase.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetSpec:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one target of: {', '.join(type(self).model_fields)}"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The one key given (``macs``, ``params``, ...)."""
+        return next(n for n in type(self).model_fields if getattr(self, n) is not None)
+
+    @property
+    def value(self) -> float:
+        value = getattr(self, self.kind)
+        assert isinstance(value, float)
+        return value
+
+
+_DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+class SearchSpec(_Frozen):
+    """The sensitivity scan: each layer (channel group) pruned alone at each ratio of ``grid``
+    and scored on the first ``num_samples`` of the search data."""
+
+    grid: tuple[GridRatio, ...] = Field(
+        default=_DEFAULT_GRID,
+        min_length=1,
+        max_length=50,
+        description="Ratios each layer is scanned at; default 0.1, 0.2, ..., 0.9.",
+    )
+    num_samples: int = Field(default=512, ge=1, le=1_000_000, description="Samples scored.")
+
+    @model_validator(mode="after")
+    def _sorted(self) -> SearchSpec:
+        if list(self.grid) != sorted(set(self.grid)):
+            raise ValueError("grid: ratios must be increasing, each once")
+        return self
 
 
 def _sparsity_optional(schema: dict[str, Any]) -> None:
@@ -149,6 +237,33 @@ class PruningSpec(_Frozen):
     depth: DepthSpec | None = Field(
         default=None, description='With `depth` (language models): `{"layers": k}`.'
     )
+    target: TargetSpec | None = Field(
+        default=None,
+        description="Instead of `sparsity`: what to reach (`macs`, `params`, `latency`, "
+        "`max_accuracy_drop`, `max_perplexity_increase`); the job finds per-layer ratios.",
+    )
+    search: SearchSpec | None = Field(
+        default=None, description="With `target`: the sensitivity scan's grid and sample count."
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_placeholder(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # With a target, `sparsity` is only the validator's placeholder: a stored spec that kept
+        # it would be refused when read back ("target or sparsity, not both").
+        data: dict[str, Any] = handler(self)
+        if self.target is not None:
+            data.pop("sparsity", None)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_replaces_sparsity(cls, data: Any) -> Any:
+        # A target decides the ratios: `sparsity` beside it would be ignored, so it is refused.
+        if isinstance(data, dict) and data.get("target") is not None:
+            if "sparsity" in data:
+                raise ValueError("give 'target' or 'sparsity', not both: a target finds the ratios")
+            data = {**data, "sparsity": 0.0}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -201,6 +316,12 @@ class PruningSpec(_Frozen):
                 )
         if self.block is not None and self.granularity != "block":
             raise ValueError("'block' only applies to granularity 'block'")
+        if self.search is not None and self.target is None:
+            raise ValueError("'search' only applies with a 'target'")
+        if self.target is not None and self.scope != "layer":
+            raise ValueError("a 'target' chooses a ratio per layer; leave 'scope' out")
+        if self.target is not None and self.schedule.kind != "one_shot":
+            raise ValueError("a 'target' is reached in one shot; use kind 'one_shot'")
         return self
 
 
@@ -330,6 +451,17 @@ class JobSpec(_Frozen):
     )
     fine_tune: FineTuneSpec | None = None
     evaluation: EvaluationSpec | None = None
+    sensitivity_only: bool = Field(
+        default=False,
+        description="With `pruning.target`: stop after the sensitivity scan (artifact "
+        "`sensitivity`), prune nothing.",
+    )
+
+    @model_validator(mode="after")
+    def _sensitivity_needs_target(self) -> JobSpec:
+        if self.sensitivity_only and self.pruning.target is None:
+            raise ValueError("'sensitivity_only' needs 'pruning.target' (a scan to stop after)")
+        return self
 
     @model_validator(mode="after")
     def _calibration_for_data_aware(self) -> JobSpec:

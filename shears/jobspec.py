@@ -26,8 +26,9 @@ from core.spec import (
     EvaluationSpec,
     FineTuneSpec,
     JobSpec,
-    PruningSpec,
+    SearchSpec,
 )
+from core.spec import PruningSpec as CorePruningSpec
 
 DatasetId = Field(min_length=1, max_length=64, description="A dataset uploaded to /v1/datasets.")
 
@@ -50,7 +51,31 @@ class EvaluationRequest(EvaluationSpec):
     dataset_id: str = DatasetId
 
 
-DatasetRequest = CalibrationRequest | FineTuneRequest | EvaluationRequest
+class SearchRequest(SearchSpec):
+    """``pruning.search`` of ``POST /v1/jobs``: the data the sensitivity scan scores on."""
+
+    dataset_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="A dataset with targets; default: the evaluation's.",
+    )
+
+    @property
+    def needs_targets(self) -> bool:
+        return True
+
+
+class PruningSpec(CorePruningSpec):
+    """``pruning`` of ``POST /v1/jobs``: core's spec, its ``search`` naming a dataset. (Named as
+    core's class, so the published schema keeps its component name ``PruningSpec``.)"""
+
+    search: SearchRequest | None = Field(
+        default=None, description="With `target`: the sensitivity scan's data, grid and samples."
+    )
+
+
+DatasetRequest = CalibrationRequest | FineTuneRequest | EvaluationRequest | SearchRequest
 
 
 class MlflowRequest(BaseModel):
@@ -77,6 +102,11 @@ class JobSpecRequest(BaseModel):
 
     pruning: PruningSpec
     dry_run: bool = Field(default=False, description="Report what would be pruned; prune nothing.")
+    sensitivity_only: bool = Field(
+        default=False,
+        description="With `pruning.target`: stop after the sensitivity scan (artifact "
+        "`sensitivity`).",
+    )
     calibration: CalibrationRequest | None = Field(
         default=None, description="A dataset for data-aware criteria."
     )
@@ -102,14 +132,28 @@ class JobSpecRequest(BaseModel):
                 f"criterion {self.pruning.criterion!r} ranks channels on data; add "
                 '"calibration": {"dataset_id": "...", "num_samples": 256}'
             )
+        if self.sensitivity_only and self.pruning.target is None:
+            raise ValueError("'sensitivity_only' needs 'pruning.target' (a scan to stop after)")
+        search = self.pruning.search
+        if (
+            self.pruning.target is not None
+            and self.evaluation is None
+            and (search is None or search.dataset_id is None)
+        ):
+            raise ValueError(
+                "a target is searched on data: give pruning.search.dataset_id or an "
+                "'evaluation' (whose data the scan then scores on)"
+            )
         return self
 
     def datasets(self) -> dict[str, DatasetRequest]:
         """``{section: request}`` of the sections given (each names a dataset)."""
+        search = self.pruning.search
         sections: dict[str, DatasetRequest | None] = {
             "calibration": self.calibration,
             "fine_tune": self.fine_tune,
             "evaluation": self.evaluation,
+            "search": search if search is not None and search.dataset_id is not None else None,
         }
         return {name: section for name, section in sections.items() if section is not None}
 
@@ -119,12 +163,16 @@ class JobSpecRequest(BaseModel):
 
     def to_core(self) -> tuple[JobSpec, dict[str, str]]:
         """Core's spec (the sections without their ids) and ``{section: dataset_id}``."""
-        ids = {name: section.dataset_id for name, section in self.datasets().items()}
-        plain = self.model_dump(
-            # Core's sections only: the service's own (mlflow) stay with the service.
-            include=set(JobSpec.model_fields),
-            exclude={name: {"dataset_id"} for name in ids},
-        )
+        ids = {
+            name: section.dataset_id
+            for name, section in self.datasets().items()
+            if section.dataset_id is not None
+        }
+        exclude: dict[str, Any] = {name: {"dataset_id"} for name in ids if name != "search"}
+        if self.pruning.search is not None:
+            exclude["pruning"] = {"search": {"dataset_id"}}
+        # Core's sections only: the service's own (mlflow) stay with the service.
+        plain = self.model_dump(include=set(JobSpec.model_fields), exclude=exclude)
         return JobSpec.model_validate(plain), ids
 
 

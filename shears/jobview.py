@@ -42,6 +42,7 @@ def job_body(
         "result_model_id": job.result_model_id,
         "queue": job.queue,
         "worker": job.worker,
+        "search": job.search,
         "artifacts": [
             {
                 "id": a.id,

@@ -29,11 +29,13 @@ from core.errors import (
 )
 from core.pipeline import MeasureConfig, PipelineData, PipelineResult, Stage, TrainingConfig
 from core.pipeline import run as run_pipeline
+from core.spec import JobSpec
 from shears.db import repository as repo
 from shears.db.tables import Artifact, Dataset, JobLayer, Model, new_id, utcnow
 from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
 from shears.storage import Storage, StorageError, StoredFile, storage_from_settings
+from worker import search
 from worker.celery_app import app as celery_app
 from worker.checkpoints import CheckpointMirror
 from worker.db import sessions
@@ -166,6 +168,7 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
         model_file = (
             (model.storage_key, model.sha256) if model and model.deleted_at is None else None
         )
+        model_format = model.format if model else ""
         dataset_keys = _dataset_keys(session, tenant, spec_data)
 
     stored: list[StoredFile] = []
@@ -180,12 +183,28 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
             spec, _ = parse_stored(spec_data)
             model_path = storage.materialize(*model_file, inputs)
             data = _pipeline_data(storage, dataset_keys, inputs)
+            progress = Progress(job_id, attempt, heartbeat, settings.progress_every_seconds)
+            searched = None
+            if spec.pruning.target is not None:  # the ratios are found first (worker/search.py)
+                searched = search.run_search(
+                    job_id, attempt, spec, model_path,
+                    search.data_paths(storage, dataset_keys, inputs),
+                    progress, workdir, model_format,
+                )  # fmt: skip
+                if spec.sensitivity_only:
+                    search.record_scan_only(job_id, attempt, tenant, searched, storage, stored)
+                    finished = True
+                    return
             checkpoint = storage.checkout(checkpoint_key, inputs)
             mirror = CheckpointMirror(
                 storage, checkpoint, checkpoint_key, max(settings.job_lease_seconds / 4, 0.2)
             )
-            with mirror:
-                result = run_pipeline(
+
+            def prune(spec: JobSpec, again: bool = False) -> PipelineResult:
+                if again:  # a search's step back: not the last try's fine-tuning checkpoint
+                    checkpoint.unlink(missing_ok=True)
+                    storage.delete_prefix(checkpoint_dir)
+                return run_pipeline(
                     spec,
                     model_path,
                     workdir,
@@ -196,18 +215,27 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
                         # Latency is reported on the device the worker prunes and trains on.
                         device=str(pick_device(settings.train_device)),
                     ),
-                    on_progress=Progress(
-                        job_id, attempt, heartbeat, settings.progress_every_seconds
-                    ),
+                    on_progress=progress,
                     data=data,
                     training=TrainingConfig(
                         device=settings.train_device,
                         checkpoint=checkpoint,
                         checkpoint_every_steps=settings.checkpoint_every_steps,
                     ),
+                    after_prune=searched.after_prune(progress) if searched else None,
+                )
+
+            with mirror:
+                result = (
+                    search.prune_verified(spec, searched, prune, progress)
+                    if searched
+                    else prune(spec)
                 )
             if heartbeat.cancel_requested.is_set():
                 raise Cancelled("the job was cancelled")
+            if searched is not None:
+                search.record_achieved(job_id, attempt, spec, searched, result)
+                result.artifacts["sensitivity"] = searched.sensitivity
             _record_success(job_id, attempt, tenant, result, storage, stored)
             finished = True
     except Cancelled as exc:
@@ -283,7 +311,7 @@ def _pipeline_data(
     paths = {
         section: storage.materialize(*key, inputs)
         for section, key in keys.items()
-        if key is not None
+        if key is not None and section != "search"  # the search stage reads its own data
     }
     return PipelineData(**paths)
 
@@ -294,7 +322,7 @@ def _discard(storage: Storage, stored: list[StoredFile]) -> None:
 
 
 # Artifact kinds whose format is fixed; the `model` artifact has the model's own format.
-_ARTIFACT_FORMATS = {"weights": "safetensors", "report": "json"}
+_ARTIFACT_FORMATS = {"weights": "safetensors", "report": "json", "sensitivity": "json"}
 
 
 def _record_success(

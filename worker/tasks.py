@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker import lifecycle, signals
+from worker import lifecycle, search, signals
 from worker.celery_app import RUN_JOB_TASK, app
 
 __all__ = ["run_job", "signals"]
@@ -14,3 +14,8 @@ __all__ = ["run_job", "signals"]
 def run_job(self: Any, job_id: str) -> None:
     # The node name (``shears-<pid>@<host>``) goes on the job: which process ran which attempt.
     lifecycle.run_job(job_id, worker=self.request.hostname)
+
+
+@app.task(name=search.SCAN_TASK)  # type: ignore[untyped-decorator]
+def scan_cells(job_id: str) -> None:
+    search.run_scan_task(job_id)

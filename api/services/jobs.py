@@ -29,6 +29,7 @@ from api.services.errors import (
 from core.errors import InvalidSpec
 from core.pipeline import check_recovery
 from core.pruning import preflight as pruning_preflight
+from core.search.targets import check_target
 from core.spec import SPEC_VERSION
 from shears.db import repository as repo
 from shears.db.tables import Artifact, Job, JobEvent, JobLayer, Model, new_id, utcnow
@@ -122,11 +123,17 @@ def _preflight(spec: JobSpecRequest, model: Model) -> None:
         check_recovery(model.format, core_spec)
     except InvalidSpec as exc:
         raise InvalidField((exc.field or "pruning",), exc.message) from exc
+    try:
+        check_target(model.format, core_spec)
+    except InvalidSpec as exc:
+        where = ("pruning", "target") if exc.field in (None, "pruning") else (exc.field,)
+        raise InvalidField(where, exc.message) from exc
 
 
 def _check_datasets(session: Session, tenant: str, spec: JobSpecRequest) -> None:
     """Each dataset the spec names exists (NotFound) and has the targets its section reads."""
     for name, section in spec.datasets().items():
+        assert section.dataset_id is not None  # datasets() lists the sections that name one
         dataset = repo.get_dataset(session, tenant, section.dataset_id)
         if dataset is None:
             raise NotFound("dataset", section.dataset_id)

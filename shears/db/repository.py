@@ -169,6 +169,9 @@ def dataset_ids(spec: dict[str, Any]) -> dict[str, str]:
         value = spec.get(section)
         if isinstance(value, dict) and isinstance(value.get("dataset_id"), str):
             ids[section] = value["dataset_id"]
+    search = (spec.get("pruning") or {}).get("search")  # a target's scan data (optional)
+    if isinstance(search, dict) and isinstance(search.get("dataset_id"), str):
+        ids["search"] = search["dataset_id"]
     return ids
 
 

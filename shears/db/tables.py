@@ -163,6 +163,8 @@ class Job(Base):
     # The queue its last message went to, and the Celery node that ran its last attempt.
     queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # A target's search: status, layers scanned, the chosen ratios, predicted and achieved.
+    search: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
@@ -278,3 +280,24 @@ class WorkerHeartbeat(Base):
     concurrency: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ScanCell(Base):
+    """One cell of a job's sensitivity scan: a unit (layer, channel group) pruned alone at one
+    ratio and scored. Claimed with a lease like a job, so a worker that dies loses only its cell;
+    a job that resumes finds the finished cells here and does not scan them again."""
+
+    __tablename__ = "scan_cells"
+    __table_args__ = (UniqueConstraint("job_id", "unit", "ratio", name="uq_scan_cells_cell"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # the unit's place in graph order
+    unit: Mapped[str] = mapped_column(String(512))
+    ratio: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | running | done
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    scores: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -88,6 +88,12 @@ WITH_SEQ_LEN = {
         for section in ("calibration", "fine_tune", "evaluation")
     },
 }
+# Issue 14 added `target`/`search` to `pruning` and `sensitivity_only` beside `dry_run`.
+WITH_TARGET = {
+    **WITH_SEQ_LEN,
+    "pruning": {**WITH_SEQ_LEN["pruning"], "target": None, "search": None},
+    "sensitivity_only": False,
+}
 
 
 def test_the_stored_form_is_what_it_was() -> None:
@@ -101,8 +107,9 @@ def test_the_stored_form_is_what_it_was() -> None:
             "evaluation": {"dataset_id": "dst_e", "top_k": 3},
         }
     )
-    assert request.stored() == WITH_SEQ_LEN
+    assert request.stored() == WITH_TARGET
     assert request.to_core() == parse_stored(TODAYS_ROW) == parse_stored(WITH_SEQ_LEN)
+    assert parse_stored(WITH_TARGET) == request.to_core()
     assert parse_stored(request.stored()) == request.to_core()  # it round-trips
 
 

@@ -1,0 +1,19 @@
+"""Finding per-layer ratios for a target: the sensitivity scan, its curves, the allocation.
+
+A pure library (no service): a caller scans cells (:class:`Scanner`), turns the scores into
+curves and allocates a target over them (:mod:`core.search.allocate`), then prunes with the chosen
+``layer_sparsity`` (:func:`with_ratios`) through the ordinary pipeline.
+"""
+
+from core.search.scan import Scanner, reestimate_batchnorm, reestimate_program_batchnorm
+from core.search.units import ScanUnit, family_for, register_family, with_ratios
+
+__all__ = [
+    "ScanUnit",
+    "Scanner",
+    "family_for",
+    "reestimate_batchnorm",
+    "reestimate_program_batchnorm",
+    "register_family",
+    "with_ratios",
+]

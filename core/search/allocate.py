@@ -1,0 +1,191 @@
+"""From sensitivity curves to per-unit ratios: the least predicted damage for the saving asked.
+
+Each unit's curve says how much worse the model scores (the search data's loss, above the dense
+model's) with that unit alone pruned at each grid ratio; between grid points it is interpolated,
+and made non-decreasing (a noisy dip is no reason to prune more). Damage is taken as additive
+over units -- the usual first-order assumption of sensitivity analysis -- and the job measures
+what it really achieved after.
+
+Greedy on marginal cost: starting from nothing pruned, repeatedly give ``step`` more ratio to the
+unit whose next step adds the least damage per unit of cost saved, until the cost is within the
+budget. With a cost that falls smoothly as each unit is pruned this is the classic fractional
+knapsack heuristic; it is what AMC-style and "layer-wise sensitivity" searches approximate.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from core.allocation import removal_count
+from core.errors import InvalidSpec
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Damage of one unit against its ratio: ``ratios`` increasing from 0, ``damage`` (>= 0,
+    non-decreasing) at each."""
+
+    unit: str
+    ratios: tuple[float, ...]
+    damage: tuple[float, ...]
+
+    @classmethod
+    def from_scores(cls, unit: str, baseline: float, scores: Mapping[float, float]) -> Curve:
+        """``scores`` (ratio -> loss, higher is worse) against the dense ``baseline`` loss."""
+        ratios = [0.0, *sorted(scores)]
+        damage = [0.0]
+        for r in ratios[1:]:
+            damage.append(max(damage[-1], scores[r] - baseline))
+        return cls(unit, tuple(ratios), tuple(damage))
+
+    @property
+    def max_ratio(self) -> float:
+        return self.ratios[-1]
+
+    def at(self, ratio: float) -> float:
+        """The damage at ``ratio``, linear between grid points."""
+        if ratio >= self.ratios[-1]:
+            return self.damage[-1]
+        i = bisect.bisect_right(self.ratios, ratio)
+        r0, r1 = self.ratios[i - 1], self.ratios[i]
+        d0, d1 = self.damage[i - 1], self.damage[i]
+        return d0 + (d1 - d0) * (ratio - r0) / (r1 - r0)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Ratios per unit and what they are predicted to cost (fraction of dense) and damage."""
+
+    ratios: dict[str, float]
+    cost: float
+    damage: float
+
+
+Cost = Callable[[Mapping[str, float]], float]
+
+
+def allocate_to_budget(
+    curves: Sequence[Curve],
+    cost: Cost,
+    budget: float,
+    *,
+    step: float = 0.01,
+    sizes: Mapping[str, int] | None = None,
+) -> Choice:
+    """The ratios, on multiples of ``step``, at which ``cost`` (a fraction of the dense model's)
+    is at most ``budget``, greedily at the least predicted damage.
+
+    Example:
+        >>> flat = Curve("a", (0.0, 0.5), (0.0, 0.0)); steep = Curve("b", (0.0, 0.5), (0.0, 1.0))
+        >>> allocate_to_budget([flat, steep], lambda r: 1 - 0.5 * sum(r.values()), 0.8).ratios
+        {'a': 0.4, 'b': 0.0}
+
+    ``sizes`` (unit -> items) makes each step remove whole items, so the prediction is what the
+    pruner will do.
+
+    Raises:
+        InvalidSpec: even every unit at its largest grid ratio costs more than ``budget``.
+    """
+    ratios, current = _greedy(curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12)
+    if current > budget + 1e-12:
+        raise InvalidSpec(
+            f"the target cannot be reached: with every searched layer at its largest grid "
+            f"ratio the model keeps {current:.3f} of the dense cost, above {budget}; "
+            "widen the search grid or relax the target",
+            "pruning",
+        )
+    return Choice(ratios, current, predicted_damage(curves, ratios))
+
+
+def allocate_within_damage(
+    curves: Sequence[Curve],
+    cost: Cost,
+    max_damage: float,
+    *,
+    step: float = 0.01,
+    sizes: Mapping[str, int] | None = None,
+) -> Choice:
+    """As much pruning as the greedy order allows while the predicted damage stays within
+    ``max_damage`` (for targets judged by quality, not cost)."""
+    ratios, current = _greedy(
+        curves,
+        cost,
+        step,
+        sizes,
+        lambda r, c: False,
+        allowed=lambda trial: predicted_damage(curves, trial) <= max_damage,
+    )
+    return Choice(ratios, current, predicted_damage(curves, ratios))
+
+
+def _greedy(
+    curves: Sequence[Curve],
+    cost: Cost,
+    step: float,
+    sizes: Mapping[str, int] | None,
+    done: Callable[[Mapping[str, float], float], bool],
+    allowed: Callable[[Mapping[str, float]], bool] | None = None,
+) -> tuple[dict[str, float], float]:
+    """From nothing pruned, give the next step to the unit with the least added damage per cost
+    saved until ``done(ratios, cost)``, or no unit can step (or none is ``allowed`` to)."""
+    ratios = {c.unit: 0.0 for c in curves}
+    sizes = sizes or {}
+    current = cost(ratios)
+    while not done(ratios, current):
+        best: tuple[float, float, str, float] | None = None
+        for curve in curves:
+            r = ratios[curve.unit]
+            nxt = _next_ratio(r, step, sizes.get(curve.unit), curve.max_ratio)
+            if nxt is None:
+                continue
+            trial = {**ratios, curve.unit: nxt}
+            saved = current - cost(trial)
+            if saved <= 0 or (allowed is not None and not allowed(trial)):
+                continue
+            harm = max(curve.at(nxt) - curve.at(r), 0.0)
+            key = (harm / saved, -saved, curve.unit, nxt)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            break
+        ratios[best[2]] = best[3]
+        current = cost(ratios)
+    return ratios, current
+
+
+def uniform_to_budget(units: Sequence[str], cost: Cost, budget: float, top: float = 0.99) -> float:
+    """The one ratio for every unit at which ``cost`` meets ``budget`` (bisection): the
+    baseline the search is compared with."""
+    lo, hi = 0.0, top
+    if cost(dict.fromkeys(units, hi)) > budget:
+        raise InvalidSpec(f"no uniform ratio up to {top} reaches {budget}", "pruning")
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cost(dict.fromkeys(units, mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _next_ratio(r: float, step: float, size: int | None, top: float) -> float | None:
+    """The next ratio after ``r``: ``step`` more, or, for a unit of ``size`` items, the next
+    ratio that removes at least one more item (exactly k/size, so rounding cannot stall)."""
+    if size is None:
+        nxt = round(min(r + step, top), 6)
+        return nxt if nxt > r else None
+    have = removal_count(r, size)
+    k = max(removal_count(r + step, size), have + 1)
+    if k >= size or k / size > top + 1e-9:
+        return None
+    return k / size
+
+
+def predicted_damage(curves: Sequence[Curve], ratios: Mapping[str, float]) -> float:
+    return sum(c.at(ratios.get(c.unit, 0.0)) for c in curves)
+
+
+def _curve(curves: Sequence[Curve], unit: str) -> Curve:
+    return next(c for c in curves if c.unit == unit)

@@ -1,0 +1,159 @@
+"""The sensitivity scan: one unit pruned alone at one ratio, scored on the search data.
+
+A cell (unit, ratio) is independent of every other, so a service can hand cells to as many
+processes as it has; :class:`Scanner` is what each of them holds. The model itself is never
+changed: each cell prunes a copy.
+
+Example (no service needed)::
+
+    from core.search import Scanner
+    scanner = Scanner.open(spec, "cnn.pt2", "digits.npz")
+    baseline = scanner.score(None, 0.0)             # {"accuracy": ..., "loss": ...}
+    cell = scanner.score(scanner.units()[0].key, 0.5)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.data import Dataset, batch_range, load_dataset, match_program
+from core.evaluate import evaluate
+from core.formats import detect, get_format
+from core.formats.base import MeasureConfig, ModelInfo
+from core.formats.pt2.program import module_on
+from core.search.cost import CostModel
+from core.search.units import Calibration, ScanUnit, UnitFamily, family_for, with_ratios
+from core.spec import EvaluationSpec, JobSpec
+from core.structure import prune_program
+
+Program = torch.export.ExportedProgram
+_BATCH_NORM = torch.ops.aten.batch_norm.default
+
+
+@dataclass
+class Scanner:
+    """Scores a program with one unit pruned at a time; cells are independent and repeatable."""
+
+    program: Program
+    info: ModelInfo
+    spec: JobSpec
+    data: Dataset
+    calibration: Calibration = None
+    family: UnitFamily = field(init=False)
+    _units: list[ScanUnit] | None = field(default=None, init=False)
+    _dense_latency: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.family = family_for(self.info.format, self.spec.pruning.granularity)
+
+    @classmethod
+    def open(
+        cls,
+        spec: JobSpec,
+        model_path: str | os.PathLike[str],
+        search_data: str | os.PathLike[str],
+        calibration_data: str | os.PathLike[str] | None = None,
+    ) -> Scanner:
+        """Load the model through its format's gate and the first ``search.num_samples`` of the
+        search data (matched to the model's inputs)."""
+        fmt = detect(model_path)
+        program, info = fmt.load(model_path)
+        data = match_program(load_dataset(Path(search_data)), info.inputs)
+        n = spec.pruning.search.num_samples if spec.pruning.search else 512
+        data = Dataset(
+            tuple(t[:n] for t in data.inputs), None if data.targets is None else data.targets[:n]
+        )
+        calibration = None
+        if spec.calibration is not None and calibration_data is not None:
+            samples = match_program(load_dataset(Path(calibration_data)), info.inputs)
+            calibration = tuple(t[: spec.calibration.num_samples] for t in samples.inputs)
+        return cls(program, info, spec, data, calibration)
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        search = self.spec.pruning.search
+        return search.grid if search is not None else tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+    def units(self) -> list[ScanUnit]:
+        """The units the target may prune, in graph order."""
+        if self._units is None:
+            self._units = self.family.units(
+                self.program, self.info, self.spec.pruning, self.calibration
+            )
+        return self._units
+
+    def unit(self, key: str) -> ScanUnit:
+        return next(u for u in self.units() if u.key == key)
+
+    def cost_model(self) -> CostModel:
+        return self.family.cost_model(self.program, self.info, self.spec.pruning, self.units())
+
+    def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
+        """Latency of the program pruned at ``ratios`` over the dense program's, measured on
+        ``config.device`` (the dense one once)."""
+        fmt = get_format(self.info.format)
+        if self._dense_latency is None:
+            self._dense_latency = fmt.measure(self.program, self.info, config).latency_ms
+        pruned = prune_program(self.program, with_ratios(self.spec.pruning, ratios)).program
+        return fmt.measure(pruned, self.info, config).latency_ms / self._dense_latency
+
+    def score(self, key: str | None, ratio: float) -> dict[str, float]:
+        """Scores (``accuracy``, ``loss``, ...) with unit ``key`` pruned at ``ratio``; the dense
+        model's with ``key`` None. BatchNorm statistics are re-estimated on the search data
+        first where the model has them: removed channels shift what later layers see."""
+        if key is None:
+            module = self.program.module()
+        else:
+            module = self.family.prune_one(
+                self.program, self.info, self.spec.pruning, self.unit(key), ratio, self.calibration
+            )
+            reestimate_batchnorm(module, self.data.inputs)
+        return evaluate(module, self.data, self._evaluation(), batch_range(self.info.inputs))
+
+    def _evaluation(self) -> EvaluationSpec:
+        base = self.spec.evaluation or EvaluationSpec()
+        return base.model_copy(update={"max_samples": None})
+
+
+@torch.no_grad()
+def reestimate_program_batchnorm(program: Program, inputs: tuple[torch.Tensor, ...]) -> int:
+    """:func:`reestimate_batchnorm` for an exported program: its running statistics are set, in
+    place, to those of ``inputs``. Returns how many BatchNorms there were."""
+    module = module_on(program)
+    count = reestimate_batchnorm(module, inputs)
+    if count:
+        state = program.state_dict
+        for name, buffer in module.named_buffers():
+            if name in state and state[name].shape == buffer.shape:
+                state[name].copy_(buffer)
+    return count
+
+
+@torch.no_grad()
+def reestimate_batchnorm(module: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> int:
+    """Set every BatchNorm's running statistics to those of ``inputs`` (one batch, in training
+    mode with momentum 1), then back to inference. Returns how many BatchNorms there were.
+
+    The exported graph fixes the mode in each ``aten.batch_norm`` node (``training`` is argument 5,
+    ``momentum`` argument 6), so the nodes are switched, not the module."""
+    nodes = [n for n in module.graph.nodes if n.op == "call_function" and n.target == _BATCH_NORM]
+    if not nodes:
+        return 0
+    saved = [(n, n.args[5], n.args[6]) for n in nodes]
+    for node in nodes:
+        node.update_arg(5, True)
+        node.update_arg(6, 1.0)
+    module.recompile()
+    try:
+        module(*inputs)
+    finally:
+        for node, training, momentum in saved:
+            node.update_arg(5, training)
+            node.update_arg(6, momentum)
+        module.recompile()
+    return len(nodes)

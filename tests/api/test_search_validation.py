@@ -1,0 +1,140 @@
+"""``pruning.target``: what ``POST /v1/jobs`` refuses before anything is queued, and what it
+stores (the API runs in-process; no worker is needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.api.conftest import Api, upload
+from tests.factories import save_npz
+from tests.problems import assert_problem
+
+CHANNEL = {"criterion": "l1", "granularity": "channel", "target": {"macs": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def model(api: Api, resnet_pt2: Path) -> dict:
+    return upload(api.client, resnet_pt2)
+
+
+@pytest.fixture(scope="module")
+def data(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("search-data")
+    x = np.zeros((8, 1, 8, 8), np.float32)
+    labelled = save_npz(root / "xy.npz", inputs=x, targets=np.zeros(8, np.int64))
+    return {
+        "labelled": upload(api.client, labelled, "datasets")["id"],
+        "unlabelled": upload(api.client, save_npz(root / "x.npz", inputs=x), "datasets")["id"],
+    }
+
+
+def job_ids(api: Api) -> list[str]:
+    return [j["id"] for j in api.client.get("/v1/jobs", params={"limit": 200}).json()["items"]]
+
+
+def post(api: Api, body: dict):
+    return api.client.post("/v1/jobs", json=body)
+
+
+def with_eval(model: dict, data: dict, pruning: dict, **extra: object) -> dict:
+    return {
+        "model_id": model["id"],
+        "pruning": pruning,
+        "evaluation": {"dataset_id": data["labelled"]},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("pruning", "loc", "words"),
+    [
+        ({**CHANNEL, "sparsity": 0.5}, ["body", "pruning"], "not both"),
+        ({**CHANNEL, "target": {"flops": 0.5}}, ["body", "pruning", "target", "flops"], "Extra"),
+        ({**CHANNEL, "target": {}}, ["body", "pruning", "target"], "exactly one"),
+        (
+            {**CHANNEL, "target": {"macs": 0.5, "params": 0.5}},
+            ["body", "pruning", "target"],
+            "exactly one",
+        ),
+        ({**CHANNEL, "target": {"macs": 1.5}}, ["body", "pruning", "target", "macs"], "1"),
+        ({**CHANNEL, "scope": "global"}, ["body", "pruning"], "scope"),
+        ({**CHANNEL, "search": {"grid": [0.5, 0.2]}}, ["body", "pruning", "search"], "increasing"),
+        (
+            {"criterion": "l1", "granularity": "unstructured", "sparsity": 0.5, "search": {}},
+            ["body", "pruning"],
+            "target",
+        ),
+    ],
+)
+def test_malformed_targets_are_422_at_their_field(
+    api: Api, model: dict, data: dict, pruning: dict, loc: list, words: str
+) -> None:
+    before = job_ids(api)
+    body = assert_problem(post(api, with_eval(model, data, pruning)), 422, "validation-error")
+    assert body["errors"][0]["loc"] == loc, body
+    assert words in body["detail"], body
+    assert job_ids(api) == before
+
+
+def test_a_target_the_granularity_cannot_reach_is_422(api: Api, model: dict, data: dict) -> None:
+    before = job_ids(api)
+    unstructured = {"criterion": "l1", "granularity": "unstructured", "target": {"macs": 0.5}}
+    body = assert_problem(post(api, with_eval(model, data, unstructured)), 422, "validation-error")
+    assert body["errors"][0]["loc"] == ["body", "pruning", "target"]
+    assert "unstructured" in body["detail"]
+    assert "channel" in body["detail"]
+    n_m = {"criterion": "l1", "granularity": "n:m", "target": {"params": 0.5}}
+    assert_problem(post(api, with_eval(model, data, n_m)), 422, "validation-error")
+    language = {**CHANNEL, "target": {"max_perplexity_increase": 0.05}}
+    body = assert_problem(post(api, with_eval(model, data, language)), 422, "validation-error")
+    assert "pt2" in body["detail"]
+    assert job_ids(api) == before
+
+
+def test_a_target_needs_data_to_search_on(api: Api, model: dict, data: dict) -> None:
+    before = job_ids(api)
+    bare = {"model_id": model["id"], "pruning": CHANNEL}
+    body = assert_problem(post(api, bare), 422, "validation-error")
+    assert "search" in body["detail"]
+    drop = {**CHANNEL, "target": {"max_accuracy_drop": 0.01}}
+    searched = {**drop, "search": {"dataset_id": data["labelled"]}}
+    body = assert_problem(
+        post(api, {"model_id": model["id"], "pruning": searched}), 422, "validation-error"
+    )
+    assert body["errors"][0]["loc"] == ["body", "evaluation"]
+    unlabelled = {**CHANNEL, "search": {"dataset_id": data["unlabelled"]}}
+    body = assert_problem(post(api, with_eval(model, data, unlabelled)), 422, "validation-error")
+    assert "targets" in body["detail"]
+    missing = {**CHANNEL, "search": {"dataset_id": "dst_nope"}}
+    assert_problem(post(api, with_eval(model, data, missing)), 404, "not-found")
+    only = {"model_id": model["id"], "pruning": {**GOOD_SPARSITY}, "sensitivity_only": True}
+    body = assert_problem(post(api, only), 422, "validation-error")
+    assert "target" in body["detail"]
+    assert job_ids(api) == before
+
+
+GOOD_SPARSITY = {"criterion": "l1", "granularity": "channel", "sparsity": 0.5}
+
+
+def test_a_target_job_is_stored_as_asked(api: Api, model: dict, data: dict) -> None:
+    pruning = {**CHANNEL, "search": {"dataset_id": data["labelled"], "grid": [0.25, 0.5]}}
+    response = post(api, with_eval(model, data, pruning, sensitivity_only=True))
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["spec"]["pruning"]["target"]["macs"] == 0.5
+    assert "sparsity" not in job["spec"]["pruning"]  # the target replaced it
+    assert job["spec"]["pruning"]["search"] == {
+        "dataset_id": data["labelled"],
+        "grid": [0.25, 0.5],
+        "num_samples": 512,
+    }
+    assert job["spec"]["sensitivity_only"] is True
+    assert job["search"] is None  # nothing searched yet
+    again = api.client.get(f"/v1/jobs/{job['id']}").json()
+    assert again["spec"] == job["spec"]
+    for name in ("sensitivity", "layer_sparsity", "accuracy"):
+        assert_problem(api.client.get(f"/v1/jobs/{job['id']}/plots/{name}.svg"), 404, "not-found")
+    assert_problem(api.client.get("/v1/jobs/job_nope/plots/sensitivity.svg"), 404, "not-found")
