@@ -220,6 +220,8 @@ def run_search(
         scans.ensure_cells(session, job_id, keys_in_order, grid)
         job = repo.get_job_any_tenant(session, job_id)
         stored = dict(job.search or {}) if job is not None else {}
+        # The scan's subtasks go where the job went: the workers that can run it.
+        queue = (job.queue if job is not None else None) or settings.queue
     baseline = stored.get("baseline") or scanner.score(None, 0.0)
     summary: dict[str, Any] = {
         "status": "scanning",
@@ -233,7 +235,7 @@ def run_search(
     }
     _write(job_id, attempt, summary)
     for _ in range(min(len(units), _MAX_SUBTASKS)):
-        app.send_task(SCAN_TASK, args=[job_id])
+        app.send_task(SCAN_TASK, args=[job_id], queue=queue)
     worker = node_name()
     reported: set[str] = set()
     while True:

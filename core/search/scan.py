@@ -26,6 +26,7 @@ from core.evaluate import evaluate
 from core.formats import detect, get_format
 from core.formats.base import MeasureConfig, ModelInfo
 from core.formats.pt2.program import module_on
+from core.recovery import CALIBRATION_SAMPLES
 from core.search.cost import CostModel
 from core.search.units import Calibration, ScanUnit, UnitFamily, family_for, with_ratios
 from core.spec import EvaluationSpec, JobSpec
@@ -71,7 +72,8 @@ class Scanner:
         calibration = None
         if spec.calibration is not None and calibration_data is not None:
             samples = match_program(load_dataset(Path(calibration_data)), info.inputs)
-            calibration = tuple(t[: spec.calibration.num_samples] for t in samples.inputs)
+            n_calibration = spec.calibration.samples(CALIBRATION_SAMPLES)
+            calibration = tuple(t[:n_calibration] for t in samples.inputs)
         return cls(program, info, spec, data, calibration)
 
     @property
