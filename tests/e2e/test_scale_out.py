@@ -224,7 +224,7 @@ def test_two_workers_on_one_queue_share_its_jobs(cluster: Cluster, digits: Digit
     model = upload(svc, digits.model_path)
     ids = [submit(svc, prune_90(model["id"]))["id"] for _ in range(6)]
     jobs = [svc.wait_for_job(job_id) for job_id in ids]
-    assert {j["status"] for j in jobs} == {"succeeded"}
+    assert {j["status"] for j in jobs} == {"succeeded"}, [j["error"] for j in jobs]
     assert {j["queue"] for j in jobs} == {cluster.cpu_queue}
     # One job at a time per worker (prefetch 1, acks late): both must have taken some.
     assert {j["worker"] for j in jobs} == {cluster.node("cpu-1"), second}
