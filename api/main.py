@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.observability import install_metrics
+from api.openapi import install as install_openapi
 from api.routes import artifacts, datasets, health, jobs, models
 from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import autocommit, make_engine, make_sessionmaker
@@ -56,4 +57,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
     app.include_router(datasets.router)
+    install_openapi(app)  # after the routes and error handlers it describes
     return app
