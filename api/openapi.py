@@ -62,7 +62,16 @@ _DESCRIPTIONS = {
     507: "Storage failed to keep the file.",
 }
 _RETRY_AFTER = {
-    "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}},
+    "Retry-After": {
+        "description": "Seconds to wait.",
+        "required": True,
+        "schema": {"type": "integer"},
+    },
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
 }
 _UPLOAD_ERRORS = (400, 413, 415, 422, 507)
 # What api/routes/artifacts.py serves, by artifact format; anything else is octet-stream.
@@ -184,13 +193,13 @@ _OWN_BODIES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def _problem(status: int, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+def _problem(status: int) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": _DESCRIPTIONS.get(status, "An error."),
         "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}},
     }
-    if headers:
-        response["headers"] = headers
+    if status in _HEADERS:
+        response["headers"] = _HEADERS[status]
     return response
 
 
@@ -211,8 +220,8 @@ def _operation_errors(op: dict[str, Any], file_download: bool) -> dict[int, dict
     names = {p["name"].lower() for p in params}
     errors: dict[int, dict[str, Any]] = {}
     if op.get("security"):
-        errors[401] = _problem(401, {"WWW-Authenticate": {"schema": {"type": "string"}}})
-        errors[503] = _problem(503, _RETRY_AFTER)
+        errors[401] = _problem(401)
+        errors[503] = _problem(503)
     if any(p["in"] == "path" for p in params):
         errors[404] = _problem(404)
     if names & {"cursor", "last-event-id"} or "requestBody" in op:
@@ -296,9 +305,7 @@ def shape(schema: dict[str, Any]) -> dict[str, Any]:
                     responses[str(status)] = response
             for status, response in responses.items():
                 if status[0] in "45" and _is_default_error(response):
-                    responses[status] = _problem(int(status)) | {
-                        k: v for k, v in response.items() if k == "headers"
-                    }
+                    responses[status] = _problem(int(status))
             body = op.get("requestBody", {}).get("content", {}).get("application/json")
             if body is not None:
                 ref = body.get("schema", {}).get("$ref", "")
@@ -306,6 +313,12 @@ def shape(schema: dict[str, Any]) -> dict[str, Any]:
                 if examples:
                     body["examples"] = examples
     _add_components(schema)
+    scheme = schema["components"]["securitySchemes"][SECURITY_SCHEME]
+    scheme["description"] = (
+        "An API key: `Authorization: Bearer shk_...`. Required on every /v1 route once any key "
+        "exists (`SHEARS_API_KEYS`, or `shears keys create`); while none does, the service runs "
+        "open and operations list no credentials as an alternative."
+    )
     return schema
 
 
@@ -320,12 +333,6 @@ def _with_security(schema: dict[str, Any], auth_enabled: bool) -> dict[str, Any]
         for op in operations.values():
             if op.get("security"):
                 op["security"] = requirement
-    scheme = schema["components"]["securitySchemes"][SECURITY_SCHEME]
-    scheme["description"] = (
-        "An API key: `Authorization: Bearer shk_...`. Required on every /v1 route once any key "
-        "exists (`SHEARS_API_KEYS`, or `shears keys create`); while none does, the service runs "
-        "open and operations list no credentials as an alternative."
-    )
     return schema
 
 

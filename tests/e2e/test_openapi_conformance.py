@@ -22,7 +22,7 @@ import pytest
 
 from tests.bodies import global_l1
 from tests.e2e.conftest import start_service
-from tests.e2e.service import ROOT, Service
+from tests.e2e.service import Service
 from tests.factories import save_npz
 
 pytestmark = pytest.mark.e2e
@@ -150,7 +150,7 @@ def schemathesis(svc: Service, ids: dict[str, list[str]], out: Path, *args: str)
             *("--report", "json", "--report-json-path", str(report)),
             *args,
         ],
-        cwd=ROOT,
+        cwd=out,  # where schemathesis keeps its cache
         capture_output=True,
         text=True,
         timeout=600,
