@@ -19,13 +19,16 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import structlog
 from pydantic import TypeAdapter
 from sqlalchemy import Engine, Row
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from api.schemas import StreamEventOut, StreamProgressOut
 from api.services.errors import NotFound
 from shears.db import repository as repo
+
+log = structlog.get_logger("shears.api")
 
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 # Events read per poll; a job with more (a long fine-tune's epochs) is read on without waiting.
@@ -136,7 +139,13 @@ class EventStream:
                 if snapshot.status in FINISHED:
                     return
                 await anyio.sleep(self._poll)
-            snapshot = await self._read()  # None: the job was deleted meanwhile; the stream ends
+            try:
+                snapshot = await self._read()  # None: the job was deleted; the stream ends
+            except SQLAlchemyError as exc:
+                # The database went away mid-stream: end it cleanly (no final event), so that
+                # the client reconnects with Last-Event-ID and is told 503 until it is back.
+                log.warning("event stream ended: database error", error=str(exc))
+                return
 
     def _progress(self, snapshot: Snapshot) -> StreamMessage:
         body = StreamProgressOut.model_validate(
