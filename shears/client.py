@@ -192,36 +192,26 @@ class Client:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with _job_bar(job_id, progress) as show:
-            job = self.get_job(job_id)
+            response = self._http.get(f"/v1/jobs/{job_id}")
+            job, etag = _json(response), response.headers.get("ETag")
             show(job)
-            if job["status"] not in FINISHED:
-                with suppress(_StreamUnavailable):
-                    _EventStream(self._http, job_id, show, deadline).follow()
-            return self._poll(job_id, show, poll_interval, deadline, timeout)
-
-    def _poll(
-        self,
-        job_id: str,
-        show: Show,
-        poll_interval: float,
-        deadline: float | None,
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        """``GET`` the job until it is finished (once, when the stream saw it finish)."""
-        job: dict[str, Any] | None = None
-        etag: str | None = None
-        while True:
-            headers = {"If-None-Match": etag} if etag else {}
-            response = self._http.get(f"/v1/jobs/{job_id}", headers=headers)
-            if response.status_code != 304 or job is None:
-                job = _json(response)
-                etag = response.headers.get("ETag")
-                show(job)
             if job["status"] in FINISHED:
                 return job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
-            time.sleep(poll_interval)
+            with suppress(_StreamUnavailable):
+                _EventStream(self._http, job_id, show, deadline).follow()
+            # The final body once the stream saw the end; every few seconds where it could not.
+            while True:
+                response = self._http.get(
+                    f"/v1/jobs/{job_id}", headers={"If-None-Match": etag} if etag else {}
+                )
+                if response.status_code != 304:
+                    job, etag = _json(response), response.headers.get("ETag")
+                    show(job)
+                if job["status"] in FINISHED:
+                    return job
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+                time.sleep(poll_interval)
 
     # -- artifacts -------------------------------------------------------------------------------
 
