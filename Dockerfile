@@ -15,7 +15,7 @@ COPY shears ./shears
 COPY migrations ./migrations
 RUN pip install -e .
 
-RUN useradd --create-home --uid 1000 shears && mkdir -p /data && chown shears /data
+RUN useradd --create-home --uid 1000 shears && mkdir -p /data /cache && chown shears /data /cache
 USER shears
 EXPOSE 8000
 CMD ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port", "8000"]

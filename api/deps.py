@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import Problem
 from shears.auth import KeyCheck, KeyResolver
 from shears.settings import Settings
-from shears.storage import LocalStorage
+from shears.storage import Storage
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -30,8 +30,8 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_storage(request: Request) -> LocalStorage:
-    storage: LocalStorage = request.app.state.storage
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
     return storage
 
 
@@ -78,6 +78,6 @@ async def get_tenant(
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 TenantDep = Annotated[str, Depends(get_tenant)]

@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from api.docs_pages import install_docs_pages
 from api.errors import install_error_handlers
 from api.observability import install_metrics
 from api.openapi import install as install_openapi
-from api.routes import artifacts, datasets, health, jobs, models
+from api.routes import artifacts, datasets, health, jobs, models, ui, webhooks
 from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import autocommit, make_engine, make_sessionmaker
 from shears.logs import configure_logging
@@ -41,6 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         summary="Pruning as a service: smaller, faster PyTorch models, with the numbers.",
         lifespan=lifespan,
+        # Served by install_docs_pages from vendored copies: FastAPI's own load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sessions = make_sessionmaker(engine)
@@ -57,5 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
     app.include_router(datasets.router)
+    app.include_router(webhooks.router)
+    install_docs_pages(app)
+    app.include_router(ui.router)
     install_openapi(app)  # after the routes and error handlers it describes
     return app

@@ -229,6 +229,14 @@ class JobOut(BaseModel):
     error: JobErrorOut | None
     result_model_id: str | None
     artifacts: list[ArtifactOut]
+    queue: str | None = Field(
+        default=None, description="The queue its last message went to (CPU or GPU queue)."
+    )
+    worker: str | None = Field(
+        default=None,
+        description="The Celery node name of the worker process that ran its last attempt, "
+        "e.g. shears-4242@gpu-host-3 (unique per process); null before any attempt.",
+    )
 
 
 class JobList(BaseModel):

@@ -15,7 +15,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import Problem, invalid_field
-from shears.storage import LocalStorage
+from shears.storage import Storage
 
 _Info = TypeVar("_Info")
 _MAX_FIELD_BYTES = 64 * 1024
@@ -180,7 +180,7 @@ async def receive_upload(
 
 async def receive_and_validate(
     request: Request,
-    storage: LocalStorage,
+    storage: Storage,
     max_bytes: int,
     validate: Callable[[Path], _Info],
     default_name: str,

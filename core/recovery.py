@@ -56,6 +56,10 @@ class TrainingConfig:
     checkpoint_every_steps: int = 50
 
 
+# Programs calibrate on this many samples unless the job says otherwise.
+CALIBRATION_SAMPLES = 256
+
+
 @dataclass(frozen=True)
 class Feeds:
     """The job's datasets, read and matched to the program's inputs."""
@@ -87,7 +91,8 @@ def load_feeds(spec: JobSpec, data: PipelineData, info: ModelInfo) -> Feeds:
     calibration = None
     if spec.calibration is not None:
         samples = feed("calibration", data.calibration, False)
-        calibration = tuple(t[: spec.calibration.num_samples] for t in samples.inputs)
+        first = spec.calibration.samples(CALIBRATION_SAMPLES)
+        calibration = tuple(t[:first] for t in samples.inputs)
     return Feeds(
         fine_tune=feed("fine_tune", data.fine_tune, spec.fine_tune.needs_targets)
         if spec.fine_tune

@@ -8,6 +8,7 @@ tokenized at job time with the model's own tokenizer into blocks of ``seq_len`` 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from core.progress import ProgressCallback
 from core.recovery import PipelineData, RecoveryStages, StepCallback, TrainingConfig
 from core.spec import FineTuneSpec, JobSpec
 from core.text import (
+    CALIBRATION_SAMPLES,
     CALIBRATION_SEQ_LEN,
     EVAL_SEQ_LEN,
     FINE_TUNE_SEQ_LEN,
@@ -59,14 +61,16 @@ def _blocks(
 
 def load_lm_feeds(spec: JobSpec, data: PipelineData, model: Any) -> LmFeeds:
     """Tokenize the datasets the spec names, each at its own ``seq_len`` (defaults 2048 for
-    calibration, 512 for fine-tuning and evaluation, never above ``max_position_embeddings``),
+    calibration, 512 for fine-tuning and evaluation, never above ``max_position_embeddings``;
+    128 calibration blocks unless ``num_samples`` says otherwise),
     before any work: a dataset that cannot feed the model fails the job here."""
     LmRecovery.check(spec)
     positions = getattr(model.model.config, "max_position_embeddings", None)
     calibration = fine_tune = evaluation = None
     if spec.calibration is not None:
         seq_len = resolve_seq_len(spec.calibration.seq_len, CALIBRATION_SEQ_LEN, positions)
-        ids = _blocks(model, data.calibration, "calibration", seq_len, spec.calibration.num_samples)
+        samples = spec.calibration.samples(CALIBRATION_SAMPLES)
+        ids = _blocks(model, data.calibration, "calibration", seq_len, samples)
         calibration = (ids,)
     if spec.fine_tune is not None:
         seq_len = resolve_seq_len(spec.fine_tune.seq_len, FINE_TUNE_SEQ_LEN, positions)
@@ -86,7 +90,7 @@ class LmRecovery(RecoveryStages):
     spec: JobSpec
     info: ModelInfo
     feeds: LmFeeds
-    teacher: dict[str, torch.Tensor] | None  # the dense model's weights, for distillation
+    teacher: torch.nn.Module | None  # the dense model, for distillation
     train: TrainingConfig
     progress: ProgressCallback
     eval_before: dict[str, float] | None = None
@@ -119,11 +123,9 @@ class LmRecovery(RecoveryStages):
     ) -> LmRecovery:
         """Tokenize the datasets, keep the dense teacher, score the dense model."""
         distills = spec.fine_tune is not None and spec.fine_tune.loss == "distillation"
-        teacher = (
-            {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-            if distills
-            else None
-        )
+        # The dense module itself, not its weights: width and depth change the student's shapes,
+        # so a state dict would no longer load into a copy of it.
+        teacher = copy.deepcopy(model.model).requires_grad_(False) if distills else None
         recovery = cls(spec, info, load_lm_feeds(spec, data, model), teacher, train, progress)
         recovery.eval_before = recovery.evaluate(model, "evaluate_before", "before pruning")
         return recovery

@@ -210,18 +210,23 @@ SeqLen = Annotated[int, Field(ge=8, le=1_048_576)]
 class CalibrationSpec(_Frozen):
     """How much of the calibration dataset data-aware criteria may look at."""
 
-    num_samples: int = Field(
-        default=256,
+    num_samples: int | None = Field(
+        default=None,
         ge=1,
         le=1_000_000,
         description="Samples taken from the calibration dataset (blocks of `seq_len` tokens for "
-        "language models).",
+        "language models); default 256 for programs, 128 for language models.",
     )
     seq_len: SeqLen | None = Field(
         default=None,
         description="Language models: tokens per calibration block; default 2048, never above "
         "the model's `max_position_embeddings`.",
     )
+
+    def samples(self, default: int) -> int:
+        """``num_samples``, or the model format's ``default`` where the job left it out (the
+        default differs by format, so it is resolved where the format is known)."""
+        return self.num_samples if self.num_samples is not None else default
 
 
 Optimizer = Literal["sgd", "adamw"]

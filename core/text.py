@@ -87,6 +87,8 @@ __all__ = [
 
 # Contract defaults for ``seq_len``; each is capped at the model's ``max_position_embeddings``.
 CALIBRATION_SEQ_LEN: Final = 2048
+# Calibration blocks a language-model job takes unless it says `num_samples`.
+CALIBRATION_SAMPLES: Final = 128
 FINE_TUNE_SEQ_LEN: Final = 512
 EVAL_SEQ_LEN: Final = 512
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from shears.cli import api_command, sweeper_command, worker_command
+from shears.cli import api_command, notify_worker_command, sweeper_command, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 # Test and benchmark harness settings, not the service's: read here, not through Settings.
@@ -101,12 +101,18 @@ class Service:
         )
         self._spawn("api", api_command("127.0.0.1", self.port, self.api_workers))
         self._spawn("sweeper", sweeper_command())
+        self.start_notify_worker()
         if self.with_worker:
             self.start_worker()
         self.wait_ready()
 
-    def start_worker(self) -> None:
-        self._spawn("worker", worker_command(self.env["SHEARS_QUEUE"]))
+    def start_worker(self, name: str = "worker", queues: str | None = None) -> None:
+        """Start a worker process (``shears worker``) named ``name`` on ``queues`` (default: the
+        service's queue); several may run side by side."""
+        self._spawn(name, worker_command(queues or self.env["SHEARS_QUEUE"]))
+
+    def start_notify_worker(self) -> None:
+        self._spawn("notify", notify_worker_command(self.env["SHEARS_NOTIFY_QUEUE"], 4))
 
     def stop_process(self, name: str, sig: int = 15) -> None:
         """Stop one process (and its children) and wait for it."""
@@ -170,6 +176,7 @@ def service_env(
         "SHEARS_DATA_DIR": str(data_dir),
         "SHEARS_PORT": str(port),
         "SHEARS_QUEUE": f"shears-test-{uuid.uuid4().hex[:8]}",
+        "SHEARS_NOTIFY_QUEUE": f"shears-test-notify-{uuid.uuid4().hex[:8]}",
         "SHEARS_LATENCY_REPEATS": "3",
         "SHEARS_LATENCY_WARMUP": "1",
         "SHEARS_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),

@@ -82,7 +82,8 @@ def migrate() -> None:
     upgrade(settings.resolved_database_url)
     typer.echo("database at head")
     if settings.resolved_broker_url.startswith("sqla+"):
-        _declare_embedded_queue(settings.resolved_broker_url, settings.queue)
+        for queue in (settings.queue, settings.notify_queue):
+            _declare_embedded_queue(settings.resolved_broker_url, queue)
 
 
 def _declare_embedded_queue(broker_url: str, queue: str) -> None:
@@ -112,28 +113,118 @@ def api_command(host: str, port: int, workers: int = 1) -> list[str]:
     ]
 
 
-def worker_command(queue: str) -> list[str]:
+def worker_command(queue: str, concurrency: int = 1) -> list[str]:
+    """``shears worker`` on ``queue`` (comma-separated for several) as a process to start."""
+    return [
+        sys.executable,
+        "-m",
+        "shears.cli",
+        "worker",
+        "--queues",
+        queue,
+        "--concurrency",
+        str(concurrency),
+    ]
+
+
+def celery_worker_argv(queues: list[str], concurrency: int, node: str) -> list[str]:
     # mingle and gossip use broadcast messages, which kombu's SQLAlchemy transport cannot carry;
-    # concurrency 1: one job at a time per worker (one GPU per process in production).
+    # Celery's own heartbeats likewise (the worker's presence is a row in the database instead).
+    return [
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "-Q",
+        ",".join(queues),
+        "-n",
+        node,
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
+
+
+def notify_worker_command(queue: str, concurrency: int) -> list[str]:
+    # Its own app (no job code, no torch) and threads: deliveries wait on the network, and a slow
+    # receiver holds one thread, not the others.
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "worker.celery_app",
+        "worker.notify_app",
         "worker",
         "--loglevel",
         "INFO",
         "--concurrency",
-        "1",
+        str(concurrency),
         "--pool",
-        "prefork",
+        "threads",
         "-Q",
         queue,
+        "-n",
+        "notify@%h",
         "--without-mingle",
         "--without-gossip",
         "--without-heartbeat",
     ]
+
+
+def _queue_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    if not queues or any(
+        not q.replace("-", "").replace("_", "").replace(".", "").isalnum() for q in queues
+    ):
+        raise typer.BadParameter(
+            "a comma-separated list of queue names (letters, digits, - _ .)", param_hint="--queues"
+        )
+    return queues
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated queues to consume. Default: SHEARS_QUEUE, plus "
+            "SHEARS_GPU_QUEUE when CUDA is visible."
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Pool processes (one job each). Default: one per visible GPU on the GPU "
+            "queue, else 1.",
+        ),
+    ] = None,
+) -> None:
+    """Run a worker: one Celery node per process (``shears-<pid>@<host>``), pool children pinned
+    to one GPU each when it consumes the GPU queue."""
+    from worker.celery_app import app as celery
+    from worker.devices import check_device_string, default_queues, visible_gpus
+    from worker.presence import node_name
+    from worker.signals import GPUS_CONF_KEY
+
+    settings = get_settings()
+    try:
+        check_device_string(settings.train_device)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    gpus = visible_gpus()
+    chosen = _queue_list(queues) or default_queues(settings, gpus)
+    gpu_work = settings.gpu_queue in chosen and bool(gpus)
+    processes = concurrency or (len(gpus) if gpu_work else 1)
+    if gpu_work:
+        celery.conf[GPUS_CONF_KEY] = gpus
+    celery.worker_main(argv=celery_worker_argv(chosen, processes, node_name()))
 
 
 def sweeper_command() -> list[str]:
@@ -159,12 +250,14 @@ def sweeper() -> None:
 
 @app.command()
 def serve() -> None:
-    """Migrate, then run the API, one worker and the sweeper until Ctrl-C (`make run`)."""
+    """Migrate, then run the API, one worker, the notify worker (webhooks) and the sweeper until
+    Ctrl-C (`make run`)."""
     settings = get_settings()
     migrate()
     procs = [
         subprocess.Popen(api_command(settings.host, settings.port)),
         subprocess.Popen(worker_command(settings.queue)),
+        subprocess.Popen(notify_worker_command(settings.notify_queue, settings.notify_concurrency)),
         subprocess.Popen(sweeper_command()),
     ]
     typer.echo(

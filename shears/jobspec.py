@@ -7,7 +7,8 @@ Stored form (``jobs.spec``)::
 
     {"pruning": {...}, "dry_run": false, "calibration": null,
      "fine_tune": {"dataset_id": "dst_...", "epochs": 3, ...},
-     "evaluation": {"dataset_id": "dst_...", ...}}
+     "evaluation": {"dataset_id": "dst_...", ...},
+     "mlflow": {"register_as": "..."}}   # only when given; read by the worker, never by core
 
 Rows written before this module had this shape too (core's dump with ``dataset_id`` put back in
 each section), so they parse unchanged.
@@ -52,6 +53,23 @@ class EvaluationRequest(EvaluationSpec):
 DatasetRequest = CalibrationRequest | FineTuneRequest | EvaluationRequest
 
 
+class MlflowRequest(BaseModel):
+    """``mlflow`` of ``POST /v1/jobs``: what the worker does with the job's MLflow run.
+
+    Only the worker reads it (core never sees it); the run itself is logged whenever the service
+    has a tracking server (``SHEARS_MLFLOW_TRACKING_URI``), with or without this section.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    register_as: str | None = Field(
+        default=None,
+        # MLflow accepts almost any name; this keeps it one path-safe token in URLs and UIs.
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="Register the pruned model as a new version of this MLflow registered model.",
+    )
+
+
 class JobSpecRequest(BaseModel):
     """The spec part of ``POST /v1/jobs``, and what ``jobs.spec`` stores."""
 
@@ -68,6 +86,12 @@ class JobSpecRequest(BaseModel):
     evaluation: EvaluationRequest | None = Field(
         default=None,
         description="Score before pruning, after pruning and after fine-tuning (needs targets).",
+    )
+    mlflow: MlflowRequest | None = Field(
+        default=None,
+        # Left out of the stored spec when not given, so rows keep the shape they always had.
+        exclude_if=lambda section: section is None,
+        description="MLflow options for this job's run (used when the service logs to MLflow).",
     )
 
     @model_validator(mode="after")
@@ -97,7 +121,8 @@ class JobSpecRequest(BaseModel):
         """Core's spec (the sections without their ids) and ``{section: dataset_id}``."""
         ids = {name: section.dataset_id for name, section in self.datasets().items()}
         plain = self.model_dump(
-            include=set(JobSpecRequest.model_fields),
+            # Core's sections only: the service's own (mlflow) stay with the service.
+            include=set(JobSpec.model_fields),
             exclude={name: {"dataset_id"} for name in ids},
         )
         return JobSpec.model_validate(plain), ids

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, computed_field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, computed_field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -103,6 +104,110 @@ class Settings(BaseSettings):
         "proxies keep the connection open.",
     )
     log_level: str = Field(default="INFO", description="Log level of API and worker (JSON logs).")
+    notify_queue: str = Field(
+        default="shears-notify",
+        description="Celery queue of notifications (webhook deliveries, job event listeners), "
+        "served by a worker of its own so that none waits behind a pruning job.",
+    )
+    notify_concurrency: int = Field(
+        default=8,
+        ge=1,
+        description="Threads of the notify worker (deliveries wait on the network).",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow webhook URLs on loopback, private and link-local addresses "
+        "(development and tests only: it opens the service to SSRF).",
+    )
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0),
+        description="Seconds before each retry of a failed webhook delivery, comma-separated "
+        "(each gets +-20% jitter); one attempt plus one retry per entry.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Whole-attempt limit of one webhook delivery."
+    )
+    webhook_max_response_bytes: int = Field(
+        default=64 * 1024, ge=0, description="Most of a webhook response body that is read."
+    )
+
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server, e.g. http://mlflow:5000. Set: every finished job is "
+        "logged as a run (params, metrics, tags, model and report). Unset: nothing is logged.",
+    )
+    mlflow_experiment: str = Field(
+        default="shears", description="MLflow experiment the runs are logged to."
+    )
+    mlflow_retry_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="First wait before logging a run again when the tracking server is "
+        "unreachable; each retry doubles it, up to mlflow_retry_max_seconds.",
+    )
+    mlflow_retry_max_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest wait between two tries to log a run."
+    )
+    mlflow_max_retries: int = Field(
+        default=48,
+        ge=0,
+        description="Tries after the first before a run is given up (the job's events say so).",
+    )
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < 0 for delay in value):
+            raise ValueError("retry delays are seconds >= 0")
+        return value
+
+    # -- scale-out: object storage, the worker's read cache, the GPU queue ---------------------
+    storage_url: str | None = Field(
+        default=None,
+        description="Where models, datasets, checkpoints and artifacts live: s3://bucket/prefix "
+        "for any S3-compatible server; unset: local disk (storage_dir).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3-compatible server (MinIO, moto...); unset: AWS. Credentials come "
+        "the usual boto3 way (AWS_ACCESS_KEY_ID..., a profile, an instance role).",
+    )
+    s3_presign: bool = Field(
+        default=False,
+        description="Answer an artifact download with 307 to a presigned URL instead of "
+        "streaming it through the API.",
+    )
+    s3_presign_seconds: int = Field(
+        default=900, gt=0, le=7 * 24 * 3600, description="How long a presigned URL stays valid."
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="The worker's read cache and local scratch with object storage; unset: "
+        "~/.cache/shears. Never under data_dir.",
+    )
+    cache_max_bytes: int = Field(
+        default=50 * 1024**3,
+        gt=0,
+        description="Size bound of the read cache; least recently used objects are evicted.",
+    )
+    progress_every_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="Least time between two progress writes of a running job (stage changes "
+        "are written at once): the main database write rate of a fleet of workers.",
+    )
+    gpu_queue: str = Field(
+        default="shears-gpu",
+        description="Queue of jobs that fine-tune or prune an hf model, while a GPU worker is "
+        "alive (a heartbeat within the lease); they go to `queue` otherwise.",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -122,6 +227,11 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or Path.home() / ".cache" / "shears").resolve()
 
 
 @lru_cache

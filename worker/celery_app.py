@@ -3,6 +3,7 @@ no torch, no task code (the worker loads ``worker.tasks`` through ``include``)."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -12,6 +13,8 @@ from shears.logs import configure_logging
 from shears.settings import Settings, get_settings
 
 RUN_JOB_TASK = "shears.run_job"
+# Tasks named so travel on the notify queue (worker.notify): webhooks, job event listeners.
+NOTIFY_TASKS = "shears.notify.*"
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -24,11 +27,16 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     return {}
 
 
-def create_celery(settings: Settings | None = None) -> Celery:
+def create_celery(
+    settings: Settings | None = None, include: Sequence[str] = ("worker.tasks",)
+) -> Celery:
     settings = settings or get_settings()
-    app = Celery("shears", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    app = Celery("shears", broker=settings.resolved_broker_url, include=list(include))
     app.conf.update(
         task_default_queue=settings.queue,
+        # Notifications have a queue and a worker of their own: a webhook never waits behind an
+        # hour-long pruning job, and a slow webhook receiver never holds up a job.
+        task_routes={NOTIFY_TASKS: {"queue": settings.notify_queue}},
         # The database row is the truth about a job; Celery results would be a second one.
         task_ignore_result=True,
         # Ack after the job, not before: a worker that dies mid-job leaves the message to be

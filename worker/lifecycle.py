@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -32,12 +33,13 @@ from shears.db import repository as repo
 from shears.db.tables import Artifact, Dataset, JobLayer, Model, new_id, utcnow
 from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
-from shears.storage import LocalStorage, StorageError, StoredFile, storage_from_settings
+from shears.storage import Storage, StorageError, StoredFile, storage_from_settings
+from worker.celery_app import app as celery_app
+from worker.checkpoints import CheckpointMirror
 from worker.db import sessions
+from worker.notify import JobEventType, publish_job_event
 
 log = structlog.get_logger("shears.worker")
-
-_PROGRESS_EVERY_S = 0.5
 
 
 class Heartbeat:
@@ -80,10 +82,13 @@ class Heartbeat:
 class Progress:
     """The pipeline's progress callback: throttled writes, and the place a cancel takes effect."""
 
-    def __init__(self, job_id: str, attempt: int, heartbeat: Heartbeat) -> None:
+    def __init__(
+        self, job_id: str, attempt: int, heartbeat: Heartbeat, every_s: float = 0.5
+    ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.heartbeat = heartbeat
+        self.every_s = every_s
         self._stage: str | None = None
         self._last_write = 0.0
 
@@ -97,7 +102,7 @@ class Progress:
         # Stage changes and calls with data are events; plain progress is throttled.
         is_event = stage != self._stage or data is not None
         now = time.monotonic()
-        if not is_event and now - self._last_write < _PROGRESS_EVERY_S:
+        if not is_event and now - self._last_write < self.every_s:
             return
         with sessions().begin() as session:
             cancel = repo.set_progress(session, self.job_id, self.attempt, stage, fraction)
@@ -105,20 +110,21 @@ class Progress:
                 repo.add_event(session, self.job_id, stage, message, data)
         self._stage = stage
         self._last_write = now
-        # Progress is written every _PROGRESS_EVERY_S while training, so a cancel takes effect
+        # Progress is written every `every_s` while training, so a cancel takes effect
         # at the next optimizer step after that write, not at the next lease renewal.
         if cancel:
             self.heartbeat.cancel_requested.set()
             raise Cancelled("the job was cancelled")
 
 
-def run_job(job_id: str) -> None:
-    """Claim and run ``job_id``; a duplicate delivery for a live or finished job does nothing."""
+def run_job(job_id: str, worker: str | None = None) -> None:
+    """Claim and run ``job_id``; a duplicate delivery for a live or finished job does nothing.
+    ``worker`` (the Celery node name) is recorded on the job with the claim."""
     settings = get_settings()
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
         with sessions().begin() as session:
-            attempt = repo.claim_job(session, job_id, settings.job_lease_seconds)
+            attempt = repo.claim_job(session, job_id, settings.job_lease_seconds, worker)
             if attempt is not None:
                 # In the claim's transaction: every attempt that ever ran leaves its event,
                 # even one killed a moment later.
@@ -130,15 +136,18 @@ def run_job(job_id: str) -> None:
             return
         if attempt > settings.max_attempts:
             with sessions().begin() as session:
-                repo.fail_unclaimable(
+                failed = repo.fail_unclaimable(
                     session,
                     job_id,
                     f"the job was started {attempt - 1} times without finishing "
                     f"(limit {settings.max_attempts}); its worker may be crashing on it",
                 )
             log.error("job exceeded its attempts", attempt=attempt)
+            if failed:
+                _announce(job_id, "job.failed")
             return
         log.info("job claimed", attempt=attempt)
+        _announce(job_id, "job.started")
         _run_claimed(job_id, attempt, settings)
     finally:
         structlog.contextvars.unbind_contextvars("job_id")
@@ -147,42 +156,56 @@ def run_job(job_id: str) -> None:
 def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
     storage = storage_from_settings(settings)
     workdir = storage.temp_path(f".job-{job_id}-{attempt}")
+    # The job's local copies of what it reads (links into the read cache with object storage).
+    inputs = storage.temp_path(f".inputs-{job_id}-{attempt}")
     with sessions().begin() as session:
         job = repo.get_job_any_tenant(session, job_id)
         assert job is not None  # we hold the claim, so the row exists
         model = session.get(Model, job.model_id)
         spec_data, tenant = job.spec, job.tenant
-        model_key = model.storage_key if model and model.deleted_at is None else None
+        model_file = (
+            (model.storage_key, model.sha256) if model and model.deleted_at is None else None
+        )
         dataset_keys = _dataset_keys(session, tenant, spec_data)
 
     stored: list[StoredFile] = []
     # Stable across attempts, so a redelivered job resumes fine-tuning where the last one saved.
     checkpoint_dir = f"checkpoints/{tenant}/{job_id}"
+    checkpoint_key = f"{checkpoint_dir}/fine_tune.pt"
     finished = False
     try:
         with Heartbeat(job_id, attempt, settings.job_lease_seconds) as heartbeat:
-            if model_key is None:
+            if model_file is None:
                 raise ModelLoadError("the job's model was deleted before the job ran")
             spec, _ = parse_stored(spec_data)
-            result = run_pipeline(
-                spec,
-                storage.path(model_key),
-                workdir,
-                measure=MeasureConfig(
-                    batch_size=settings.latency_batch_size,
-                    warmup=settings.latency_warmup,
-                    repeats=settings.latency_repeats,
-                    # Latency is reported on the device the worker prunes and trains on.
-                    device=str(pick_device(settings.train_device)),
-                ),
-                on_progress=Progress(job_id, attempt, heartbeat),
-                data=_pipeline_data(storage, dataset_keys),
-                training=TrainingConfig(
-                    device=settings.train_device,
-                    checkpoint=storage.path(f"{checkpoint_dir}/fine_tune.pt"),
-                    checkpoint_every_steps=settings.checkpoint_every_steps,
-                ),
+            model_path = storage.materialize(*model_file, inputs)
+            data = _pipeline_data(storage, dataset_keys, inputs)
+            checkpoint = storage.checkout(checkpoint_key, inputs)
+            mirror = CheckpointMirror(
+                storage, checkpoint, checkpoint_key, max(settings.job_lease_seconds / 4, 0.2)
             )
+            with mirror:
+                result = run_pipeline(
+                    spec,
+                    model_path,
+                    workdir,
+                    measure=MeasureConfig(
+                        batch_size=settings.latency_batch_size,
+                        warmup=settings.latency_warmup,
+                        repeats=settings.latency_repeats,
+                        # Latency is reported on the device the worker prunes and trains on.
+                        device=str(pick_device(settings.train_device)),
+                    ),
+                    on_progress=Progress(
+                        job_id, attempt, heartbeat, settings.progress_every_seconds
+                    ),
+                    data=data,
+                    training=TrainingConfig(
+                        device=settings.train_device,
+                        checkpoint=checkpoint,
+                        checkpoint_every_steps=settings.checkpoint_every_steps,
+                    ),
+                )
             if heartbeat.cancel_requested.is_set():
                 raise Cancelled("the job was cancelled")
             _record_success(job_id, attempt, tenant, result, storage, stored)
@@ -211,6 +234,7 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(inputs, ignore_errors=True)
         if finished:  # a worker that lost the job leaves the checkpoint to the one that took it
             storage.delete_prefix(checkpoint_dir)
 
@@ -225,28 +249,46 @@ def _finish(job_id: str, attempt: int, status: str, code: str | None, message: s
         if owned:
             repo.add_event(session, job_id, "done", message, {"status": status, "error": code})
     log.info("job finished", status=status, error=code, message=message)
+    if owned:
+        _announce(job_id, "job.cancelled" if status == "cancelled" else "job.failed")
     return owned
 
 
-def _dataset_keys(session: Session, tenant: str, spec: dict[str, Any]) -> dict[str, str | None]:
-    """``{section: storage key}`` of the datasets the spec names; None for one deleted since."""
-    keys: dict[str, str | None] = {}
+def _announce(job_id: str, event: JobEventType) -> None:
+    """Tell the job event listeners (webhooks, ...); only ever after the change is committed."""
+    publish_job_event(celery_app, sessions(), job_id, event)
+
+
+def _dataset_keys(
+    session: Session, tenant: str, spec: dict[str, Any]
+) -> dict[str, tuple[str, str] | None]:
+    """``{section: (storage key, sha256)}`` of the datasets the spec names; None for one deleted
+    since."""
+    keys: dict[str, tuple[str, str] | None] = {}
     for section, dataset_id in repo.dataset_ids(spec).items():
         dataset = session.get(Dataset, dataset_id)
         usable = dataset is not None and dataset.tenant == tenant and dataset.deleted_at is None
-        keys[section] = dataset.storage_key if usable and dataset is not None else None
+        keys[section] = (
+            (dataset.storage_key, dataset.sha256) if usable and dataset is not None else None
+        )
     return keys
 
 
-def _pipeline_data(storage: LocalStorage, keys: dict[str, str | None]) -> PipelineData:
+def _pipeline_data(
+    storage: Storage, keys: dict[str, tuple[str, str] | None], inputs: Path
+) -> PipelineData:
     for section, key in keys.items():
         if key is None:
             raise InvalidDataset(f"the job's {section} dataset was deleted before the job ran")
-    paths = {section: storage.path(key) for section, key in keys.items() if key is not None}
+    paths = {
+        section: storage.materialize(*key, inputs)
+        for section, key in keys.items()
+        if key is not None
+    }
     return PipelineData(**paths)
 
 
-def _discard(storage: LocalStorage, stored: list[StoredFile]) -> None:
+def _discard(storage: Storage, stored: list[StoredFile]) -> None:
     for item in stored:
         storage.delete(item.key)
 
@@ -260,7 +302,7 @@ def _record_success(
     attempt: int,
     tenant: str,
     result: PipelineResult,
-    storage: LocalStorage,
+    storage: Storage,
     stored: list[StoredFile],
 ) -> None:
     """Make the files durable first, then write everything about them in one transaction."""
@@ -334,3 +376,4 @@ def _record_success(
             raise Cancelled("the job was cancelled or taken over before its results were recorded")
         repo.add_event(session, job_id, "done", "succeeded", {"status": "succeeded"})
     log.info("job succeeded", sparsity=result.metrics.sparsity, pid=os.getpid())
+    _announce(job_id, "job.succeeded")

@@ -18,6 +18,7 @@ from shears.db.tables import utcnow
 from shears.settings import Settings
 from worker.db import sessions
 from worker.publish import publish_job
+from worker.webhooks import republish_overdue
 
 log = structlog.get_logger("shears.sweeper")
 
@@ -29,7 +30,7 @@ def sweep_once(celery: Celery, settings: Settings) -> list[str]:
     with sessions()() as session:
         job_ids = repo.stale_jobs(session, enqueued_before)
     for job_id in job_ids:
-        if not publish_job(celery, sessions(), job_id):
+        if not publish_job(celery, sessions(), job_id, settings):
             break  # the broker is down: the next sweep tries again
         published.append(job_id)
     if published:
@@ -41,5 +42,6 @@ def run_forever(celery: Celery, settings: Settings, stop: threading.Event) -> No
     while not stop.wait(settings.sweep_interval_seconds):
         try:
             sweep_once(celery, settings)
+            republish_overdue(celery)  # webhook attempts whose message was lost
         except Exception:  # the database may be down for a while: keep sweeping
             log.warning("sweep failed", exc_info=True)

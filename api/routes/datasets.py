@@ -63,7 +63,7 @@ async def upload_dataset(
         request, storage, settings.max_upload_bytes, uploads.gate_dataset, "dataset"
     )
     dataset = uploads.add_dataset(session, tenant, name, info, upload)
-    with uploads.kept(storage, temp, dataset.storage_key):
+    async with uploads.stored(storage, temp, dataset.storage_key):
         session.commit()
     return dataset
 

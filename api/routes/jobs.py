@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter
-from sqlalchemy import Row
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, TenantDep
@@ -19,47 +17,11 @@ from api.openapi import EVENTS_RESPONSES
 from api.schemas import EventList, JobCreate, JobList, JobOut, JobStatus, LayerList
 from api.services import jobs
 from api.services.events import EventStream, parse_cursor
-from shears.db import repository as repo
-from shears.db.tables import Artifact, Job
+from shears.jobview import job_body
+from worker.notify import publish_job_event
 from worker.publish import publish_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-
-def job_body(
-    job: Job | Row[Any], artifacts: Iterable[Artifact | repo.ArtifactSummary]
-) -> dict[str, Any]:
-    """The contract's job object from its row (an ORM object, or a Core row) and artifacts."""
-    return {
-        "id": job.id,
-        "status": job.status,
-        "model_id": job.model_id,
-        "name": job.name,
-        "dry_run": bool(job.spec.get("dry_run", False)),
-        "spec": job.spec,
-        "spec_version": job.spec_version,
-        "attempts": job.attempts,
-        "progress": {"stage": job.progress_stage, "fraction": job.progress_fraction},
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "metrics": job.metrics or {},
-        "error": {"type": job.error_type, "message": job.error_message or ""}
-        if job.error_type
-        else None,
-        "result_model_id": job.result_model_id,
-        "artifacts": [
-            {
-                "id": a.id,
-                "kind": a.kind,
-                "format": a.format,
-                "size_bytes": a.size_bytes,
-                "sha256": a.sha256,
-                "download_url": f"/v1/artifacts/{a.id}/download",
-            }
-            for a in artifacts
-        ],
-    }
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={404: {}, 422: {}, 429: {}})
@@ -85,7 +47,8 @@ def create_job(
     session.commit()  # the row is the truth: it exists before any worker can hear of it
     job = submitted.job
     if submitted.created:
-        publish_job(celery, request.app.state.sessions, job.id)
+        publish_job(celery, request.app.state.sessions, job.id, settings)
+        session.refresh(job)  # publish_job recorded the queue in a transaction of its own
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_body(job, job.artifacts)
 
@@ -238,9 +201,13 @@ def _events_page(
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses={409: {}})
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+def cancel_job(
+    job_id: str, request: Request, session: SessionDep, celery: CeleryDep, tenant: TenantDep
+) -> dict[str, Any]:
     job = jobs.cancel(session, tenant, job_id)
     session.commit()
+    if job.status == "cancelled":  # a queued job ends here; a running one, in its worker
+        publish_job_event(celery, request.app.state.sessions, job.id, "job.cancelled")
     return job_body(job, job.artifacts)
 
 

@@ -58,7 +58,7 @@ async def upload_model(
         request, storage, settings.max_upload_bytes, uploads.gate_model, "model"
     )
     model = uploads.add_model(session, tenant, name, info, upload)
-    with uploads.kept(storage, temp, model.storage_key):
+    async with uploads.stored(storage, temp, model.storage_key):
         session.commit()
     return model
 

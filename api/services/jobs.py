@@ -11,7 +11,6 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Row
@@ -35,7 +34,7 @@ from core.spec import SPEC_VERSION
 from shears.db import repository as repo
 from shears.db.tables import Artifact, Job, JobEvent, JobLayer, Model, new_id, utcnow
 from shears.jobspec import FineTuneRequest, JobSpecRequest
-from shears.storage import LocalStorage
+from shears.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -238,13 +237,13 @@ def delete(session: Session, tenant: str, job_id: str) -> list[str]:
 
 
 def artifact_file(
-    session: Session, storage: LocalStorage, tenant: str, artifact_id: str
-) -> tuple[Artifact, Path]:
-    """The tenant's artifact and its file (Gone when the row outlived the file)."""
+    session: Session, storage: Storage, tenant: str, artifact_id: str
+) -> tuple[Artifact, int]:
+    """The tenant's artifact and its stored size (Gone when the row outlived the file)."""
     artifact = repo.get_artifact(session, tenant, artifact_id)
     if artifact is None:
         raise NotFound("artifact", artifact_id)
-    path = storage.path(artifact.storage_key)
-    if not path.is_file():
+    size = storage.size(artifact.storage_key)
+    if size is None:
         raise Gone("artifact", "The artifact's file no longer exists.")
-    return artifact, path
+    return artifact, size

@@ -1,17 +1,18 @@
 """Models and datasets: the rows of uploaded files, their lookups and their deletion.
 
-The file and its row go together: :func:`kept` puts the file in place around the commit of the
+The file and its row go together: :func:`stored` puts the file in place around the commit of the
 row and takes it away again if that commit fails. Nothing here commits.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.services.errors import Conflict, NotFound
 from api.uploads import ReceivedUpload
@@ -20,7 +21,7 @@ from core.datasets import inspect_any_dataset
 from core.formats import ModelInfo, get_format, inspect_upload
 from shears.db import repository as repo
 from shears.db.tables import Dataset, Model, StoredFile, new_id, utcnow
-from shears.storage import LocalStorage
+from shears.storage import Storage
 
 
 def gate_model(path: Path) -> ModelInfo:
@@ -68,20 +69,21 @@ def add_dataset(
     return dataset
 
 
-@contextlib.contextmanager
-def kept(storage: LocalStorage, temp: Path, key: str) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def stored(storage: Storage, temp: Path, key: str) -> AsyncIterator[None]:
     """Move ``temp`` to ``key`` (quota checked), then run the block, which commits the file's row;
     if the block fails the file is removed: never a file without its row nor a row without its
-    file."""
+    file. The transfer (a multipart upload to object storage, a rename on local disk) runs in a
+    worker thread, so a 1 GiB model never blocks the event loop."""
     try:
-        storage.commit(temp, key)
+        await run_in_threadpool(storage.commit, temp, key)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
     try:
         yield
     except BaseException:
-        storage.delete(key)
+        await run_in_threadpool(storage.delete, key)
         raise
 
 

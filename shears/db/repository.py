@@ -23,12 +23,22 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from core.formats import ModelInfo
-from shears.db.tables import Artifact, Dataset, Job, JobEvent, JobLayer, Model, utcnow
+from shears.db.tables import (
+    Artifact,
+    Dataset,
+    Job,
+    JobEvent,
+    JobLayer,
+    Model,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
 
 ACTIVE_STATUSES = ("queued", "running")
 
 
-_Paged = TypeVar("_Paged", Model, Job, Dataset)
+_Paged = TypeVar("_Paged", Model, Job, Dataset, WebhookEndpoint, WebhookDelivery)
 
 
 def _rowcount(result: Any) -> int:
@@ -292,7 +302,9 @@ def add_event(
     session.add(JobEvent(job_id=job_id, stage=stage, message=message, data=data, at=utcnow()))
 
 
-def claim_job(session: Session, job_id: str, lease_seconds: float) -> int | None:
+def claim_job(
+    session: Session, job_id: str, lease_seconds: float, worker: str | None = None
+) -> int | None:
     """Take ``job_id`` for this worker in one conditional update.
 
     Claimable: ``queued`` (and not being cancelled), or ``running`` with an expired lease (its
@@ -317,6 +329,7 @@ def claim_job(session: Session, job_id: str, lease_seconds: float) -> int | None
             started_at=now,
             progress_stage="loading",
             progress_fraction=0.0,
+            worker=worker,
         )
         .execution_options(synchronize_session=False)
     )
@@ -428,8 +441,11 @@ def stale_jobs(session: Session, enqueued_before: datetime, limit: int = 100) ->
     return list(session.scalars(stmt))
 
 
-def mark_enqueued(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+def mark_enqueued(session: Session, job_id: str, queue: str | None = None) -> None:
+    values: dict[str, Any] = {"enqueued_at": utcnow()}
+    if queue is not None:
+        values["queue"] = queue
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
 def delete_job(session: Session, job_id: str) -> None:

@@ -160,6 +160,9 @@ class Job(Base):
     result_model_id: Mapped[str | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL"), nullable=True
     )
+    # The queue its last message went to, and the Celery node that ran its last attempt.
+    queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
@@ -217,3 +220,61 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook: where job events are POSTed, which ones, and the signing secret.
+
+    The secret is kept as given (``whsec_…``): signing needs it, so it cannot be a hash."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class WebhookDelivery(Base):
+    """One job event for one endpoint, and how sending it went (the delivery log).
+
+    ``payload`` is the exact body sent on every attempt, under the same ``message_id``
+    (the ``webhook-id`` header), so a receiver can deduplicate retries."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("endpoint_id", "message_id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    message_id: Mapped[str] = mapped_column(String(40))
+    event: Mapped[str] = mapped_column(String(32))
+    # No foreign key: the log outlives a deleted job.
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # When the next attempt is due; while one is in flight, when it counts as lost.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process consuming one queue, renewed while it runs: how the API knows a GPU
+    worker is there to take a job (a row older than the job lease means it is gone)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -63,7 +63,8 @@ def test_data_aware_criteria_need_calibration() -> None:
         JobSpec(pruning=spec("taylor", 0.5))
     job = JobSpec(pruning=spec("apoz", 0.5), calibration={})
     assert job.calibration is not None
-    assert job.calibration.num_samples == 256
+    # Left out, the sample count is the format's default, resolved where the format is known.
+    assert job.calibration.num_samples is None
     with pytest.raises(InvalidSpec, match="calibration"):
         prune_program(ignored_by_next_layer(), spec("apoz", 0.5))
 
@@ -82,6 +83,39 @@ def test_pipeline_reads_the_calibration_dataset(tmp_path: Path) -> None:
         data=PipelineData(calibration=data),
     )
     assert result.metrics.params_after < 0.6 * result.metrics.params_before
+
+
+def test_calibration_sample_defaults_follow_the_format(tmp_path: Path) -> None:
+    """Left out, ``num_samples`` is 256 samples for a program and 128 blocks for a language
+    model (the contract's defaults); given, it is taken as it is for both."""
+    from core.formats import get_format
+    from core.recovery import load_feeds
+    from core.recovery_lm import load_lm_feeds
+    from tests.core.text_corpus import corpus
+    from tests.hf_factories import archive_folder, save_checkpoint
+
+    program = tmp_path / "m.pt2"
+    torch.export.save(ignored_by_next_layer(), str(program))
+    inputs = tmp_path / "calibration.npz"
+    np.savez(inputs, inputs=np.random.default_rng(0).standard_normal((300, 12)).astype(np.float32))
+    info = get_format("pt2").inspect(program)
+    _, folder = save_checkpoint("llama", tmp_path / "ck")
+    model, _ = get_format("hf").load(archive_folder(folder, tmp_path / "llama.tar"))
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus())  # thousands of 8-token blocks
+    for given, programs, blocks in ((None, 256, 128), (7, 7, 7)):
+        calibration = {"num_samples": given} if given else {}
+        job = JobSpec(pruning=spec("taylor", 0.5), calibration=calibration)
+        feeds = load_feeds(job, PipelineData(calibration=inputs), info)
+        assert feeds.calibration is not None
+        assert len(feeds.calibration[0]) == programs
+        lm_job = JobSpec(
+            pruning=PruningSpec(criterion="wanda", granularity="unstructured", sparsity=0.5),
+            calibration={**calibration, "seq_len": 8},
+        )
+        lm_feeds = load_lm_feeds(lm_job, PipelineData(calibration=text), model)
+        assert lm_feeds.calibration is not None
+        assert tuple(lm_feeds.calibration[0].shape) == (blocks, 8)
 
 
 class PlainCNN(torch.nn.Module):

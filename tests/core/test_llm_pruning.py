@@ -470,12 +470,12 @@ def _perplexity(model: nn.Module, blocks: torch.Tensor) -> float:
     return math.exp(float(loss))
 
 
-def test_on_a_trained_model_sparsegpt_reconstructs_best_at_70() -> None:
-    """A byte-level Llama trained for 250 steps on stdlib source (about 50 s on a loaded 2-core
-    CPU). SparseGPT must beat both others clearly. Wanda vs magnitude is printed, not asserted:
-    at this size (no outlier features yet) they land within ~10% of each other either way
-    (NOTES fact 8 separates them on a 4-layer, d 256, 4k-BPE model, too slow for a unit test).
-    """
+@pytest.fixture(scope="module")
+def trained() -> SimpleNamespace:
+    """A byte-level Llama (2 layers, d 128) trained for 250 steps on stdlib source, once per
+    module (about a minute on a loaded 2-core CPU), with its held-out and calibration blocks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     start = time.perf_counter()
     data = _stdlib_bytes()
     seq = 64
@@ -504,18 +504,113 @@ def test_on_a_trained_model_sparsegpt_reconstructs_best_at_70() -> None:
         loss.backward()
         optimizer.step()
     model.eval()
-    trained = time.perf_counter() - start
-    dense = _perplexity(model, held_out)
+    torch.set_num_threads(threads)
+    seconds = time.perf_counter() - start
+    return SimpleNamespace(model=model, held_out=held_out, calibration=calibration, seconds=seconds)
 
-    results = {}
-    for criterion in ("magnitude", "wanda", "sparsegpt"):
-        pruned = copy.deepcopy(model)
-        spec = PruningSpec(criterion=criterion, granularity="unstructured", sparsity=0.7)
-        prune(pruned, spec, calibration)
-        results[criterion] = _perplexity(pruned, held_out)
+
+SETTINGS = {"70%": (0.7, None), "2:4": (0.5, (2, 4))}
+# Outlier features: log-normal per-feature scales of this spread. Measured on the trained model
+# over scale seeds 0-2 (seed 0 is what runs here): Wanda / magnitude perplexity 0.93, 0.88, 0.87
+# at 70% and 0.98, 0.99, 0.97 at 2:4; SparseGPT / Wanda 0.95, 0.94, 0.93 at 70% and 0.98, 0.98,
+# 0.98 at 2:4. Without the scales Wanda / magnitude is 0.995 at 70% and 1.006 at 2:4 (no order);
+# at spread 1.0 SparseGPT's dampening (1% of the mean diagonal) swamps the small features and it
+# falls behind Wanda (1.13x at 70%).
+SIGMA = 0.5
+# (Wanda / magnitude, SparseGPT / Wanda) must be below these: the worst measured ratio plus about
+# 2% at 70%; at 2:4, where the gaps are 1-3%, only the strict order.
+SLACK = {"70%": (0.95, 0.97), "2:4": (1.0, 1.0)}
+
+
+def _pruned_perplexity(model: nn.Module, criterion: str, setting: str, trained: Any) -> float:
+    sparsity, n_m = SETTINGS[setting]
+    pruned = copy.deepcopy(model)
+    ratios = dict.fromkeys(prunable_linears(pruned), sparsity)
+    prune_causal_lm(pruned, ratios, criterion=criterion, n_m=n_m, input_ids=trained.calibration)
+    return _perplexity(pruned, trained.held_out)
+
+
+def test_on_a_trained_model_sparsegpt_reconstructs_best_at_70(trained: Any) -> None:
+    """SparseGPT must beat both others clearly. Wanda vs magnitude is printed, not asserted here:
+    at this size (no outlier features yet) they land within a few % of each other either way
+    (NOTES fact 8 separates them on a 4-layer, d 256, 4k-BPE model, too slow for a unit test;
+    the next test gives this model outlier features)."""
+    dense = _perplexity(trained.model, trained.held_out)
+    results = {
+        criterion: _pruned_perplexity(trained.model, criterion, "70%", trained)
+        for criterion in ("magnitude", "wanda", "sparsegpt")
+    }
     print(
         f"dense {dense:.2f}, 70%: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()),
-        f"(trained in {trained:.0f} s, all in {time.perf_counter() - start:.0f} s)",
+        f"(trained in {trained.seconds:.0f} s)",
     )
     assert dense < results["sparsegpt"]
     assert results["sparsegpt"] < 0.95 * min(results["wanda"], results["magnitude"])
+
+
+@torch.no_grad()
+def _outlier_features(model: LlamaForCausalLM, sigma: float, seed: int) -> LlamaForCausalLM:
+    """The same function with log-normal per-feature scales on every linear's input, as trained
+    LLMs have (a few features orders of magnitude larger than the rest): each norm's gain, each
+    ``v_proj`` and ``up_proj`` output row is multiplied by a scale and the matching input column
+    of the linears that read it divided by it. Outputs are unchanged (up to rounding); weight
+    magnitudes are not, which is what Wanda's |W|·||X|| corrects and plain |W| does not."""
+    out = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+
+    def scales(n: int) -> torch.Tensor:
+        return torch.exp(sigma * torch.randn(n, generator=generator))
+
+    for layer in out.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        s = scales(attn.q_proj.in_features)
+        layer.input_layernorm.weight.mul_(s)
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+            linear.weight.div_(s)
+        s = scales(mlp.gate_proj.in_features)
+        layer.post_attention_layernorm.weight.mul_(s)
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            linear.weight.div_(s)
+        s = scales(attn.v_proj.out_features)  # o_proj reads each value channel once per query head
+        attn.v_proj.weight.mul_(s[:, None])
+        group = attn.o_proj.in_features // attn.v_proj.out_features
+        per_query = s.reshape(-1, attn.head_dim).repeat_interleave(group, dim=0).reshape(-1)
+        attn.o_proj.weight.div_(per_query)
+        s = scales(mlp.up_proj.out_features)
+        mlp.up_proj.weight.mul_(s[:, None])
+        mlp.down_proj.weight.div_(s)
+    return out
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_with_outlier_features_sparsegpt_beats_wanda_beats_magnitude(
+    trained: Any, setting: str
+) -> None:
+    """The issue's order, SparseGPT < Wanda < magnitude, on the trained model given outlier
+    features (see ``_outlier_features``): the slack is the smallest margin measured over seeds."""
+    model = _outlier_features(trained.model, sigma=SIGMA, seed=0)
+    dense = _perplexity(trained.model, trained.held_out)
+    assert _perplexity(model, trained.held_out) == pytest.approx(dense, rel=1e-3)
+    results = {
+        criterion: _pruned_perplexity(model, criterion, setting, trained)
+        for criterion in ("magnitude", "wanda", "sparsegpt")
+    }
+    print(setting, {k: round(v, 2) for k, v in results.items()})
+    # Wanda's |W_ij| * ||X_j|| does not see the rescaling at all: the same masks, the same model.
+    plain = _pruned_perplexity(trained.model, "wanda", setting, trained)
+    assert results["wanda"] == pytest.approx(plain, rel=1e-3)
+    wanda_slack, sparsegpt_slack = SLACK[setting]
+    assert results["wanda"] < wanda_slack * results["magnitude"]
+    assert results["sparsegpt"] < sparsegpt_slack * results["wanda"]
+
+
+def test_perplexity_within_the_issues_factor_of_plain_references(trained: Any) -> None:
+    """At 70% on the trained model: magnitude and Wanda within 1.02x the perplexity of the plain
+    per-layer references above, SparseGPT within 1.03x (the issue's factors)."""
+    for criterion, factor in (("magnitude", 1.02), ("wanda", 1.02), ("sparsegpt", 1.03)):
+        ours = _pruned_perplexity(trained.model, criterion, "70%", trained)
+        reference = copy.deepcopy(trained.model)
+        _reference_prune(reference, trained.calibration, criterion, 0.7)
+        theirs = _perplexity(reference, trained.held_out)
+        print(f"{criterion}: ours {ours:.3f}, reference {theirs:.3f}")
+        assert ours <= factor * theirs

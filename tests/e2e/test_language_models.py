@@ -1,5 +1,6 @@
 """Hugging Face language models through the service: a checkpoint and a text dataset in, pruned by
-Wanda with layer-by-layer calibration, scored by perplexity, a standard checkpoint out."""
+Wanda with layer-by-layer calibration, or narrowed (width) and distilled from the dense model,
+scored by perplexity, a standard checkpoint out."""
 
 from __future__ import annotations
 
@@ -40,6 +41,31 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _evaluation(dataset_id: str) -> dict[str, object]:
+    return {"dataset_id": dataset_id, "task": "perplexity", "seq_len": SEQ_LEN, "max_samples": 8}
+
+
+def _score(folder: Path, model: torch.nn.Module, text: Path) -> float:
+    """Perplexity of ``model`` on the job's evaluation blocks, tokenized with the downloaded
+    tokenizer in ``folder``."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    blocks = token_blocks(text, tokenizer, SEQ_LEN, tokenizer.token_to_id(EOS), 8)
+    return float(evaluate_perplexity(model, blocks, batch_size=8, device="cpu")["perplexity"])
+
+
+def _download(service: Service, job: dict, folder: Path) -> Path:
+    (artifact,) = [a for a in job["artifacts"] if a["kind"] == "model"]
+    assert artifact["format"] == "hf"
+    tar_path = folder / "model.tar"
+    tar_path.write_bytes(service.client.get(artifact["download_url"]).content)
+    out = folder / "model"
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(out, filter="data")
+    return out
+
+
 def test_prune_a_language_model_with_wanda(
     service: Service, llama: tuple[torch.nn.Module, Path], text: Path, tmp_path: Path
 ) -> None:
@@ -59,12 +85,7 @@ def test_prune_a_language_model_with_wanda(
         "model_id": model["id"],
         "pruning": {"criterion": "wanda", "granularity": "unstructured", "sparsity": 0.5},
         "calibration": {"dataset_id": dataset["id"], "num_samples": 8, "seq_len": SEQ_LEN},
-        "evaluation": {
-            "dataset_id": dataset["id"],
-            "task": "perplexity",
-            "seq_len": SEQ_LEN,
-            "max_samples": 8,
-        },
+        "evaluation": _evaluation(dataset["id"]),
     }
     job = service.wait_for_job(submit(service, body)["id"])
     assert job["status"] == "succeeded", job["error"]
@@ -81,27 +102,67 @@ def test_prune_a_language_model_with_wanda(
 
     # The artifact is a standard checkpoint: stock transformers loads it, without custom code,
     # and scores what the job reported.
-    (artifact,) = [a for a in job["artifacts"] if a["kind"] == "model"]
-    assert artifact["format"] == "hf"
-    tar_path = tmp_path / "pruned.tar"
-    tar_path.write_bytes(service.client.get(artifact["download_url"]).content)
-    out = tmp_path / "pruned"
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(out, filter="data")
-    from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
+    out = _download(service, job, tmp_path)
     pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
-    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
-    blocks = token_blocks(text, tokenizer, SEQ_LEN, tokenizer.token_to_id(EOS), 8)
-    scored = evaluate_perplexity(pruned, blocks, batch_size=8, device="cpu")
     reported = m["eval_after_pruning"]["perplexity"]
-    assert scored["perplexity"] == pytest.approx(reported, rel=0.01)
+    assert _score(out, pruned, text) == pytest.approx(reported, rel=0.01)
     down = pruned.model.layers[0].mlp.down_proj.weight
     assert int((down == 0).sum(dim=1).min()) == down.shape[1] // 2  # every row, exactly half
 
     registered = service.client.get(f"/v1/models/{job['result_model_id']}").json()
     assert registered["format"] == "hf"
+
+
+def test_width_pruning_with_distillation_gives_a_smaller_stock_checkpoint(
+    service: Service, llama: tuple[torch.nn.Module, Path], text: Path, tmp_path: Path
+) -> None:
+    dense, archive = llama
+    model = upload(service, archive)
+    dataset = upload(service, text, collection="datasets")
+    body = {
+        "model_id": model["id"],
+        "pruning": {
+            "criterion": "activation",
+            "granularity": "width",
+            "width": {"mlp": 0.5, "heads": 0.5},
+        },
+        "calibration": {"dataset_id": dataset["id"], "num_samples": 8, "seq_len": SEQ_LEN},
+        "fine_tune": {
+            "dataset_id": dataset["id"],
+            "steps": 4,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "loss": "distillation",
+            "seq_len": SEQ_LEN,
+        },
+        "evaluation": _evaluation(dataset["id"]),
+    }
+    job = service.wait_for_job(submit(service, body)["id"])
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["params_before"] == sum(p.numel() for p in dense.parameters())
+    assert m["params_after"] < m["params_before"]
+    assert m["macs_after"] < m["macs_before"]
+    assert m["eval_after_fine_tune"] is not None
+
+    from transformers import AutoModelForCausalLM
+
+    out = _download(service, job, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    dense_config = dense.config
+    assert config["intermediate_size"] == dense_config.intermediate_size // 2
+    assert config["num_key_value_heads"] == dense_config.num_key_value_heads // 2
+    assert config["num_attention_heads"] == dense_config.num_attention_heads // 2
+    narrowed = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    assert sum(p.numel() for p in narrowed.parameters()) == m["params_after"]
+    # The distilled weights are what was saved: the download scores what the job reported.
+    reported = m["eval_after_fine_tune"]["perplexity"]
+    assert _score(out, narrowed, text) == pytest.approx(reported, rel=0.01)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    generated = narrowed.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 12)
 
 
 def test_checkpoints_that_could_run_code_are_refused(

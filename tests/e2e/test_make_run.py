@@ -1,5 +1,5 @@
-"""`make run`'s command: migrations, API, worker and sweeper on the embedded default; Ctrl-C stops
-everything it started."""
+"""`make run`'s command: migrations, API, worker, notify worker and sweeper on the embedded
+default; Ctrl-C stops everything it started."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         assert ready is not None, (tmp_path / "serve.log").read_text()
         assert ready.status_code == 200, (tmp_path / "serve.log").read_text()
         children = _children(proc.pid)
-        assert len(children) == 3  # uvicorn, the Celery worker, the sweeper
+        assert len(children) == 4  # uvicorn, the Celery worker, the notify worker, the sweeper
         assert (tmp_path / "data" / "shears.db").exists()
 
         proc.send_signal(signal.SIGINT)

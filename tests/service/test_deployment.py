@@ -38,24 +38,49 @@ def check_entry_point(argv: list[str]) -> None:
         raise AssertionError(f"unknown entry point {program!r}")
 
 
+WORKERS = ("worker-gpu", "worker-cpu")
+
+
 def test_compose_services_and_their_commands() -> None:
     services = compose()["services"]
-    assert {"postgres", "redis", "migrate", "api", "worker", "sweeper"} <= set(services)
-    for name in ("migrate", "api", "worker", "sweeper"):
+    assert {"postgres", "redis", "minio", "migrate", "api", *WORKERS, "sweeper"} <= set(services)
+    for name in ("migrate", "api", *WORKERS, "sweeper"):
         check_entry_point(services[name]["command"])
         env = services[name]["environment"]
         assert env["SHEARS_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["SHEARS_BROKER_URL"].startswith("redis://")
     assert services["migrate"]["command"][:2] == ["shears", "migrate"]
-    for name in ("api", "worker"):
+    for name in ("api", *WORKERS):
         assert services[name]["depends_on"]["migrate"]["condition"] == (
+            "service_completed_successfully"
+        )
+        assert services[name]["depends_on"]["bucket"]["condition"] == (
             "service_completed_successfully"
         )
 
 
-def test_worker_reserves_an_nvidia_gpu() -> None:
-    devices = compose()["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+def test_gpu_workers_reserve_an_nvidia_gpu_and_cpu_workers_do_not() -> None:
+    services = compose()["services"]
+    gpu = services["worker-gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert "deploy" not in services["worker-cpu"]
+    queues = {name: services[name]["command"][3].split(",") for name in WORKERS}
+    env = services["api"]["environment"]
+    assert env["SHEARS_GPU_QUEUE"] in queues["worker-gpu"]
+    assert queues["worker-cpu"] == [env["SHEARS_QUEUE"]]
+
+
+def test_compose_keeps_every_stored_byte_in_the_bucket() -> None:
+    services = compose()["services"]
+    for name in ("api", *WORKERS):
+        env = services[name]["environment"]
+        assert env["SHEARS_STORAGE_URL"].startswith("s3://")
+        assert env["SHEARS_S3_ENDPOINT_URL"] == "http://minio:9000"
+        # No volume at the data dir: nothing of a model or artifact can stay there.
+        mounts = [v.split(":")[1] for v in services[name].get("volumes", [])]
+        assert env["SHEARS_DATA_DIR"] not in mounts
+        assert env["SHEARS_CACHE_DIR"] in mounts or name == "api"
 
 
 def test_dockerfile_installs_pinned_torch_and_the_project() -> None:

@@ -29,13 +29,13 @@ def sessions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     get_settings.cache_clear()
 
 
-def add_job(sessions, **values) -> str:
+def add_job(sessions, model_format: str = "pt2", **values) -> str:
     with sessions.begin() as session:
         model = Model(
             id=new_id("mdl"),
             tenant="default",
             name="m",
-            format="pt2",
+            format=model_format,
             size_bytes=1,
             sha256="0",
             num_parameters=1,
@@ -50,13 +50,12 @@ def add_job(sessions, **values) -> str:
             id=new_id("job"),
             tenant="default",
             model_id=model.id,
-            spec={},
             spec_version=1,
             progress_stage="queued",
             progress_fraction=0.0,
             cancel_requested=False,
             created_at=utcnow(),
-            **{"status": "queued", "attempts": 0, **values},
+            **{"status": "queued", "attempts": 0, "spec": {}, **values},
         )
         session.add(job)
         return job.id

@@ -80,9 +80,10 @@ class LayerInputs:
         return result
 
     @torch.no_grad()
-    def run(self, layer: nn.Module) -> None:
-        """Run ``layer`` on every batch and discard the outputs (hooks collect statistics)."""
-        for call in self.calls:
+    def run(self, layer: nn.Module, batches: int | None = None) -> None:
+        """Run ``layer`` on every batch (or the first ``batches``) and discard the outputs
+        (hooks collect statistics)."""
+        for call in self.calls[:batches]:
             self._forward(layer, call)
 
     @torch.no_grad()

@@ -13,6 +13,10 @@ from torch import nn
 from core.allocation import removal_count
 from core.masks import nm_mask
 
+# Rows handled at a time: tokens converted to float32 inside the hooks (no statistic holds a
+# wider copy of a whole batch of activations), weight rows ranked by ``row_mask``.
+CHUNK_ROWS = 1024
+
 
 def ranked(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``scores`` with the positions where ``weight`` is already zero ranked lowest of all."""
@@ -27,8 +31,12 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = removal_count(sparsity, scores.shape[1])
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k:
-        lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        keep.scatter_(1, lowest, False)
+        # A few rows at a time: the sorted copy and its int64 indices of a whole wide layer
+        # would be several times the scores' size.
+        for start in range(0, scores.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            lowest = torch.sort(scores[rows], dim=1, stable=True).indices[:, :k]
+            keep[rows].scatter_(1, lowest, False)
     return keep
 
 
@@ -56,18 +64,26 @@ def planned_removals(
     )
 
 
+def _rows(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` as ``(tokens, in)`` float32 chunks of at most ``CHUNK_ROWS`` rows (no copy when
+    ``x`` is float32 already)."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    return [chunk.to(torch.float32) for chunk in torch.split(flat, CHUNK_ROWS)]
+
+
 class FeatureNorms:
     """Forward hook accumulating the squared L2 norm of every input feature of a linear over all
-    tokens it sees (Wanda's ``||X_j||_2^2``), in float64 so batch order does not matter."""
+    tokens it sees (Wanda's ``||X_j||_2^2``): each chunk summed in float32, the running total in
+    float64 so the number of batches does not matter."""
 
     def __init__(self, in_features: int, device: torch.device) -> None:
         self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])  # (tokens, in)
-        self.sum_sq += x.to(torch.float64).square().sum(dim=0)
-        self.tokens += int(x.shape[0])
+        for x in _rows(inputs[0]):
+            self.sum_sq += torch.linalg.vector_norm(x, dim=0).square().to(torch.float64)
+            self.tokens += int(x.shape[0])
 
 
 class Hessian:
@@ -79,6 +95,6 @@ class Hessian:
         self.tokens = 0
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # (tokens, in)
-        self.xxt.addmm_(x.t(), x)
-        self.tokens += int(x.shape[0])
+        for x in _rows(inputs[0]):
+            self.xxt.addmm_(x.t(), x)
+            self.tokens += int(x.shape[0])

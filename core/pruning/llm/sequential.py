@@ -5,6 +5,12 @@ on its linears collect statistics over every calibration sample (Wanda: each inp
 squared norm; SparseGPT: ``X X^T``), its linears are pruned, and the layer is run once more to
 produce the next layer's inputs. Magnitude needs no data and runs no forward pass.
 
+SparseGPT goes through a layer's linears in groups that read the same input (q/k/v, then o, then
+gate/up, then down in a Llama layer), in the order the layer calls them: one ``X X^T`` per group,
+collected on the outputs of the groups before it as already pruned and freed once the group is
+pruned, so at most one Hessian exists at a time. Wanda's statistics are vectors: one pass per
+layer. Calibration forwards take as many samples at a time as ``memory_budget`` allows.
+
 Example (a plain ``transformers`` model, no service)::
 
     from transformers import AutoModelForCausalLM
@@ -32,8 +38,8 @@ from core.pruning.llm.sparsegpt import reconstruction_error, sparsegpt
 
 # The criteria table (core.criteria) says which criteria rank language models and need data.
 CRITERIA = frozenset(name for name, c in CRITERIA_TABLE.items() if "hf" in c.formats)
-# Tokens per calibration batch: small batches bound the attention's working memory.
-TOKENS_PER_BATCH = 4096
+# Working memory a calibration forward may use; the samples per batch are derived from it.
+CALIBRATION_MEMORY = 256 * 2**20
 
 LayerObserver = Callable[[int, DecoderLayer, LayerInputs | None], None]
 """Told ``(index, layer, inputs)`` before each decoder layer is calibrated (``inputs`` is None
@@ -71,12 +77,25 @@ def _sparsegpt(
     before = linear.matrix(torch.float32)
     after = sparsegpt(before, hessian.xxt, sparsity, n_m=n_m)
     linear.assign(after)
-    return reconstruction_error(before, linear.matrix(torch.float32), hessian.xxt) / max(
-        hessian.tokens, 1
-    )
+    stored = after.to(linear.weight.dtype)  # the error of what is kept, in the model's dtype
+    return reconstruction_error(before, stored, hessian.xxt) / max(hessian.tokens, 1)
 
 
-def _calibrate(
+def calibration_batch(
+    model: nn.Module, layer: DecoderLayer, seq_len: int, memory_budget: int = CALIBRATION_MEMORY
+) -> int:
+    """Samples per calibration forward that keep one decoder layer's working memory within
+    ``memory_budget`` bytes: per token, every linear's output (and about as much again for
+    activations and the float32 copies the hooks take) plus one attention score per head."""
+    element = max(lin.weight.element_size() for lin in layer.linears)
+    outputs = sum(lin.shape[0] for lin in layer.linears)
+    config = getattr(model, "config", None)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    per_sample = seq_len * max(element, 4) * (2 * outputs + heads * seq_len)
+    return max(1, memory_budget // per_sample)
+
+
+def _collect(
     layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs, criterion: str
 ) -> dict[str, FeatureNorms | Hessian]:
     """Run ``layer`` on every sample with hooks on ``targets``; their statistics by name."""
@@ -100,6 +119,67 @@ def _calibrate(
     return stats
 
 
+def input_groups(
+    layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs
+) -> list[list[Linear]]:
+    """``targets`` grouped by the input tensor they read, groups in the order the layer calls
+    them (one forward of the first batch; linears it never calls come last, each alone)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            # The tensor itself is kept, so no later input can reuse its memory and look equal.
+            seen.setdefault(name, args[0])
+
+        return record
+
+    handles = [lin.module.register_forward_pre_hook(hook(lin.name)) for lin in targets]
+    try:
+        inputs.run(layer.module, batches=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[torch.Tensor | None, list[Linear]]] = []
+    by_name = {lin.name: lin for lin in targets}
+    for name, x in seen.items():
+        group = next((g for key, g in groups if key is x), None)
+        if group is None:
+            groups.append((x, [by_name[name]]))
+        else:
+            group.append(by_name[name])
+    groups += [(None, [lin]) for lin in targets if lin.name not in seen]
+    return [group for _, group in groups]
+
+
+def _prune_layer(
+    layer: DecoderLayer,
+    targets: list[Linear],
+    inputs: LayerInputs,
+    ratios: Mapping[str, float],
+    criterion: str,
+    n_m: tuple[int, int] | None,
+) -> dict[str, LinearResult]:
+    results: dict[str, LinearResult] = {}
+    if criterion == "wanda":
+        stats = _collect(layer, targets, inputs, criterion)
+        for linear in targets:
+            norms = stats.pop(linear.name)
+            assert isinstance(norms, FeatureNorms)
+            _wanda(linear, norms, ratios[linear.name], n_m)
+            results[linear.name] = LinearResult(linear.name)
+        return results
+    for group in input_groups(layer, targets, inputs):
+        # One Hessian for the group (its linears read the same X), on the outputs of the
+        # groups before it as pruned; freed when the group is done.
+        hessian = _collect(layer, group[:1], inputs, criterion)[group[0].name]
+        assert isinstance(hessian, Hessian)
+        for linear in group:
+            error = _sparsegpt(linear, hessian, ratios[linear.name], n_m)
+            results[linear.name] = LinearResult(linear.name, error)
+        del hessian
+    return results
+
+
 @torch.no_grad()
 def prune_causal_lm(
     model: nn.Module,
@@ -109,6 +189,7 @@ def prune_causal_lm(
     n_m: tuple[int, int] | None = None,
     input_ids: torch.Tensor | None = None,
     batch_size: int | None = None,
+    memory_budget: int = CALIBRATION_MEMORY,
     on_layer: LayerObserver | None = None,
 ) -> dict[str, LinearResult]:
     """Prune the linears named in ``ratios`` (module path -> sparsity) in place.
@@ -120,7 +201,8 @@ def prune_causal_lm(
         criterion: ``magnitude``, ``wanda`` or ``sparsegpt``.
         n_m: keep ``n`` of every ``m`` consecutive input features instead of a ratio.
         input_ids: ``(num_samples, seq_len)`` calibration token ids (Wanda, SparseGPT).
-        batch_size: samples per forward; default about 4096 tokens per batch.
+        batch_size: samples per forward; default: as many as ``memory_budget`` allows.
+        memory_budget: bytes a calibration forward may use (see :func:`calibration_batch`).
         on_layer: called before each decoder layer is calibrated.
 
     Returns:
@@ -137,7 +219,7 @@ def prune_causal_lm(
         if input_ids is None or input_ids.numel() == 0:
             raise ValueError(f"criterion {criterion!r} needs calibration input_ids")
         ids = input_ids.long()
-        size = batch_size or max(1, TOKENS_PER_BATCH // int(ids.shape[1]))
+        size = batch_size or calibration_batch(model, layers[0], int(ids.shape[1]), memory_budget)
         inputs = capture_inputs(model, layers[0].module, ids, batch_size=size)
     results: dict[str, LinearResult] = {}
     was_training = model.training
@@ -153,16 +235,7 @@ def prune_causal_lm(
                     results[linear.name] = LinearResult(linear.name)
                 continue
             if targets:
-                stats = _calibrate(layer, targets, inputs, criterion)
-                for linear in targets:
-                    stat = stats[linear.name]
-                    if isinstance(stat, FeatureNorms):
-                        _wanda(linear, stat, ratios[linear.name], n_m)
-                        results[linear.name] = LinearResult(linear.name)
-                    else:
-                        error = _sparsegpt(linear, stat, ratios[linear.name], n_m)
-                        results[linear.name] = LinearResult(linear.name, error)
-                del stats
+                results.update(_prune_layer(layer, targets, inputs, ratios, criterion, n_m))
             if index + 1 < len(layers):
                 inputs.advance(layer.module)
     finally:

@@ -25,14 +25,19 @@ DAMPING = 0.01
 
 
 def _inverse_cholesky(xxt: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened ``H^-1``, ``(in, in)``."""
-    h = xxt.clone()
+    """Upper Cholesky factor of the dampened ``H^-1``, ``(in, in)`` float32.
+
+    Every step writes over one copy of the Hessian: for a wide linear (``intermediate^2``) these
+    are the largest allocations of the whole prune, and chaining them would hold four at once.
+    """
+    h = xxt.to(torch.float32, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0  # an input that is always zero: its column is decoupled
     h.diagonal().add_(damping * torch.diagonal(h).mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    upper: torch.Tensor = torch.linalg.cholesky(inverse, upper=True)
-    return upper
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky(h, upper=True, out=h)
+    return h
 
 
 def _block_mask(
@@ -89,7 +94,7 @@ def sparsegpt(
     w = weight.to(torch.float32, copy=True)
     cols = w.shape[1]
     frozen_all = w == 0
-    hinv = _inverse_cholesky(xxt.to(torch.float32), damping)
+    hinv = _inverse_cholesky(xxt, damping)
     if n_m is not None:
         block = max(1, block // n_m[1]) * n_m[1]
     for i1 in range(0, cols, block):
@@ -119,8 +124,20 @@ def sparsegpt(
     return w
 
 
-def reconstruction_error(before: torch.Tensor, after: torch.Tensor, xxt: torch.Tensor) -> float:
-    """``||(W - W') X||_F^2``: the squared error the change adds to the layer's outputs, summed
-    over the calibration tokens ``X`` (from ``X X^T``)."""
-    delta = (before.to(torch.float32) - after.to(torch.float32)).to(torch.float64)  # (out, in)
-    return float(((delta @ xxt.to(torch.float64)) * delta).sum())
+def reconstruction_error(
+    before: torch.Tensor, after: torch.Tensor, xxt: torch.Tensor, *, rows: int = 256
+) -> float:
+    """``||(W - W')X||_F^2``: the squared error the change adds to the layer's outputs, summed
+    over the calibration tokens ``X`` (from ``X X^T``).
+
+    Computed ``rows`` output rows at a time in float32 (summed in float64), so it needs no
+    float64 copy of the Hessian and no full ``(out, in)`` temporaries.
+    """
+    h = xxt.to(torch.float32)
+    total = 0.0
+    for start in range(0, before.shape[0], rows):
+        delta = before[start : start + rows].to(torch.float32) - after[start : start + rows].to(
+            torch.float32
+        )
+        total += float(((delta @ h) * delta).sum(dtype=torch.float64))
+    return total

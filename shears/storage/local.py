@@ -8,31 +8,20 @@ import hashlib
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from shears.settings import Settings
-
-_CHUNK = 1024 * 1024
-
-
-def storage_from_settings(settings: Settings) -> LocalStorage:
-    return LocalStorage(settings.resolved_storage_dir, settings.storage_quota_bytes)
-
-
-class StorageError(Exception):
-    """Storage could not be written or read (disk full, permissions, missing file)."""
-
-
-class StorageQuotaExceeded(StorageError):
-    """Keeping the file would take storage past ``SHEARS_STORAGE_QUOTA_BYTES``."""
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    key: str
-    size_bytes: int
-    sha256: str
+from shears.storage.base import (
+    CHUNK,
+    StorageError,
+    StoredFile,
+    check_key,
+    file_digest,
+    quota_check,
+    register,
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,37 +51,22 @@ class LocalStorage:
                     total += (Path(dirpath) / name).stat().st_size
         return total
 
-    def _check_quota(self, incoming: int, key: str) -> None:
-        # A soft quota: two commits racing may both pass; it bounds growth, not exact bytes.
-        if self.quota_bytes is None:
-            return
-        used = self.usage_bytes()
-        if used + incoming > self.quota_bytes:
-            raise StorageQuotaExceeded(
-                f"storing {key} ({incoming} bytes) would exceed the storage quota of "
-                f"{self.quota_bytes} bytes ({used} in use); delete models, datasets or finished "
-                "jobs to free space"
-            )
-
     def ensure(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
-        rel = PurePosixPath(key)
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-            raise StorageError(f"invalid storage key {key!r}")
-        return self.root.joinpath(*rel.parts)
+        return self.root.joinpath(*check_key(key).parts)
 
     def temp_path(self, suffix: str = "") -> Path:
         """A fresh path in the temp area, on the same filesystem as the final keys."""
         self.ensure()
         return self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
 
-    def commit(self, temp: Path, key: str) -> Path:
+    def commit(self, temp: Path, key: str) -> None:
         """Flush ``temp`` to disk and rename it to ``key`` atomically."""
         target = self.path(key)
         try:
-            self._check_quota(temp.stat().st_size, key)
+            quota_check(self.quota_bytes, self.usage_bytes, temp.stat().st_size, key)
         except StorageError:
             with contextlib.suppress(OSError):
                 temp.unlink()
@@ -107,7 +81,6 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise StorageError(f"could not store {key}: {exc.strerror or exc}") from exc
-        return target
 
     def put_file(self, source: Path, key: str) -> StoredFile:
         """Copy ``source`` to ``key`` (through a temp file), hashing it on the way."""
@@ -116,7 +89,7 @@ class LocalStorage:
         size = 0
         try:
             with source.open("rb") as src, temp.open("wb") as dst:
-                while chunk := src.read(_CHUNK):
+                while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
                     size += len(chunk)
@@ -129,17 +102,9 @@ class LocalStorage:
 
     def adopt(self, source: Path, key: str) -> StoredFile:
         """Move ``source`` (on the storage filesystem, e.g. under the temp area) to ``key``."""
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            with source.open("rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-        except OSError as exc:
-            raise StorageError(f"could not read {source.name}: {exc.strerror or exc}") from exc
+        size, sha256 = file_digest(source)
         self.commit(source, key)
-        return StoredFile(key=key, size_bytes=size, sha256=digest.hexdigest())
+        return StoredFile(key=key, size_bytes=size, sha256=sha256)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -147,6 +112,38 @@ class LocalStorage:
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def materialize(self, key: str, sha256: str, scratch: Path) -> Path:
+        # The file is already here: a cache would only copy it.
+        return self.path(key)
+
+    def checkout(self, key: str, scratch: Path) -> Path:
+        # Core replaces the file atomically at each save, so the key itself is the durable copy.
+        return self.path(key)
+
+    def checkin(self, path: Path, key: str) -> None:
+        return None
+
+    def local_path(self, key: str) -> Path | None:
+        path = self.path(key)
+        return path if path.is_file() else None
+
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        with self.path(key).open("rb") as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0 and (chunk := f.read(min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+    def presigned_url(self, key: str, filename: str) -> str | None:
+        return None
 
     def healthy(self) -> bool:
         """True when a file can be written and removed under the root."""
@@ -157,3 +154,9 @@ class LocalStorage:
         except OSError:
             return False
         return True
+
+
+@register("file")
+def _from_settings(settings: Settings, url: str) -> LocalStorage:
+    # Unset, the URL is the resolved storage dir (SHEARS_STORAGE_DIR or data_dir/storage).
+    return LocalStorage(Path(unquote(urlsplit(url).path)), settings.storage_quota_bytes)
