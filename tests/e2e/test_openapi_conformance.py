@@ -39,6 +39,11 @@ POSITIVE_ALSO = {
     ("GET", "/v1/jobs"): ["400"],
     ("GET", "/v1/models"): ["400"],
     ("GET", "/v1/datasets"): ["400"],
+    ("GET", "/v1/webhooks"): ["400"],
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): ["400"],
+    # A webhook URL is valid by its scheme and by where it resolves (private addresses are
+    # refused against SSRF): 422 naming the field.
+    ("POST", "/v1/webhooks"): ["422"],
     # A Range is satisfiable or not by the file's size, and "start before end" is no pattern:
     # 416, or Starlette's 400 (declared, plain text).
     ("GET", "/v1/artifacts/{artifact_id}/download"): ["400", "416"],
