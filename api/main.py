@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api.docs_pages import install_docs_pages
 from api.errors import install_error_handlers
 from api.observability import install_metrics
+from api.openapi import install as install_openapi
 from api.routes import artifacts, datasets, health, jobs, models, plots, ui, webhooks
 from shears.auth import KeyResolver, parse_env_keys
 from shears.db.engine import autocommit, make_engine, make_sessionmaker
@@ -64,4 +65,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     install_docs_pages(app)
     app.include_router(ui.router)
+    install_openapi(app)  # after the routes and error handlers it describes
     return app

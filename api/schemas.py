@@ -284,3 +284,37 @@ class EventOut(_Out):
 class EventList(BaseModel):
     items: list[EventOut]
     next_cursor: str | None
+
+
+class StreamEventOut(EventOut):
+    """A job event as one Server-Sent Event's ``data`` (``event:`` its stage, ``id:`` its id)."""
+
+    id: int = Field(description="The event id; send it back as `Last-Event-ID` to resume after it.")
+
+
+class StreamProgressOut(BaseModel):
+    """An ``event: progress`` message: the job's status and progress when they changed. Not stored
+    as an event; its ``id:`` is the last event sent, so a resume loses nothing."""
+
+    status: JobStatus
+    stage: str
+    fraction: float
+
+
+class ProblemFieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where the invalid value is, e.g. body.pruning.")
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every error (``application/problem+json``)."""
+
+    type: str = Field(description="A stable slug, e.g. /problems/not-found.")
+    title: str
+    status: int
+    detail: str = Field(description="A sentence a person can act on.")
+    instance: str | None = Field(default=None, description="The request path.")
+    errors: list[ProblemFieldError] | None = Field(
+        default=None, description="Validation errors (422): every invalid field."
+    )

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import IO, Any, cast
 
 import httpx
+from httpx_sse import connect_sse
 
 __all__ = ["DEFAULT_URL", "Client", "ShearsAPIError", "ShearsClientError"]
 
@@ -178,23 +179,33 @@ class Client:
         poll_interval: float = 1.0,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Poll the job until it succeeds, fails or is cancelled, and return its final body.
+        """Follow the job until it succeeds, fails or is cancelled, and return its final body.
 
-        Polls with ``If-None-Match`` (a bodiless 304 while nothing changed). With ``progress``
-        and stderr a terminal, shows the job's stage and fraction. ``timeout`` (seconds) raises
-        ``TimeoutError``; the job keeps running. A failed job is returned, not raised: look at
-        ``status`` and ``error``.
+        Follows the job's event stream (``GET /v1/jobs/{id}/events`` as Server-Sent Events):
+        every change arrives as it happens, on one connection. A dropped connection is resumed
+        after the last event seen (``Last-Event-ID``). Where the stream is unavailable (a proxy
+        that answers it with something else, a server error), polls ``GET /v1/jobs/{id}`` every
+        ``poll_interval`` seconds instead, with ``If-None-Match`` (a bodiless 304 while nothing
+        changed). With ``progress`` and stderr a terminal, shows the job's stage and fraction.
+        ``timeout`` (seconds) raises ``TimeoutError``; the job keeps running. A failed job is
+        returned, not raised: look at ``status`` and ``error``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        job: dict[str, Any] | None = None
-        etag: str | None = None
         with _job_bar(job_id, progress) as show:
+            response = self._http.get(f"/v1/jobs/{job_id}")
+            job, etag = _json(response), response.headers.get("ETag")
+            show(job)
+            if job["status"] in FINISHED:
+                return job
+            with suppress(_StreamUnavailable):
+                _EventStream(self._http, job_id, show, deadline).follow()
+            # The final body once the stream saw the end; every few seconds where it could not.
             while True:
-                headers = {"If-None-Match": etag} if etag else {}
-                response = self._http.get(f"/v1/jobs/{job_id}", headers=headers)
-                if response.status_code != 304 or job is None:
-                    job = _json(response)
-                    etag = response.headers.get("ETag")
+                response = self._http.get(
+                    f"/v1/jobs/{job_id}", headers={"If-None-Match": etag} if etag else {}
+                )
+                if response.status_code != 304:
+                    job, etag = _json(response), response.headers.get("ETag")
                     show(job)
                 if job["status"] in FINISHED:
                     return job
@@ -266,6 +277,75 @@ def _json(response: httpx.Response) -> dict[str, Any]:
         raise ShearsAPIError.from_response(response)
     body: dict[str, Any] = response.json()
     return body
+
+
+class _StreamUnavailable(Exception):
+    """The event stream cannot be followed here; poll instead."""
+
+
+class _EventStream:
+    """Follows ``GET /v1/jobs/{id}/events`` as Server-Sent Events until the job is finished,
+    reconnecting after a dropped connection with ``Last-Event-ID``."""
+
+    # Reconnections in a row that bring nothing new before giving up on the stream.
+    RETRIES = 3
+
+    def __init__(self, http: httpx.Client, job_id: str, show: Show, deadline: float | None) -> None:
+        self._http = http
+        self._url = f"/v1/jobs/{job_id}/events"
+        self._show = show
+        self._deadline = deadline
+        self._last_id: str | None = None
+        self._finished = False
+
+    def follow(self) -> None:
+        """Returns once the stream said the job is finished; raises ``_StreamUnavailable``
+        when it cannot be followed, ``ShearsAPIError`` when the API refuses (401, 404)."""
+        failures = 0
+        while not self._finished:
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                return  # the caller's poll raises TimeoutError
+            seen = self._last_id
+            # A dropped connection, a timeout, a stream cut mid-event: resume after the last id.
+            with suppress(httpx.TransportError, ValueError):
+                self._read()
+            failures = 0 if self._last_id != seen or self._finished else failures + 1
+            if failures >= self.RETRIES:
+                raise _StreamUnavailable
+
+    def _read(self) -> None:
+        headers = {"Last-Event-ID": self._last_id} if self._last_id else {}
+        timeout = None
+        if self._deadline is not None:  # a stream blocks in reads: bound them by the deadline
+            timeout = httpx.Timeout(self._http.timeout.connect, read=self._remaining())
+        kwargs: dict[str, Any] = {"headers": headers}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        with connect_sse(self._http, "GET", self._url, **kwargs) as source:
+            response = source.response
+            if response.status_code == 204:  # resumed after the final event
+                self._finished = True
+                return
+            if response.is_error and response.status_code < 500:
+                response.read()
+                raise ShearsAPIError.from_response(response)
+            content_type = response.headers.get("content-type", "")
+            if response.is_error or not content_type.startswith("text/event-stream"):
+                raise _StreamUnavailable  # a server error, or a page instead of a stream
+            for event in source.iter_sse():
+                if not event.data:  # a keep-alive comment (httpx-sse yields it once ids began)
+                    continue
+                self._last_id = event.id or self._last_id
+                if event.event == "progress":
+                    state = event.json()
+                    self._show({"status": state["status"], "progress": state})
+                    self._finished = state["status"] in FINISHED
+                elif (event.json().get("data") or {}).get("status") in FINISHED:
+                    self._finished = True  # the job's final event
+
+    def _remaining(self) -> float:
+        assert self._deadline is not None
+        return max(self._deadline - time.monotonic(), 0.1)
 
 
 def _sha256(path: Path) -> str:

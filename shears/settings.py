@@ -89,6 +89,20 @@ class Settings(BaseSettings):
         gt=0,
         description="Most bytes Shears keeps in storage (models, artifacts); unset: no quota.",
     )
+    events_poll_seconds: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=10.0,
+        description="How often an open event stream (GET /v1/jobs/{id}/events as "
+        "text/event-stream) reads the job's new events and progress from the database.",
+    )
+    events_keepalive_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=300.0,
+        description="An event stream with nothing to send writes a comment this often, so that "
+        "proxies keep the connection open.",
+    )
     log_level: str = Field(default="INFO", description="Log level of API and worker (JSON logs).")
     notify_queue: str = Field(
         default="shears-notify",

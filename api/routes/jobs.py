@@ -8,11 +8,15 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import CeleryDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.openapi import EVENTS_RESPONSES
 from api.schemas import EventList, JobCreate, JobList, JobOut, JobStatus, LayerList
 from api.services import jobs
+from api.services.events import EventStream, parse_cursor
 from shears.jobview import job_body
 from worker.notify import publish_job_event
 from worker.publish import publish_job
@@ -124,16 +128,76 @@ def get_layers(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str,
     return {"items": list(jobs.layers(session, tenant, job_id))}
 
 
-@router.get("/{job_id}/events", response_model=EventList)
-def get_events(
+@router.get("/{job_id}/events", response_model=EventList, responses=EVENTS_RESPONSES)
+async def get_events(
     job_id: str,
-    session: SessionDep,
+    request: Request,
     tenant: TenantDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="The `next_cursor` of the previous page; with `text/event-stream`, an "
+            "event id to start after (as `Last-Event-ID`).",
+            json_schema_extra={"pattern": "^[0-9]{1,18}$"},
+        ),
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="With `text/event-stream`: resume after this event id (an `EventSource` "
+            "sends it when it reconnects). Anything but an event id is a 400.",
+            json_schema_extra={"pattern": "^[0-9]{1,18}$"},
+        ),
+    ] = None,
+) -> Any:
+    """The job's events, oldest first: a page of JSON, or with `Accept: text/event-stream` a
+    stream of Server-Sent Events that ends after the job's final event."""
+    resume = parse_cursor(last_event_id) if last_event_id is not None else None
+    if not _wants_event_stream(request.headers.get("accept")):
+        return await run_in_threadpool(_events_page, request, tenant, job_id, limit, cursor)
+    if resume is None and cursor is not None:
+        resume = parse_cursor(cursor)
+    stream = await EventStream(
+        request.app.state.reads,
+        request.app.state.read_limiter,
+        tenant,
+        job_id,
+        resume or 0,
+        settings.events_poll_seconds,
+    ).open()
+    if stream.exhausted:
+        return Response(status_code=204)
+    return EventSourceResponse(
+        (ServerSentEvent(m.data, event=m.event, id=m.id) async for m in stream),
+        ping=settings.events_keepalive_seconds,
+        headers={"Cache-Control": "private, no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _wants_event_stream(accept: str | None) -> bool:
+    """Whether ``Accept`` prefers ``text/event-stream`` to JSON (``*/*`` or none: JSON, the
+    route's form before the stream existed)."""
+    weights: dict[str, float] = {}
+    for media_range in (accept or "").split(","):
+        kind, *params = (part.strip() for part in media_range.split(";"))
+        q = next((p.partition("=")[2] for p in params if p.replace(" ", "").startswith("q=")), "1")
+        try:
+            weights[kind.lower()] = float(q)
+        except ValueError:
+            weights[kind.lower()] = 0.0
+    sse = weights.get("text/event-stream", 0.0)
+    return sse > 0 and sse >= weights.get("application/json", 0.0)
+
+
+def _events_page(
+    request: Request, tenant: str, job_id: str, limit: int, cursor: str | None
 ) -> dict[str, Any]:
-    items, next_cursor = jobs.events(session, tenant, job_id, limit, cursor)
-    return {"items": items, "next_cursor": next_cursor}
+    with request.app.state.sessions() as session:
+        items, next_cursor = jobs.events(session, tenant, job_id, limit, cursor)
+        return {"items": items, "next_cursor": next_cursor}
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses={409: {}})

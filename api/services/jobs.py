@@ -26,6 +26,7 @@ from api.services.errors import (
     NotFound,
     QueueFull,
 )
+from api.services.events import parse_cursor
 from core.errors import InvalidSpec
 from core.pipeline import check_recovery
 from core.pruning import preflight as pruning_preflight
@@ -205,11 +206,7 @@ def events(
 ) -> tuple[list[JobEvent], str | None]:
     """Oldest first, and the cursor of the next page (None on the last)."""
     job = get(session, tenant, job_id)
-    after: int | None = None
-    if cursor is not None:
-        if not cursor.isdigit():
-            raise repo.InvalidCursor(cursor)
-        after = int(cursor)
+    after = parse_cursor(cursor) if cursor is not None else None
     items, last = repo.job_events(session, job.id, limit, after)
     return items, str(last) if last is not None else None
 

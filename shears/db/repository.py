@@ -270,6 +270,35 @@ def job_events(
     return rows, (rows[-1].id if more and rows else None)
 
 
+_EVENTS = JobEvent.__table__
+# The event stream's poll, two statements built once (Core, as the status poll): the job's state
+# first, then its events after the client's cursor. A final status read first guarantees the events
+# read second include the final event, which the worker commits in the same transaction.
+_JOB_STATE = select(_JOBS.c.status, _JOBS.c.progress_stage, _JOBS.c.progress_fraction).where(
+    _JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant == bindparam("tenant")
+)
+_EVENTS_AFTER = (
+    select(_EVENTS.c.id, _EVENTS.c.at, _EVENTS.c.stage, _EVENTS.c.message, _EVENTS.c.data)
+    .where(_EVENTS.c.job_id == bindparam("job_id"), _EVENTS.c.id > bindparam("after"))
+    .order_by(_EVENTS.c.id)
+    .limit(bindparam("limit"))
+)
+
+
+def job_state_and_events(
+    connection: Connection, tenant: str, job_id: str, after: int, limit: int
+) -> tuple[Row[Any], Sequence[Row[Any]]] | None:
+    """The job's status and progress, then up to ``limit`` of its events with ids above
+    ``after``, oldest first; None when the tenant has no such job."""
+    state = connection.execute(_JOB_STATE, {"job_id": job_id, "tenant": tenant}).first()
+    if state is None:
+        return None
+    events = connection.execute(
+        _EVENTS_AFTER, {"job_id": job_id, "after": after, "limit": limit}
+    ).all()
+    return cast(Row[Any], state), cast(Sequence[Row[Any]], events)
+
+
 def add_event(
     session: Session, job_id: str, stage: str, message: str, data: dict[str, Any] | None = None
 ) -> None:
