@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING
 from torch import fx
 
 from core.structure.graph.model import Label
-from core.structure.graph.nodes import Blocked, args_of, const_int, nodes_in, packet, rank_of
+from core.structure.graph.nodes import (
+    Blocked,
+    args_of,
+    const_int,
+    nodes_in,
+    packet,
+    rank_of,
+    shape_of,
+    static_size,
+)
 from core.structure.graph.registry import register_op
 from core.structure.mha import MhaMatch, match_mha
 
@@ -17,8 +26,12 @@ if TYPE_CHECKING:
     from core.structure.graph.analyzer import Analyzer
 
 
-def _coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> Label:
-    """q, k, v (or scores and v) of attention: head h of each goes with head h of the others."""
+def coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> Label:
+    """q, k, v (or scores and v) of attention: head h of each goes with head h of the others.
+
+    Keys and values repeated for grouped-query attention (``repeat_kv``) go with the query heads
+    that read them: key/value head g with query heads g*r .. g*r + r-1. The output's heads are
+    the queries'."""
     labels = [ctx.label_of(t) for t in tensors]
     if not ctx.heads:
         raise Blocked(f"{node.name} mixes channels within attention heads")
@@ -29,9 +42,15 @@ def _coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> L
     for t, lab in zip(tensors, known, strict=True):
         if lab.unit == 1 or rank_of(t) != rank or lab.dim != known[0].dim or lab.dim >= rank - 2:
             raise Blocked(f"{node.name} attends over channels that are not whole heads")
-    for lab in known[1:]:
-        ctx.union(known[0], lab, node.name)
-    return known[-1]
+    plain = [lab for lab in known if lab.repeat == 1]
+    if not plain:
+        raise Blocked(f"{node.name} attends with repeated keys and no query heads")
+    for lab in plain[1:]:
+        ctx.union(plain[0], lab, node.name)
+    for lab in known:
+        if lab.repeat > 1:
+            ctx.link_kv(plain[0], lab, node.name)
+    return plain[0] if len(plain) < len(known) else known[-1]
 
 
 @register_op("scaled_dot_product_attention")
@@ -40,12 +59,19 @@ def scaled_dot_product_attention(ctx: Analyzer, node: fx.Node) -> Label:
     for extra in nodes_in((args[3:], node.kwargs)):
         if ctx.result_of(extra) is not None:
             raise Blocked(f"{node.name} takes a mask sized by the heads")
-    return _coupled_heads(ctx, node, args[:3])
-
-
-@register_op("matmul")
-def matmul(ctx: Analyzer, node: fx.Node) -> Label:
-    return _coupled_heads(ctx, node, args_of(node)[:2])
+    query = ctx.label_of(args[0])
+    mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
+    mask_shape = shape_of(mask) or ()
+    # A per-head additive mask (Swin's relative position bias) would have to lose the same heads;
+    # it is computed from a table the pass does not follow.
+    if (
+        query is not None
+        and isinstance(mask, fx.Node)
+        and len(mask_shape) == rank_of(args[0])
+        and static_size(mask_shape[query.dim]) != 1
+    ):
+        raise Blocked(f"{node.name} adds a bias with one slice per head")
+    return coupled_heads(ctx, node, args[:3])
 
 
 def find_mha(gm: fx.GraphModule) -> tuple[list[MhaMatch], set[fx.Node]]:

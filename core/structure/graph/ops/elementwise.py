@@ -29,7 +29,7 @@ UNARY = (
     "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "relu6", "dropout", "clone",
     "contiguous", "detach", "alias", "_to_copy", "to", "abs", "neg", "exp", "sqrt", "rsqrt",
     "pow", "clamp", "clamp_min", "clamp_max", "square", "erf", "log", "log1p", "reciprocal",
-    "lift_fresh_copy", "type_as", "feature_dropout", "alpha_dropout", "identity",
+    "lift_fresh_copy", "type_as", "feature_dropout", "alpha_dropout", "identity", "detach_",
 )  # fmt: skip
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "rsub", "true_divide", "masked_fill")
 # Pooling over the spatial dims of (N, C, *spatial): channels pass through untouched.
@@ -49,6 +49,12 @@ def unary(ctx: Analyzer, node: fx.Node) -> NodeLabel:
         if ctx.result_of(extra) is not None or ctx.param(extra):
             raise Blocked(f"{node.name} takes a second tensor")
     return ctx.label_of(args_of(node)[0])
+
+
+@register_op("_assert_tensor_metadata")
+def assert_metadata(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """A check of dtype and device only (transformers emits it): it reads no channel."""
+    return None
 
 
 @register_op(*BINARY)

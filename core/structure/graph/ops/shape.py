@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 RESHAPE = ("reshape", "view", "_unsafe_view", "flatten", "unflatten")
 SPLIT = ("chunk", "split", "split_with_sizes", "unbind")
+# Ops that copy a tensor unchanged (between a constant and its use).
+_COPIES = ("lift_fresh_copy", "detach", "detach_", "clone", "alias", "contiguous", "_to_copy")
 
 
 @register_op("getitem")
@@ -202,6 +204,8 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
     ``tensor`` is neither."""
     if not isinstance(tensor, fx.Node):
         return False
+    if [static_size(s) for s in shape_of(tensor) or (1,)] == [0]:
+        return True  # a 1-D empty tensor, which cat skips whatever the other shapes
     source, expanded = tensor, None
     if (
         tensor.op == "call_function"
@@ -209,6 +213,15 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
         and not tensor.users.keys() - {node}
     ):
         source, expanded = args_of(tensor)[0], tensor
+    # A key/value cache that transformers lifts into the program as a constant, copied before it
+    # is concatenated with the new keys: the constant is sliced with the heads.
+    while (
+        isinstance(source, fx.Node)
+        and source.op == "call_function"
+        and packet(source) in _COPIES
+        and len(source.users) == 1
+    ):
+        source = args_of(source)[0]
     if ctx.param(source) is None:
         return False
     rank = len(shape_of(tensor) or ())
@@ -251,7 +264,20 @@ def _split_space(ctx: Analyzer, node: fx.Node, label: Label, parts: Any) -> tupl
     if any(size is None for size in sizes) or sum(s for s in sizes if s) != ctx.space(space).size:
         raise Blocked(f"{node.name} splits the channels into parts of unknown size")
     children = ctx.split_space(space, [int(size or 0) for size in sizes], node, label.dim)
-    return tuple(Label(label.dim, (c,)) for c in children)
+    labels = tuple(Label(label.dim, (c,)) for c in children)
+    op, args = packet(node), args_of(node)
+    if op == "split_with_sizes":
+        for i, part in enumerate(labels):
+            ctx.rewrite(node, 1, i, part)
+        return labels
+    # chunk, unbind and split by one size cut equal parts: they must stay equal.
+    for part in labels[1:]:
+        ctx.union(labels[0], part, node.name)
+    if op == "split":
+        if not isinstance(args[1], int):
+            raise Blocked(f"{node.name} splits the channels by computed sizes")
+        ctx.rewrite(node, 1, None, labels[0])
+    return labels
 
 
 @register_op(*RESHAPE)
@@ -276,7 +302,10 @@ def reshape(ctx: Analyzer, node: fx.Node) -> Label | None:
                 # Heads merged back with their channels: (H, D) -> H*D.
                 if j == d + 1:
                     new = label.moved(k)
-                elif trailing == label.unit and label.inner == 1:
+                elif _broadcast_copies(node, d + 1, j):
+                    # repeat_kv: (KV, n_rep) copies of each key/value head -> KV * n_rep heads.
+                    new = Label(k, label.spaces, label.inner, label.unit, label.repeat * trailing)
+                elif trailing == label.unit and label.inner == 1 and label.repeat == 1:
                     new = Label(k, label.spaces)
                 else:
                     raise Blocked(f"{node.name} merges heads with other dimensions")
@@ -302,6 +331,18 @@ def reshape(ctx: Analyzer, node: fx.Node) -> Label | None:
                 return new
             break
     raise Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+
+
+def _broadcast_copies(node: fx.Node, start: int, stop: int) -> bool:
+    """Whether dims ``start:stop`` of ``node``'s input are an ``expand`` of size-1 dims: every
+    position along them holds the same values (``repeat_kv``'s ``expand`` before its reshape)."""
+    source = args_of(node)[0]
+    if not isinstance(source, fx.Node) or packet(source) != "expand":
+        return False
+    before = shape_of(args_of(source)[0]) or ()
+    offset = len(shape_of(source) or ()) - len(before)
+    dims = [d - offset for d in range(start, stop)]
+    return all(d >= 0 and static_size(before[d]) == 1 for d in dims)
 
 
 def _split_heads(
