@@ -12,7 +12,7 @@ from core.allocation import Allocation, allocate
 from core.criteria import WEIGHT_GRANULARITIES
 from core.formats.base import ModelInfo
 from core.masks import weight_masks
-from core.metrics import sparse_size_bytes
+from core.metrics import distinct_tensors, sparse_size_bytes
 from core.pruning.base import LayerResult, PruneContext, PruneOutcome
 from core.schedule import at_fraction
 from core.spec import PruningSpec
@@ -70,7 +70,7 @@ class WeightPruner:
             if ctx.dry_run
             else 0
         )
-        parameters = list(model.parameters())
+        parameters = distinct_tensors(model.parameters())  # a tied weight once
         return PruneOutcome(
             model=model,
             layers=tuple(layers),

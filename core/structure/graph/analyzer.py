@@ -358,7 +358,7 @@ class Analyzer:
 def tied_names(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     """Every parameter/buffer name -> the first name of its tensor, and each tied tensor's first
     name -> all its names (only tensors with more than one)."""
-    first: dict[int, str] = {}
+    first: dict[tuple[object, ...], str] = {}
     names: dict[str, list[str]] = {}
     canonical: dict[str, str] = {}
     tensors = [
@@ -366,7 +366,15 @@ def tied_names(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, tuple[str,
         *gm.named_buffers(remove_duplicate=False),
     ]
     for name, tensor in tensors:
-        head = first.setdefault(id(tensor), name)
+        # The same view of the same storage: a loaded program ties by storage, not by object.
+        view = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        head = first.setdefault(view if tensor.numel() else (id(tensor),), name)
         canonical[name] = head
         names.setdefault(head, []).append(name)
     return canonical, {head: tuple(all_) for head, all_ in names.items() if len(all_) > 1}
