@@ -62,7 +62,7 @@ def sparse_size_bytes(tensors: Mapping[str, torch.Tensor], sparse: Iterable[str]
 def distinct_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """``tensors`` with tied ones (the same view of the same storage, as GPT-2's ``wte`` and
     ``lm_head``, which a program lists under both names) kept once."""
-    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    seen: set[tuple[object, ...]] = set()
     out = []
     for tensor in tensors:
         key = (

@@ -156,9 +156,10 @@ def _with_kv(
         kv_score = scores.get(kv_id)
         if kv_score is None:
             continue
-        head = analysis.groups_by_id[kv_id].unit
-        per_head = kv_score.reshape(-1, 1, head).expand(-1, group.repeat, head)
-        total += per_head.reshape(-1)
+        # Spread each key/value head's total over the query channels that read it.
+        per_head = kv_score.reshape(-1, analysis.groups_by_id[kv_id].unit).sum(dim=1)
+        q_head = group.unit // group.repeat
+        total += per_head.repeat_interleave(group.repeat).repeat_interleave(q_head) / q_head
     return total
 
 
@@ -173,6 +174,10 @@ def _follow_queries(plan: ChannelPlan, analysis: GraphAnalysis) -> None:
         for kv_id in group.kv:
             head = analysis.groups_by_id[kv_id].unit
             plan.keep[kv_id] = per_kv.repeat_interleave(head)
+            for decision in plan.decisions:
+                if decision.group.id == kv_id:  # reported in heads, like its query group
+                    decision.units = len(per_kv) if head > 1 else 0
+                    decision.remove = int((~per_kv).sum())
 
 
 def _plan_grouped(

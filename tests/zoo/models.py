@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -51,7 +52,8 @@ _TEXT = {"vocab_size": VOCAB, "num_hidden_layers": 2, "max_position_embeddings":
 def _vision(config_cls: str, model_cls: str, **kw: object) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         config = getattr(transformers, config_cls)(num_labels=5, **kw)
-        return getattr(transformers, model_cls)(config)
+        model: nn.Module = getattr(transformers, model_cls)(config)
+        return model
 
     return build
 
@@ -61,18 +63,20 @@ def _text(
 ) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         config = getattr(transformers, config_cls)(**{**_TEXT, **kw})
-        return getattr(transformers, model_cls)._from_config(config, attn_implementation=attention)
+        cls = getattr(transformers, model_cls)
+        model: nn.Module = cls._from_config(config, attn_implementation=attention)
+        return model
 
     return build
 
 
-_LLAMA_LIKE = {
+_LLAMA_LIKE: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 96,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
-_BERT_LIKE = {
+_BERT_LIKE: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_attention_heads": 4,

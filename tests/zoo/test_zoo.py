@@ -138,7 +138,7 @@ def assert_matches_masked(
 
 def structured(
     name: str, granularity: str, exported: Exported, tmp_path: Path
-) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, object]:
+) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, StructuredResult]:
     program, upload = exported(name)
     spec = PruningSpec(criterion="l1", granularity=granularity, sparsity=0.5)
     result = prune_program(program, spec)
@@ -185,7 +185,7 @@ def test_half_the_heads_removes_at_least_0_3_of_the_attention_projections(
     assert after <= 0.7 * before, (after, before)
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - set(ATTENTION)))
+@pytest.mark.parametrize("name", sorted(n for n, m in ZOO.items() if not m.attention))
 def test_head_pruning_a_model_without_attention_says_why(
     name: str, exported: Exported, tmp_path: Path
 ) -> None:

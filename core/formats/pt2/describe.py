@@ -176,6 +176,7 @@ def describe(
             if source is not None and out is not None and _swaps_2d(op, node_inputs, at):
                 transposed[out] = source
             continue
+        parameter: str | None
         if op in _PROJECTIONS:
             found = _projection_weight(op, node_inputs, at, param_by_placeholder, transposed)
             if found is None:

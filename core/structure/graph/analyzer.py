@@ -302,13 +302,14 @@ class Analyzer:
                 reason = f"{why}: concatenated heads"
             else:
                 q_group, kv_group = touched
-                if q_group.size != kv_group.size * kv.repeat or query.unit != kv.unit:
+                # As many query heads as the follower has heads (key/value heads of unit D, or
+                # one bias entry per head), times the repeats.
+                if q_group.size * kv.unit != kv_group.size * kv.repeat * query.unit:
                     reason = f"{why}: query and key/value heads do not line up"
                 elif q_group.id == kv_group.id:
                     reason = f"{why}: keys repeated onto themselves"
-                elif kv_group.follows not in (None, q_group.id) or q_group.repeat not in (
-                    1,
-                    kv.repeat,
+                elif kv_group.follows not in (None, q_group.id) or (
+                    q_group.kv and q_group.repeat != kv.repeat
                 ):
                     reason = f"{why}: key/value heads shared by several attentions"
             if reason is not None:
@@ -320,7 +321,7 @@ class Analyzer:
             if kv_group.id not in q_group.kv:
                 q_group.kv.append(kv_group.id)
             q_group.repeat = kv.repeat
-            q_group.unit = kv.unit * kv.repeat
+            q_group.unit = query.unit * kv.repeat
         # A blocked key/value group keeps its query heads, and the other way round.
         for group in list(groups.values()):
             linked = [group, *(groups[g] for g in group.kv)]

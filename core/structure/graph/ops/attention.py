@@ -56,22 +56,26 @@ def coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> La
 @register_op("scaled_dot_product_attention")
 def scaled_dot_product_attention(ctx: Analyzer, node: fx.Node) -> Label:
     args = args_of(node)
-    for extra in nodes_in((args[3:], node.kwargs)):
-        if ctx.result_of(extra) is not None:
-            raise Blocked(f"{node.name} takes a mask sized by the heads")
-    query = ctx.label_of(args[0])
     mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
+    for extra in nodes_in((args[4:], {k: v for k, v in node.kwargs.items() if k != "attn_mask"})):
+        if ctx.result_of(extra) is not None:
+            raise Blocked(f"{node.name} takes an argument sized by the heads")
+    out = coupled_heads(ctx, node, args[:3])
+    bias = ctx.label_of(mask)
     mask_shape = shape_of(mask) or ()
-    # A per-head additive mask (Swin's relative position bias) would have to lose the same heads;
-    # it is computed from a table the pass does not follow.
-    if (
-        query is not None
-        and isinstance(mask, fx.Node)
+    if bias is not None:
+        # A bias per head (Swin's relative position bias, gathered from a parameter table):
+        # one entry per query head, removed with it.
+        if bias.dim != out.dim or bias.unit != 1 or bias.inner != 1:
+            raise Blocked(f"{node.name} adds a bias whose heads do not line up")
+        ctx.link_kv(out, bias, node.name)
+    elif (
+        isinstance(mask, fx.Node)
         and len(mask_shape) == rank_of(args[0])
-        and static_size(mask_shape[query.dim]) != 1
+        and static_size(mask_shape[out.dim]) != 1
     ):
         raise Blocked(f"{node.name} adds a bias with one slice per head")
-    return coupled_heads(ctx, node, args[:3])
+    return out
 
 
 def find_mha(gm: fx.GraphModule) -> tuple[list[MhaMatch], set[fx.Node]]:

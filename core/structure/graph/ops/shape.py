@@ -17,6 +17,7 @@ from core.structure.graph.nodes import (
     Blocked,
     args_of,
     const_int,
+    nodes_in,
     norm_dim,
     packet,
     prefix_match,
@@ -236,6 +237,34 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
         if isinstance(size, int) and size != -1:
             ctx.rewrite(expanded, 1, label.dim, label)
     return True
+
+
+@register_op("index")
+def index(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """``table[idx]``: with head pruning, a 2-D parameter table gathered along its rows (Swin's
+    relative position bias, one column per head) starts a space over its columns, so the heads it
+    feeds can take their column with them."""
+    args = args_of(node)
+    source, indices = args[0], args[1] if len(args) > 1 else None
+    labelled = [n for n in nodes_in((args, node.kwargs)) if ctx.result_of(n) is not None]
+    if labelled:
+        raise Blocked(f"{node.name} indexes with or into channels")
+    table_shape = shape_of(source) or ()
+    if (
+        not ctx.heads
+        or ctx.param(source) is None
+        or len(table_shape) != 2
+        or not isinstance(indices, (list, tuple))
+        or len(indices) != 1
+        or static_size(table_shape[1]) is None
+    ):
+        ctx.freeze_params(node, f"{node.name} gathers from it")
+        return None
+    rank = len(shape_of(node) or ())
+    name = str(ctx.param(source))
+    out = ctx.new_space(int(table_shape[1]), name.removesuffix(".weight"), node, rank - 1)
+    ctx.member(source, 1, out.moved(1), "param")
+    return out
 
 
 @register_op(*SPLIT)
