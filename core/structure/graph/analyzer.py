@@ -153,6 +153,10 @@ class Analyzer:
         old = self._members.get(key)
         if old is not None:
             self.union(old.label, label, f"{target} is shared")
+            if role == "in" and old.role != "in":
+                # Tied (an embedding that is also the output projection): it also *reads* the
+                # channels, so the masked reference must zero it as an input.
+                self._members[key] = Member(target, dim, old.label, "in")
             return
         self._members[key] = Member(target, dim, label, role)
 
