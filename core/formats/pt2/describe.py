@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from core.einsum import projection_dims
 from core.errors import InvalidArchive, UnsafeArchive, UnsupportedFormat
 from core.formats.base import DynamicDim, ModelInfo, ProgramInput, PrunableLayer
 from core.formats.pt2.accessors import json_int, json_key, json_list, json_obj, json_str
 from core.formats.pt2.constants import CONSTANTS_CONFIG, DTYPES, MODEL_JSON, WEIGHTS_CONFIG, M
 from core.formats.pt2.expressions import EXPR_CONSTANTS, EXPR_FUNCS
 from core.formats.pt2.payload import Payload
-from core.structure.einsum import projection_dims
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from torch import fx
 
-from core.structure.einsum import projection_dims
+from core.einsum import projection_dims
 from core.structure.graph.model import Label
 from core.structure.graph.nodes import (
     Blocked,
