@@ -76,6 +76,14 @@ _LLAMA_LIKE: dict[str, Any] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+_VIT_LIKE: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
 _BERT_LIKE: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -124,31 +132,13 @@ ZOO: dict[str, ZooModel] = {
         ),
         ZooModel(
             "vit",
-            _vision(
-                "ViTConfig",
-                "ViTForImageClassification",
-                image_size=32,
-                patch_size=8,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            ),
+            _vision("ViTConfig", "ViTForImageClassification", **_VIT_LIKE),
             text=False,
             attention=True,
         ),
         ZooModel(
             "deit",
-            _vision(
-                "DeiTConfig",
-                "DeiTForImageClassification",
-                image_size=32,
-                patch_size=8,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            ),
+            _vision("DeiTConfig", "DeiTForImageClassification", **_VIT_LIKE),
             text=False,
             attention=True,
         ),

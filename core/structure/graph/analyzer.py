@@ -50,6 +50,7 @@ class Analyzer:
         # (query heads, repeated key/value heads, where): grouped-query attention, settled once
         # the groups are known
         self._kv_links: list[tuple[Label, Label, str]] = []
+        self.memo: dict[object, object] = {}  # what a handler worked out for later nodes
 
     # --- spaces and their coupling ----------------------------------------------------------
     def new_space(self, size: int, producer: str, node: fx.Node, dim: int) -> Label:

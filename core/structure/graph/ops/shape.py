@@ -138,8 +138,59 @@ def slice_(ctx: Analyzer, node: fx.Node) -> Label | None:
         const_int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, rank_of(args_of(node)[0])
     )
     if dim == label.dim and shape_of(node) != shape_of(args_of(node)[0]):
-        raise Blocked(f"{node.name} slices the channels")
+        return _slice_part(ctx, node, label, dim)
     return label
+
+
+def _slice_part(ctx: Analyzer, node: fx.Node, label: Label, dim: int) -> Label:
+    """Slices that tile the channels (Phi-3's fused qkv: ``[:q]``, ``[q:q+kv]``, ``[q+kv:]``)
+    split them like ``split`` does; each slice's bounds follow the kept counts before it."""
+    source = args_of(node)[0]
+    assert isinstance(source, fx.Node)
+    key = ("slices", source.name)
+    if key not in ctx.memo:
+        ctx.memo[key] = _tile(ctx, source, label, dim)
+    parts = ctx.memo[key]
+    if not isinstance(parts, dict) or node.name not in parts:
+        raise Blocked(f"{node.name} slices the channels")
+    position, children = parts[node.name]
+    if position:
+        ctx.rewrite(node, 2, None, Label(dim, children[:position]))
+    end = args_of(node)[3] if len(args_of(node)) > 3 else None
+    if isinstance(end, int) and end < sum(ctx.space(c).size for c in children):
+        ctx.rewrite(node, 3, None, Label(dim, children[: position + 1]))
+    return Label(dim, (children[position],))
+
+
+def _tile(
+    ctx: Analyzer, source: fx.Node, label: Label, dim: int
+) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+    """slice user -> (its position, the parts) when ``source``'s slices along the channels
+    cover them exactly once; None otherwise."""
+    spaces = ctx.leaves(label.spaces)
+    if len(spaces) != 1 or label.inner != 1 or label.unit != 1 or ctx.is_coupled(spaces[0]):
+        return None
+    size = ctx.space(spaces[0]).size
+    bounds: list[tuple[int, int, fx.Node]] = []
+    rank = rank_of(source)
+    for user in source.users:
+        args = args_of(user)
+        if packet(user) != "slice" or norm_dim(const_int(args[1]), rank) != dim:
+            continue
+        start, end = (args[2] if len(args) > 2 else 0), (args[3] if len(args) > 3 else size)
+        step = args[4] if len(args) > 4 else 1
+        if not isinstance(start, int) or not isinstance(end, int) or step != 1:
+            return None
+        bounds.append((start, min(end, size), user))
+    bounds.sort(key=lambda b: b[0])
+    edges = [b[0] for b in bounds] + [bounds[-1][1]] if bounds else []
+    if not bounds or edges[0] != 0 or edges[-1] != size:
+        return None
+    if any(bounds[i][1] != bounds[i + 1][0] for i in range(len(bounds) - 1)):
+        return None
+    sizes = [end - start for start, end, _ in bounds]
+    children = ctx.split_space(spaces[0], sizes, source, dim)
+    return {user.name: (i, children) for i, (_, _, user) in enumerate(bounds)}
 
 
 @register_op("expand")
