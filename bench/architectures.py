@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -120,7 +121,9 @@ def table(rows: list[Row], config: MeasureConfig) -> str:
         "removed or zeroed. *Left in place* lists the most frequent reasons channel groups were",
         "kept whole (reaching the model's output, a normalisation over the channels, ...).",
         "",
-        f"Produced by `{COMMAND}` (torch {torch.__version__}, {platform.machine()}).",
+        f"Produced by `{COMMAND}` (torch {torch.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} cores, 1-minute load average {os.getloadavg()[0]:.1f} when written: "
+        "on a shared machine the latency column is noise, params and MACs are exact).",
         "",
         "| model | granularity | params × | MACs × | latency × | sparsity | left in place |",
         "|---|---|---|---|---|---|---|",
