@@ -25,15 +25,23 @@ from core.unstructured import unstructured_masks
 
 
 def weight_masks(
-    spec: PruningSpec, weights: Mapping[str, torch.Tensor], allocation: Allocation
+    spec: PruningSpec,
+    weights: Mapping[str, torch.Tensor],
+    allocation: Allocation,
+    reduction_dims: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Bool keep-mask (each weight's shape) for every layer ``allocation`` prunes.
 
-    ``weights`` maps a layer name to its weight; excluded layers get no mask.
+    ``weights`` maps a layer name to its weight; excluded layers get no mask. A weight whose
+    input channels are dim 0 (``reduction_dims``: a matrix product's (in, out) weight, GPT-2's
+    Conv1D) is ranked as its (out, in) transpose, so n:m runs and blocks lie as for ``linear``.
     """
     names = [*allocation.per_layer, *allocation.global_pool]
+    flipped = {n for n in names if (reduction_dims or {}).get(n, 1) == 0 and weights[n].dim() == 2}
     scores = {n: element_scores(n, weights[n], spec) for n in names}
-    return _MASKERS[spec.granularity](spec, scores, allocation)
+    scores = {n: s.T if n in flipped else s for n, s in scores.items()}
+    masks = _MASKERS[spec.granularity](spec, scores, allocation)
+    return {n: m.T if n in flipped else m for n, m in masks.items()}
 
 
 def _reduction_last(t: torch.Tensor) -> torch.Tensor:

@@ -57,3 +57,26 @@ def sparse_size_bytes(tensors: Mapping[str, torch.Tensor], sparse: Iterable[str]
         else:
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def distinct_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` with tied ones (the same view of the same storage, as GPT-2's ``wte`` and
+    ``lm_head``, which a program lists under both names) kept once."""
+    seen: set[tuple[object, ...]] = set()
+    out = []
+    for tensor in tensors:
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        if key not in seen or tensor.numel() == 0:
+            seen.add(key)
+            out.append(tensor)
+    return out
+
+
+def distinct_numel(tensors: Iterable[torch.Tensor]) -> int:
+    """Elements of ``tensors``, tied ones counted once."""
+    return sum(t.numel() for t in distinct_tensors(tensors))

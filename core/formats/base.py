@@ -43,6 +43,9 @@ class PrunableLayer:
     kind: str
     shape: tuple[int, ...]
     params: int
+    # The weight dim summed over (its input channels): 1 for conv and linear weights, 0 for a
+    # matrix product's (in, out) weight such as GPT-2's Conv1D; n:m patterns run along it.
+    reduction_dim: int = 1
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from core.allocation import check_patterns
 from core.criteria import STRUCTURED_GRANULARITIES
 from core.formats.base import ModelInfo
-from core.metrics import sparse_size_bytes
+from core.metrics import distinct_tensors, sparse_size_bytes
 from core.pruning.base import LayerResult, PruneContext, PruneOutcome
 from core.schedule import relative_step
 from core.spec import PruningSpec
@@ -70,11 +70,11 @@ class ChannelPruner:
             for name, shape in structured.shapes.items()
             if name in parameter_names
         )
-        params_after = sum(p.numel() for p in pruned.parameters()) - (removed if ctx.dry_run else 0)
+        # A tied weight (GPT-2's wte and lm_head) is listed under each name: counted once.
+        parameters = distinct_tensors(pruned.parameters())
+        params_after = sum(p.numel() for p in parameters) - (removed if ctx.dry_run else 0)
         nonzero_after = (
-            params_after
-            if ctx.dry_run
-            else sum(int(p.count_nonzero()) for p in pruned.parameters())
+            params_after if ctx.dry_run else sum(int(p.count_nonzero()) for p in parameters)
         )
         excluded = tuple(
             name

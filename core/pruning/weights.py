@@ -12,7 +12,7 @@ from core.allocation import Allocation, allocate
 from core.criteria import WEIGHT_GRANULARITIES
 from core.formats.base import ModelInfo
 from core.masks import weight_masks
-from core.metrics import sparse_size_bytes
+from core.metrics import distinct_tensors, sparse_size_bytes
 from core.pruning.base import LayerResult, PruneContext, PruneOutcome
 from core.schedule import at_fraction
 from core.spec import PruningSpec
@@ -44,7 +44,8 @@ class WeightPruner:
         state = model.state_dict
         allocation = allocate(spec, {layer.name: layer.params for layer in info.prunable_layers})
         scored = {n: state[f"{n}.weight"] for n in [*allocation.per_layer, *allocation.global_pool]}
-        planned = _zero_lowest(spec, scored, allocation, apply=not ctx.dry_run)
+        layouts = {layer.name: layer.reduction_dim for layer in info.prunable_layers}
+        planned = _zero_lowest(spec, scored, allocation, layouts, apply=not ctx.dry_run)
         layers = []
         for layer in info.prunable_layers:
             weight = state[f"{layer.name}.weight"]
@@ -69,7 +70,7 @@ class WeightPruner:
             if ctx.dry_run
             else 0
         )
-        parameters = list(model.parameters())
+        parameters = distinct_tensors(model.parameters())  # a tied weight once
         return PruneOutcome(
             model=model,
             layers=tuple(layers),
@@ -98,12 +99,17 @@ class WeightPruner:
 
 
 def _zero_lowest(
-    spec: PruningSpec, weights: dict[str, torch.Tensor], allocation: Allocation, *, apply: bool
+    spec: PruningSpec,
+    weights: dict[str, torch.Tensor],
+    allocation: Allocation,
+    layouts: dict[str, int],
+    *,
+    apply: bool,
 ) -> dict[str, int]:
     """Zero the lowest-ranked weights in place (when ``apply``); how many each layer loses."""
     if spec.granularity == "unstructured" and spec.criterion in _IN_PLACE:
         return prune_magnitude_in_place(weights, allocation, apply=apply)
-    masks = weight_masks(spec, weights, allocation)
+    masks = weight_masks(spec, weights, allocation, layouts)
     if apply:
         with torch.no_grad():
             for name, keep in masks.items():

@@ -197,7 +197,7 @@ def refit_linear(
             new[:, index] = solution.T.to(weight.dtype)
         else:
             continue
-        _set_tensor(gm, target, new)
+        _set_tensor(gm, target, new, analysis)
         refitted.append(target.removesuffix(".weight"))
     return refitted
 

@@ -15,6 +15,7 @@ from core.structure.calibration import Calibration, refit_linear, regression_sco
 from core.structure.graph import ChannelGroup, GraphAnalysis, analyze
 from core.structure.importance import group_scores
 from core.structure.slicing import (
+    _get_tensor,
     apply_channels,
     kept_by_space,
     label_indices,
@@ -101,7 +102,10 @@ def plan_channels(
         if any(first_match(name, spec.exclude) for name in group.layers):
             decision.skipped = "excluded"
             continue
-        score = scores[group.id]
+        if group.follows is not None:
+            decision.skipped = f"removed with the query heads of group {group.follows}"
+            continue
+        score = _with_kv(group, scores, analysis)
         if score is None:
             decision.skipped = f"criterion {spec.criterion!r} has nothing to rank these channels by"
             continue
@@ -135,7 +139,45 @@ def plan_channels(
             decision = ranked[key][0]
             decision.remove = count
             plan.keep[decision.group.id] = _expand(lowest_k_mask(pool[key], count), decision.group)
+    _follow_queries(plan, analysis)
     return plan
+
+
+def _with_kv(
+    group: ChannelGroup, scores: dict[int, torch.Tensor | None], analysis: GraphAnalysis
+) -> torch.Tensor | None:
+    """A query group's scores plus, per query channel, those of the key/value channels it reads
+    (grouped-query attention), so a key/value group is ranked on everything it takes with it."""
+    score = scores[group.id]
+    if score is None or not group.kv:
+        return score
+    total = score.clone()
+    for kv_id in group.kv:
+        kv_score = scores.get(kv_id)
+        if kv_score is None:
+            continue
+        # Spread each key/value head's total over the query channels that read it.
+        per_head = kv_score.reshape(-1, analysis.groups_by_id[kv_id].unit).sum(dim=1)
+        q_head = group.unit // group.repeat
+        total += per_head.repeat_interleave(group.repeat).repeat_interleave(q_head) / q_head
+    return total
+
+
+def _follow_queries(plan: ChannelPlan, analysis: GraphAnalysis) -> None:
+    """Key/value heads go where their query heads went: a key/value head is removed with the
+    ``repeat`` query heads that read it (they are removed together, a whole group at a time)."""
+    for group in analysis.groups:
+        keep = plan.keep.get(group.id)
+        if keep is None or not group.kv:
+            continue
+        per_kv = keep.reshape(-1, group.unit)[:, 0]
+        for kv_id in group.kv:
+            head = analysis.groups_by_id[kv_id].unit
+            plan.keep[kv_id] = per_kv.repeat_interleave(head)
+            for decision in plan.decisions:
+                if decision.group.id == kv_id:  # reported in heads, like its query group
+                    decision.units = len(per_kv) if head > 1 else 0
+                    decision.remove = int((~per_kv).sum())
 
 
 def _plan_grouped(
@@ -200,7 +242,13 @@ def prune_program(
         if not any(s in kept for s in member.label.spaces):
             continue
         index = label_indices(member.label, kept, sizes)
-        current = sliced.get(member.target, tensors[member.target].detach())
+        current = sliced.get(member.target)
+        if current is None:
+            # A lifted constant (an empty key/value cache) is neither parameter nor buffer.
+            original = tensors.get(member.target)
+            current = (
+                original if original is not None else _get_tensor(gm, member.target)
+            ).detach()
         sliced[member.target] = slice_member(current, member, index, sizes)
         if member.target.endswith(".weight") and member.role in ("in", "grouped_in", "out"):
             layer = member.target.removesuffix(".weight")

@@ -26,7 +26,11 @@ def label_indices(
     channels = torch.cat(parts)
     if label.unit > 1:
         # A heads dimension: whole heads are kept, so every unit-th kept channel starts one.
-        return channels[:: label.unit] // label.unit
+        heads = channels[:: label.unit] // label.unit
+        if label.repeat == 1:
+            return heads
+        # Key/value heads repeated for grouped-query attention: each kept head's copies.
+        return (heads[:, None] * label.repeat + torch.arange(label.repeat)[None, :]).reshape(-1)
     if label.inner == 1:
         return channels
     return (channels[:, None] * label.inner + torch.arange(label.inner)[None, :]).reshape(-1)
@@ -84,17 +88,25 @@ def ordered_members(analysis: GraphAnalysis) -> list[Member]:
     return sorted(members.values(), key=lambda m: m.role != "grouped_in")
 
 
-def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        old = owner._parameters[name]
-        requires_grad = bool(old.requires_grad) if old is not None else False
-        owner._parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
+def _set_tensor(
+    gm: fx.GraphModule, target: str, value: torch.Tensor, analysis: GraphAnalysis
+) -> None:
+    """Put ``value`` in place of ``target`` under every name the tensor goes by, as one object:
+    tied tensors stay tied, so the re-exported program holds them once."""
+    new: torch.Tensor | None = None
+    for name in analysis.names_of(target):
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            if new is None:
+                old = owner._parameters[attr]
+                requires_grad = bool(old.requires_grad) if old is not None else False
+                new = nn.Parameter(value, requires_grad=requires_grad)
+            owner._parameters[attr] = new  # type: ignore[assignment]
+        elif attr in owner._buffers:
+            owner._buffers[attr] = new if new is not None else value
+        else:
+            setattr(owner, attr, new if new is not None else value)
 
 
 def _get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -122,7 +134,9 @@ def apply_channels(
                 continue
             tensor = _get_tensor(gm, member.target)
             index = label_indices(member.label, kept, sizes)
-            _set_tensor(gm, member.target, slice_member(tensor, member, index, sizes).clone())
+            _set_tensor(
+                gm, member.target, slice_member(tensor, member, index, sizes).clone(), analysis
+            )
     by_name = {n.name: n for n in gm.graph.nodes}
     rewrites = {(r.node, r.arg, r.index): r for g in analysis.groups for r in g.rewrites}
     # A rewrite may name a non-tensor node (operator.mul computing B*H): found by name too.
@@ -174,14 +188,14 @@ def mask_channels(
                 # Row o reads input channels block(o) * per_block + p, p < per_block.
                 read = block[:, None] * per_block + torch.arange(per_block)[None, :]
                 reads = alive[read].reshape(rows, per_block, *([1] * (tensor.dim() - 2)))
-                _set_tensor(gm, target, tensor * reads.to(tensor.dtype))
+                _set_tensor(gm, target, tensor * reads.to(tensor.dtype), analysis)
                 continue
             mask = torch.zeros(tensor.shape[dim], dtype=torch.bool)
             mask[index] = True
             shape = [1] * tensor.dim()
             shape[dim] = -1
             # A new tensor: the module's parameters share storage with the program's.
-            _set_tensor(gm, target, tensor * mask.reshape(shape).to(tensor.dtype))
+            _set_tensor(gm, target, tensor * mask.reshape(shape).to(tensor.dtype), analysis)
 
 
 def verify(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,112 @@ def test_unregistering_an_unknown_op_is_an_error() -> None:
         unregister_op("shears_test::never_registered")
     with pytest.raises(ValueError, match="at least one"):
         register_op()
+
+
+class _Weight(nn.Module):
+    """A bare ``weight`` parameter, used through a matrix product rather than ``nn.Linear``."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*shape) / shape[0] ** 0.5)
+
+
+class Spellings(nn.Module):
+    """The same kind of layer written four ways: addmm with an (in, out) weight (GPT-2's Conv1D),
+    ``x @ W.t()``, an einsum projection and ``nn.Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = _Weight(6, 12)  # (in, out)
+        self.bias = nn.Parameter(torch.randn(12))
+        self.mm = _Weight(10, 12)  # (out, in)
+        self.ein = _Weight(8, 10)  # (out, in)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.addmm(self.bias, x, self.conv1d.weight))
+        h = torch.relu(h @ self.mm.weight.t())
+        h = torch.relu(torch.einsum("bi,oi->bo", h, self.ein.weight))
+        return self.head(h)
+
+
+def test_every_spelling_of_a_linear_layer_is_one_prunable_layer(tmp_path: Path) -> None:
+    from core.formats.pt2.program import load_program
+
+    program = export(Spellings(), (6,))
+    analysis = analyze(program.module())
+    for layer in ("conv1d", "mm", "ein"):
+        group = analysis.group_of_layer(layer)
+        assert group is not None
+        assert group.prunable, group.blocked
+
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    _, info = load_program(tmp_path / "m.pt2")
+    dims = {layer.name: (layer.kind, layer.reduction_dim) for layer in info.prunable_layers}
+    assert dims == {
+        "conv1d": ("linear", 0),
+        "mm": ("linear", 1),
+        "ein": ("linear", 1),
+        "head": ("linear", 1),
+    }
+
+    result = prune_program(
+        program, PruningSpec(criterion="l1", granularity="channel", sparsity=0.5)
+    )
+    state = result.program.state_dict
+    assert tuple(state["conv1d.weight"].shape) == (6, 6)  # its output columns went
+    assert tuple(state["mm.weight"].shape) == (5, 6)
+    assert tuple(state["ein.weight"].shape) == (4, 5)
+    reference = program.module()
+    mask_channels(reference, result.analysis, result.plan.keep)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(result.program.module()(x), reference(x))
+
+
+def test_n_m_runs_along_the_input_channels_of_an_in_out_weight() -> None:
+    from core.allocation import allocate
+    from core.masks import weight_masks
+
+    spec = PruningSpec(criterion="l1", granularity="n:m", n_m=(2, 4))
+    weight = torch.randn(8, 3)  # (in, out): every output column holds 8 inputs
+    keep = weight_masks(spec, {"w": weight}, allocate(spec, {"w": 24}), {"w": 0})["w"]
+    assert keep.shape == weight.shape
+    runs = keep.T.reshape(3, 2, 4)  # per output, runs of 4 consecutive inputs
+    assert bool((runs.sum(dim=-1) == 2).all())
+
+
+class TiedLM(nn.Module):
+    """An embedding whose weight is also the output projection (GPT-2's wte and lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(20, 8)
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.wte(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.lm_head(h)
+
+
+def test_a_tied_weight_is_sliced_once_and_stays_tied() -> None:
+    from core.metrics import distinct_numel
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ids = torch.randint(0, 20, (2, 5))
+    program = torch.export.export(TiedLM().eval(), (ids,), dynamic_shapes=({0: batch},))
+    before = distinct_numel(program.parameters())
+    result = prune_program(
+        program, PruningSpec(criterion="l1", granularity="channel", sparsity=0.5)
+    )
+    state = result.program.state_dict
+    wte, head = state["wte.weight"], state["lm_head.weight"]
+    assert wte.shape == head.shape == (20, 4)  # the hidden width halved in both uses
+    assert wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    assert distinct_numel(result.program.parameters()) < before
+    reference = program.module()
+    mask_channels(reference, result.analysis, result.plan.keep)
+    torch.testing.assert_close(result.program.module()(ids), reference(ids))

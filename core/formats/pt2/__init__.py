@@ -56,7 +56,9 @@ class Pt2Format:
         return {layer.name: state[f"{layer.name}.weight"] for layer in info.prunable_layers}
 
     def count_parameters(self, model: Any) -> int:
-        return sum(p.numel() for p in model.parameters())
+        from core.metrics import distinct_numel
+
+        return distinct_numel(model.parameters())  # a tied weight is listed under each name
 
     def measure(self, model: Any, info: ModelInfo, config: MeasureConfig) -> Measurement:
         from core.formats.pt2 import program

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from core.einsum import projection_dims
 from core.errors import InvalidArchive, UnsafeArchive, UnsupportedFormat
 from core.formats.base import DynamicDim, ModelInfo, ProgramInput, PrunableLayer
 from core.formats.pt2.accessors import json_int, json_key, json_list, json_obj, json_str
@@ -47,7 +48,6 @@ _LAYER_OPS: Final[Mapping[str, str]] = {
     "torch.ops.aten.conv_transpose1d.input": "conv_transpose1d",
     "torch.ops.aten.conv_transpose2d.input": "conv_transpose2d",
     "torch.ops.aten.conv_transpose3d.input": "conv_transpose3d",
-    "torch.ops.aten.linear.default": "linear",
     "torch.ops.aten.convolution.default": "",  # kind from the weight rank + transposed flag
 }
 _WEIGHT_RANK: Final[Mapping[str, int]] = {
@@ -155,13 +155,14 @@ def describe(
 
     seen: set[str] = set()
     layers: list[PrunableLayer] = []
-    for i, raw_node in enumerate(
-        json_list(json_key(graph, "nodes", f"{M}graph"), f"{M}graph.nodes")
-    ):
+    nodes = json_list(json_key(graph, "nodes", f"{M}graph"), f"{M}graph.nodes")
+    # A parameter seen through a transpose (``x @ W.t()``) still has its own layout.
+    transposed: dict[str, str] = {}
+    for i, raw_node in enumerate(nodes):
         at = f"{M}graph.nodes[{i}]"
         node = json_obj(raw_node, at)
         op = node.get("target")
-        if not isinstance(op, str) or op not in _LAYER_OPS:
+        if not isinstance(op, str) or op not in (*_PROJECTIONS, *_TRANSPOSES, *_LAYER_OPS):
             continue
         node_inputs = {
             json_str(
@@ -169,17 +170,31 @@ def describe(
             ): item
             for item in json_list(json_key(node, "inputs", at), f"{at}.inputs")
         }
-        weight_arg = json_obj(node_inputs.get("weight", {}), f"{at}.inputs").get("arg")
-        if not isinstance(weight_arg, dict) or not isinstance(weight_arg.get("as_tensor"), dict):
+        if op in _TRANSPOSES:
+            source = param_by_placeholder.get(_tensor_input(node_inputs, "self", at) or "")
+            out = _tensor_output(node, at)
+            if source is not None and out is not None and _swaps_2d(op, node_inputs, at):
+                transposed[out] = source
             continue
-        weight_name = weight_arg["as_tensor"].get("name")
-        parameter = param_by_placeholder.get(weight_name) if isinstance(weight_name, str) else None
+        parameter: str | None
+        if op in _PROJECTIONS:
+            found = _projection_weight(op, node_inputs, at, param_by_placeholder, transposed)
+            if found is None:
+                continue
+            parameter, reduction_dim = found
+            layer_kind: str | None = "linear"
+        else:
+            weight_name = _tensor_input(node_inputs, "weight", at)
+            parameter = param_by_placeholder.get(weight_name) if weight_name else None
+            reduction_dim = 1
+            layer_kind = None
         if parameter is None or parameter in seen:
             continue
         if parameter != "weight" and not parameter.endswith(".weight"):
             continue
         payload = weights[parameter]
-        layer_kind = _LAYER_OPS[op] or _convolution_kind(node_inputs, len(payload.sizes))
+        if layer_kind is None:
+            layer_kind = _LAYER_OPS[op] or _convolution_kind(node_inputs, len(payload.sizes))
         if layer_kind is None:
             continue
         if len(payload.sizes) != _WEIGHT_RANK[layer_kind]:
@@ -193,6 +208,7 @@ def describe(
                 kind=layer_kind,
                 shape=payload.sizes,
                 params=payload.numel,
+                reduction_dim=reduction_dim,
             )
         )
 
@@ -214,6 +230,93 @@ def describe(
         torch_version=torch_version,
         schema_version=f"{major}.{minor}",
     )
+
+
+# Linear layers spelt as a matrix product against a parameter (GPT-2's Conv1D is addmm), and the
+# input naming their weight operand; einsum's operands are a list.
+_PROJECTIONS: Final[Mapping[str, str]] = {
+    "torch.ops.aten.linear.default": "weight",
+    "torch.ops.aten.addmm.default": "mat2",
+    "torch.ops.aten.mm.default": "mat2",
+    "torch.ops.aten.matmul.default": "other",
+    "torch.ops.aten.einsum.default": "tensors",
+}
+_TRANSPOSES: Final = frozenset(
+    {"torch.ops.aten.t.default", "torch.ops.aten.transpose.int", "torch.ops.aten.permute.default"}
+)
+
+
+def _tensor_input(node_inputs: Mapping[str, Any], name: str, at: str) -> str | None:
+    arg = json_obj(node_inputs.get(name, {}), f"{at}.inputs").get("arg")
+    tensor = arg.get("as_tensor") if isinstance(arg, dict) else None
+    value = tensor.get("name") if isinstance(tensor, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _tensor_output(node: Mapping[str, Any], at: str) -> str | None:
+    outputs = json_list(node.get("outputs", []), f"{at}.outputs")
+    if len(outputs) != 1:
+        return None
+    tensor = json_obj(outputs[0], f"{at}.outputs").get("as_tensor")
+    value = tensor.get("name") if isinstance(tensor, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _ints(node_inputs: Mapping[str, Any], name: str, at: str) -> list[int] | None:
+    arg = json_obj(node_inputs.get(name, {}), f"{at}.inputs").get("arg")
+    if not isinstance(arg, dict):
+        return None
+    if isinstance(arg.get("as_int"), int):
+        return [arg["as_int"]]
+    values = arg.get("as_ints")
+    return values if isinstance(values, list) and all(isinstance(v, int) for v in values) else None
+
+
+def _swaps_2d(op: str, node_inputs: Mapping[str, Any], at: str) -> bool:
+    """Whether a transpose-like op swaps the two dims of a matrix."""
+    if op == "torch.ops.aten.t.default":
+        return True
+    if op == "torch.ops.aten.permute.default":
+        return [d % 2 for d in _ints(node_inputs, "dims", at) or []] == [1, 0]
+    dims = [*(_ints(node_inputs, "dim0", at) or []), *(_ints(node_inputs, "dim1", at) or [])]
+    return len(dims) == 2 and dims[0] % 2 != dims[1] % 2
+
+
+def _projection_weight(
+    op: str,
+    node_inputs: Mapping[str, Any],
+    at: str,
+    params: Mapping[str, str],
+    transposed: Mapping[str, str],
+) -> tuple[str, int] | None:
+    """The parameter a projection multiplies by, and its reduction (input-channel) dim."""
+    if op == "torch.ops.aten.einsum.default":
+        arg = json_obj(node_inputs.get("equation", {}), f"{at}.inputs").get("arg")
+        equation = arg.get("as_string") if isinstance(arg, dict) else None
+        listed = json_obj(node_inputs.get("tensors", {}), f"{at}.inputs").get("arg")
+        operands = listed.get("as_tensors") if isinstance(listed, dict) else None
+        if not isinstance(equation, str) or not isinstance(operands, list) or len(operands) != 2:
+            return None
+        for position in (1, 0):
+            name = json_obj(operands[position], f"{at}.inputs").get("name")
+            dims = projection_dims(equation, position)
+            if not isinstance(name, str) or dims is None:
+                continue
+            if name in params:
+                return params[name], dims[0]
+            if name in transposed:
+                return transposed[name], 1 - dims[0]
+        return None
+    name = _tensor_input(node_inputs, _PROJECTIONS[op], at)
+    if name is None:
+        return None
+    # linear reads its weight as (out, in); the matrix products as (in, out).
+    natural = 1 if op == "torch.ops.aten.linear.default" else 0
+    if name in params:
+        return params[name], natural
+    if name in transposed:
+        return transposed[name], 1 - natural
+    return None
 
 
 def _forward_arg_names(gm: Mapping[str, Any]) -> list[str] | None:

@@ -46,6 +46,11 @@ class Analyzer:
         self._blocked: dict[int, list[str]] = {}
         self._normalized: set[int] = set()
         self._frozen: dict[str, str] = {}  # parameter target -> why it cannot be sliced
+        self._canonical, self._aliases = tied_names(gm)
+        # (query heads, repeated key/value heads, where): grouped-query attention, settled once
+        # the groups are known
+        self._kv_links: list[tuple[Label, Label, str]] = []
+        self.memo: dict[object, object] = {}  # what a handler worked out for later nodes
 
     # --- spaces and their coupling ----------------------------------------------------------
     def new_space(self, size: int, producer: str, node: fx.Node, dim: int) -> Label:
@@ -87,11 +92,10 @@ class Analyzer:
 
     def union(self, a: Label, b: Label, why: str) -> None:
         """The channels of ``a`` and ``b`` go together (blocked when their layouts differ)."""
-        a = Label(a.dim, self.leaves(a.spaces), a.inner, a.unit)
-        b = Label(b.dim, self.leaves(b.spaces), b.inner, b.unit)
+        a, b = self._expand(a), self._expand(b)
         sizes_a = [self._spaces[s].size for s in a.spaces]
         sizes_b = [self._spaces[s].size for s in b.spaces]
-        if sizes_a != sizes_b or a.inner != b.inner or a.unit != b.unit:
+        if sizes_a != sizes_b or (a.inner, a.unit, a.repeat) != (b.inner, b.unit, b.repeat):
             self.block(a, f"{why}: channels meet with a different layout")
             self.block(b, f"{why}: channels meet with a different layout")
             return
@@ -99,6 +103,11 @@ class Analyzer:
             rx, ry = self.find(x), self.find(y)
             if rx != ry:
                 self._parent[ry] = rx
+
+    def link_kv(self, query: Label, kv: Label, why: str) -> None:
+        """Grouped-query attention: the heads of ``kv`` (repeated ``kv.repeat`` times) are read
+        by the query heads of ``query``; removing a key/value head removes its query heads."""
+        self._kv_links.append((self._expand(query), self._expand(kv), why))
 
     def block(self, label: Label | None, reason: str) -> None:
         """The channels of ``label`` must all stay, because of ``reason``."""
@@ -125,11 +134,12 @@ class Analyzer:
         self._normalized.update(label.spaces)
 
     # --- what a removal touches -------------------------------------------------------------
-    @staticmethod
-    def param(node: object) -> str | None:
+    def param(self, node: object) -> str | None:
         """The module path of a parameter/buffer argument, or None when it is not one."""
         if isinstance(node, fx.Node) and node.op == "get_attr":
-            return str(node.target)
+            # Tied tensors (GPT-2's wte and lm_head) are one member under their first name.
+            target = str(node.target)
+            return self._canonical.get(target, target)
         return None
 
     def member(self, node: object, dim: int, label: Label, role: Role) -> None:
@@ -144,6 +154,10 @@ class Analyzer:
         old = self._members.get(key)
         if old is not None:
             self.union(old.label, label, f"{target} is shared")
+            if role == "in" and old.role != "in":
+                # Tied (an embedding that is also the output projection): it also *reads* the
+                # channels, so the masked reference must zero it as an input.
+                self._members[key] = Member(target, dim, old.label, "in")
             return
         self._members[key] = Member(target, dim, label, role)
 
@@ -237,7 +251,7 @@ class Analyzer:
     # --- the result -------------------------------------------------------------------------
     def _expand(self, label: Label) -> Label:
         """``label`` with split spaces replaced by their parts."""
-        return Label(label.dim, self.leaves(label.spaces), label.inner, label.unit)
+        return Label(label.dim, self.leaves(label.spaces), label.inner, label.unit, label.repeat)
 
     def _analysis(self) -> GraphAnalysis:
         # A space split by chunk lives on in its parts: its members and rewrites refer to them.
@@ -263,6 +277,7 @@ class Analyzer:
         for rewrite in rewrites:
             for gid in dict.fromkeys(root_of[s] for s in rewrite.label.spaces):
                 groups[gid].rewrites.append(rewrite)
+        self._attach_kv(groups, root_of)
         for group in groups.values():
             if group.size % group.blocks:
                 group.blocked.append(
@@ -279,7 +294,45 @@ class Analyzer:
             groups=sorted(groups.values(), key=lambda g: g.id),
             root_of=root_of,
             node_labels=node_labels,
+            aliases=self._aliases,
         )
+
+    def _attach_kv(self, groups: dict[int, ChannelGroup], root_of: dict[int, int]) -> None:
+        """Each key/value group follows one query group; the query group then goes by whole
+        key/value groups (``unit`` = repeats x head size)."""
+        for query, kv, why in self._kv_links:
+            touched = [groups[root_of[s]] for s in (*query.spaces, *kv.spaces)]
+            reason = None
+            if len(query.spaces) != 1 or len(kv.spaces) != 1:
+                reason = f"{why}: concatenated heads"
+            else:
+                q_group, kv_group = touched
+                # As many query heads as the follower has heads (key/value heads of unit D, or
+                # one bias entry per head), times the repeats.
+                if q_group.size * kv.unit != kv_group.size * kv.repeat * query.unit:
+                    reason = f"{why}: query and key/value heads do not line up"
+                elif q_group.id == kv_group.id:
+                    reason = f"{why}: keys repeated onto themselves"
+                elif kv_group.follows not in (None, q_group.id) or (
+                    q_group.kv and q_group.repeat != kv.repeat
+                ):
+                    reason = f"{why}: key/value heads shared by several attentions"
+            if reason is not None:
+                for g in touched:
+                    if reason not in g.blocked:
+                        g.blocked.append(reason)
+                continue
+            kv_group.follows = q_group.id
+            if kv_group.id not in q_group.kv:
+                q_group.kv.append(kv_group.id)
+            q_group.repeat = kv.repeat
+            q_group.unit = query.unit * kv.repeat
+        # A blocked key/value group keeps its query heads, and the other way round.
+        for group in list(groups.values()):
+            linked = [group, *(groups[g] for g in group.kv)]
+            reasons = [r for g in linked for r in g.blocked]
+            for g in linked if len(linked) > 1 else ():
+                g.blocked[:] = list(dict.fromkeys(reasons))
 
     def _groups(self) -> tuple[dict[int, ChannelGroup], dict[int, int]]:
         """One group per root of the spaces that were not split, and each space's root."""
@@ -306,6 +359,31 @@ class Analyzer:
                 group.blocked.append("split into heads of different sizes")
             group.unit = max(group.unit, unit)
         return groups, root_of
+
+
+def tied_names(gm: fx.GraphModule) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """Every parameter/buffer name -> the first name of its tensor, and each tied tensor's first
+    name -> all its names (only tensors with more than one)."""
+    first: dict[tuple[object, ...], str] = {}
+    names: dict[str, list[str]] = {}
+    canonical: dict[str, str] = {}
+    tensors = [
+        *gm.named_parameters(remove_duplicate=False),
+        *gm.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in tensors:
+        # The same view of the same storage: a loaded program ties by storage, not by object.
+        view = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        head = first.setdefault(view if tensor.numel() else (id(tensor),), name)
+        canonical[name] = head
+        names.setdefault(head, []).append(name)
+    return canonical, {head: tuple(all_) for head, all_ in names.items() if len(all_) > 1}
 
 
 def analyze(gm: fx.GraphModule, *, heads: bool = False) -> GraphAnalysis:

@@ -16,16 +16,19 @@ class Label:
     ``spaces`` lie side by side along ``dim`` (a concatenation holds several); each channel
     occupies ``inner`` consecutive positions (``flatten`` of ``(C, H, W)`` gives ``inner = H*W``).
     Conversely, after a reshape into attention heads each position of the heads dimension stands
-    for ``unit`` consecutive channels (the head size).
+    for ``unit`` consecutive channels (the head size). Grouped-query attention's ``repeat_kv``
+    then repeats each key/value head ``repeat`` times in a row: position ``h`` of the heads
+    dimension is head ``h // repeat``.
     """
 
     dim: int
     spaces: tuple[int, ...]
     inner: int = 1
     unit: int = 1
+    repeat: int = 1
 
     def moved(self, dim: int) -> Label:
-        return Label(dim, self.spaces, self.inner, self.unit)
+        return Label(dim, self.spaces, self.inner, self.unit, self.repeat)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ class ChannelGroup:
     normalized: bool = False  # a LayerNorm normalises over these channels
     blocks: int = 1  # a grouped convolution needs as many channels removed from each block
     unit: int = 1  # channels per attention head when these channels are split into heads
+    # Grouped-query attention: the key and value groups whose heads go with these query heads,
+    # and how many query heads read each; ``unit`` then spans one key/value head's query heads.
+    kv: list[int] = field(default_factory=list)
+    repeat: int = 1
+    follows: int | None = None  # key/value heads: the query group they are removed with
 
     @property
     def prunable(self) -> bool:
@@ -96,6 +104,12 @@ class ChannelGroup:
             "prunable": self.prunable,
             "blocked": self.blocked,
             **({"heads": self.size // self.unit, "head_size": self.unit} if self.unit > 1 else {}),
+            **(
+                {"key_value_groups": self.kv, "query_heads_per_key_value_head": self.repeat}
+                if self.kv
+                else {}
+            ),
+            **({"follows_group": self.follows} if self.follows is not None else {}),
             **({"equal_blocks": self.blocks} if self.blocks > 1 else {}),
         }
 
@@ -108,6 +122,12 @@ class GraphAnalysis:
     groups: list[ChannelGroup]
     root_of: dict[int, int]  # space id -> group id
     node_labels: dict[str, Label] = field(default_factory=dict)  # node -> its channels
+    # A tied tensor's first name -> all its names: slicing one slices (and keeps tied) them all.
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def names_of(self, target: str) -> tuple[str, ...]:
+        """Every name the tensor ``target`` (a member's target) goes by in the module."""
+        return self.aliases.get(target, (target,))
 
     @property
     def groups_by_id(self) -> dict[int, ChannelGroup]:

@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING
 from torch import fx
 
 from core.structure.graph.model import Label
-from core.structure.graph.nodes import Blocked, args_of, const_int, nodes_in, packet, rank_of
+from core.structure.graph.nodes import (
+    Blocked,
+    args_of,
+    const_int,
+    nodes_in,
+    packet,
+    rank_of,
+    shape_of,
+    static_size,
+)
 from core.structure.graph.registry import register_op
 from core.structure.mha import MhaMatch, match_mha
 
@@ -17,8 +26,12 @@ if TYPE_CHECKING:
     from core.structure.graph.analyzer import Analyzer
 
 
-def _coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> Label:
-    """q, k, v (or scores and v) of attention: head h of each goes with head h of the others."""
+def coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> Label:
+    """q, k, v (or scores and v) of attention: head h of each goes with head h of the others.
+
+    Keys and values repeated for grouped-query attention (``repeat_kv``) go with the query heads
+    that read them: key/value head g with query heads g*r .. g*r + r-1. The output's heads are
+    the queries'."""
     labels = [ctx.label_of(t) for t in tensors]
     if not ctx.heads:
         raise Blocked(f"{node.name} mixes channels within attention heads")
@@ -29,23 +42,40 @@ def _coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> L
     for t, lab in zip(tensors, known, strict=True):
         if lab.unit == 1 or rank_of(t) != rank or lab.dim != known[0].dim or lab.dim >= rank - 2:
             raise Blocked(f"{node.name} attends over channels that are not whole heads")
-    for lab in known[1:]:
-        ctx.union(known[0], lab, node.name)
-    return known[-1]
+    plain = [lab for lab in known if lab.repeat == 1]
+    if not plain:
+        raise Blocked(f"{node.name} attends with repeated keys and no query heads")
+    for lab in plain[1:]:
+        ctx.union(plain[0], lab, node.name)
+    for lab in known:
+        if lab.repeat > 1:
+            ctx.link_kv(plain[0], lab, node.name)
+    return plain[0] if len(plain) < len(known) else known[-1]
 
 
 @register_op("scaled_dot_product_attention")
 def scaled_dot_product_attention(ctx: Analyzer, node: fx.Node) -> Label:
     args = args_of(node)
-    for extra in nodes_in((args[3:], node.kwargs)):
+    mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
+    for extra in nodes_in((args[4:], {k: v for k, v in node.kwargs.items() if k != "attn_mask"})):
         if ctx.result_of(extra) is not None:
-            raise Blocked(f"{node.name} takes a mask sized by the heads")
-    return _coupled_heads(ctx, node, args[:3])
-
-
-@register_op("matmul")
-def matmul(ctx: Analyzer, node: fx.Node) -> Label:
-    return _coupled_heads(ctx, node, args_of(node)[:2])
+            raise Blocked(f"{node.name} takes an argument sized by the heads")
+    out = coupled_heads(ctx, node, args[:3])
+    bias = ctx.label_of(mask)
+    mask_shape = shape_of(mask) or ()
+    if bias is not None:
+        # A bias per head (Swin's relative position bias, gathered from a parameter table):
+        # one entry per query head, removed with it.
+        if bias.dim != out.dim or bias.unit != 1 or bias.inner != 1:
+            raise Blocked(f"{node.name} adds a bias whose heads do not line up")
+        ctx.link_kv(out, bias, node.name)
+    elif (
+        isinstance(mask, fx.Node)
+        and len(mask_shape) == rank_of(args[0])
+        and static_size(mask_shape[out.dim]) != 1
+    ):
+        raise Blocked(f"{node.name} adds a bias with one slice per head")
+    return out
 
 
 def find_mha(gm: fx.GraphModule) -> tuple[list[MhaMatch], set[fx.Node]]:

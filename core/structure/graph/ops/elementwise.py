@@ -29,7 +29,7 @@ UNARY = (
     "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "relu6", "dropout", "clone",
     "contiguous", "detach", "alias", "_to_copy", "to", "abs", "neg", "exp", "sqrt", "rsqrt",
     "pow", "clamp", "clamp_min", "clamp_max", "square", "erf", "log", "log1p", "reciprocal",
-    "lift_fresh_copy", "type_as", "feature_dropout", "alpha_dropout", "identity",
+    "lift_fresh_copy", "type_as", "feature_dropout", "alpha_dropout", "identity", "detach_",
 )  # fmt: skip
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "rsub", "true_divide", "masked_fill")
 # Pooling over the spatial dims of (N, C, *spatial): channels pass through untouched.
@@ -51,16 +51,32 @@ def unary(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     return ctx.label_of(args_of(node)[0])
 
 
+@register_op("_assert_tensor_metadata")
+def assert_metadata(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """A check of dtype and device only (transformers emits it): it reads no channel."""
+    return None
+
+
 @register_op(*BINARY)
 def binary(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     """Two tensors broadcast together: their channels couple; a parameter operand is sliced."""
-    a, b = args_of(node)[0], args_of(node)[1] if len(args_of(node)) > 1 else None
+    return broadcast(ctx, node, args_of(node)[:2])
+
+
+@register_op("where")
+def where(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """``where(condition, a, b)``: three tensors broadcast together (a causal mask's fill)."""
+    return broadcast(ctx, node, args_of(node)[:3])
+
+
+def broadcast(ctx: Analyzer, node: fx.Node, operands: tuple[object, ...]) -> NodeLabel:
+    """Tensors broadcast elementwise: their channels couple; a parameter operand is sliced."""
     out = shape_of(node)
     if out is None:
         raise Blocked(f"{node.name} has no known shape")
     rank = len(out)
     result: Label | None = None
-    tensors = [x for x in (a, b) if isinstance(x, fx.Node)]
+    tensors = [x for x in operands if isinstance(x, fx.Node)]
     labels = [(x, ctx.label_of(x)) for x in tensors]
     aligned = [(x, lab.moved(rank - rank_of(x) + lab.dim) if lab else None) for x, lab in labels]
     for _, lab in aligned:

@@ -1,5 +1,6 @@
-"""Layers that produce channels: convolutions (plain, depthwise, grouped, transposed), linear,
-embedding. Their outputs start new channel spaces; their weights' input dims consume labels."""
+"""Layers that produce channels: convolutions (plain, depthwise, grouped, transposed) and
+embeddings. Their outputs start new channel spaces; their weights' input dims consume labels.
+Linear layers, in all their spellings, are :mod:`.projection`."""
 
 from __future__ import annotations
 
@@ -98,24 +99,6 @@ def conv_transpose(ctx: Analyzer, node: fx.Node) -> Label:
 @register_op("convolution")
 def convolution(ctx: Analyzer, node: fx.Node) -> Label:
     return _conv(ctx, node, 8, bool(args_of(node)[6]))
-
-
-@register_op("linear")
-def linear(ctx: Analyzer, node: fx.Node) -> Label:
-    x, weight = args_of(node)[0], args_of(node)[1]
-    bias = args_of(node)[2] if len(args_of(node)) > 2 else None
-    label = ctx.label_of(x)
-    rank = rank_of(x)
-    if label is not None:
-        if label.dim != rank - 1 or label.unit != 1:
-            raise Blocked(f"{node.name} applies a linear layer across another dimension")
-        ctx.member(weight, 1, label.moved(1), "in")
-    size = int((shape_of(weight) or (0,))[0])
-    out = ctx.new_space(size, layer_name(ctx.param(weight), node), node, rank - 1)
-    ctx.member(weight, 0, out.moved(0), "out")
-    if bias is not None:
-        ctx.member(bias, 0, out.moved(0), "bias")
-    return out
 
 
 @register_op("embedding")

@@ -17,6 +17,7 @@ from core.structure.graph.nodes import (
     Blocked,
     args_of,
     const_int,
+    nodes_in,
     norm_dim,
     packet,
     prefix_match,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 RESHAPE = ("reshape", "view", "_unsafe_view", "flatten", "unflatten")
 SPLIT = ("chunk", "split", "split_with_sizes", "unbind")
+# Ops that copy a tensor unchanged (between a constant and its use).
+_COPIES = ("lift_fresh_copy", "detach", "detach_", "clone", "alias", "contiguous", "_to_copy")
 
 
 @register_op("getitem")
@@ -135,8 +138,59 @@ def slice_(ctx: Analyzer, node: fx.Node) -> Label | None:
         const_int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, rank_of(args_of(node)[0])
     )
     if dim == label.dim and shape_of(node) != shape_of(args_of(node)[0]):
-        raise Blocked(f"{node.name} slices the channels")
+        return _slice_part(ctx, node, label, dim)
     return label
+
+
+def _slice_part(ctx: Analyzer, node: fx.Node, label: Label, dim: int) -> Label:
+    """Slices that tile the channels (Phi-3's fused qkv: ``[:q]``, ``[q:q+kv]``, ``[q+kv:]``)
+    split them like ``split`` does; each slice's bounds follow the kept counts before it."""
+    source = args_of(node)[0]
+    assert isinstance(source, fx.Node)
+    key = ("slices", source.name)
+    if key not in ctx.memo:
+        ctx.memo[key] = _tile(ctx, source, label, dim)
+    parts = ctx.memo[key]
+    if not isinstance(parts, dict) or node.name not in parts:
+        raise Blocked(f"{node.name} slices the channels")
+    position, children = parts[node.name]
+    if position:
+        ctx.rewrite(node, 2, None, Label(dim, children[:position]))
+    end = args_of(node)[3] if len(args_of(node)) > 3 else None
+    if isinstance(end, int) and end < sum(ctx.space(c).size for c in children):
+        ctx.rewrite(node, 3, None, Label(dim, children[: position + 1]))
+    return Label(dim, (children[position],))
+
+
+def _tile(
+    ctx: Analyzer, source: fx.Node, label: Label, dim: int
+) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+    """slice user -> (its position, the parts) when ``source``'s slices along the channels
+    cover them exactly once; None otherwise."""
+    spaces = ctx.leaves(label.spaces)
+    if len(spaces) != 1 or label.inner != 1 or label.unit != 1 or ctx.is_coupled(spaces[0]):
+        return None
+    size = ctx.space(spaces[0]).size
+    bounds: list[tuple[int, int, fx.Node]] = []
+    rank = rank_of(source)
+    for user in source.users:
+        args = args_of(user)
+        if packet(user) != "slice" or norm_dim(const_int(args[1]), rank) != dim:
+            continue
+        start, end = (args[2] if len(args) > 2 else 0), (args[3] if len(args) > 3 else size)
+        step = args[4] if len(args) > 4 else 1
+        if not isinstance(start, int) or not isinstance(end, int) or step != 1:
+            return None
+        bounds.append((start, min(end, size), user))
+    bounds.sort(key=lambda b: b[0])
+    edges = [b[0] for b in bounds] + [bounds[-1][1]] if bounds else []
+    if not bounds or edges[0] != 0 or edges[-1] != size:
+        return None
+    if any(bounds[i][1] != bounds[i + 1][0] for i in range(len(bounds) - 1)):
+        return None
+    sizes = [end - start for start, end, _ in bounds]
+    children = ctx.split_space(spaces[0], sizes, source, dim)
+    return {user.name: (i, children) for i, (_, _, user) in enumerate(bounds)}
 
 
 @register_op("expand")
@@ -202,6 +256,8 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
     ``tensor`` is neither."""
     if not isinstance(tensor, fx.Node):
         return False
+    if [static_size(s) for s in shape_of(tensor) or (1,)] == [0]:
+        return True  # a 1-D empty tensor, which cat skips whatever the other shapes
     source, expanded = tensor, None
     if (
         tensor.op == "call_function"
@@ -209,6 +265,15 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
         and not tensor.users.keys() - {node}
     ):
         source, expanded = args_of(tensor)[0], tensor
+    # A key/value cache that transformers lifts into the program as a constant, copied before it
+    # is concatenated with the new keys: the constant is sliced with the heads.
+    while (
+        isinstance(source, fx.Node)
+        and source.op == "call_function"
+        and packet(source) in _COPIES
+        and len(source.users) == 1
+    ):
+        source = args_of(source)[0]
     if ctx.param(source) is None:
         return False
     rank = len(shape_of(tensor) or ())
@@ -223,6 +288,34 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
         if isinstance(size, int) and size != -1:
             ctx.rewrite(expanded, 1, label.dim, label)
     return True
+
+
+@register_op("index")
+def index(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """``table[idx]``: with head pruning, a 2-D parameter table gathered along its rows (Swin's
+    relative position bias, one column per head) starts a space over its columns, so the heads it
+    feeds can take their column with them."""
+    args = args_of(node)
+    source, indices = args[0], args[1] if len(args) > 1 else None
+    labelled = [n for n in nodes_in((args, node.kwargs)) if ctx.result_of(n) is not None]
+    if labelled:
+        raise Blocked(f"{node.name} indexes with or into channels")
+    table_shape = shape_of(source) or ()
+    if (
+        not ctx.heads
+        or ctx.param(source) is None
+        or len(table_shape) != 2
+        or not isinstance(indices, (list, tuple))
+        or len(indices) != 1
+        or static_size(table_shape[1]) is None
+    ):
+        ctx.freeze_params(node, f"{node.name} gathers from it")
+        return None
+    rank = len(shape_of(node) or ())
+    name = str(ctx.param(source))
+    out = ctx.new_space(int(table_shape[1]), name.removesuffix(".weight"), node, rank - 1)
+    ctx.member(source, 1, out.moved(1), "param")
+    return out
 
 
 @register_op(*SPLIT)
@@ -251,7 +344,20 @@ def _split_space(ctx: Analyzer, node: fx.Node, label: Label, parts: Any) -> tupl
     if any(size is None for size in sizes) or sum(s for s in sizes if s) != ctx.space(space).size:
         raise Blocked(f"{node.name} splits the channels into parts of unknown size")
     children = ctx.split_space(space, [int(size or 0) for size in sizes], node, label.dim)
-    return tuple(Label(label.dim, (c,)) for c in children)
+    labels = tuple(Label(label.dim, (c,)) for c in children)
+    op, args = packet(node), args_of(node)
+    if op == "split_with_sizes":
+        for i, part in enumerate(labels):
+            ctx.rewrite(node, 1, i, part)
+        return labels
+    # chunk, unbind and split by one size cut equal parts: they must stay equal.
+    for part in labels[1:]:
+        ctx.union(labels[0], part, node.name)
+    if op == "split":
+        if not isinstance(args[1], int):
+            raise Blocked(f"{node.name} splits the channels by computed sizes")
+        ctx.rewrite(node, 1, None, labels[0])
+    return labels
 
 
 @register_op(*RESHAPE)
@@ -276,7 +382,10 @@ def reshape(ctx: Analyzer, node: fx.Node) -> Label | None:
                 # Heads merged back with their channels: (H, D) -> H*D.
                 if j == d + 1:
                     new = label.moved(k)
-                elif trailing == label.unit and label.inner == 1:
+                elif _broadcast_copies(node, d + 1, j):
+                    # repeat_kv: (KV, n_rep) copies of each key/value head -> KV * n_rep heads.
+                    new = Label(k, label.spaces, label.inner, label.unit, label.repeat * trailing)
+                elif trailing == label.unit and label.inner == 1 and label.repeat == 1:
                     new = Label(k, label.spaces)
                 else:
                     raise Blocked(f"{node.name} merges heads with other dimensions")
@@ -302,6 +411,18 @@ def reshape(ctx: Analyzer, node: fx.Node) -> Label | None:
                 return new
             break
     raise Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+
+
+def _broadcast_copies(node: fx.Node, start: int, stop: int) -> bool:
+    """Whether dims ``start:stop`` of ``node``'s input are an ``expand`` of size-1 dims: every
+    position along them holds the same values (``repeat_kv``'s ``expand`` before its reshape)."""
+    source = args_of(node)[0]
+    if not isinstance(source, fx.Node) or packet(source) != "expand":
+        return False
+    before = shape_of(args_of(source)[0]) or ()
+    offset = len(shape_of(source) or ()) - len(before)
+    dims = [d - offset for d in range(start, stop)]
+    return all(d >= 0 and static_size(before[d]) == 1 for d in dims)
 
 
 def _split_heads(
