@@ -226,6 +226,11 @@ def test_gpt2_width_refuses_heads_and_hidden(
 ) -> None:
     model, info = _load(tmp_path, "gpt2")
     before = {n: p.clone() for n, p in model.model.named_parameters()}
+    # From the layer names alone, as the API checks before queueing (422).
+    names = {layer.name: layer.params for layer in info.prunable_layers}
+    with pytest.raises(InvalidSpec, match=reason):
+        preflight("hf", _width(**fractions), names)
+    preflight("hf", _width(mlp=0.5), names)
     with pytest.raises(InvalidSpec, match=reason):
         _prune(model, info, _width(**fractions))
     after = dict(model.model.named_parameters())

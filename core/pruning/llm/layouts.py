@@ -15,7 +15,7 @@ Another architecture is one more :func:`register_layout` call, not a branch in t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from core.errors import InvalidSpec
 from core.pruning.llm.layers import DecoderLayer, Linear
+from core.spec import WidthSpec
 
 
 def slice_linear(
@@ -139,6 +140,8 @@ class Layout(Protocol):
     """One decoder-layer layout (see the module docs)."""
 
     name: ClassVar[str]
+    # Module paths inside a decoder layer (``mlp.c_fc``) that every layer of the layout has.
+    paths: ClassVar[frozenset[str]]
     # Width parts (``mlp``, ``heads``, ``hidden``) this layout cannot remove -> why.
     refusals: ClassVar[Mapping[str, str]]
 
@@ -172,19 +175,35 @@ def layout_of(layers: tuple[DecoderLayer, ...]) -> tuple[Layout, list[Block]]:
     )
 
 
+def layout_named(paths: Iterable[str]) -> Layout | None:
+    """The first registered layout whose module paths (inside one decoder layer) are all among
+    ``paths``: what a preflight can tell from layer names alone."""
+    present = set(paths)
+    return next((x for x in LAYOUTS.values() if x.paths <= present), None)
+
+
+def refuse_parts(layout: Layout, width: WidthSpec) -> None:
+    """``InvalidSpec`` when ``width`` removes a part ``layout`` cannot remove."""
+    for part, fraction in width.model_dump().items():
+        if fraction > 0 and part in layout.refusals:
+            raise InvalidSpec(f"width.{part} cannot be pruned here: {layout.refusals[part]}")
+
+
 def _by_path(layer: DecoderLayer) -> dict[str, Linear]:
     return {lin.name[len(layer.name) + 1 :]: lin for lin in layer.linears}
 
 
 class LlamaLayout:
     name: ClassVar[str] = "llama"
+    _attention = tuple(f"self_attn.{p}_proj" for p in "qkvo")
+    paths: ClassVar[frozenset[str]] = frozenset(
+        (*_attention, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    )
     refusals: ClassVar[Mapping[str, str]] = {}
 
     def block(self, layer: DecoderLayer) -> Block | None:
         found = _by_path(layer)
-        paths = [f"self_attn.{p}_proj" for p in "qkvo"] + [
-            f"mlp.{p}_proj" for p in ("gate", "up", "down")
-        ]
+        paths = [*self._attention, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
         if not all(p in found and not found[p].transposed for p in paths):
             return None
         q, k, v, o = (cast(nn.Linear, found[p].module) for p in paths[:4])
@@ -205,6 +224,7 @@ class LlamaLayout:
 
 class Gpt2Layout:
     name: ClassVar[str] = "gpt2"
+    paths: ClassVar[frozenset[str]] = frozenset({"mlp.c_fc", "mlp.c_proj"})
     refusals: ClassVar[Mapping[str, str]] = {
         "heads": "GPT-2 splits n_embd into n_head heads of n_embd / n_head channels each, so a "
         "GPT-2 with fewer heads of the same size has no GPT2Config that stock transformers "

@@ -60,7 +60,7 @@ from core.pruning.llm.importance import (
     width_scores,
 )
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers, prunable_linears, unwrap
-from core.pruning.llm.layouts import Sizes, layout_of
+from core.pruning.llm.layouts import Sizes, layout_named, layout_of, refuse_parts
 from core.pruning.llm.llm_config import check_config, write_sizes
 from core.pruning.llm.sequential import calibration_batch
 from core.pruning.llm.width import Hidden, head_layout, prune_width_layer
@@ -111,6 +111,12 @@ class StructurePruner:
                 f"granularity {spec.granularity!r} removes the same units from every decoder "
                 "layer; exclude, layer_sparsity and scope 'global' do not apply"
             )
+        if spec.width is not None:
+            # Layer names alone tell the layout: the API refuses (422) before anything is queued.
+            inside = {n[m.end() :] for n in layers if (m := _LAYER_INDEX.search(n))}
+            layout = layout_named(inside)
+            if layout is not None:
+                refuse_parts(layout, spec.width)
         if spec.depth is not None and layers:
             count = len({m.group(1) for name in layers if (m := _LAYER_INDEX.search(name))})
             if count and spec.depth.layers >= count:
@@ -213,9 +219,7 @@ class StructurePruner:
     ) -> dict[str, tuple[int, int]]:
         assert spec.width is not None
         layout, blocks = layout_of(layers)
-        for part, fraction in spec.width.model_dump().items():
-            if fraction > 0 and part in layout.refusals:
-                raise InvalidSpec(f"width.{part} cannot be pruned here: {layout.refusals[part]}")
+        refuse_parts(layout, spec.width)
         heads = head_layout(net)
         neurons = blocks[0].mlp.neurons
         drop_mlp = _removals(spec.width.mlp, neurons)
