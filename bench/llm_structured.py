@@ -47,11 +47,9 @@ SETTINGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 
 def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
     """Train the tokenizer and the model once; later runs reuse them from ``WORK``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench.llm import _stdlib_text
-    from core.text import token_blocks
+    from bench.llm import _stdlib_text, shuffled_blocks, train_bpe, train_for
 
     meta = WORK / "meta.json"
     if meta.exists():
@@ -61,22 +59,10 @@ def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
     train_text, held_text = train_text[:3_000_000], held_text[:400_000]  # minutes, not hours
     (WORK / "train.txt").write_text(train_text)
     (WORK / "held.txt").write_text(held_text)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(train_text.split("\n\n"), trainer=trainer)
+    tokenizer = train_bpe(train_text, 1024)
     eos = tokenizer.token_to_id("<eos>")
-    train = token_blocks(WORK / "train.txt", tokenizer, SEQ, eos)
-    held = token_blocks(WORK / "held.txt", tokenizer, SEQ, eos)
     g = torch.Generator().manual_seed(seed)
-    train = train[torch.randperm(train.shape[0], generator=g)]
-    held = held[torch.randperm(held.shape[0], generator=g)]
+    train, held = shuffled_blocks(WORK, tokenizer, SEQ, g)
     calibration, train = train[:32], train[32:]  # calibration blocks are not trained on
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -93,19 +79,7 @@ def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
         eos_token_id=eos,
     )
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    model.train()
-    start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < minutes * 60:
-        idx = torch.randint(0, train.shape[0], (16,), generator=g)
-        loss = model(input_ids=train[idx], labels=train[idx], use_cache=False).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 25 == 0:
-            print(f"step {step} loss {loss.item():.3f}", file=sys.stderr, flush=True)
-    model.eval()
+    step = train_for(model, train, minutes, 3e-3, g)
     model.save_pretrained(WORK / "model")
     tokenizer.save(str(WORK / "model" / "tokenizer.json"))
     (WORK / "model" / "tokenizer_config.json").write_text(
@@ -116,15 +90,7 @@ def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
     )
     info = {
         "config": {
-            k: getattr(config, k)
-            for k in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-            )
+            k: v for k, v in config.to_dict().items() if k.endswith(("_size", "_layers", "_heads"))
         },
         "train_steps": step,
         "train_minutes": minutes,
