@@ -96,13 +96,65 @@ def _stdlib_text() -> tuple[str, str]:
     return "\n\n".join(train), "\n\n".join(held)
 
 
+def train_bpe(text: str, vocab_size: int) -> Any:
+    """A byte-level BPE trained on ``text`` (documents split at blank lines), ``<eos>`` special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(text.split("\n\n"), trainer=trainer)
+    return tokenizer
+
+
+def shuffled_blocks(
+    work: Path, tokenizer: Any, seq: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) blocks of ``seq`` tokens from ``work``'s train.txt and held.txt,
+    documents joined with ``<eos>``, each in a random order."""
+    from core.text import token_blocks
+
+    eos = tokenizer.token_to_id("<eos>")
+    train = token_blocks(work / "train.txt", tokenizer, seq, eos)
+    held = token_blocks(work / "held.txt", tokenizer, seq, eos)
+    return (
+        train[torch.randperm(train.shape[0], generator=g)],
+        held[torch.randperm(held.shape[0], generator=g)],
+    )
+
+
+def train_for(
+    model: Any, train: torch.Tensor, minutes: float, lr: float, g: torch.Generator
+) -> int:
+    """AdamW on random batches of 16 ``train`` blocks for ``minutes``; the steps taken. The
+    model is left in eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < minutes * 60:
+        idx = torch.randint(0, train.shape[0], (16,), generator=g)
+        loss = model(input_ids=train[idx], labels=train[idx], use_cache=False).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 25 == 0:
+            print(f"step {step} loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    model.eval()
+    return step
+
+
 def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
     """Train the tokenizer and the model once; later runs reuse them from ``WORK``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core.lm_recovery import evaluate_perplexity
-    from core.text import token_blocks
 
     meta = WORK / "meta.json"
     if meta.exists():
@@ -112,24 +164,11 @@ def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
     train_text, held_text = _stdlib_text()
     (WORK / "train.txt").write_text(train_text)
     (WORK / "held.txt").write_text(held_text)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(train_text.split("\n\n"), trainer=trainer)
+    tokenizer = train_bpe(train_text, 4096)
     tokenizer.save(str(WORK / "tokenizer.json"))
-    eos = tokenizer.token_to_id("<eos>")
     seq = 128
-    train = token_blocks(WORK / "train.txt", tokenizer, seq, eos)
-    held = token_blocks(WORK / "held.txt", tokenizer, seq, eos)
     g = torch.Generator().manual_seed(seed)
-    train = train[torch.randperm(train.shape[0], generator=g)]
-    held = held[torch.randperm(held.shape[0], generator=g)]
+    train, held = shuffled_blocks(WORK, tokenizer, seq, g)
     calibration, train = train[:64], train[64:]  # calibration blocks are not trained on
     evaluation = held[:64]
     torch.manual_seed(seed)
@@ -144,19 +183,7 @@ def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
         initializer_range=0.05,
     )
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    model.train()
-    start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < minutes * 60:
-        idx = torch.randint(0, train.shape[0], (16,), generator=g)
-        loss = model(input_ids=train[idx], labels=train[idx], use_cache=False).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 25 == 0:
-            print(f"step {step} loss {float(loss):.3f}", file=sys.stderr, flush=True)
-    model.eval()
+    step = train_for(model, train, minutes, 2e-3, g)
     model.save_pretrained(WORK / "model")
     torch.save({"calibration": calibration, "evaluation": evaluation}, WORK / "blocks.pt")
     dense = evaluate_perplexity(model, evaluation, device="cpu")["perplexity"]

@@ -173,14 +173,68 @@ def test_dry_run_predicts_and_touches_nothing(tmp_path: Path) -> None:
         assert [lr.shape_after for lr in outcome.layers] == [lr.shape_after for lr in real.layers]
 
 
-def test_depth_works_on_gpt2_and_width_refuses_it(tmp_path: Path) -> None:
+def test_depth_works_on_gpt2(tmp_path: Path) -> None:
     model, info = _load(tmp_path, "gpt2")
-    with pytest.raises(InvalidSpec, match="Llama layout"):
-        _prune(model, info, _width(mlp=0.5))
     outcome = _prune(model, info, _depth(1, "random"))
     assert model.model.config.n_layer == 1
     _check_reload(model, tmp_path)
     assert len(outcome.details["removed_layers"]) == 1
+
+
+@pytest.mark.parametrize("criterion", ["activation", "magnitude", "taylor"])
+def test_gpt2_width_removes_mlp_neurons(criterion: str, tmp_path: Path) -> None:
+    """GPT-2's Conv1D MLP (c_fc (n_embd, n_inner), c_proj (n_inner, n_embd)) loses half its
+    neurons: the count drops as predicted, stock transformers reloads n_inner = 64, the logits
+    are the original model's with those neurons' c_proj rows zeroed, wte/lm_head stay tied."""
+    model, info = _load(tmp_path, "gpt2")
+    original = copy.deepcopy(model.model)
+    before = get_format("hf").count_parameters(model)
+    predicted = _prune(model, info, _width(criterion, mlp=0.5), dry_run=True)
+    outcome = _prune(model, info, _width(criterion, mlp=0.5))
+    # Per layer and neuron: a c_fc column and bias entry, a c_proj row (32 each).
+    assert outcome.params_after == predicted.params_after == before - 2 * 64 * (32 + 1 + 32)
+    assert outcome.details["layout"] == "gpt2"
+    shapes = {layer.name: layer.shape_after for layer in outcome.layers}
+    assert shapes == {layer.name: layer.shape_after for layer in predicted.layers}
+    assert shapes["transformer.h.0.mlp.c_fc"] == (64, 32)
+    assert shapes["transformer.h.1.mlp.c_proj"] == (32, 64)
+    assert shapes["transformer.h.0.attn.c_attn"] == (96, 32)
+    stock = _check_reload(model, tmp_path)
+    assert stock.config.n_inner == 64
+    mlp = stock.transformer.h[1].mlp
+    assert (mlp.c_fc.weight.shape, mlp.c_fc.bias.shape) == ((32, 64), (64,))
+    assert mlp.c_proj.weight.shape == (64, 32)
+    assert stock.lm_head.weight.data_ptr() == stock.transformer.wte.weight.data_ptr()
+    assert outcome.params_after == get_format("hf").count_parameters(stock)
+    with torch.no_grad():
+        for index, block in enumerate(original.transformer.h):
+            kept = outcome.details["kept_mlp"][f"transformer.h.{index}"]
+            assert len(kept) == 64
+            drop = [j for j in range(128) if j not in kept]
+            block.mlp.c_proj.weight[drop, :] = 0
+        torch.testing.assert_close(
+            stock(input_ids=IDS).logits, original(input_ids=IDS).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    ("fractions", "reason"),
+    [({"heads": 0.5}, "no GPT2Config"), ({"mlp": 0.5, "hidden": 0.25}, "change every head")],
+)
+def test_gpt2_width_refuses_heads_and_hidden(
+    fractions: dict[str, float], reason: str, tmp_path: Path
+) -> None:
+    model, info = _load(tmp_path, "gpt2")
+    before = {n: p.clone() for n, p in model.model.named_parameters()}
+    # From the layer names alone, as the API checks before queueing (422).
+    names = {layer.name: layer.params for layer in info.prunable_layers}
+    with pytest.raises(InvalidSpec, match=reason):
+        preflight("hf", _width(**fractions), names)
+    preflight("hf", _width(mlp=0.5), names)
+    with pytest.raises(InvalidSpec, match=reason):
+        _prune(model, info, _width(**fractions))
+    after = dict(model.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])

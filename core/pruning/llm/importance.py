@@ -14,8 +14,9 @@ from torch import nn
 
 from core.pruning.llm.calibrate import LayerInputs
 from core.pruning.llm.layers import DecoderLayer
+from core.pruning.llm.layouts import Attention, Block
 from core.pruning.llm.sequential import CALIBRATION_MEMORY, calibration_batch
-from core.pruning.llm.width import Block, Heads, Hidden
+from core.pruning.llm.width import Heads, Hidden
 
 Scores = torch.Tensor  # one score per unit; the lowest go first
 
@@ -59,49 +60,51 @@ def width_scores(
     heads: Heads,
     stats: Mapping[str, torch.Tensor] | None,
     generator: torch.Generator,
-) -> tuple[Scores, Scores]:
-    """(per MLP neuron, per key/value group) scores of one layer."""
-    neurons = block.down.in_features
+) -> tuple[Scores, Scores | None]:
+    """(per MLP neuron, per key/value group) scores of one layer; no group scores where the
+    layout's heads cannot be removed."""
+    attn = block.attention
     if criterion == "random":
-        return random_scores(neurons, generator), random_scores(heads.kv_heads, generator)
+        neurons = random_scores(block.mlp.neurons, generator)
+        return neurons, random_scores(heads.kv_heads, generator) if attn is not None else None
     if criterion == "magnitude":
-        with torch.no_grad():
-            mlp = (
-                block.gate.weight.double().square().sum(1)
-                + block.up.weight.double().square().sum(1)
-                + block.down.weight.double().square().sum(0)
-            ).sqrt()
-            per_head = block.q.weight.double().square().sum(1).reshape(heads.heads, -1).sum(
-                1
-            ) + block.o.weight.double().square().sum(0).reshape(heads.heads, -1).sum(1)
-            per_kv = block.k.weight.double().square().sum(1).reshape(heads.kv_heads, -1).sum(
-                1
-            ) + block.v.weight.double().square().sum(1).reshape(heads.kv_heads, -1).sum(1)
-            groups = (per_head.reshape(heads.kv_heads, heads.group).sum(1) + per_kv).sqrt()
-        return mlp.cpu(), groups.cpu()
+        return block.mlp.magnitude(), _group_magnitude(attn, heads) if attn is not None else None
     assert stats is not None
-    # activation: mean |x| of the down_proj input per neuron; per head the L2 norm of its slice
-    # of the o_proj input over every token, summed over the heads of each key/value group.
+    # activation: mean |x| of the MLP reader's input per neuron; per head the L2 norm of its
+    # slice of the o_proj input over every token, summed over the heads of each key/value group.
+    if "o" not in stats:
+        return stats["mlp"], None
     per_head = stats["o"].reshape(heads.heads, heads.head_dim).sum(1).sqrt()
-    return stats["down"], per_head.reshape(heads.kv_heads, heads.group).sum(1)
+    return stats["mlp"], per_head.reshape(heads.kv_heads, heads.group).sum(1)
+
+
+@torch.no_grad()
+def _group_magnitude(attn: Attention, heads: Heads) -> Scores:
+    per_head = attn.q.weight.double().square().sum(1).reshape(heads.heads, -1).sum(
+        1
+    ) + attn.o.weight.double().square().sum(0).reshape(heads.heads, -1).sum(1)
+    per_kv = attn.k.weight.double().square().sum(1).reshape(heads.kv_heads, -1).sum(
+        1
+    ) + attn.v.weight.double().square().sum(1).reshape(heads.kv_heads, -1).sum(1)
+    return (per_head.reshape(heads.kv_heads, heads.group).sum(1) + per_kv).sqrt().cpu()
 
 
 def activation_stats(
     layer: DecoderLayer, block: Block, inputs: LayerInputs
 ) -> dict[str, torch.Tensor]:
-    down = AbsSum(block.down.in_features)
-    o = SqSum(block.o.in_features)
-    handles = [
-        block.down.register_forward_pre_hook(down),
-        block.o.register_forward_pre_hook(o),
-    ]
+    mlp = AbsSum(block.mlp.neurons)
+    handles = [block.mlp.reader.module.register_forward_pre_hook(mlp)]
+    o = None
+    if block.attention is not None:
+        o = SqSum(block.attention.o.in_features)
+        handles.append(block.attention.o.register_forward_pre_hook(o))
     try:
         inputs.run(layer.module)
     finally:
         for handle in handles:
             handle.remove()
     tokens = max(inputs.num_tokens, 1)
-    return {"down": down.total / tokens, "o": o.total}
+    return {"mlp": mlp.total / tokens, **({"o": o.total} if o is not None else {})}
 
 
 class TaylorScores:
@@ -119,7 +122,10 @@ class TaylorScores:
     def mlp(self) -> list[Scores]:
         return [self.sums[("mlp", i)].abs() for i in range(self.layers)]
 
-    def kv_groups(self, index: int, heads: Heads) -> Scores:
+    def kv_groups(self, index: int, heads: Heads) -> Scores | None:
+        """None where the layout's heads cannot be removed (nothing was watched)."""
+        if ("o", index) not in self.sums:
+            return None
         # Zeroing a group zeroes all its heads: the estimate is the sum over them.
         per_group = self.sums[("o", index)].reshape(heads.kv_heads, heads.group * heads.head_dim)
         return per_group.sum(1).abs()
@@ -175,7 +181,10 @@ def taylor_scores(
 
         handles.append(layer.module.register_forward_hook(layer_hook, with_kwargs=True))
         if blocks is not None:
-            for key, target in (("mlp", blocks[index].down), ("o", blocks[index].o)):
+            attn = blocks[index].attention
+            targets = [("mlp", blocks[index].mlp.reader.module)]
+            targets += [("o", attn.o)] if attn is not None else []
+            for key, target in targets:
 
                 def pre(
                     module: nn.Module, args: tuple[Any, ...], key: str = key, i: int = index

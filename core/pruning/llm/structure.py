@@ -13,9 +13,11 @@ checkpoint (one ``intermediate_size`` and one head count for all layers):
 Units are chosen per layer (lowest scores go) by ``activation`` (calibrated layer by layer on the
 already narrowed layers before), ``magnitude`` (the unit's weights' norm) or ``random``
 (``seed``). Sizes the config class refuses (transformers wants ``hidden_size`` a multiple of
-``num_attention_heads``) are refused with ``InvalidSpec`` before anything changes. Width works on
-the Llama layout (Llama, Mistral, Qwen2, Qwen3: ``self_attn.{q,k,v,o}_proj`` and
-``mlp.{gate,up,down}_proj``); GPT-2 is refused.
+``num_attention_heads``) are refused with ``InvalidSpec`` before anything changes. Which modules
+carry the units, and which config keys name the sizes, comes from the registered layouts of
+:mod:`.layouts`: the Llama layout (Llama, Mistral, Qwen2, Qwen3) takes all three parts; GPT-2
+takes ``mlp`` (``n_inner``) and refuses ``heads`` and ``hidden``, which its fixed head size
+(``n_embd / n_head``) cannot express.
 
 ``depth`` removes the ``k`` decoder layers whose removal changes the hidden states least:
 ``activation`` scores a layer ``1 - cos(input, output)`` averaged over the calibration tokens
@@ -27,9 +29,9 @@ Reported per prunable linear of the *original* model (``PruneOutcome.layers``): 
 decoder layer was removed has ``shape_after == (0, 0)`` and no parameters; ``details["renamed"]``
 maps the old module path of every kept, renumbered decoder layer to its new one.
 
-This module orchestrates; the parts live beside it: :mod:`.importance` (scores), :mod:`.width`
-(slicing), :mod:`.depth` (removing layers) and :mod:`.llm_config` (checking and rewriting the
-config).
+This module orchestrates; the parts live beside it: :mod:`.importance` (scores),
+:mod:`.layouts` (where the units are, per architecture), :mod:`.width` (slicing), :mod:`.depth`
+(removing layers) and :mod:`.llm_config` (checking and rewriting the config).
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ from core.pruning.llm.importance import (
     width_scores,
 )
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers, prunable_linears, unwrap
+from core.pruning.llm.layouts import Sizes, layout_named, layout_of, refuse_parts
 from core.pruning.llm.llm_config import check_config, write_sizes
 from core.pruning.llm.sequential import calibration_batch
-from core.pruning.llm.width import Hidden, block_of, head_layout, prune_width_layer, width_shape
+from core.pruning.llm.width import Hidden, head_layout, prune_width_layer
 from core.spec import PruningSpec
 
 WIDTH_CRITERIA = frozenset({"activation", "magnitude", "random", "taylor"})
@@ -108,6 +111,12 @@ class StructurePruner:
                 f"granularity {spec.granularity!r} removes the same units from every decoder "
                 "layer; exclude, layer_sparsity and scope 'global' do not apply"
             )
+        if spec.width is not None:
+            # Layer names alone tell the layout: the API refuses (422) before anything is queued.
+            inside = {n[m.end() :] for n in layers if (m := _LAYER_INDEX.search(n))}
+            layout = layout_named(inside)
+            if layout is not None:
+                refuse_parts(layout, spec.width)
         if spec.depth is not None and layers:
             count = len({m.group(1) for name in layers if (m := _LAYER_INDEX.search(name))})
             if count and spec.depth.layers >= count:
@@ -209,9 +218,10 @@ class StructurePruner:
         details: dict[str, Any],
     ) -> dict[str, tuple[int, int]]:
         assert spec.width is not None
-        blocks = [block_of(layer) for layer in layers]
+        layout, blocks = layout_of(layers)
+        refuse_parts(layout, spec.width)
         heads = head_layout(net)
-        neurons = blocks[0].down.in_features
+        neurons = blocks[0].mlp.neurons
         drop_mlp = _removals(spec.width.mlp, neurons)
         drop_kv = _removals(spec.width.heads, heads.kv_heads)
         if drop_mlp >= neurons or drop_kv >= heads.kv_heads:
@@ -223,46 +233,34 @@ class StructurePruner:
         drop_hidden = _removals(spec.width.hidden, hidden.size)
         if drop_hidden >= hidden.size:
             raise InvalidSpec(f"width.hidden removes all {hidden.size} hidden channels")
-        new_mlp = neurons - drop_mlp
         new_kv = heads.kv_heads - drop_kv
-        new_heads = new_kv * heads.group
-        new_hidden = hidden.size - drop_hidden
-        sizes = {
-            "hidden_size": new_hidden,
-            "intermediate_size": new_mlp,
-            "num_attention_heads": new_heads,
-            "num_key_value_heads": new_kv,
-            "head_dim": heads.head_dim,
-        }
+        new = Sizes(
+            hidden=hidden.size - drop_hidden,
+            mlp=neurons - drop_mlp,
+            heads=new_kv * heads.group,
+            kv_heads=new_kv,
+            head_dim=heads.head_dim,
+        )
+        sizes = layout.config_sizes(new)
         check_config(net, **sizes)
-        details["hidden_size"] = new_hidden
-        details["intermediate_size"] = new_mlp
-        details["num_key_value_heads"] = new_kv
-        details["num_attention_heads"] = new_heads
+        details["layout"] = layout.name
+        details["hidden_size"] = new.hidden
+        details["intermediate_size"] = new.mlp
+        details["num_key_value_heads"] = new.kv_heads
+        details["num_attention_heads"] = new.heads
         if dry_run:
-            removed_params = sum(
-                drop_mlp * (b.gate.in_features + b.up.in_features + b.down.out_features)
-                + drop_kv
-                * heads.head_dim
-                * (
-                    heads.group * (b.q.in_features + b.o.out_features)
-                    + b.k.in_features
-                    + b.v.in_features
-                )
-                + drop_mlp * int(b.gate.bias is not None) * 2
-                + drop_kv * heads.head_dim * int(b.q.bias is not None) * (heads.group + 2)
-                for b in blocks
-            )
-            q_out, kv_out = new_heads * heads.head_dim, new_kv * heads.head_dim
-            per_layer = 2 * q_out + 2 * kv_out + 3 * new_mlp + len(hidden.layer_norms[0])
-            per_layer += int(blocks[0].o.bias is not None) + int(blocks[0].down.bias is not None)
-            removed_params += drop_hidden * (per_layer * len(layers) + hidden.outside_per_channel())
-            details["predicted_params_after"] = unique_params(net) - removed_params
-            return {
-                lin.name: width_shape(lin, layer, new_mlp, q_out, kv_out, new_hidden)
-                for layer in layers
-                for lin in layer.linears
+            shapes = {lin.name: lin.shape for layer in layers for lin in layer.linears} | {
+                name: shape for b in blocks for name, shape in b.shapes(new).items()
             }
+            linears = {lin.name: lin for layer in layers for lin in layer.linears}
+            removed = sum(
+                _linear_params(linears[name].shape, linears[name])
+                - _linear_params(shape, linears[name])
+                for name, shape in shapes.items()
+            )
+            removed += drop_hidden * hidden.norm_and_embedding_per_channel()
+            details["predicted_params_after"] = unique_params(net) - removed
+            return shapes
         inputs = None
         taylor: TaylorScores | None = None
         if spec.criterion == "activation":
@@ -289,7 +287,7 @@ class StructurePruner:
                     else (taylor.mlp[index], taylor.kv_groups(index, heads))
                 )
                 keep_mlp = lowest(mlp_scores, drop_mlp) if drop_mlp else None
-                keep_kv = lowest(kv_scores, drop_kv) if drop_kv else None
+                keep_kv = lowest(kv_scores, drop_kv) if drop_kv and kv_scores is not None else None
                 prune_width_layer(block, heads, keep_mlp, keep_kv)
                 kept_mlp[layer.name] = (
                     keep_mlp if keep_mlp is not None else torch.arange(neurons)
@@ -368,6 +366,12 @@ class StructurePruner:
             return set(removed)
         details["renamed"] = drop_layers(net, layers, kept)
         return set(removed)
+
+
+def _linear_params(shape: tuple[int, int], linear: Linear) -> int:
+    """Weight and bias of ``linear`` at ``(out, in)`` = ``shape``."""
+    has_bias = getattr(linear.module, "bias", None) is not None
+    return shape[0] * shape[1] + shape[0] * int(has_bias)
 
 
 def unique_params(module: nn.Module) -> int:

@@ -1,9 +1,6 @@
-"""Width slicing of a causal LM in the Llama layout: the modules of each decoder layer that
-``width`` narrows, and how MLP neurons, key/value groups (with their query heads) and hidden
-channels are cut out of them in place.
-
-Works on Llama, Mistral, Qwen2 and Qwen3 (``self_attn.{q,k,v,o}_proj`` and
-``mlp.{gate,up,down}_proj``); other layouts are refused with ``InvalidSpec``.
+"""Width slicing of a causal LM: how MLP neurons, key/value groups (with their query heads) and
+hidden channels are cut in place out of the modules a registered layout
+(:mod:`.layouts`) finds in each decoder layer.
 """
 
 from __future__ import annotations
@@ -16,66 +13,8 @@ from torch import nn
 
 from core.errors import InvalidSpec
 from core.pruning.llm.calibrate import LayerInputs
-from core.pruning.llm.layers import DecoderLayer, Linear
-
-
-@dataclass(frozen=True)
-class Block:
-    """The Llama-layout modules of one decoder layer that width pruning slices."""
-
-    attn: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear
-
-
-def block_of(layer: DecoderLayer) -> Block:
-    attn = getattr(layer.module, "self_attn", None)
-    mlp = getattr(layer.module, "mlp", None)
-    found: dict[str, nn.Linear] = {}
-    for owner, names in (
-        (attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-        (mlp, ("gate_proj", "up_proj", "down_proj")),
-    ):
-        for name in names:
-            module = getattr(owner, name, None) if owner is not None else None
-            if not isinstance(module, nn.Linear):
-                raise InvalidSpec(
-                    f"granularity 'width' needs the Llama layout (self_attn.q/k/v/o_proj and "
-                    f"mlp.gate/up/down_proj as linear layers); {layer.name} has no {name} "
-                    "(GPT-2 layouts are not supported yet: use 'depth', 'unstructured' or 'n:m')"
-                )
-            found[name] = module
-    assert attn is not None
-    return Block(
-        attn,
-        found["q_proj"],
-        found["k_proj"],
-        found["v_proj"],
-        found["o_proj"],
-        found["gate_proj"],
-        found["up_proj"],
-        found["down_proj"],
-    )
-
-
-def slice_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
-    """Keep only ``rows`` (outputs) and ``cols`` (inputs) of ``linear``, in place."""
-    with torch.no_grad():
-        weight = linear.weight.detach()
-        if rows is not None:
-            weight = weight.index_select(0, rows.to(weight.device))
-            if linear.bias is not None:
-                bias = linear.bias.detach().index_select(0, rows.to(weight.device))
-                linear.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
-        if cols is not None:
-            weight = weight.index_select(1, cols.to(weight.device))
-        linear.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
-    linear.out_features, linear.in_features = int(weight.shape[0]), int(weight.shape[1])
+from core.pruning.llm.layers import DecoderLayer
+from core.pruning.llm.layouts import Block, slice_linear
 
 
 @dataclass(frozen=True)
@@ -101,42 +40,24 @@ def prune_width_layer(
     block: Block, heads: Heads, kept_mlp: torch.Tensor | None, kept_kv: torch.Tensor | None
 ) -> None:
     if kept_mlp is not None:
-        slice_linear(block.gate, kept_mlp, None)
-        slice_linear(block.up, kept_mlp, None)
-        slice_linear(block.down, None, kept_mlp)
+        block.mlp.keep(kept_mlp)
     if kept_kv is not None:
+        attn = block.attention
+        assert attn is not None  # the layout's refusals stop heads where there is no attention
         d = heads.head_dim
         kv_rows = (kept_kv[:, None] * d + torch.arange(d)).reshape(-1)
         q_heads = (kept_kv[:, None] * heads.group + torch.arange(heads.group)).reshape(-1)
         q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
-        slice_linear(block.q, q_rows, None)
-        slice_linear(block.k, kv_rows, None)
-        slice_linear(block.v, kv_rows, None)
-        slice_linear(block.o, None, q_rows)
+        slice_linear(attn.q, q_rows, None)
+        slice_linear(attn.k, kv_rows, None)
+        slice_linear(attn.v, kv_rows, None)
+        slice_linear(attn.o, None, q_rows)
         for name, value in (
             ("num_heads", len(q_heads)),
             ("num_key_value_heads", len(kept_kv)),
         ):
-            if hasattr(block.attn, name):
-                setattr(block.attn, name, value)
-
-
-def width_shape(
-    linear: Linear, layer: DecoderLayer, mlp: int, q_out: int, kv_out: int, hidden: int
-) -> tuple[int, int]:
-    out, inp = linear.shape
-    short = linear.name[len(layer.name) + 1 :].rsplit(".", 1)[-1]
-    if short in ("gate_proj", "up_proj"):
-        return (mlp, hidden)
-    if short == "down_proj":
-        return (hidden, mlp)
-    if short == "q_proj":
-        return (q_out, hidden)
-    if short in ("k_proj", "v_proj"):
-        return (kv_out, hidden)
-    if short == "o_proj":
-        return (hidden, q_out)
-    return (out, inp)
+            if hasattr(attn.module, name):
+                setattr(attn.module, name, value)
 
 
 def is_norm(module: nn.Module, size: int) -> bool:
@@ -180,11 +101,13 @@ class Hidden:
         tied = head.weight is embed.weight
         return cls(size, embed, None if tied else head, per_layer, final)
 
-    def outside_per_channel(self) -> int:
-        """Parameters per hidden channel outside the decoder layers."""
+    def norm_and_embedding_per_channel(self) -> int:
+        """Parameters per hidden channel in the embeddings and every norm on the stream."""
         vocab = int(self.embed.weight.shape[0])
         head = int(self.head.weight.shape[0]) if self.head is not None else 0
-        return vocab + head + len(self.final_norms)
+        norms = (*(m for norms in self.layer_norms for m in norms), *self.final_norms)
+        per_norm = sum(1 + int(isinstance(getattr(m, "bias", None), torch.Tensor)) for m in norms)
+        return vocab + head + per_norm
 
     def magnitude(self) -> torch.Tensor:
         """Each channel's input-embedding column norm (what every token writes into it)."""
@@ -232,10 +155,15 @@ class Hidden:
                         b.detach().index_select(0, kept.to(b.device)).clone()
                     )
         for block in blocks:
-            for linear in (block.q, block.k, block.v, block.gate, block.up):
+            attn = block.attention
+            assert attn is not None  # the layout's refusals stop hidden where heads cannot go
+            for linear in (attn.q, attn.k, attn.v):
                 slice_linear(linear, None, kept)
-            slice_linear(block.o, kept, None)
-            slice_linear(block.down, kept, None)
+            slice_linear(attn.o, kept, None)
+            for writer in block.mlp.writers:  # they read the hidden stream
+                slice_linear(writer.module, None, kept, writer.transposed)
+            reader = block.mlp.reader
+            slice_linear(reader.module, kept, None, reader.transposed)
         head = cast(Any, net).get_output_embeddings()
         if tied:
             head.weight = self.embed.weight
