@@ -39,14 +39,74 @@ from core.pipeline import MeasureConfig, PipelineData, run  # noqa: E402
 from core.spec import EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec  # noqa: E402
 from examples.models import (  # noqa: E402
     DIGITS_PRUNABLE,
+    PRUNABLE,
+    ResidualCNN,
     accuracy,
     digits_arrays,
     export_digits,
     save_npz,
-    train_digits_cnn,
 )
 
 SPARSITY = 0.9
+# The issue's budget (issue 12): what a user would write, nothing tuned.
+USER_BUDGET = {"epochs": 5, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw"}
+# Shears' defaults before issue 12: cosine decay, no weight decay, BatchNorm statistics as dense.
+OLD = {"schedule": "cosine", "weight_decay": 0.0, "batchnorm_samples": 0}
+# Candidates, each measured before it became a default ({}: today's defaults).
+VARIANTS: dict[str, dict[str, object]] = {
+    "old": OLD,
+    "old+bn": {**OLD, "batchnorm_samples": 256},
+    "old+bn+wd": {**OLD, "batchnorm_samples": 256, "weight_decay": 0.01},
+    "bn+wd+constant": {
+        "schedule": "constant",
+        "weight_decay": 0.01,
+        "batchnorm_samples": 256,
+    },
+    "defaults": {},
+    "defaults+kd": {"loss": "distillation", "alpha": 0.5, "temperature": 4.0},
+}
+
+
+def shears_variant(
+    model_path: Path,
+    train: Path,
+    test: Path,
+    out: Path,
+    overrides: dict[str, object],
+    seed: int,
+    sparsity: float = SPARSITY,
+) -> dict[str, float]:
+    spec = JobSpec(
+        pruning=PruningSpec(
+            criterion="l1", granularity="unstructured", sparsity=sparsity, scope="global"
+        ),
+        fine_tune=FineTuneSpec(**{**USER_BUDGET, "seed": seed, **overrides}),  # type: ignore[arg-type]
+        evaluation=EvaluationSpec(),
+    )
+    start = time.perf_counter()
+    result = run(
+        spec,
+        model_path,
+        out,
+        measure=MeasureConfig(batch_size=32, warmup=0, repeats=1),
+        data=PipelineData(fine_tune=train, evaluation=test),
+    )
+    m = result.metrics
+    assert m.eval_before is not None
+    assert m.eval_after_pruning is not None
+    assert m.eval_after_fine_tune is not None
+    return {
+        "dense": m.eval_before["accuracy"],
+        "pruned": m.eval_after_pruning["accuracy"],
+        "tuned": m.eval_after_fine_tune["accuracy"],
+        "sparsity": m.sparsity,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# --- the tuned budget and the DigitsCNN comparison that bench/pruning.py reuses ---------------
+
+# The budget bench/pruning.py compares Shears and its peers with (tuned, with warm-up).
 BUDGET = {"epochs": 8, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10, "optimizer": "adamw"}
 DISTILL = {"temperature": 4.0, "alpha": 1.0}
 
@@ -149,30 +209,100 @@ def torch_prune(
     }
 
 
-def one_seed(seed: int, root: Path) -> dict[str, dict[str, float]]:
-    x, y, x_test, y_test = digits_arrays(seed)
-    model = train_digits_cnn(x, y, seed=seed, dropout=0.1)
-    dense = accuracy(model, x_test, y_test)
-    model_path = export_digits(model, root / "cnn.pt2")
-    train = save_npz(root / "train.npz", inputs=x, targets=y)
-    unlabelled = save_npz(root / "unlabelled.npz", inputs=x)
-    test = save_npz(root / "test.npz", inputs=x_test, targets=y_test)
+# --- issue 12: the user's budget on the residual CNN -----------------------------------------
+
+
+def train_dense(x, y, seed: int, epochs: int = 15) -> nn.Module:
+    """The issue's residual CNN (width 16) trained on the digits (AdamW, one-cycle); eval mode."""
+    torch.manual_seed(seed)
+    model = ResidualCNN(width=16)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    steps = epochs * ((len(yt) + 63) // 64)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(yt), generator=generator)
+        for begin in range(0, len(yt), 64):
+            rows = order[begin : begin + 64]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xt[rows]), yt[rows]).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def plain_loop(model: nn.Module, x, y, seed: int) -> None:
+    """The user's ten-line loop: AdamW at its defaults (weight decay 0.01), constant lr, the
+    same epochs and batch size, BatchNorm and dropout in train mode."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    batch = USER_BUDGET["batch_size"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=USER_BUDGET["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(int(USER_BUDGET["epochs"])):
+        order = torch.randperm(len(yt), generator=generator)
+        for begin in range(0, len(yt), batch):
+            rows = order[begin : begin + batch]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xt[rows]), yt[rows]).backward()
+            optimizer.step()
+    model.eval()
+
+
+def torch_prune_plain(
+    model: nn.Module, x, y, x_test, y_test, seed: int, sparsity: float = SPARSITY
+) -> dict[str, float]:
+    """torch.nn.utils.prune global L1 at the same sparsity, then the plain loop."""
+    model = copy.deepcopy(model)
+    start = time.perf_counter()
+    targets = [(model.get_submodule(n), "weight") for n in PRUNABLE]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    pruned_acc = accuracy(model, x_test, y_test)
+    plain_loop(model, x, y, seed)
+    for module, name in targets:
+        prune.remove(module, name)
+    weights = [model.get_submodule(n).weight for n in PRUNABLE]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return {
-        "dense": {"tuned": dense},
-        "shears_ce": shears(model_path, train, test, root / "ce", "cross_entropy"),
-        "shears_kd": shears(model_path, unlabelled, test, root / "kd", "distillation"),
-        "torch_prune": torch_prune(model, x, y, x_test, y_test, seed),
+        "pruned": pruned_acc,
+        "tuned": accuracy(model, x_test, y_test),
+        "sparsity": zeros,
+        "seconds": time.perf_counter() - start,
     }
 
 
-ROWS = [
-    ("shears_ce", "Shears, global L1 90% + fine-tune (cross-entropy)"),
-    ("shears_kd", "Shears, global L1 90% + fine-tune (distillation, no targets)"),
-    ("torch_prune", "torch.nn.utils.prune global L1 90% + same fine-tune"),
-]
+def one_seed(
+    seed: int, root: Path, variants: list[str], sparsity: float
+) -> dict[str, dict[str, float]]:
+    x, y, x_test, y_test = digits_arrays(seed)
+    model = train_dense(x, y, seed)
+    dense = accuracy(model, x_test, y_test)
+    model_path = export_digits(model, root / "cnn.pt2")
+    train = save_npz(root / "train.npz", inputs=x, targets=y)
+    test = save_npz(root / "test.npz", inputs=x_test, targets=y_test)
+    results = {"dense": {"tuned": dense}}
+    for name in variants:
+        results[name] = shears_variant(
+            model_path, train, test, root / name, VARIANTS[name], seed, sparsity
+        )
+    results["plain_loop"] = torch_prune_plain(model, x, y, x_test, y_test, seed, sparsity)
+    return results
 
 
-def table(results: list[dict[str, dict[str, float]]]) -> str:
+LABELS = {
+    "old": "Shears, defaults before issue 12 (cosine, no weight decay, stale BatchNorm)",
+    "old+bn": "... + BatchNorm re-estimated after pruning",
+    "old+bn+wd": "... + weight decay 0.01",
+    "bn+wd+constant": "... + constant lr",
+    "defaults": "Shears, today's defaults",
+    "defaults+kd": "today's defaults + distillation from the dense model (alpha 0.5)",
+    "plain_loop": "torch.nn.utils.prune + plain loop (AdamW defaults, constant lr)",
+}
+
+
+def table(results: list[dict[str, dict[str, float]]], keys: list[str]) -> str:
     def med(key: str, field: str) -> float:
         return statistics.median(r[key][field] for r in results)
 
@@ -180,16 +310,15 @@ def table(results: list[dict[str, dict[str, float]]]) -> str:
         return " / ".join(f"{100 * r[key][field]:.2f}" for r in results)
 
     lines = [
-        "| method | after pruning | after fine-tune | fine-tune per seed | sparsity | seconds |",
-        "| --- | ---: | ---: | --- | ---: | ---: |",
+        "| method | after pruning | after fine-tune | fine-tune per seed | sparsity |",
+        "| --- | ---: | ---: | --- | ---: |",
         f"| dense (no pruning) | | {100 * med('dense', 'tuned'):.2f}% "
-        f"| {per_seed('dense', 'tuned')} | 0% | |",
+        f"| {per_seed('dense', 'tuned')} | 0% |",
     ]
-    for key, label in ROWS:
+    for key in [*keys, "plain_loop"]:
         lines.append(
-            f"| {label} | {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
-            f"| {per_seed(key, 'tuned')} | {100 * med(key, 'sparsity'):.2f}% "
-            f"| {med(key, 'seconds'):.1f} |"
+            f"| {LABELS[key]} | {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
+            f"| {per_seed(key, 'tuned')} | {100 * med(key, 'sparsity'):.2f}% |"
         )
     return "\n".join(lines)
 
@@ -197,24 +326,28 @@ def table(results: list[dict[str, dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[SPARSITY])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
         "--write", action="store_true", help="update its section of docs/benchmarks.md"
     )
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    results = []
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            results.append(one_seed(seed, Path(tmp)))
-        print(
-            f"seed {seed}: "
-            + ", ".join(f"{k} {100 * v['tuned']:.2f}%" for k, v in results[-1].items()),
-            flush=True,
-        )
-    text = table(results)
-    print(text)
+    tables = {}
+    for sparsity in args.sparsity:
+        results = []
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                results.append(one_seed(seed, Path(tmp), args.variants, sparsity))
+            print(
+                f"sparsity {sparsity} seed {seed}: "
+                + ", ".join(f"{k} {100 * v['tuned']:.2f}%" for k, v in results[-1].items()),
+                flush=True,
+            )
+        tables[sparsity] = table(results, args.variants)
+        print(tables[sparsity], flush=True)
     if args.write:
-        write_doc(text, args.seeds, results)
+        write_doc(tables, args.seeds, args.variants)
 
 
 def write_doc(text: str, seeds: list[int], results: list[dict[str, dict[str, float]]]) -> None:

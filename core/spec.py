@@ -259,6 +259,14 @@ class FineTuneSpec(_Frozen):
         default="cosine", description="After warm-up: cosine decay to zero, or constant."
     )
     warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
+    batchnorm_samples: int = Field(
+        default=256,
+        ge=0,
+        le=1_000_000,
+        description="Right after pruning, every BatchNorm's running statistics are measured "
+        "again on this many training samples (forward passes, no gradients), before the "
+        "after-pruning evaluation and the fine-tuning; 0 keeps the dense model's.",
+    )
     seed: int = Field(default=0, description="Seeds the data order and any dropout.")
     loss: Loss = "cross_entropy"
     temperature: float = Field(default=4.0, gt=0.0, le=100.0, description="Distillation only.")
