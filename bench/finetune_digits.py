@@ -25,7 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ from examples.models import (  # noqa: E402
     digits_arrays,
     export_digits,
     save_npz,
+    train_digits_cnn,
 )
 
 SPARSITY = 0.9
@@ -83,12 +86,20 @@ def shears_variant(
         fine_tune=FineTuneSpec(**{**USER_BUDGET, "seed": seed, **overrides}),  # type: ignore[arg-type]
         evaluation=EvaluationSpec(),
     )
+    quick = MeasureConfig(batch_size=32, warmup=0, repeats=1)
+    return job(spec, model_path, train, test, out, quick)
+
+
+def job(
+    spec: JobSpec, model_path: Path, train: Path, test: Path, out: Path, measure: MeasureConfig
+) -> dict[str, float]:
+    """Run ``spec`` through the pipeline; its accuracies, sparsity, MACs and seconds."""
     start = time.perf_counter()
     result = run(
         spec,
         model_path,
         out,
-        measure=MeasureConfig(batch_size=32, warmup=0, repeats=1),
+        measure=measure,
         data=PipelineData(fine_tune=train, evaluation=test),
     )
     m = result.metrics
@@ -100,6 +111,8 @@ def shears_variant(
         "pruned": m.eval_after_pruning["accuracy"],
         "tuned": m.eval_after_fine_tune["accuracy"],
         "sparsity": m.sparsity,
+        "macs": m.macs_after,
+        "dense_macs": m.macs_before,
         "seconds": time.perf_counter() - start,
     }
 
@@ -137,27 +150,9 @@ def shears(
         ),
         evaluation=EvaluationSpec(),
     )
-    start = time.perf_counter()
-    result = run(
-        spec,
-        model_path,
-        out,
-        measure=MeasureConfig(batch_size=32, warmup=1, repeats=3),
-        data=PipelineData(fine_tune=train, evaluation=test),
+    return job(
+        spec, model_path, train, test, out, MeasureConfig(batch_size=32, warmup=1, repeats=3)
     )
-    m = result.metrics
-    assert m.eval_before is not None
-    assert m.eval_after_pruning is not None
-    assert m.eval_after_fine_tune is not None
-    return {
-        "dense": m.eval_before["accuracy"],
-        "pruned": m.eval_after_pruning["accuracy"],
-        "tuned": m.eval_after_fine_tune["accuracy"],
-        "sparsity": m.sparsity,
-        "macs": m.macs_after,
-        "dense_macs": m.macs_before,
-        "seconds": time.perf_counter() - start,
-    }
 
 
 def lr_at(step: int, total: int) -> float:
@@ -195,18 +190,27 @@ def finetune_eager(model: nn.Module, x, y, seed: int) -> None:
 
 
 def torch_prune(
-    model: nn.Module, x, y, x_test, y_test, seed: int, sparsity: float = SPARSITY
+    model: nn.Module,
+    x,
+    y,
+    x_test,
+    y_test,
+    seed: int,
+    sparsity: float = SPARSITY,
+    layers: list[str] = DIGITS_PRUNABLE,
+    loop: Callable[[nn.Module, Any, Any, int], None] | None = None,
 ) -> dict[str, float]:
-    """torch.nn.utils.prune global L1 at the same sparsity, the same fine-tune budget."""
+    """torch.nn.utils.prune global L1 at the same sparsity over ``layers``, then ``loop``
+    (default: the same fine-tune budget as Shears, :func:`finetune_eager`)."""
     model = copy.deepcopy(model)
     start = time.perf_counter()
-    targets = [(getattr(model, n), "weight") for n in DIGITS_PRUNABLE]
+    targets = [(model.get_submodule(n), "weight") for n in layers]
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
     pruned_acc = accuracy(model, x_test, y_test)
-    finetune_eager(model, x, y, seed)
+    (loop or finetune_eager)(model, x, y, seed)
     for module, name in targets:
         prune.remove(module, name)
-    weights = [getattr(model, n).weight for n in DIGITS_PRUNABLE]
+    weights = [model.get_submodule(n).weight for n in layers]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return {
         "pruned": pruned_acc,
@@ -221,23 +225,7 @@ def torch_prune(
 
 def train_dense(x, y, seed: int, epochs: int = 15) -> nn.Module:
     """The issue's residual CNN (width 16) trained on the digits (AdamW, one-cycle); eval mode."""
-    torch.manual_seed(seed)
-    model = ResidualCNN(width=16)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    steps = epochs * ((len(yt) + 63) // 64)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(yt), generator=generator)
-        for begin in range(0, len(yt), 64):
-            rows = order[begin : begin + 64]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(xt[rows]), yt[rows]).backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return train_digits_cnn(x, y, epochs=epochs, seed=seed, make=lambda: ResidualCNN(width=16))
 
 
 def plain_loop(model: nn.Module, x, y, seed: int) -> None:
@@ -258,28 +246,6 @@ def plain_loop(model: nn.Module, x, y, seed: int) -> None:
     model.eval()
 
 
-def torch_prune_plain(
-    model: nn.Module, x, y, x_test, y_test, seed: int, sparsity: float = SPARSITY
-) -> dict[str, float]:
-    """torch.nn.utils.prune global L1 at the same sparsity, then the plain loop."""
-    model = copy.deepcopy(model)
-    start = time.perf_counter()
-    targets = [(model.get_submodule(n), "weight") for n in PRUNABLE]
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
-    pruned_acc = accuracy(model, x_test, y_test)
-    plain_loop(model, x, y, seed)
-    for module, name in targets:
-        prune.remove(module, name)
-    weights = [model.get_submodule(n).weight for n in PRUNABLE]
-    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    return {
-        "pruned": pruned_acc,
-        "tuned": accuracy(model, x_test, y_test),
-        "sparsity": zeros,
-        "seconds": time.perf_counter() - start,
-    }
-
-
 def one_seed(
     seed: int, root: Path, variants: list[str], sparsity: float
 ) -> dict[str, dict[str, float]]:
@@ -294,7 +260,9 @@ def one_seed(
         results[name] = shears_variant(
             model_path, train, test, root / name, VARIANTS[name], seed, sparsity
         )
-    results["plain_loop"] = torch_prune_plain(model, x, y, x_test, y_test, seed, sparsity)
+    results["plain_loop"] = torch_prune(
+        model, x, y, x_test, y_test, seed, sparsity, layers=PRUNABLE, loop=plain_loop
+    )
     return results
 
 
