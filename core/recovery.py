@@ -162,15 +162,16 @@ class RecoveryStages:
         without such statistics keep this no-op."""
         return 0
 
-    def refresh_statistics(self, model: Any, step: str) -> None:
+    def refresh_statistics(self, model: Any) -> None:
+        """The last part of pruning: statistics measured again, reported as a pruning event."""
         tune = self.spec.fine_tune
         if tune is None or tune.batchnorm_samples == 0:
             return
         changed = self._refresh_statistics(model, tune)
         if changed:
             self.progress(
-                "fine_tuning",
-                FRACTION[step],
+                "pruning",
+                FRACTION["prune"],
                 f"re-estimated the statistics of {changed} BatchNorm layers",
                 {"batchnorm_layers": float(changed)},
             )
@@ -189,7 +190,7 @@ class RecoveryStages:
     def recover(self, model: Any) -> Recovered:
         """Re-estimate stale statistics, evaluate the pruned model, fine-tune it in place,
         evaluate again."""
-        self.refresh_statistics(model, "evaluate_after_pruning")
+        self.refresh_statistics(model)
         after_pruning = self.evaluate(model, "evaluate_after_pruning", "after pruning")
         tuned = (
             self._train(model, self.spec.fine_tune, self.train.checkpoint, self._on_step)
@@ -230,7 +231,7 @@ class RecoveryStages:
         )
 
         def hook(t: int, n: int, model: Any) -> None:
-            self.refresh_statistics(model, "prune")
+            self.refresh_statistics(model)
             metrics = self.evaluate(model, "prune", f"after round {t} of {n}")
             if metrics is not None:
                 self.progress(
