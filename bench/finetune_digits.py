@@ -1,17 +1,17 @@
-"""Pruning 90% and recovering by fine-tuning, on scikit-learn's bundled 8x8 digits.
+"""Pruning and recovering by fine-tuning on scikit-learn's bundled 8x8 digits: Shears' fine-tune
+settings against torch.nn.utils.prune followed by a plain loop (issue 12).
 
-For each seed: train a small CNN (BatchNorm, dropout) to >= 97% test accuracy, export it with a
-dynamic batch, then
+For each seed: train the residual CNN of ``examples/models.py``, export it with a dynamic batch,
+then for each ``--variants`` entry run ``core.pipeline.run`` (global L1 unstructured at
+``--sparsity``, fine-tune with the user's budget ``USER_BUDGET`` and the variant's settings), and
+torch.nn.utils.prune.global_unstructured followed by the ten-line loop a user writes (AdamW at its
+defaults, constant lr, same epochs and batch). Prints medians over seeds; ``--write`` updates its
+section of docs/benchmarks.md. Reproduce::
 
-* Shears (``core.pipeline.run``): 90% global L1 unstructured, fine-tune with cross-entropy, and
-  evaluate before pruning, after pruning and after fine-tuning;
-* the same with ``loss="distillation"`` on a copy of the training set *without targets*;
-* torch.nn.utils.prune.global_unstructured (L1, 90%) on the eager model, fine-tuned with the same
-  budget (optimizer, learning rate, schedule, batch size, epochs; BatchNorm in train mode).
+    .venv/bin/python bench/finetune_digits.py --seeds 0 1 2 3 4 --write
 
-Prints a table and, with ``--write``, writes docs/benchmarks.md. Reproduce::
-
-    .venv/bin/python bench/finetune_digits.py --seeds 0 1 2 --write
+``BUDGET``, ``shears``, ``finetune_eager`` and ``torch_prune`` are the DigitsCNN comparison that
+bench/pruning.py reuses.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ from core.pipeline import MeasureConfig, PipelineData, run  # noqa: E402
 from core.spec import EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec  # noqa: E402
 from examples.models import (  # noqa: E402
     DIGITS_PRUNABLE,
+    PRUNABLE,
+    ResidualCNN,
     accuracy,
     digits_arrays,
     export_digits,
@@ -47,7 +51,83 @@ from examples.models import (  # noqa: E402
 )
 
 SPARSITY = 0.9
-BUDGET = {"epochs": 8, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10, "optimizer": "adamw"}
+# The issue's budget (issue 12): what a user would write, nothing tuned.
+USER_BUDGET = {"epochs": 5, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw"}
+# Shears' defaults before issue 12: cosine decay, no weight decay, BatchNorm statistics as dense.
+OLD = {"schedule": "cosine", "weight_decay": 0.0, "batchnorm_samples": 0}
+# Candidates, each measured before it became a default ({}: today's defaults).
+VARIANTS: dict[str, dict[str, object]] = {
+    "old": OLD,
+    "old+bn": {**OLD, "batchnorm_samples": 256},
+    "old+bn+wd": {**OLD, "batchnorm_samples": 256, "weight_decay": 0.01},
+    "bn+wd+constant": {
+        "schedule": "constant",
+        "weight_decay": 0.01,
+        "batchnorm_samples": 256,
+    },
+    "defaults": {},
+    "defaults+kd": {"loss": "distillation", "alpha": 0.5, "temperature": 4.0},
+}
+
+
+def shears_variant(
+    model_path: Path,
+    train: Path,
+    test: Path,
+    out: Path,
+    overrides: dict[str, object],
+    seed: int,
+    sparsity: float = SPARSITY,
+) -> dict[str, float]:
+    spec = JobSpec(
+        pruning=PruningSpec(
+            criterion="l1", granularity="unstructured", sparsity=sparsity, scope="global"
+        ),
+        fine_tune=FineTuneSpec(**{**USER_BUDGET, "seed": seed, **overrides}),  # type: ignore[arg-type]
+        evaluation=EvaluationSpec(),
+    )
+    quick = MeasureConfig(batch_size=32, warmup=0, repeats=1)
+    return job(spec, model_path, train, test, out, quick)
+
+
+def job(
+    spec: JobSpec, model_path: Path, train: Path, test: Path, out: Path, measure: MeasureConfig
+) -> dict[str, float]:
+    """Run ``spec`` through the pipeline; its accuracies, sparsity, MACs and seconds."""
+    start = time.perf_counter()
+    result = run(
+        spec,
+        model_path,
+        out,
+        measure=measure,
+        data=PipelineData(fine_tune=train, evaluation=test),
+    )
+    m = result.metrics
+    assert m.eval_before is not None
+    assert m.eval_after_pruning is not None
+    assert m.eval_after_fine_tune is not None
+    return {
+        "dense": m.eval_before["accuracy"],
+        "pruned": m.eval_after_pruning["accuracy"],
+        "tuned": m.eval_after_fine_tune["accuracy"],
+        "sparsity": m.sparsity,
+        "macs": m.macs_after,
+        "dense_macs": m.macs_before,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# --- the tuned budget and the DigitsCNN comparison that bench/pruning.py reuses ---------------
+
+# The budget bench/pruning.py compares Shears and its peers with (tuned, with warm-up).
+BUDGET = {
+    "epochs": 8,
+    "batch_size": 32,
+    "lr": 5e-3,
+    "warmup_steps": 10,
+    "schedule": "cosine",
+    "optimizer": "adamw",
+}
 DISTILL = {"temperature": 4.0, "alpha": 1.0}
 
 
@@ -70,27 +150,9 @@ def shears(
         ),
         evaluation=EvaluationSpec(),
     )
-    start = time.perf_counter()
-    result = run(
-        spec,
-        model_path,
-        out,
-        measure=MeasureConfig(batch_size=32, warmup=1, repeats=3),
-        data=PipelineData(fine_tune=train, evaluation=test),
+    return job(
+        spec, model_path, train, test, out, MeasureConfig(batch_size=32, warmup=1, repeats=3)
     )
-    m = result.metrics
-    assert m.eval_before is not None
-    assert m.eval_after_pruning is not None
-    assert m.eval_after_fine_tune is not None
-    return {
-        "dense": m.eval_before["accuracy"],
-        "pruned": m.eval_after_pruning["accuracy"],
-        "tuned": m.eval_after_fine_tune["accuracy"],
-        "sparsity": m.sparsity,
-        "macs": m.macs_after,
-        "dense_macs": m.macs_before,
-        "seconds": time.perf_counter() - start,
-    }
 
 
 def lr_at(step: int, total: int) -> float:
@@ -128,18 +190,27 @@ def finetune_eager(model: nn.Module, x, y, seed: int) -> None:
 
 
 def torch_prune(
-    model: nn.Module, x, y, x_test, y_test, seed: int, sparsity: float = SPARSITY
+    model: nn.Module,
+    x,
+    y,
+    x_test,
+    y_test,
+    seed: int,
+    sparsity: float = SPARSITY,
+    layers: list[str] = DIGITS_PRUNABLE,
+    loop: Callable[[nn.Module, Any, Any, int], None] | None = None,
 ) -> dict[str, float]:
-    """torch.nn.utils.prune global L1 at the same sparsity, the same fine-tune budget."""
+    """torch.nn.utils.prune global L1 at the same sparsity over ``layers``, then ``loop``
+    (default: the same fine-tune budget as Shears, :func:`finetune_eager`)."""
     model = copy.deepcopy(model)
     start = time.perf_counter()
-    targets = [(getattr(model, n), "weight") for n in DIGITS_PRUNABLE]
+    targets = [(model.get_submodule(n), "weight") for n in layers]
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
     pruned_acc = accuracy(model, x_test, y_test)
-    finetune_eager(model, x, y, seed)
+    (loop or finetune_eager)(model, x, y, seed)
     for module, name in targets:
         prune.remove(module, name)
-    weights = [getattr(model, n).weight for n in DIGITS_PRUNABLE]
+    weights = [model.get_submodule(n).weight for n in layers]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return {
         "pruned": pruned_acc,
@@ -149,30 +220,64 @@ def torch_prune(
     }
 
 
-def one_seed(seed: int, root: Path) -> dict[str, dict[str, float]]:
+# --- issue 12: the user's budget on the residual CNN -----------------------------------------
+
+
+def train_dense(x, y, seed: int, epochs: int = 15) -> nn.Module:
+    """The issue's residual CNN (width 16) trained on the digits (AdamW, one-cycle); eval mode."""
+    return train_digits_cnn(x, y, epochs=epochs, seed=seed, make=lambda: ResidualCNN(width=16))
+
+
+def plain_loop(model: nn.Module, x, y, seed: int) -> None:
+    """The user's ten-line loop: AdamW at its defaults (weight decay 0.01), constant lr, the
+    same epochs and batch size, BatchNorm and dropout in train mode."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    batch = USER_BUDGET["batch_size"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=USER_BUDGET["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(int(USER_BUDGET["epochs"])):
+        order = torch.randperm(len(yt), generator=generator)
+        for begin in range(0, len(yt), batch):
+            rows = order[begin : begin + batch]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xt[rows]), yt[rows]).backward()
+            optimizer.step()
+    model.eval()
+
+
+def one_seed(
+    seed: int, root: Path, variants: list[str], sparsity: float
+) -> dict[str, dict[str, float]]:
     x, y, x_test, y_test = digits_arrays(seed)
-    model = train_digits_cnn(x, y, seed=seed, dropout=0.1)
+    model = train_dense(x, y, seed)
     dense = accuracy(model, x_test, y_test)
     model_path = export_digits(model, root / "cnn.pt2")
     train = save_npz(root / "train.npz", inputs=x, targets=y)
-    unlabelled = save_npz(root / "unlabelled.npz", inputs=x)
     test = save_npz(root / "test.npz", inputs=x_test, targets=y_test)
-    return {
-        "dense": {"tuned": dense},
-        "shears_ce": shears(model_path, train, test, root / "ce", "cross_entropy"),
-        "shears_kd": shears(model_path, unlabelled, test, root / "kd", "distillation"),
-        "torch_prune": torch_prune(model, x, y, x_test, y_test, seed),
-    }
+    results = {"dense": {"tuned": dense}}
+    for name in variants:
+        results[name] = shears_variant(
+            model_path, train, test, root / name, VARIANTS[name], seed, sparsity
+        )
+    results["plain_loop"] = torch_prune(
+        model, x, y, x_test, y_test, seed, sparsity, layers=PRUNABLE, loop=plain_loop
+    )
+    return results
 
 
-ROWS = [
-    ("shears_ce", "Shears, global L1 90% + fine-tune (cross-entropy)"),
-    ("shears_kd", "Shears, global L1 90% + fine-tune (distillation, no targets)"),
-    ("torch_prune", "torch.nn.utils.prune global L1 90% + same fine-tune"),
-]
+LABELS = {
+    "old": "Shears, defaults before issue 12 (cosine, no weight decay, stale BatchNorm)",
+    "old+bn": "... + BatchNorm re-estimated after pruning",
+    "old+bn+wd": "... + weight decay 0.01",
+    "bn+wd+constant": "... + constant lr",
+    "defaults": "Shears, today's defaults",
+    "defaults+kd": "today's defaults + distillation from the dense model (alpha 0.5)",
+    "plain_loop": "torch.nn.utils.prune + plain loop (AdamW defaults, constant lr)",
+}
 
 
-def table(results: list[dict[str, dict[str, float]]]) -> str:
+def table(results: list[dict[str, dict[str, float]]], keys: list[str]) -> str:
     def med(key: str, field: str) -> float:
         return statistics.median(r[key][field] for r in results)
 
@@ -180,16 +285,15 @@ def table(results: list[dict[str, dict[str, float]]]) -> str:
         return " / ".join(f"{100 * r[key][field]:.2f}" for r in results)
 
     lines = [
-        "| method | after pruning | after fine-tune | fine-tune per seed | sparsity | seconds |",
-        "| --- | ---: | ---: | --- | ---: | ---: |",
+        "| method | after pruning | after fine-tune | fine-tune per seed | sparsity |",
+        "| --- | ---: | ---: | --- | ---: |",
         f"| dense (no pruning) | | {100 * med('dense', 'tuned'):.2f}% "
-        f"| {per_seed('dense', 'tuned')} | 0% | |",
+        f"| {per_seed('dense', 'tuned')} | 0% |",
     ]
-    for key, label in ROWS:
+    for key in [*keys, "plain_loop"]:
         lines.append(
-            f"| {label} | {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
-            f"| {per_seed(key, 'tuned')} | {100 * med(key, 'sparsity'):.2f}% "
-            f"| {med(key, 'seconds'):.1f} |"
+            f"| {LABELS[key]} | {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
+            f"| {per_seed(key, 'tuned')} | {100 * med(key, 'sparsity'):.2f}% |"
         )
     return "\n".join(lines)
 
@@ -197,83 +301,71 @@ def table(results: list[dict[str, dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[SPARSITY])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
         "--write", action="store_true", help="update its section of docs/benchmarks.md"
     )
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    results = []
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            results.append(one_seed(seed, Path(tmp)))
-        print(
-            f"seed {seed}: "
-            + ", ".join(f"{k} {100 * v['tuned']:.2f}%" for k, v in results[-1].items()),
-            flush=True,
-        )
-    text = table(results)
-    print(text)
+    tables = {}
+    for sparsity in args.sparsity:
+        results = []
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                results.append(one_seed(seed, Path(tmp), args.variants, sparsity))
+            print(
+                f"sparsity {sparsity} seed {seed}: "
+                + ", ".join(f"{k} {100 * v['tuned']:.2f}%" for k, v in results[-1].items()),
+                flush=True,
+            )
+        tables[sparsity] = table(results, args.variants)
+        print(tables[sparsity], flush=True)
     if args.write:
-        write_doc(text, args.seeds, results)
+        write_doc(tables, args.seeds, args.variants)
 
 
-def write_doc(text: str, seeds: list[int], results: list[dict[str, dict[str, float]]]) -> None:
+def write_doc(tables: dict[float, str], seeds: list[int], variants: list[str]) -> None:
     import sklearn
 
     command = (
-        "make install && .venv/bin/python bench/finetune_digits.py --seeds "
+        ".venv/bin/python bench/finetune_digits.py --seeds "
         + " ".join(map(str, seeds))
+        + " --sparsity "
+        + " ".join(map(str, tables))
+        + " --variants "
+        + " ".join(variants)
         + " --write"
     )
-    budget = (
-        f"{BUDGET['epochs']} epochs, batch {BUDGET['batch_size']}, AdamW, lr {BUDGET['lr']}, "
-        f"{BUDGET['warmup_steps']} warm-up steps then cosine decay"
-    )
-    worst = max(r["dense"]["tuned"] - r["shears_ce"]["tuned"] for r in results) * 100
-    dense = statistics.median(r["dense"]["tuned"] for r in results)
-    ce = statistics.median(r["shears_ce"]["tuned"] for r in results)
-    kd = statistics.median(r["shears_kd"]["tuned"] for r in results)
-    gap = (ce - kd) * 100
-    kd_line = (
-        f"Distillation without targets matched or beat cross-entropy (median {100 * kd:.2f}% vs "
-        f"{100 * ce:.2f}%)."
-        if gap <= 0
-        else f"Distillation without targets fell short of cross-entropy by {gap:.2f} points "
-        f"(median {100 * kd:.2f}% vs {100 * ce:.2f}%)."
-    )
-    section = f"""## Fine-tuning recovers 90% unstructured sparsity (8x8 digits)
+    budget = ", ".join(f"{k} {v}" for k, v in USER_BUDGET.items())
+    body = "\n\n".join(f"Sparsity {s:.0%}:\n\n{t}" for s, t in tables.items())
+    section = f"""{SECTION}
 
-A small CNN (3 convolutions with BatchNorm, dropout 0.1, one linear layer; 19k conv/linear
-weights) trained on scikit-learn's bundled 8x8 digits (1,347 training / 450 test images, a seeded
-split per seed), exported with `torch.export` and a dynamic batch. Each method removes 90% of the
-conv/linear weights by one global L1 ranking and fine-tunes with the same budget:
-{budget}. Test accuracy (top-1), medians over seeds {seeds}:
+The residual CNN of `examples/models.py` (width 16: two residual blocks with BatchNorm) trained on
+scikit-learn's bundled 8x8 digits (1,347 training / 450 test images, a seeded split per seed),
+exported with a dynamic batch. Every row removes the same share of the conv/linear weights by
+one global L1 ranking and fine-tunes with the user's budget of issue 12 ({budget}); Shears
+through `core.pipeline.run` with only the named settings changed, the peer with
+torch.nn.utils.prune and a plain eager loop. Test accuracy (top-1), medians over seeds {seeds}
+(one test image is 0.22 points):
 
-{text}
+{body}
 
-- Dense median {100 * dense:.2f}%; Shears with cross-entropy ends {100 * (dense - ce):.2f} points
-  below it in the median and {worst:.2f} points below its own dense model in the worst seed (the
-  issue's bar: within 1 point, sparsity >= 89.5%).
-- {kd_line} Distillation uses the dense model's outputs (KL at temperature
-  {DISTILL["temperature"]}, alpha {DISTILL["alpha"]}) on the training images *without* labels.
-- torch.nn.utils.prune runs on the eager `nn.Module`; Shears runs on the exported program (BatchNorm
-  switched to train mode in the graph for fine-tuning, eval mode in the artifact). "seconds" is
-  the whole Shears pipeline (load, evaluate three times, prune, fine-tune, export, reload,
-  latency) vs pruning + fine-tuning alone for torch.
-
-Reproduce (CPU, about 20 seconds per seed):
+Reproduce (CPU):
 
 ```bash
 {command}
 ```
 
-Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}
-{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, numpy
-{np.__version__}, scikit-learn {sklearn.__version__}; CPU only (no GPU); torch threads
-{torch.get_num_threads()}.
+Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.system()}; Python
+{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, scikit-learn
+{sklearn.__version__}; CPU only; torch threads {torch.get_num_threads()}.
 """
     _replace_section(ROOT / "docs" / "benchmarks.md", section)
     print("wrote its section of docs/benchmarks.md")
+
+
+SECTION = "## Fine-tuning defaults vs a plain loop (issue 12, residual CNN on the digits)"
 
 
 def _replace_section(path: Path, section: str) -> None:

@@ -2,13 +2,25 @@
 transformer. Medians of repeated runs, one thread, so numbers are comparable across machines.
 
     .venv/bin/python -m bench.structured            # results: docs/benchmarks.md
+
+With ``--accuracy``: channel importance against Torch-Pruning's group importance on the digits
+CNN (issue 12): accuracy straight after pruning at equal MACs, after BatchNorm re-estimation, and
+after the same fine-tune budget, at 25/50/75% channels, medians over seeds::
+
+    .venv/bin/python -m bench.structured --accuracy --seeds 0 1 2 --write
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,12 +127,177 @@ def case(name: str, model: nn.Module, shape: tuple[int, ...], spec: PruningSpec,
     )
 
 
+# --- channel importance vs Torch-Pruning (issue 12) --------------------------------------------
+
+RATIOS = (0.25, 0.5, 0.75)
+CRITERIA = ("l2", "group_l2")
+# The user's budget of issue 12, the same for both sides: AdamW at its defaults, constant lr.
+TUNE = {"epochs": 5, "batch_size": 64, "lr": 1e-3, "schedule": "constant", "weight_decay": 0.01}
+BN_SAMPLES = 256
+
+
+def _eager_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    """Torch-Pruning's model gets the same re-estimation as Shears: one batch, train mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one batch gives exactly its statistics
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+
+
+def _shears_side(path: Path, criterion: str, ratio: float, data: Any, x_test, y_test, seed: int):
+    from core.batchnorm import reestimate_batchnorm
+    from core.data import batch_range
+    from core.finetune import fine_tune
+    from core.formats.pt2.program import load_program
+    from core.spec import FineTuneSpec
+    from examples.models import accuracy
+
+    program, info = load_program(path)
+    spec = PruningSpec(criterion=criterion, granularity="channel", sparsity=ratio)
+    pruned = prune_program(program, spec).program
+    row = {"pruned": accuracy(pruned.module(), x_test, y_test)}
+    rows = torch.randperm(data.num_samples, generator=torch.Generator().manual_seed(seed))
+    reestimate_batchnorm(pruned, [data.inputs[0][rows[:BN_SAMPLES]]], batch_size=BN_SAMPLES)
+    row["bn"] = accuracy(pruned.module(), x_test, y_test)
+    fine_tune(
+        pruned,
+        data,
+        FineTuneSpec(**TUNE, seed=seed, batchnorm_samples=0),  # type: ignore[arg-type]
+        limits=batch_range(info.inputs),
+    )
+    row["tuned"] = accuracy(pruned.module(), x_test, y_test)
+    x = torch.randn(2, 1, 8, 8)
+    module = pruned.module()
+    row["macs"] = count_macs(lambda: module(x), 2)
+    return row
+
+
+def accuracy_seed(seed: int, root: Path) -> dict[str, Any]:
+    from bench.finetune_digits import plain_loop
+    from bench.pruning import macs_of, torch_pruning_at_macs
+    from core.data import load_dataset
+    from examples.models import (
+        accuracy,
+        digits_arrays,
+        export_digits,
+        save_npz,
+        train_digits_cnn,
+    )
+
+    x, y, x_test, y_test = digits_arrays(seed)
+    model = train_digits_cnn(x, y, seed=seed, dropout=0.1)
+    path = export_digits(model, root / "cnn.pt2")
+    data = load_dataset(save_npz(root / "train.npz", inputs=x, targets=y))
+    result: dict[str, Any] = {"dense": accuracy(model, x_test, y_test)}
+    for ratio in RATIOS:
+        sides = {c: _shears_side(path, c, ratio, data, x_test, y_test, seed) for c in CRITERIA}
+        peer, _ = torch_pruning_at_macs(model, (1, 8, 8), sides["group_l2"]["macs"], ratio)
+        theirs = {"pruned": accuracy(peer, x_test, y_test), "macs": macs_of(peer, (1, 8, 8)) / 2}
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        _eager_batchnorm(peer, torch.from_numpy(x)[order[:BN_SAMPLES]])
+        theirs["bn"] = accuracy(peer, x_test, y_test)
+        tuned = copy.deepcopy(peer)
+        plain_loop(tuned, x, y, seed)
+        theirs["tuned"] = accuracy(tuned, x_test, y_test)
+        result[ratio] = {**sides, "tp": theirs}
+        print(
+            f"seed {seed} ratio {ratio}: "
+            + ", ".join(
+                f"{k} {100 * v['pruned']:.1f}/{100 * v['bn']:.1f}/{100 * v['tuned']:.1f}"
+                for k, v in result[ratio].items()
+            ),
+            flush=True,
+        )
+    return result
+
+
+def accuracy_table(results: list[dict[str, Any]]) -> str:
+    names = {"l2": "Shears `l2`", "group_l2": "Shears `group_l2`", "tp": "Torch-Pruning"}
+    lines = [
+        "| channels removed | method | MACs / sample | straight after pruning "
+        "| + BatchNorm re-estimated | after fine-tune |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for ratio in RATIOS:
+        for key, label in names.items():
+
+            def med(field: str, key: str = key, ratio: float = ratio) -> float:
+                return statistics.median(r[ratio][key][field] for r in results)
+
+            lines.append(
+                f"| {ratio:.0%} | {label} | {med('macs') / 1e3:.0f} k | {100 * med('pruned'):.2f}% "
+                f"| {100 * med('bn'):.2f}% | {100 * med('tuned'):.2f}% |"
+            )
+    return "\n".join(lines)
+
+
+def accuracy_main(seeds: list[int], write: bool) -> None:
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    results = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(accuracy_seed(seed, Path(tmp)))
+    text = accuracy_table(results)
+    print(text)
+    if write:
+        write_accuracy_doc(text, seeds, results)
+
+
+def write_accuracy_doc(text: str, seeds: list[int], results: list[dict[str, Any]]) -> None:
+    import torch_pruning as tp
+
+    from bench.finetune_digits import _replace_section
+
+    dense = statistics.median(r["dense"] for r in results)
+    section = f"""## Channel importance vs Torch-Pruning at equal MACs (issue 12)
+
+The digits CNN (3 convolutions with BatchNorm, dropout 0.1, one linear layer; dense median
+{100 * dense:.2f}%), seeds {seeds}, medians. Shears removes 25/50/75% of the channels of every
+prunable group by `l2` (the filters that produce a channel) and by `group_l2` (every coupled
+tensor: producing filters, consuming input columns, BatchNorm scale; Torch-Pruning's
+`GroupMagnitudeImportance(p=2)` with mean reduction). Torch-Pruning's `MagnitudePruner` with that
+importance is set to the uniform ratio whose MACs come closest to Shears' `group_l2` result.
+"Straight after pruning": the dense model's BatchNorm statistics; "+ BatchNorm re-estimated": both
+sides measure them again on {BN_SAMPLES} training images (what a Shears job now does before its
+after-pruning evaluation); "after fine-tune": both sides then train {TUNE["epochs"]} epochs, batch
+{TUNE["batch_size"]}, AdamW lr {TUNE["lr"]}, weight decay {TUNE["weight_decay"]}, constant lr
+(Shears through `core.finetune.fine_tune` on the exported program, Torch-Pruning through a plain
+eager loop).
+
+{text}
+
+Reproduce (CPU):
+
+```bash
+.venv/bin/python -m bench.structured --accuracy --seeds {" ".join(map(str, seeds))} --write
+```
+
+Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.system()}; Python
+{platform.python_version()}, torch {torch.__version__}, torch-pruning {tp.__version__}.
+"""
+    _replace_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", section)
+    print("wrote its section of docs/benchmarks.md")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--accuracy", action="store_true", help="importance vs Torch-Pruning")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--write", action="store_true", help="--accuracy: update the doc")
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy_main(args.seeds, args.write)
+        return
     torch.set_num_threads(args.threads)
     l1 = {"criterion": "l1", "sparsity": 0.5}
     rows = [

@@ -46,6 +46,17 @@ CRITERIA: dict[str, CriterionInfo] = {
         CriterionInfo("l2", _ALL, description="w^2; a channel sums it over its filters"),
         CriterionInfo("lp", _ALL, description="|w|^p, with `p`"),
         CriterionInfo(
+            "group_l1",
+            STRUCTURED_GRANULARITIES,
+            description="|w| over every coupled layer of a channel (producers, consumers, norms)",
+        ),
+        CriterionInfo(
+            "group_l2",
+            STRUCTURED_GRANULARITIES,
+            description="w^2 over every coupled layer of a channel (Torch-Pruning's group "
+            "magnitude)",
+        ),
+        CriterionInfo(
             "random",
             _ALL | _LLM_STRUCTURE,
             description="seeded random ranking, with `seed`",

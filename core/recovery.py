@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from core.batchnorm import reestimate_batchnorm
 from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
 from core.device import pick_device
 from core.errors import InvalidSpec
@@ -155,6 +156,26 @@ class RecoveryStages:
     def _total_steps(self, tune: FineTuneSpec) -> int:
         raise NotImplementedError
 
+    def _refresh_statistics(self, model: Any, tune: FineTuneSpec) -> int:
+        """Re-measure the normalisation statistics that pruning left stale (BatchNorm's running
+        mean and variance) on the fine-tuning data; returns how many layers changed. Formats
+        without such statistics keep this no-op."""
+        return 0
+
+    def refresh_statistics(self, model: Any) -> None:
+        """The last part of pruning: statistics measured again, reported as a pruning event."""
+        tune = self.spec.fine_tune
+        if tune is None or tune.batchnorm_samples == 0:
+            return
+        changed = self._refresh_statistics(model, tune)
+        if changed:
+            self.progress(
+                "pruning",
+                FRACTION["prune"],
+                f"re-estimated the statistics of {changed} BatchNorm layers",
+                {"batchnorm_layers": float(changed)},
+            )
+
     def evaluate(self, model: Any, step: str, when: str) -> dict[str, float] | None:
         """Score ``model``, with an event before and one with the scores (``when`` says which)."""
         if self.spec.evaluation is None:
@@ -167,7 +188,9 @@ class RecoveryStages:
         return metrics
 
     def recover(self, model: Any) -> Recovered:
-        """Evaluate the pruned model, fine-tune it in place, evaluate again."""
+        """Re-estimate stale statistics, evaluate the pruned model, fine-tune it in place,
+        evaluate again."""
+        self.refresh_statistics(model)
         after_pruning = self.evaluate(model, "evaluate_after_pruning", "after pruning")
         tuned = (
             self._train(model, self.spec.fine_tune, self.train.checkpoint, self._on_step)
@@ -208,6 +231,7 @@ class RecoveryStages:
         )
 
         def hook(t: int, n: int, model: Any) -> None:
+            self.refresh_statistics(model)
             metrics = self.evaluate(model, "prune", f"after round {t} of {n}")
             if metrics is not None:
                 self.progress(
@@ -283,6 +307,24 @@ class Recovery(RecoveryStages):
         module = module_on(program, device)  # eval mode: the graph as it was exported
         return evaluate(
             module, self.feeds.evaluation, self.spec.evaluation, self.feeds.limits, device
+        )
+
+    def _refresh_statistics(self, program: Program, tune: FineTuneSpec) -> int:
+        data, limits = self.feeds.fine_tune, self.feeds.limits
+        batch = limits.clamp(tune.batch_size)
+        take = min(tune.batchnorm_samples, data.num_samples) if data is not None else 0
+        if limits.min == limits.max:  # a fixed batch: whole batches only
+            take -= take % batch
+        if data is None or batch < 2 or take < max(2, limits.min):
+            return 0
+        # A seeded sample, not the first rows: a dataset sorted by class would skew them.
+        generator = torch.Generator().manual_seed(tune.seed)
+        rows = torch.randperm(data.num_samples, generator=generator)[:take]
+        return reestimate_batchnorm(
+            program,
+            [t[rows] for t in data.inputs],
+            batch_size=batch,
+            device=pick_device(self.train.device),
         )
 
     def _total_steps(self, tune: FineTuneSpec) -> int:

@@ -375,11 +375,22 @@ class FineTuneSpec(_Frozen):
     lr: float = Field(default=1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
     optimizer: Optimizer = "adamw"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum.")
-    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Defaults measured in issue 12 (docs/benchmarks.md, "Fine-tuning defaults vs a plain
+    # loop"): AdamW's own weight decay and a constant lr lost nothing to a user's plain loop,
+    # where no decay and a cosine schedule did.
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
     schedule: Literal["cosine", "constant"] = Field(
-        default="cosine", description="After warm-up: cosine decay to zero, or constant."
+        default="constant", description="After warm-up: constant, or cosine decay to zero."
     )
     warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
+    batchnorm_samples: int = Field(
+        default=256,
+        ge=0,
+        le=1_000_000,
+        description="Right after pruning, every BatchNorm's running statistics are measured "
+        "again on this many training samples (forward passes, no gradients), before the "
+        "after-pruning evaluation and the fine-tuning; 0 keeps the dense model's.",
+    )
     seed: int = Field(default=0, description="Seeds the data order and any dropout.")
     loss: Loss = "cross_entropy"
     temperature: float = Field(default=4.0, gt=0.0, le=100.0, description="Distillation only.")

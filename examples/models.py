@@ -105,10 +105,12 @@ class DigitsCNN(nn.Module):
 DIGITS_PRUNABLE = ["c1", "c2", "c3", "fc"]
 
 
-def train_digits_cnn(x, y, epochs: int = 12, seed: int = 0, dropout: float = 0.0) -> DigitsCNN:
-    """Train a DigitsCNN with AdamW; returns it in eval mode."""
+def train_digits_cnn(
+    x, y, epochs: int = 12, seed: int = 0, dropout: float = 0.0, make=None
+) -> DigitsCNN:
+    """Train a DigitsCNN (or ``make()``'s model) with AdamW; returns it in eval mode."""
     torch.manual_seed(seed)
-    model = DigitsCNN(dropout=dropout)
+    model = make() if make is not None else DigitsCNN(dropout=dropout)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     steps = epochs * ((len(yt) + 63) // 64)

@@ -67,14 +67,20 @@ def _segments(member: Member, analysis: GraphAnalysis) -> list[tuple[int, int, i
 
 
 def _summed_powers(
-    gm: fx.GraphModule, analysis: GraphAnalysis, roles: tuple[str, ...], p: float
+    gm: fx.GraphModule,
+    analysis: GraphAnalysis,
+    roles: tuple[str, ...],
+    p: float,
+    mean: bool = False,
 ) -> GroupScores:
-    """Per channel, the sum of ``|w|^p`` over the members in ``roles`` that carry it."""
+    """Per channel, the sum of ``|w|^p`` over the members in ``roles`` that carry it; with
+    ``mean``, divided by the number of tensors that contributed."""
     parameters = dict(gm.named_parameters())
     scores: GroupScores = {}
     for group in analysis.groups:
         total = torch.zeros(group.size, dtype=torch.float32)
         found = False
+        tensors = 0
         for member in group.members:
             if member.role not in roles:
                 continue
@@ -89,7 +95,8 @@ def _summed_powers(
                 part = w[start * inner : (start + length) * inner].reshape(length, -1)
                 total += part.abs().pow(p).sum(dim=1)
                 found = True
-        scores[group.id] = total if found else None
+                tensors += 1
+        scores[group.id] = (total / max(tensors, 1) if mean else total) if found else None
     return scores
 
 
@@ -102,6 +109,20 @@ def _magnitude(
     filter ranks last."""
     p = {"l1": 1.0, "l2": 2.0}.get(spec.criterion, spec.p or 1.0)
     return _summed_powers(gm, analysis, ("out",), p)
+
+
+@group_score("group_l1", "group_l2")
+def _group_magnitude(
+    gm: fx.GraphModule, analysis: GraphAnalysis, spec: PruningSpec, calibration: Calibration | None
+) -> GroupScores:
+    """Torch-Pruning's group magnitude (``GroupMagnitudeImportance``, mean reduction): ``|w|^p``
+    over *every* coupled tensor of the channel -- the filters that produce it, the input
+    columns of every layer that consumes it and the BatchNorm/LayerNorm scale that follows it --
+    averaged over those tensors. A channel whose filter is small but whose consumers lean on it
+    is kept. (Under ``global`` scope each group is divided by its mean before ranking, as
+    Torch-Pruning's ``normalizer="mean"``; see :func:`core.structure.prune.plan_channels`.)"""
+    p = 2.0 if spec.criterion == "group_l2" else 1.0
+    return _summed_powers(gm, analysis, ("out", "in", "norm"), p, mean=True)
 
 
 @group_score("bn_scale")

@@ -84,7 +84,7 @@ def test_fine_tuning_recovers_accuracy_with_train_mode_batch_norm(digits: Digits
     result = fine_tune(
         program,
         data_for(info, digits.train),
-        FineTuneSpec(epochs=8, batch_size=32, lr=5e-3, warmup_steps=10),
+        FineTuneSpec(epochs=8, batch_size=32, lr=5e-3, warmup_steps=10, schedule="cosine"),
         limits=limits,
         masked=MASKED,
         on_step=lambda step, total, summary: summary and epochs.append(summary),
@@ -149,7 +149,14 @@ def test_distillation_without_targets_recovers(digits: Digits, tmp_path: Path) -
     result = fine_tune(
         program,
         unlabelled,
-        FineTuneSpec(epochs=8, batch_size=32, lr=5e-3, warmup_steps=10, loss="distillation"),
+        FineTuneSpec(
+            epochs=8,
+            batch_size=32,
+            lr=5e-3,
+            warmup_steps=10,
+            schedule="cosine",
+            loss="distillation",
+        ),
         limits=limits,
         masked=MASKED,
         teacher_state=dense,

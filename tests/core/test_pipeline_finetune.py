@@ -40,6 +40,10 @@ def test_prune_fine_tune_evaluate(digits: Digits, tmp_path: Path) -> None:
 
     stages = [c[0] for c in calls]
     assert stages.index("fine_tuning") > stages.index("pruning")
+    # BatchNorm statistics were measured again right after pruning, before the evaluation.
+    refreshed = [i for i, c in enumerate(calls) if c[3] and "batchnorm_layers" in c[3]]
+    assert [calls[i][3]["batchnorm_layers"] for i in refreshed] == [3.0]
+    assert refreshed[0] < stages.index("evaluating", stages.index("pruning"))
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)  # progress only moves forward
     epochs = [c[3] for c in calls if c[0] == "fine_tuning" and c[3]]
     assert [e["epoch"] for e in epochs] == [float(i) for i in range(1, 9)]
