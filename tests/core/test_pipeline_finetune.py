@@ -41,7 +41,7 @@ def test_prune_fine_tune_evaluate(digits: Digits, tmp_path: Path) -> None:
     stages = [c[0] for c in calls]
     assert stages.index("fine_tuning") > stages.index("pruning")
     # BatchNorm statistics were measured again right after pruning, before the evaluation.
-    refreshed = [i for i, c in enumerate(calls) if c[3] and "batchnorm_layers" in c[3]]
+    refreshed = [i for i, c in enumerate(calls) if c[3:] and c[3] and "batchnorm_layers" in c[3]]
     assert [calls[i][3]["batchnorm_layers"] for i in refreshed] == [3.0]
     assert refreshed[0] < stages.index("evaluating", stages.index("pruning"))
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)  # progress only moves forward
