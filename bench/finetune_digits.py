@@ -268,11 +268,11 @@ def one_seed(
 
 LABELS = {
     "old": "Shears, defaults before issue 12 (cosine, no weight decay, stale BatchNorm)",
-    "old+bn": "... + BatchNorm re-estimated after pruning",
-    "old+bn+wd": "... + weight decay 0.01",
-    "bn+wd+constant": "... + constant lr",
+    "old+bn": "Shears, cosine, no weight decay, BatchNorm re-estimated",
+    "old+bn+wd": "Shears, cosine, weight decay 0.01, BatchNorm re-estimated",
+    "bn+wd+constant": "Shears, constant lr, weight decay 0.01, BatchNorm re-estimated",
     "defaults": "Shears, today's defaults",
-    "defaults+kd": "today's defaults + distillation from the dense model (alpha 0.5)",
+    "defaults+kd": "Shears, today's defaults + distillation from the dense model (alpha 0.5)",
     "plain_loop": "torch.nn.utils.prune + plain loop (AdamW defaults, constant lr)",
 }
 
