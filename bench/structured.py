@@ -199,7 +199,7 @@ def accuracy_seed(seed: int, root: Path) -> dict[str, Any]:
     for ratio in RATIOS:
         sides = {c: _shears_side(path, c, ratio, data, x_test, y_test, seed) for c in CRITERIA}
         peer, _ = torch_pruning_at_macs(model, (1, 8, 8), sides["group_l2"]["macs"], ratio)
-        theirs = {"pruned": accuracy(peer, x_test, y_test), "macs": macs_of(peer, (1, 8, 8)) / 2}
+        theirs = {"pruned": accuracy(peer, x_test, y_test), "macs": macs_of(peer, (1, 8, 8))}
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         _eager_batchnorm(peer, torch.from_numpy(x)[order[:BN_SAMPLES]])
         theirs["bn"] = accuracy(peer, x_test, y_test)

@@ -201,3 +201,23 @@ def test_what_the_models_format_cannot_do_is_422_where_it_is_asked(
     assert body["errors"][0]["loc"] == ["body", "pruning"]
     assert "not available for 'pt2' models" in body["detail"]
     assert job_ids(api) == before
+
+
+def test_gpt2_width_takes_mlp_only(api: Api, tmp_path: Path) -> None:
+    # GPT-2's head size is n_embd / n_head: a checkpoint with fewer heads has no stock config,
+    # so the refusal comes before the job is queued, naming why; MLP width is accepted.
+    from tests.hf_factories import archive_folder, save_checkpoint
+
+    _, folder = save_checkpoint("gpt2", tmp_path / "gpt2")
+    model = upload(api.client, archive_folder(folder, tmp_path / "gpt2.tar"))
+    before = job_ids(api)
+    for width in ({"heads": 0.5}, {"hidden": 0.25}):
+        pruning = {"criterion": "random", "granularity": "width", "width": width}
+        body = assert_problem(
+            post(api, {"model_id": model["id"], "pruning": pruning}), 422, "validation-error"
+        )
+        assert body["errors"][0]["loc"][:2] == ["body", "pruning"]
+        assert "GPT-2" in body["detail"]
+    assert job_ids(api) == before
+    mlp = {"criterion": "random", "granularity": "width", "width": {"mlp": 0.5}}
+    assert post(api, {"model_id": model["id"], "pruning": mlp}).status_code == 202
