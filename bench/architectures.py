@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from core.errors import ShearsError  # noqa: E402
 from core.pipeline import MeasureConfig, run  # noqa: E402
 from core.spec import JobSpec, PruningSpec  # noqa: E402
-from tests.zoo.models import ZOO, export_zoo  # noqa: E402
+from examples.zoo import ZOO, export_zoo  # noqa: E402
 
 GRANULARITIES = {
     "unstructured": PruningSpec(

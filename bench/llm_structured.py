@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -102,11 +103,13 @@ def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
 
 def _load() -> tuple[Any, Any]:
     from core.formats import get_format
-    from tests.hf_factories import archive_folder
 
     archive = WORK / "model.tar"
     if not archive.exists():
-        archive_folder(WORK / "model", archive)
+        # The checkpoint's files at the archive's root, as `save_pretrained` wrote them.
+        with tarfile.open(archive, "w") as tar:
+            for member in sorted((WORK / "model").iterdir()):
+                tar.add(member, arcname=member.name)
     return get_format("hf").load(archive)
 
 

@@ -177,5 +177,21 @@ class JobSpecRequest(BaseModel):
 
 
 def parse_stored(data: dict[str, Any]) -> tuple[JobSpec, dict[str, str]]:
-    """The core spec and ``{section: dataset_id}`` of a stored (or requested) spec."""
+    """The core spec and ``{section: dataset_id}`` of a stored (or requested) spec.
+
+    A stored row keeps the meaning it had when stored: every field it was stored with is in it,
+    and a field added since gets the value that reproduces the behaviour of that time
+    (``_ADDED_SINCE``), not today's default."""
+    data = dict(data)
+    for section, field, then in _ADDED_SINCE:
+        stored = data.get(section)
+        if isinstance(stored, dict) and field not in stored:
+            data[section] = {**stored, field: then}
     return JobSpecRequest.model_validate(data).to_core()
+
+
+# (section, field, value that means what rows stored before the field existed meant)
+_ADDED_SINCE: tuple[tuple[str, str, Any], ...] = (
+    # Issue 12: BatchNorm statistics re-estimated after pruning; earlier jobs did not.
+    ("fine_tune", "batchnorm_samples", 0),
+)

@@ -239,24 +239,24 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
             _record_success(job_id, attempt, tenant, result, storage, stored)
             finished = True
     except Cancelled as exc:
-        _discard(storage, stored)
+        _discard(storage, stored, workdir, inputs)
         finished = _finish(job_id, attempt, "cancelled", None, exc.message)
     except SoftTimeLimitExceeded:
-        _discard(storage, stored)
+        _discard(storage, stored, workdir, inputs)
         limit = TimeLimitExceeded(
             f"the job ran past its time limit of {settings.job_time_limit_seconds} s and was "
             "stopped; raise SHEARS_JOB_TIME_LIMIT_SECONDS or shrink the job"
         )
         finished = _finish(job_id, attempt, "failed", limit.code, limit.message)
     except ShearsError as exc:
-        _discard(storage, stored)
+        _discard(storage, stored, workdir, inputs)
         finished = _finish(job_id, attempt, "failed", exc.code, exc.message)
     except StorageError as exc:
-        _discard(storage, stored)
+        _discard(storage, stored, workdir, inputs)
         finished = _finish(job_id, attempt, "failed", "storage_error", str(exc))
     except Exception as exc:
         log.exception("job crashed")
-        _discard(storage, stored)
+        _discard(storage, stored, workdir, inputs)
         finished = _finish(
             job_id, attempt, "failed", "internal_error", f"{type(exc).__name__}: {exc}"
         )
@@ -316,9 +316,13 @@ def _pipeline_data(
     return PipelineData(**paths)
 
 
-def _discard(storage: Storage, stored: list[StoredFile]) -> None:
+def _discard(storage: Storage, stored: list[StoredFile], *scratch: Path) -> None:
+    """Remove what a job that did not succeed wrote, before its final state is recorded: once a
+    client sees ``failed``, nothing of the job is left half-written."""
     for item in stored:
         storage.delete(item.key)
+    for folder in scratch:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # Artifact kinds whose format is fixed; the `model` artifact has the model's own format.

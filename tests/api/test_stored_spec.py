@@ -59,7 +59,11 @@ TODAYS_ROW = {
 TODAYS_CORE = JobSpec(
     pruning=PruningSpec(criterion="taylor", granularity="channel", sparsity=0.5),
     calibration=CalibrationSpec(num_samples=64),
-    fine_tune=FineTuneSpec(epochs=2, loss="distillation"),
+    # The row's own weight decay and schedule (today's defaults differ) and no BatchNorm
+    # re-estimation (added since): it replays as it ran.
+    fine_tune=FineTuneSpec(
+        epochs=2, loss="distillation", weight_decay=0.0, schedule="cosine", batchnorm_samples=0
+    ),
     evaluation=EvaluationSpec(top_k=3),
 )
 
@@ -94,6 +98,17 @@ WITH_TARGET = {
     "pruning": {**WITH_SEQ_LEN["pruning"], "target": None, "search": None},
     "sensitivity_only": False,
 }
+# Issue 12 changed the fine-tuning defaults a new request stores (AdamW's weight decay, a constant
+# lr) and added BatchNorm re-estimation after pruning.
+WITH_NEW_DEFAULTS = {
+    **WITH_TARGET,
+    "fine_tune": {
+        **WITH_TARGET["fine_tune"],
+        "weight_decay": 0.01,
+        "schedule": "constant",
+        "batchnorm_samples": 256,
+    },
+}
 
 
 def test_the_stored_form_is_what_it_was() -> None:
@@ -107,10 +122,11 @@ def test_the_stored_form_is_what_it_was() -> None:
             "evaluation": {"dataset_id": "dst_e", "top_k": 3},
         }
     )
-    assert request.stored() == WITH_TARGET
-    assert request.to_core() == parse_stored(TODAYS_ROW) == parse_stored(WITH_SEQ_LEN)
-    assert parse_stored(WITH_TARGET) == request.to_core()
+    assert request.stored() == WITH_NEW_DEFAULTS
     assert parse_stored(request.stored()) == request.to_core()  # it round-trips
+    # Rows stored before each addition still mean what they meant.
+    assert parse_stored(TODAYS_ROW) == parse_stored(WITH_SEQ_LEN) == parse_stored(WITH_TARGET)
+    assert parse_stored(TODAYS_ROW)[0] == TODAYS_CORE
 
 
 @pytest.mark.parametrize(

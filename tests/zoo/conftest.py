@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.zoo.models import ZOO, export_zoo
+from examples.zoo import ZOO, export_zoo
 
 Exported = Callable[[str], tuple[torch.export.ExportedProgram, Path]]
 

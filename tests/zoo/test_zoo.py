@@ -23,8 +23,8 @@ from core.spec import JobSpec, PruningSpec
 from core.structure import StructuredResult, prune_program
 from core.structure.graph import GraphAnalysis
 from core.structure.slicing import apply_channels, mask_channels, reexport
+from examples.zoo import ZOO, ZooModel
 from tests.zoo.conftest import Exported
-from tests.zoo.models import ZOO, ZooModel
 
 MODELS = sorted(ZOO)
 ATTENTION = sorted(name for name, model in ZOO.items() if model.attention)
