@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 TORCH_VERSION := 2.13.0
 
-.PHONY: install run migrate test test-fast lint format clean
+.PHONY: install chromium run migrate test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,16 @@ migrate: install
 run: install
 	$(PY) -m shears.cli serve
 
-test: install
+# The dashboard tests drive the system's Chromium (Debian's package: Playwright downloads no
+# browser). Installed here when missing and apt-get is usable; otherwise those tests say how.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
+	    else echo "Chromium is missing: apt-get install -y chromium (the dashboard tests need it)"; fi; }
+
+test: install chromium
 	$(PY) -m pytest
 
 # The in-process tiers only (no uvicorn or Celery processes): the fast feedback loop.
