@@ -9,35 +9,26 @@ lease lapse.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-import structlog
-
 from shears.storage import Storage
+from worker.periodic import Periodic
 
-log = structlog.get_logger("shears.worker")
 
-
-class CheckpointMirror:
+class CheckpointMirror(Periodic):
     def __init__(self, storage: Storage, path: Path, key: str, interval_s: float) -> None:
+        # A large checkpoint's last upload may take a while: wait for it on exit.
+        super().__init__(interval_s, name="checkpoint-mirror", join_timeout=60)
         self.storage = storage
         self.path = path
         self.key = key
         self.interval_s = interval_s
         self.uploads = 0
         self._seen: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="checkpoint-mirror", daemon=True)
 
-    def __enter__(self) -> CheckpointMirror:
+    def start(self) -> None:
         self._seen = self._version()  # what checkout brought: already stored
-        self._thread.start()  # on local disk checkin is a no-op: the path is the stored file
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
+        super().start()  # on local disk checkin is a no-op: the path is the stored file
 
     def _version(self) -> int | None:
         try:
@@ -55,9 +46,5 @@ class CheckpointMirror:
         self.uploads += 1
         return True
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sync()
-            except Exception:  # storage blip: the next round uploads the then-newest version
-                log.warning("checkpoint upload failed", exc_info=True)
+    def beat(self) -> None:
+        self.sync()  # after a storage blip the next beat uploads the then-newest version

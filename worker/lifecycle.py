@@ -40,29 +40,21 @@ from worker.celery_app import app as celery_app
 from worker.checkpoints import CheckpointMirror
 from worker.db import sessions
 from worker.notify import JobEventType, publish_job_event
+from worker.periodic import Periodic
 
 log = structlog.get_logger("shears.worker")
 
 
-class Heartbeat:
+class Heartbeat(Periodic):
     """Renews the job's lease from a thread while the pipeline runs; notices cancel requests."""
 
     def __init__(self, job_id: str, attempt: int, lease_seconds: float) -> None:
+        super().__init__(max(lease_seconds / 4, 0.2), name=f"lease-{job_id}")
         self.job_id = job_id
         self.attempt = attempt
         self.lease_seconds = lease_seconds
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id}", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def beat(self) -> None:
         with sessions().begin() as session:
@@ -71,14 +63,6 @@ class Heartbeat:
             self.lost.set()
         elif state:
             self.cancel_requested.set()
-
-    def _loop(self) -> None:
-        interval = max(self.lease_seconds / 4, 0.2)
-        while not self._stop.wait(interval):
-            try:
-                self.beat()
-            except Exception:  # a database blip must not kill the job; the next beat retries
-                log.warning("lease renewal failed", exc_info=True)
 
 
 class Progress:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from datetime import timedelta
 
 import structlog
@@ -15,6 +14,7 @@ from shears.db import workers
 from shears.db.tables import utcnow
 from shears.settings import Settings
 from worker.db import sessions
+from worker.periodic import Periodic
 
 log = structlog.get_logger("shears.presence")
 
@@ -27,14 +27,13 @@ def node_name() -> str:
     return f"shears-{os.getpid()}@{socket.gethostname()}"
 
 
-class Presence:
+class Presence(Periodic):
     def __init__(self, worker: str, queues: list[str], concurrency: int, settings: Settings):
+        super().__init__(max(settings.job_lease_seconds / 4, 0.2), name="presence")
         self.worker = worker
         self.queues = queues
         self.concurrency = concurrency
         self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="presence", daemon=True)
 
     def beat(self) -> None:
         lease = self.settings.job_lease_seconds
@@ -54,19 +53,10 @@ class Presence:
             self.beat()  # announced before the first job can be routed here
         except Exception:
             log.warning("worker heartbeat failed", exc_info=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        interval = max(self.settings.job_lease_seconds / 4, 0.2)
-        while not self._stop.wait(interval):
-            try:
-                self.beat()
-            except Exception:  # a database blip: the next beat retries, within the lease
-                log.warning("worker heartbeat failed", exc_info=True)
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        super().stop()
         try:
             with sessions().begin() as session:
                 workers.forget(session, self.worker)

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,6 +47,7 @@ from shears.jobspec import parse_stored
 from shears.settings import Settings, get_settings
 from shears.storage import Storage, StoredFile, storage_from_settings
 from worker.db import sessions
+from worker.periodic import Periodic
 
 log = structlog.get_logger("shears.search")
 
@@ -93,29 +93,16 @@ class Searched:
         return hook
 
 
-class _CellLease:
+class _CellLease(Periodic):
     """Renews one cell's lease from a thread while it is scored (a long cell is not stolen)."""
 
     def __init__(self, cell_id: int, worker: str, attempts: int, lease_s: float) -> None:
+        super().__init__(max(lease_s / 4, 0.2), name=f"cell-{cell_id}")
         self._args = (cell_id, worker, attempts, lease_s)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"cell-{cell_id}")
 
-    def __enter__(self) -> _CellLease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(max(self._args[3] / 4, 0.2)):
-            try:
-                with sessions().begin() as session:
-                    scans.renew_cell(session, *self._args)
-            except Exception:  # a blip: the next beat retries; the worst case is a rescored cell
-                log.warning("cell lease renewal failed", exc_info=True)
+    def beat(self) -> None:
+        with sessions().begin() as session:
+            scans.renew_cell(session, *self._args)
 
 
 def scan_some(job_id: str, scanner: Scanner, worker: str, lease_s: float, limit: int | None) -> int:
