@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
@@ -37,10 +38,9 @@ sys.path.insert(0, str(ROOT))
 from examples.models import export_resnet  # noqa: E402
 from examples.processes import (  # noqa: E402
     PG_ADMIN_URL,
-    REDIS_URL,
     Service,
     free_port,
-    private_database,
+    service_backend,
     service_env,
 )
 
@@ -246,12 +246,12 @@ def many_workers_run(
 
     (workdir / f"digits-{workers}").mkdir()
     digits = make_digits(workdir / f"digits-{workers}")
-    database_gen = private_database(PG_ADMIN_URL)
-    database = next(database_gen)
+    cleanup = ExitStack()
+    database, broker = cleanup.enter_context(service_backend("postgres+redis"))
     port = free_port()
     data = workdir / f"data-{workers}"
     data.mkdir()
-    env = service_env(data, port, database, REDIS_URL, SHEARS_LOG_LEVEL="WARNING")
+    env = service_env(data, port, database, broker, SHEARS_LOG_LEVEL="WARNING")
     svc = Service(data_dir=data, env=env, port=port, with_worker=False)
     try:
         svc.start()
@@ -302,7 +302,7 @@ def many_workers_run(
         busy = {j["worker"] for j in done}
     finally:
         svc.stop()
-        next(database_gen, None)
+        cleanup.close()
     return {
         "workers": workers,
         "jobs": jobs,
@@ -369,15 +369,15 @@ def s3_upload() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="shears-bench-s3-"))
     s3 = S3Server(workdir).start()
-    database_gen = private_database(PG_ADMIN_URL)
-    database = next(database_gen)
+    cleanup = ExitStack()
+    database, broker = cleanup.enter_context(service_backend("postgres+redis"))
     port = free_port()
     (workdir / "data").mkdir()
     env = service_env(
         workdir / "data",
         port,
         database,
-        REDIS_URL,
+        broker,
         **s3.env(s3.new_bucket()),
         SHEARS_CACHE_DIR=str(workdir / "cache"),
         SHEARS_MAX_UPLOAD_BYTES=str(2 * 1024**3),
@@ -390,7 +390,7 @@ def s3_upload() -> None:
     finally:
         svc.stop()
         s3.stop()
-        next(database_gen, None)
+        cleanup.close()
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n### 1 GiB upload to object storage (moto on loopback), {datetime.now():%Y-%m-%d}\n")
     print("| measure | value |\n| --- | --- |")
@@ -435,11 +435,8 @@ def main() -> None:
         sys.exit("wrk not found: apt-get install -y wrk")
 
     workdir = Path(tempfile.mkdtemp(prefix="shears-bench-"))
-    database_gen = None
-    database = broker = None
-    if args.backend == "postgres+redis":
-        database_gen = private_database(PG_ADMIN_URL)
-        database, broker = next(database_gen), REDIS_URL
+    cleanup = ExitStack()
+    database, broker = cleanup.enter_context(service_backend(args.backend))
     port = free_port()
     env = service_env(
         workdir / "data",
@@ -464,8 +461,7 @@ def main() -> None:
         upload = None if skip_upload else big_upload(svc, workdir)
     finally:
         svc.stop()
-        if database_gen is not None:
-            next(database_gen, None)
+        cleanup.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
@@ -36,11 +37,9 @@ sys.path.insert(0, str(ROOT))
 from bench.service import status_poll  # noqa: E402
 from examples.models import export_resnet  # noqa: E402
 from examples.processes import (  # noqa: E402
-    PG_ADMIN_URL,
-    REDIS_URL,
     Service,
     free_port,
-    private_database,
+    service_backend,
     service_env,
 )
 from shears.db.engine import make_engine, make_sessionmaker  # noqa: E402
@@ -170,11 +169,8 @@ def main() -> None:
         sys.exit("wrk not found: apt-get install -y wrk")
 
     workdir = Path(tempfile.mkdtemp(prefix="shears-bench-sse-"))
-    database_gen = None
-    database = broker = None
-    if args.backend == "postgres+redis":
-        database_gen = private_database(PG_ADMIN_URL)
-        database, broker = next(database_gen), REDIS_URL
+    cleanup = ExitStack()
+    database, broker = cleanup.enter_context(service_backend(args.backend))
     port = free_port()
     env = service_env(
         workdir / "data",
@@ -208,8 +204,7 @@ def main() -> None:
         thread.join(30)
     finally:
         svc.stop()
-        if database_gen is not None:
-            next(database_gen, None)
+        cleanup.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(

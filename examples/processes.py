@@ -50,6 +50,23 @@ def private_database(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+@contextlib.contextmanager
+def service_backend(backend: str) -> Iterator[tuple[str | None, str | None]]:
+    """``(database URL, broker URL)`` for a benchmark's service: ``"embedded"`` gives
+    ``(None, None)`` (SQLite and the in-process transport), ``"postgres+redis"`` a private
+    database on the shared PostgreSQL, dropped on exit, and the shared Redis."""
+    if backend == "embedded":
+        yield None, None
+        return
+    if backend != "postgres+redis":
+        raise ValueError(f"unknown backend {backend!r}")
+    database = private_database(PG_ADMIN_URL)
+    try:
+        yield next(database), REDIS_URL
+    finally:
+        next(database, None)
+
+
 @dataclass
 class Service:
     """A running API and worker on one backend; ``client`` talks to the API."""
