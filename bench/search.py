@@ -2,7 +2,7 @@
 ratios, before and after an equal fine-tune budget; and the sensitivity scan's wall time with one
 and two Celery workers.
 
-    .venv/bin/python -m bench.search quality            # ~10 min on 2 busy cores
+    .venv/bin/python -m bench.search quality            # 40 min on 2 cores at load 13-20
     .venv/bin/python -m bench.search quality --seeds 3 4 --out more.json   # more seeds, apart
     .venv/bin/python -m bench.search table docs/data/search_quality.json more.json
     .venv/bin/python -m bench.search scan               # starts the service twice
