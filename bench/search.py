@@ -1,4 +1,4 @@
-"""Ratios found automatically (issue 14): accuracy at equal MACs of four ways to choose per-layer
+"""Ratios found automatically (issue 14): accuracy at equal MACs of five ways to choose per-layer
 ratios, before and after an equal fine-tune budget; and the sensitivity scan's wall time with one
 and two Celery workers.
 
