@@ -1,8 +1,10 @@
-"""Ratios found automatically (issue 14): accuracy at equal MACs of four ways to choose per-layer
+"""Ratios found automatically (issue 14): accuracy at equal MACs of five ways to choose per-layer
 ratios, before and after an equal fine-tune budget; and the sensitivity scan's wall time with one
 and two Celery workers.
 
-    .venv/bin/python -m bench.search quality            # ~10 min on 2 busy cores
+    .venv/bin/python -m bench.search quality            # 40 min on 2 cores at load 13-20
+    .venv/bin/python -m bench.search quality --seeds 3 4 --out more.json   # more seeds, apart
+    .venv/bin/python -m bench.search table docs/data/search_quality.json more.json
     .venv/bin/python -m bench.search scan               # starts the service twice
     # results: docs/benchmarks.md ("Ratios found automatically")
 
@@ -11,9 +13,12 @@ to at most a MACs budget by
 - uniform: one channel ratio for every group (the largest that meets the budget);
 - global: Shears' `scope: global` ranking (scores normalised per group), ratio bisected;
 - Torch-Pruning: `MetaPruner(GroupMagnitudeImportance(p=2), global_pruning=True)`, ratio bisected;
+- LAMP: layer-adaptive magnitude (Lee et al. 2021) over channels: within each group a channel
+  scores its squared L2 norm over the sum of those of every channel at least as large, the
+  scores are ranked globally and the lowest removed until the budget is met (`lamp_ratios`);
 - search: Shears' sensitivity scan (each group alone at 0.1..0.9, loss on 512 training samples,
   BatchNorm re-estimated) and the greedy allocation of `pruning.target: {"macs": b}`.
-All four rank channels by magnitude (l2, Torch-Pruning's group L2) so the comparison is about
+All five rank channels by magnitude (l2, Torch-Pruning's group L2) so the comparison is about
 *allocation*. Accuracy on the held-out quarter: straight after pruning; after re-estimating the
 BatchNorm statistics on the 512 search samples (what a target job does, since its scan scored
 every cell that way; applied to every method alike); and after the same fine-tune from the raw
@@ -36,12 +41,16 @@ from torch import nn
 
 from core.finetune import set_training
 from core.formats.pt2.program import module_on, synthetic_inputs
+from core.importance import lamp_scores
 from core.metrics import count_macs
 from core.search import Scanner, reestimate_batchnorm, with_ratios
 from core.search.allocate import allocate_to_budget, uniform_to_budget
+from core.search.cost import CostModel
 from core.search.targets import curves_from_cells
+from core.search.units import ScanUnit
 from core.spec import JobSpec, PruningSpec
-from core.structure import prune_program
+from core.structure import analyze, prune_program
+from core.structure.importance import group_scores
 from examples.models import (
     ResidualCNN,
     accuracy,
@@ -109,6 +118,44 @@ def eager_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
+def lamp_ratios(
+    program: Program, spec: PruningSpec, units: list[ScanUnit], cost: CostModel, budget: float
+) -> dict[str, float]:
+    """LAMP's allocation, for channels: per group, ``s_u / sum(s_v, s_v >= s_u)`` over the l2
+    criterion's per-channel scores ``s`` (squared norms, so this is LAMP of the channel norms);
+    one global ranking of those; the fewest lowest-scored channels whose removal meets
+    ``budget`` (a fraction of the MACs, by the search's exact cost model). Each group keeps
+    one channel, as Shears' pruner does. Which channels go inside a group is the l2 order
+    either way: LAMP's score rises with the norm within a group."""
+    gm = program.module()
+    analysis = analyze(gm)
+    scores = group_scores(gm, analysis, spec.model_copy(update={"criterion": "l2"}))
+    by_first = {g.layers[0]: scores[g.id] for g in analysis.groups}
+    ranked: list[tuple[float, str]] = []
+    for unit in units:
+        score = by_first[unit.key]
+        assert score is not None, unit
+        assert len(score) == unit.size, unit
+        lamp = lamp_scores(score.clamp_min(0).sqrt())
+        # The largest channel of a group always scores 1 and is never reached: one stays.
+        ranked += [(float(v), unit.key) for v in sorted(lamp.tolist())[:-1]]
+    ranked.sort()
+
+    def ratios_at(k: int) -> dict[str, float]:
+        removed = dict.fromkeys((u.key for u in units), 0)
+        for _, key in ranked[:k]:
+            removed[key] += 1
+        return {u.key: removed[u.key] / u.size for u in units}
+
+    lo, hi = 0, len(ranked)  # the fewest removals that meet the budget (cost falls with k)
+    if cost.fraction("macs", ratios_at(hi)) > budget:
+        raise ValueError(f"LAMP cannot reach {budget} of the MACs")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if cost.fraction("macs", ratios_at(mid)) > budget else (lo, mid)
+    return ratios_at(lo)
+
+
 def bisect(measure: Callable[[float], float], budget: float, top: float = 0.95) -> float:
     """The largest ratio whose MAC fraction is within ``budget`` (measure is monotone)."""
     lo, hi = 0.0, top
@@ -161,6 +208,10 @@ def one_run(name: str, net: nn.Module, head: str, data, budget: float, seed: int
     start = time.perf_counter()
     uniform = uniform_to_budget(keys, lambda r: cost.fraction("macs", r), budget)
     record("uniform", prune(dict.fromkeys(keys, uniform)), time.perf_counter() - start)
+
+    start = time.perf_counter()
+    lamp = lamp_ratios(scanner.program, spec.pruning, scanner.units(), cost, budget)
+    record("lamp", prune(lamp), time.perf_counter() - start)
 
     start = time.perf_counter()
 
@@ -222,7 +273,7 @@ def print_table(results: list[dict]) -> None:
     keys = sorted({(r["model"], r["budget"]) for r in results}, key=lambda k: (k[0], -k[1]))
     for model, budget in keys:
         runs = [r for r in results if r["model"] == model and r["budget"] == budget]
-        for method in ("search", "torch_pruning", "global", "uniform", "dense"):
+        for method in ("search", "torch_pruning", "lamp", "global", "uniform", "dense"):
             values = [r["rows"][method] for r in runs]
 
             def med(k: str, values: list[dict[str, float]] = values) -> float:
@@ -327,12 +378,16 @@ def main() -> None:
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     q.add_argument("--out", type=Path, default=Path("docs/data/search_quality.json"))
+    t = sub.add_parser("table", help="the table of one or more quality runs' JSON, together")
+    t.add_argument("files", type=Path, nargs="+")
     s = sub.add_parser("scan")
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     s.add_argument("--out", type=Path, default=Path("docs/data/search_scan.json"))
     args = parser.parse_args()
     if args.what == "quality":
         quality(args.seeds, args.budgets, args.out)
+    elif args.what == "table":
+        print_table([entry for f in args.files for entry in json.loads(f.read_text())])
     else:
         scan(args.workers, args.out)
 

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 
-def torch_pruning_global(model: nn.Module, head: str, target: float, steps: int = 12) -> nn.Module:
+def torch_pruning_global(
+    model: nn.Module, head: str, target: float, steps: int = 12, keep: Sequence[str] = ()
+) -> nn.Module:
     """Torch-Pruning's global channel ranking (``GroupMagnitudeImportance(p=2)``,
     ``global_pruning=True``, the ``head`` layer kept whole) at the ratio, bisected, that leaves at
-    most ``target`` of the model's MACs on 1x8x8 inputs. Returns a pruned copy in eval mode."""
+    most ``target`` of the model's MACs on 1x8x8 inputs. Returns a pruned copy in eval mode.
+
+    ``keep``: more layers whose output channels stay (a fused ``qkv`` chunked into heads, which
+    Torch-Pruning cannot slice consistently and Shears' channel granularity leaves whole too)."""
     import torch_pruning as tp
 
     example = torch.randn(1, 1, 8, 8)
@@ -25,7 +31,7 @@ def torch_pruning_global(model: nn.Module, head: str, target: float, steps: int 
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             global_pruning=True,
             pruning_ratio=ratio,
-            ignored_layers=[copy_.get_submodule(head)],
+            ignored_layers=[copy_.get_submodule(name) for name in (head, *keep)],
         ).step()
         return copy_.eval()
 

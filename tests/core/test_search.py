@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from core.errors import InvalidSpec
 from core.formats.pt2.program import module_on, synthetic_inputs
 from core.metrics import count_macs
+from core.pipeline import MeasureConfig, PipelineData, run
 from core.search import (
     Scanner,
     reestimate_batchnorm,
@@ -26,10 +28,11 @@ from core.search.allocate import (
     Curve,
     allocate_to_budget,
     allocate_within_damage,
+    damage_budgets,
     uniform_to_budget,
 )
 from core.search.targets import check_target, curves_from_cells, refine_by_measurement
-from core.spec import JobSpec
+from core.spec import FineTuneSpec, JobSpec
 from core.structure import prune_program
 from examples.peers import torch_pruning_global
 from tests.factories import (
@@ -279,3 +282,133 @@ def test_searched_ratios_beat_uniform_and_match_torch_pruning_at_equal_macs(tmp_
     assert searched >= flat + 0.01 or searched >= dense - 0.005, (searched, flat, dense)
     assert searched >= peer_accuracy - 0.005, (searched, peer_accuracy)
     assert not np.isclose(searched, flat)
+
+
+class _HeadsAttention(nn.Module):
+    """Fused qkv split into heads of a fixed size (``-1``), so a narrower residual stream still
+    runs eagerly (Torch-Pruning prunes the eager model)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (
+            z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1)
+        )
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+class _PreNormBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = _HeadsAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """A pre-norm transformer reading an 8x8 digit as 8 tokens (its rows)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64, blocks: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.pos = nn.Parameter(torch.zeros(1, 8, dim))
+        self.blocks = nn.ModuleList(_PreNormBlock(dim, heads, hidden) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x.flatten(1, 2)) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x).mean(dim=1))
+
+
+def test_searched_ratios_beat_uniform_and_torch_pruning_on_a_transformer(tmp_path: Path) -> None:
+    x, y, x_test, y_test = digits_arrays()
+    net = train_digits_cnn(x, y, epochs=20, make=DigitsTransformer)
+    dense = accuracy(net, x_test, y_test)
+    assert dense >= 0.95  # a model worth pruning
+    model = export_digits(net, tmp_path / "transformer.pt2")
+    data = save_npz(tmp_path / "search.npz", inputs=x[:512], targets=y[:512])
+    chosen, scanner, uniform = _search(model, data, 0.5)
+    # The residual stream (embed, the attention's proj, the MLP's down) is one group, the MLP's
+    # hidden another; qkv stays whole at channel granularity (its channels are the heads').
+    assert [u.key for u in scanner.units()] == ["embed", "blocks.0.up"]
+    macs_dense, _ = measured(scanner.program, scanner.info)
+
+    def test_accuracy(ratios: dict[str, float]) -> tuple[float, float]:
+        pruned = prune_program(scanner.program, with_ratios(scanner.spec.pruning, ratios)).program
+        macs, _ = measured(pruned, scanner.info)
+        return accuracy(pruned.module(), x_test, y_test), macs / macs_dense
+
+    searched, searched_macs = test_accuracy(chosen)
+    flat, flat_macs = test_accuracy(dict.fromkeys(chosen, uniform))
+    assert 0.48 <= searched_macs <= 0.5, searched_macs
+    assert 0.46 <= flat_macs <= 0.5, flat_macs
+    peer = torch_pruning_global(net, "head", 0.5, keep=["blocks.0.attn.qkv"])
+    sample = torch.from_numpy(x_test[:1])
+    # The same MACs by the same count (torch's, attention included) as Shears' side.
+    peer_macs = count_macs(lambda: peer(sample), 1) / count_macs(lambda: net(sample), 1)
+    assert peer_macs <= 0.5, peer_macs
+    peer_accuracy = accuracy(peer, x_test, y_test)
+    assert searched >= flat + 0.01 or searched >= dense - 0.005, (searched, flat, dense)
+    assert searched >= peer_accuracy - 0.005, (searched, peer_accuracy)
+
+
+def test_max_accuracy_drop_with_fine_tuning_holds_at_under_half_the_macs(tmp_path: Path) -> None:
+    """A 1-point drop judged after 5 epochs of fine-tuning, on the evaluation data, with the
+    step-backs a job takes: the budgets of :func:`damage_budgets`, each verified in turn."""
+    x, y, x_test, y_test = digits_arrays()
+    net = train_digits_cnn(x, y, epochs=8, make=ResidualCNN)
+    model = export_digits(net, tmp_path / "res.pt2")
+    train = save_npz(tmp_path / "train.npz", inputs=x, targets=y)
+    test = save_npz(tmp_path / "test.npz", inputs=x_test, targets=y_test)
+    grid = [0.2, 0.4, 0.6, 0.8]
+    spec = job(
+        target={"max_accuracy_drop": 0.01}, search={"num_samples": 512, "grid": grid}
+    ).model_copy(update={"fine_tune": FineTuneSpec(epochs=5, lr=0.005)})
+    scanner = Scanner.open(spec, model, train)
+    baseline = scanner.score(None, 0.0)
+    keys = [u.key for u in scanner.units()]
+    cells = {(k, r): scanner.score(k, r) for k in keys for r in scanner.grid}
+    curves = curves_from_cells(keys, baseline, cells, "accuracy", higher_is_better=True)
+    cost = scanner.cost_model()
+
+    def macs(r: dict[str, float]) -> float:
+        return cost.fraction("macs", r)
+
+    # Budgeting the drop before fine-tuning, as if nothing were recovered, keeps too much.
+    assert allocate_within_damage(curves, macs, 0.01, sizes=cost.sizes).cost > 0.5
+    tried = []
+    for budget in damage_budgets(0.01, fine_tunes=True):
+        choice = allocate_within_damage(curves, macs, budget, sizes=cost.sizes)
+        resolved = spec.model_copy(update={"pruning": with_ratios(spec.pruning, choice.ratios)})
+        result = run(
+            resolved,
+            model,
+            tmp_path / f"out-{budget}",
+            measure=MeasureConfig(batch_size=8, warmup=0, repeats=1),
+            data=PipelineData(fine_tune=train, evaluation=test),
+            after_prune=lambda program: reestimate_program_batchnorm(program, scanner.data.inputs),
+        )
+        m = result.metrics
+        drop = m.eval_before["accuracy"] - m.eval_after_fine_tune["accuracy"]
+        tried.append((budget, m.macs_after / m.macs_before, drop))
+        if drop <= 0.01 + 1e-9:
+            break
+    budget, kept, drop = tried[-1]
+    assert m.eval_before["accuracy"] >= 0.95  # a model worth pruning
+    assert drop <= 0.01 + 1e-9, tried
+    assert kept <= 0.5, tried
+    assert m.eval_after_pruning["accuracy"] < m.eval_before["accuracy"] - 0.01  # recovered
