@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.finetune_digits import BUDGET, _replace_section, finetune_eager, shears, torch_prune  # noqa: E402
 from bench.scale import _reset_peak, _rss_kib, shears_global_l1  # noqa: E402
-from bench.structured import ResNet, Transformer, median_ms  # noqa: E402
+from bench.structured import ResNet, Transformer  # noqa: E402
 from core.metrics import count_macs  # noqa: E402
 from core.spec import PruningSpec  # noqa: E402
 from core.structure import prune_program  # noqa: E402
@@ -284,11 +284,14 @@ def latency(name: str, repeats: int, rounds: int) -> dict[str, Any]:
     forms["tp"], ratio = torch_pruning_at_macs(model, shape, macs_of(forms["shears"], shape), 0.5)
     x = torch.randn(batch, *shape)
     times: dict[str, list[float]] = {k: [] for k in forms}
+    cpu: dict[str, list[float]] = {k: [] for k in forms}
     with timing_lock():
         load = os.getloadavg()[0]
         for _ in range(rounds):  # interleaved, so drift on a shared machine hits every form
             for key, module in forms.items():
-                times[key].append(median_ms(module, x, repeats))
+                wall_ms, cpu_ms = median_ms(module, x, repeats)
+                times[key].append(wall_ms)
+                cpu[key].append(cpu_ms)
         profiles = {k: op_profile(forms[k], x, repeats) for k in ("dense_program", "shears", "tp")}
     out: dict[str, Any] = {
         "model": name,
@@ -305,9 +308,27 @@ def latency(name: str, repeats: int, rounds: int) -> dict[str, Any]:
             "macs_by_op": macs_by_op(module, shape),
             "ms": statistics.median(times[key]),
             "ms_all": times[key],
+            "cpu_ms": statistics.median(cpu[key]),
+            "cpu_ms_all": cpu[key],
         }
     print(f"latency {name}: {out}", flush=True)
     return out
+
+
+def median_ms(module: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time of this thread, in ms, of ``repeats`` forwards after
+    3 warm-up ones. With one torch thread the CPU time leaves out the time the scheduler gave
+    other processes, which on a loaded shared machine is most of the noise in the wall time."""
+    with torch.no_grad():
+        for _ in range(3):
+            module(x)
+        wall, cpu = [], []
+        for _ in range(repeats):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            module(x)
+            cpu.append((time.thread_time() - start_cpu) * 1000)
+            wall.append((time.perf_counter() - start) * 1000)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def op_profile(module: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, Any]:
@@ -345,9 +366,10 @@ def graph_ops(module: torch.fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def speedup_over_macs(row: dict[str, Any], side: str) -> float:
+def speedup_over_macs(row: dict[str, Any], side: str, clock: str = "ms") -> float:
+    """``clock``: ``ms`` for wall time, ``cpu_ms`` for this thread's CPU time."""
     base = row["dense_program" if side == "shears" else "dense_eager"]
-    return (base["ms"] / row[side]["ms"]) / (base["macs"] / row[side]["macs"])
+    return (base[clock] / row[side][clock]) / (base["macs"] / row[side]["macs"])
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -479,8 +501,8 @@ def prune_step_table(rows: list[dict[str, Any]]) -> str:
 def latency_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model (batch) | form | parameters | MACs / sample | latency (median of rounds) |"
-        " rounds | speedup ÷ MAC reduction |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+        " rounds | speedup ÷ MAC reduction | CPU time (median of rounds) | on CPU time |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     labels = {
         "dense_eager": "dense, eager module",
@@ -494,10 +516,15 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
             ratio = f"{speedup_over_macs(row, key):.2f}" if key in ("shears", "tp") else ""
             if key == "tp":
                 label += f", ratio {row['tp_ratio']:.3f}"
+            cpu, on_cpu = "", ""  # not measured before CPU time was recorded
+            if "cpu_ms" in r:
+                cpu = f"{r['cpu_ms']:.2f} ms"
+                if key in ("shears", "tp"):
+                    on_cpu = f"{speedup_over_macs(row, key, 'cpu_ms'):.2f}"
             lines.append(
                 f"| {MODELS[row['model']][0]} ({row['batch']}) | {label} | {r['params']:,} "
                 f"| {r['macs'] / 1e6:.2f} M | {r['ms']:.2f} ms "
-                f"| {' / '.join(f'{t:.1f}' for t in r['ms_all'])} | {ratio} |"
+                f"| {' / '.join(f'{t:.1f}' for t in r['ms_all'])} | {ratio} | {cpu} | {on_cpu} |"
             )
     return "\n".join(lines)
 
@@ -867,7 +894,9 @@ uniform ratio whose MACs come closest to Shears' (bisection), so both are at equ
 side's speedup is against its own dense form (Shears: the exported program; peer: the eager
 module). Latency = median of {args.repeats} runs after 3 warm-up runs, in interleaved rounds
 (each form once per round, so drift on the shared machine hits all of them); the table gives the
-median of the rounds and each round. {load_text}
+median of the rounds and each round. The last two columns time the same forwards by this
+thread's CPU time (`time.thread_time`; one torch thread), which leaves out the time the scheduler
+gave other processes: on a loaded shared machine, the steadier of the two. {load_text}
 
 {latency_table(latencies)}
 
