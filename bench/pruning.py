@@ -648,6 +648,21 @@ def bound_text(row: dict[str, Any]) -> str:
 
 def profile_section(row: dict[str, Any]) -> str:
     label = MODELS[row["model"]][0]
+    reduction = row["dense_program"]["macs"] / row["shears"]["macs"]
+    rounds = [
+        d / o / reduction
+        for d, o in zip(row["dense_program"]["ms_all"], row["shears"]["ms_all"], strict=True)
+    ]
+    spread = (
+        f"Round by round, Shears' speedup ÷ MAC reduction on wall time went from "
+        f"{min(rounds):.2f} to {max(rounds):.2f}"
+        + (
+            f" (on CPU time {speedup_over_macs(row, 'shears', 'cpu_ms'):.2f} over the rounds)"
+            if "cpu_ms" in row["shears"]
+            else ""
+        )
+        + ": on this shared machine one wall-clock run can land anywhere in that range."
+    )
     peer_bmm = row["tp"]["macs_by_op"].get("bmm", 0)
     dense_bmm = row["dense_eager"]["macs_by_op"].get("bmm", 0)
     return f"""
@@ -664,7 +679,7 @@ ops do not account for. Milliseconds per forward (share of that form's time).
 speedup ÷ MAC reduction {speedup_over_macs(row, "tp"):.2f}
 (Shears {speedup_over_macs(row, "shears"):.2f}); it also shrinks every head's q/k/v
 dimension, so its attention matmuls run
-{peer_bmm / 1e3:.0f} k MACs per sample instead of {dense_bmm / 1e3:.0f} k.
+{peer_bmm / 1e3:.0f} k MACs per sample instead of {dense_bmm / 1e3:.0f} k. {spread}
 
 """
 
