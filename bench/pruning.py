@@ -638,9 +638,8 @@ def bound_text(row: dict[str, Any]) -> str:
         f"they cost dense ({cats['dense_program'][attention]:.1f} vs "
         f"{cats['shears'][attention]:.1f} ms): with them at their dense cost and everything else "
         f"shrinking exactly with the MACs, speedup ÷ MAC reduction could be at most {bound:.2f}. "
-        f"Norms, activations and adds scale with the width, not with width × width as the "
-        f"linear layers' MACs do: {cats['dense_program'][norm] / cats['shears'][norm]:.2f}× "
-        f"faster for the {reduction:.2f}× MAC reduction. "
+        f"Norms, activations and adds: {cats['dense_program'][norm] / cats['shears'][norm]:.2f}× "
+        f"faster (they scale with the width, the linear layers' MACs with width × width). "
         f"Graph: {sum(ops['dense_program'].values())} op nodes dense, "
         f"{sum(ops['shears'].values())} after pruning."
     )
@@ -663,20 +662,33 @@ def profile_section(row: dict[str, Any]) -> str:
         )
         + ": on this shared machine one wall-clock run can land anywhere in that range."
     )
+    caveat = ""
+    if "cpu_ms" in row["shears"] and "load" in row:
+        caveat = (
+            f"This model was timed at a load average of {row['load']:.0f} on the 2 shared cores, "
+            "so its wall times swing by a third from round to round; its CPU-time ratios "
+            f"(Shears {speedup_over_macs(row, 'shears', 'cpu_ms'):.2f}, Torch-Pruning "
+            f"{speedup_over_macs(row, 'tp', 'cpu_ms'):.2f}) are the ones to read.\n\n"
+        )
     peer_bmm = row["tp"]["macs_by_op"].get("bmm", 0)
     dense_bmm = row["dense_eager"]["macs_by_op"].get("bmm", 0)
     return f"""
 #### Where the time goes: {label}, batch {row["batch"]}
 
-`torch.profiler` over {row["profile"]["shears"]["repeats"]} forwards per form, right after the
-timed rounds: each graph op's time with what it runs inside (an `addmm`'s bias copy counts to
+{caveat}`torch.profiler` over {row["profile"]["shears"]["repeats"]} forwards per form, right after
+the timed rounds: each graph op's time with what it runs inside (an `addmm`'s bias copy counts to
 the linear layer, a `reshape`'s copy to layout), grouped; "between the ops" is the wall time the
-ops do not account for. Milliseconds per forward (share of that form's time).
+ops do not account for. Milliseconds per forward (share of that form's time); wall-clock, so
+under load a category's time includes the preemptions that fell inside it.
 
 {profile_table(row)}
 
+Measured on its own after the other models: `.venv/bin/python -m bench.pruning --parts latency
+--models {row["model"]} --rounds {len(row["shears"]["ms_all"])} --load docs/data/pruning.json
+--save docs/data/pruning.json`.
+
 {bound_text(row)} Torch-Pruning on the same model, at {row["tp"]["macs"] / 1e6:.2f} M MACs:
-speedup ÷ MAC reduction {speedup_over_macs(row, "tp"):.2f}
+speedup ÷ MAC reduction on wall time {speedup_over_macs(row, "tp"):.2f}
 (Shears {speedup_over_macs(row, "shears"):.2f}); it also shrinks every head's q/k/v
 dimension, so its attention matmuls run
 {peer_bmm / 1e3:.0f} k MACs per sample instead of {dense_bmm / 1e3:.0f} k. {spread}
