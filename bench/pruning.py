@@ -6,7 +6,8 @@
   - accuracy at equal sparsity (50/80/90/95%) with an equal fine-tune budget (digits CNN).
 * vs Torch-Pruning (``MagnitudePruner`` + ``GroupMagnitudeImportance(p=2)``):
   - accuracy at equal MACs with an equal fine-tune budget (digits CNN, 25/50/75% channels);
-  - delivered latency speedup ÷ MAC reduction (all three models, 50% channels).
+  - delivered latency speedup ÷ MAC reduction (all four models, 50% channels), and where the
+    time goes per graph op (``torch.profiler``) on the dense and both pruned forms.
 
 Shears runs what a job runs (``core.pipeline.run`` for accuracy, ``core.structure.prune_program``
 and ``core.unstructured.prune_magnitude_in_place`` for the timed steps). The peers run on the eager
@@ -46,12 +47,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.finetune_digits import BUDGET, _replace_section, finetune_eager, shears, torch_prune  # noqa: E402
 from bench.scale import _reset_peak, _rss_kib, shears_global_l1  # noqa: E402
-from bench.structured import ResNet, Transformer, median_ms  # noqa: E402
+from bench.structured import ResNet, Transformer  # noqa: E402
 from core.metrics import count_macs  # noqa: E402
 from core.spec import PruningSpec  # noqa: E402
 from core.structure import prune_program  # noqa: E402
 from examples.models import (  # noqa: E402
     DigitsCNN,
+    SmallTransformer,
     accuracy,
     digits_arrays,
     export_digits,
@@ -66,6 +68,8 @@ MODELS: dict[str, tuple[str, tuple[int, ...], int]] = {
     "digits": ("digits CNN (8x8)", (1, 8, 8), 256),
     "resnet": ("ResNet-18-style (CIFAR 32x32)", (3, 32, 32), 32),
     "transformer": ("Transformer, 12 layers (d 384, 6 heads, T 128)", (128, 32), 8),
+    # Issue 12's small model: attention written out by hand (matmul, softmax, matmul).
+    "small_transformer": ("Small transformer, 4 layers (d 128, 4 heads, T 8)", (8, 32), 256),
 }
 
 
@@ -75,6 +79,8 @@ def build(name: str) -> nn.Module:
         return DigitsCNN().eval()
     if name == "resnet":
         return ResNet().eval()
+    if name == "small_transformer":
+        return SmallTransformer().eval()
     return Transformer(dim=384, heads=6, hidden=1536, depth=12).eval()
 
 
@@ -157,7 +163,7 @@ def torch_pruning(model: nn.Module, shape: tuple[int, ...], ratio: float) -> nn.
 
     peer = copy.deepcopy(model)
     extra: dict[str, Any] = {}
-    if isinstance(peer, Transformer):
+    if isinstance(peer, (Transformer, SmallTransformer)):
         # Hand-written attention infers the head size from the width, so q/k/v must shrink by
         # whole head dimensions; Torch-Pruning needs the head counts to do so.
         extra = {
@@ -177,6 +183,18 @@ def torch_pruning(model: nn.Module, shape: tuple[int, ...], ratio: float) -> nn.
     return peer.eval()
 
 
+def macs_by_op(module: nn.Module, shape: tuple[int, ...]) -> dict[str, int]:
+    """MACs per sample by the kernel that runs them: ``addmm``/``mm`` are the linear layers,
+    ``bmm`` the activation × activation matmuls of attention, ``convolution`` the convolutions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, *shape)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    counts = counter.get_flop_counts().get("Global", {})
+    return {str(op).split(".")[-1]: round(n / 2 / 2) for op, n in counts.items()}
+
+
 def macs_of(module: nn.Module, shape: tuple[int, ...]) -> int:
     x = torch.randn(2, *shape)
     return count_macs(lambda: module(x), 2)
@@ -186,18 +204,19 @@ def torch_pruning_at_macs(
     model: nn.Module, shape: tuple[int, ...], target: int, first: float
 ) -> tuple[nn.Module, float]:
     """Torch-Pruning's uniform ratio whose MACs come closest to ``target``, trying Shears' own
-    ratio first, then bisecting over ratios k/64 (MACs fall as k grows). Multiples of 1/64 keep
-    the transformer's residual width and head dimensions shrinking in step (384·k/64 = 6 heads ×
-    64·k/64), which its attention's reshape needs."""
+    ratio first, then bisecting over ratios k/steps (MACs fall as k grows). Multiples of
+    1/steps keep a transformer's residual width and head dimensions shrinking in step (384·k/64
+    = 6 heads × 64·k/64; 128·k/32 = 4 heads × 32·k/32), which its attention's reshape needs."""
+    steps = 32 if isinstance(model, SmallTransformer) else 64
     best = torch_pruning(model, shape, first)
     best_ratio, best_gap = first, abs(macs_of(best, shape) - target)
-    lo, hi = 0, 61
+    lo, hi = 0, steps - 3
     while best_gap > target * 0.002 and hi - lo > 1:
         k = (lo + hi) // 2
-        peer = torch_pruning(model, shape, k / 64)
+        peer = torch_pruning(model, shape, k / steps)
         macs = macs_of(peer, shape)
         if abs(macs - target) < best_gap:
-            best, best_ratio, best_gap = peer, k / 64, abs(macs - target)
+            best, best_ratio, best_gap = peer, k / steps, abs(macs - target)
         lo, hi = (k, hi) if macs > target else (lo, k)
     return best, best_ratio
 
@@ -265,25 +284,92 @@ def latency(name: str, repeats: int, rounds: int) -> dict[str, Any]:
     forms["tp"], ratio = torch_pruning_at_macs(model, shape, macs_of(forms["shears"], shape), 0.5)
     x = torch.randn(batch, *shape)
     times: dict[str, list[float]] = {k: [] for k in forms}
+    cpu: dict[str, list[float]] = {k: [] for k in forms}
     with timing_lock():
+        load = os.getloadavg()[0]
         for _ in range(rounds):  # interleaved, so drift on a shared machine hits every form
             for key, module in forms.items():
-                times[key].append(median_ms(module, x, repeats))
-    out: dict[str, Any] = {"model": name, "batch": batch, "tp_ratio": ratio}
+                wall_ms, cpu_ms = median_ms(module, x, repeats)
+                times[key].append(wall_ms)
+                cpu[key].append(cpu_ms)
+        profiles = {k: op_profile(forms[k], x, repeats) for k in ("dense_program", "shears", "tp")}
+    out: dict[str, Any] = {
+        "model": name,
+        "batch": batch,
+        "tp_ratio": ratio,
+        "load": load,
+        "profile": profiles,
+        "ops": {k: graph_ops(forms[k]) for k in ("dense_program", "shears")},
+    }
     for key, module in forms.items():
         out[key] = {
             "params": sum(p.numel() for p in module.parameters()),
             "macs": macs_of(module, shape),
+            "macs_by_op": macs_by_op(module, shape),
             "ms": statistics.median(times[key]),
             "ms_all": times[key],
+            "cpu_ms": statistics.median(cpu[key]),
+            "cpu_ms_all": cpu[key],
         }
     print(f"latency {name}: {out}", flush=True)
     return out
 
 
-def speedup_over_macs(row: dict[str, Any], side: str) -> float:
+def median_ms(module: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time of this thread, in ms, of ``repeats`` forwards after
+    3 warm-up ones. With one torch thread the CPU time leaves out the time the scheduler gave
+    other processes, which on a loaded shared machine is most of the noise in the wall time."""
+    with torch.no_grad():
+        for _ in range(3):
+            module(x)
+        wall, cpu = [], []
+        for _ in range(repeats):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            module(x)
+            cpu.append((time.thread_time() - start_cpu) * 1000)
+            wall.append((time.perf_counter() - start) * 1000)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def op_profile(module: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """Where one forward's time goes: per ATen op that the forward calls itself (a graph node;
+    eager modules call the same ops), its calls and milliseconds with everything it runs inside
+    (an ``addmm``'s bias copy counts to ``linear``, a ``reshape``'s copy to ``reshape``); what the
+    wall time has beyond those is Python and dispatch between the ops. The profiler's own cost
+    is in both, so compare shares and forms, not these with the timed latencies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(3):
+            module(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                module(x)
+            wall = (time.perf_counter() - start) * 1000 / repeats
+    ops: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.cpu_parent is not None or not event.name.startswith("aten::"):
+            continue
+        calls_ms = ops.setdefault(event.name.removeprefix("aten::"), [0.0, 0.0])
+        calls_ms[0] += 1 / repeats
+        calls_ms[1] += event.cpu_time_total / 1000 / repeats
+    return {"wall_ms": wall, "ops": ops, "repeats": repeats}
+
+
+def graph_ops(module: torch.fx.GraphModule) -> dict[str, int]:
+    """Op nodes of an exported program's graph, by op: pruning must not add any."""
+    counts: dict[str, int] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_function":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
+def speedup_over_macs(row: dict[str, Any], side: str, clock: str = "ms") -> float:
+    """``clock``: ``ms`` for wall time, ``cpu_ms`` for this thread's CPU time."""
     base = row["dense_program" if side == "shears" else "dense_eager"]
-    return (base["ms"] / row[side]["ms"]) / (base["macs"] / row[side]["macs"])
+    return (base[clock] / row[side][clock]) / (base["macs"] / row[side]["macs"])
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -415,8 +501,8 @@ def prune_step_table(rows: list[dict[str, Any]]) -> str:
 def latency_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model (batch) | form | parameters | MACs / sample | latency (median of rounds) |"
-        " rounds | speedup ÷ MAC reduction |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+        " rounds | speedup ÷ MAC reduction | CPU time (median of rounds) | on CPU time |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     labels = {
         "dense_eager": "dense, eager module",
@@ -430,12 +516,184 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
             ratio = f"{speedup_over_macs(row, key):.2f}" if key in ("shears", "tp") else ""
             if key == "tp":
                 label += f", ratio {row['tp_ratio']:.3f}"
+            cpu, on_cpu = "", ""  # not measured before CPU time was recorded
+            if "cpu_ms" in r:
+                cpu = f"{r['cpu_ms']:.2f} ms"
+                if key in ("shears", "tp"):
+                    on_cpu = f"{speedup_over_macs(row, key, 'cpu_ms'):.2f}"
             lines.append(
                 f"| {MODELS[row['model']][0]} ({row['batch']}) | {label} | {r['params']:,} "
                 f"| {r['macs'] / 1e6:.2f} M | {r['ms']:.2f} ms "
-                f"| {' / '.join(f'{t:.1f}' for t in r['ms_all'])} | {ratio} |"
+                f"| {' / '.join(f'{t:.1f}' for t in r['ms_all'])} | {ratio} | {cpu} | {on_cpu} |"
             )
     return "\n".join(lines)
+
+
+# Graph ops by what they cost: the linear layers (which channel pruning shrinks), the attention's
+# activation-by-activation matmuls and softmax, moves between layouts, and the rest.
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "linear layers (linear, conv)": ("linear", "conv2d", "conv1d", "addmm", "mm", "convolution"),
+    "attention matmuls, softmax, scale": (
+        "matmul",
+        "bmm",
+        "softmax",
+        "_softmax",
+        "mul",
+        "scaled_dot_product_attention",
+    ),
+    "layout (reshape, transpose, split, copies)": (
+        "reshape",
+        "view",
+        "transpose",
+        "permute",
+        "split",
+        "unbind",
+        "contiguous",
+        "clone",
+        "select",
+        "slice",
+        "expand",
+        "t",
+        "flatten",
+        "_unsafe_view",
+        "unsqueeze",
+        "squeeze",
+        "chunk",
+        "narrow",
+        "index_select",
+    ),
+}
+OTHER = "norms, activations, adds, pooling"
+OUTSIDE = "between the ops (Python, dispatch)"
+
+
+def categorised(profile: dict[str, Any]) -> dict[str, float]:
+    out = {name: 0.0 for name in (*CATEGORIES, OTHER)}
+    for op, (_, ms) in profile["ops"].items():
+        name = next((c for c, ops in CATEGORIES.items() if op in ops), OTHER)
+        out[name] += ms
+    out[OUTSIDE] = max(0.0, profile["wall_ms"] - sum(out.values()))
+    return out
+
+
+def profile_table(row: dict[str, Any]) -> str:
+    """Per forward, under torch.profiler: each category's milliseconds and share of the form's
+    time, for the dense program, Shears and Torch-Pruning."""
+    forms = ("dense_program", "shears", "tp")
+    cats = {k: categorised(row["profile"][k]) for k in forms}
+    walls = {k: row["profile"][k]["wall_ms"] for k in forms}
+    lines = [
+        "| graph ops | dense program | Shears 50% channels | Torch-Pruning | dense ÷ Shears |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in cats["dense_program"]:
+
+        def cell(k: str, name: str = name) -> str:
+            return f"{cats[k][name]:.1f} ms ({100 * cats[k][name] / walls[k]:.0f}%)"
+
+        faster = cats["dense_program"][name] / max(cats["shears"][name], 1e-9)
+        lines.append(
+            f"| {name} | {cell('dense_program')} | {cell('shears')} | {cell('tp')} "
+            f"| {faster:.2f}× |"
+        )
+    lines.append(
+        "| total (wall, under the profiler) | "
+        + " | ".join(f"{walls[k]:.1f} ms" for k in forms)
+        + f" | {walls['dense_program'] / walls['shears']:.2f}× |"
+    )
+    return "\n".join(lines)
+
+
+def bound_text(row: dict[str, Any]) -> str:
+    """What bounds speedup ÷ MAC reduction on this model, from its profile and MAC split."""
+    dense, ours = row["dense_program"], row["shears"]
+    cats = {k: categorised(row["profile"][k]) for k in ("dense_program", "shears")}
+    linear = next(iter(CATEGORIES))
+    lin_macs = {
+        k: sum(v for op, v in row[k]["macs_by_op"].items() if op in ("addmm", "mm", "convolution"))
+        for k in ("dense_program", "shears")
+    }
+    fixed = [name for name in cats["shears"] if name != linear]
+    share = {k: sum(cats[k][n] for n in fixed) / row["profile"][k]["wall_ms"] for k in cats}
+    bmm = {k: row[k]["macs_by_op"].get("bmm", 0) for k in ("dense_program", "shears")}
+    ops = row["ops"]
+    # The best this model allows when the attention's own ops keep their dense cost (channel
+    # pruning leaves the heads alone) and everything else shrinks exactly with the MACs.
+    attention = next(c for c in CATEGORIES if c.startswith("attention"))
+    wall = row["profile"]["dense_program"]["wall_ms"]
+    reduction = dense["macs"] / ours["macs"]
+    fixed_ms = cats["dense_program"][attention]
+    bound = wall / ((wall - fixed_ms) / reduction + fixed_ms) / reduction
+    norm = OTHER
+    return (
+        f"Linear layers: {cats['dense_program'][linear]:.1f} → {cats['shears'][linear]:.1f} ms "
+        f"({cats['dense_program'][linear] / cats['shears'][linear]:.2f}× faster for "
+        f"{lin_macs['dense_program'] / max(lin_macs['shears'], 1):.2f}× fewer MACs). "
+        f"Attention's activation matmuls: {bmm['dense_program'] / 1e3:.0f} k → "
+        f"{bmm['shears'] / 1e3:.0f} k MACs per sample "
+        f"({100 * bmm['dense_program'] / dense['macs']:.1f}% → "
+        f"{100 * bmm['shears'] / ours['macs']:.1f}% of the MACs). Everything but the linear "
+        f"layers takes {100 * share['dense_program']:.0f}% of the dense program's time and "
+        f"{100 * share['shears']:.0f}% of Shears'. The attention's matmuls and softmax cost what "
+        f"they cost dense ({cats['dense_program'][attention]:.1f} vs "
+        f"{cats['shears'][attention]:.1f} ms): with them at their dense cost and everything else "
+        f"shrinking exactly with the MACs, speedup ÷ MAC reduction could be at most {bound:.2f}. "
+        f"Norms, activations and adds: {cats['dense_program'][norm] / cats['shears'][norm]:.2f}× "
+        f"faster (they scale with the width, the linear layers' MACs with width × width). "
+        f"Graph: {sum(ops['dense_program'].values())} op nodes dense, "
+        f"{sum(ops['shears'].values())} after pruning."
+    )
+
+
+def profile_section(row: dict[str, Any]) -> str:
+    label = MODELS[row["model"]][0]
+    reduction = row["dense_program"]["macs"] / row["shears"]["macs"]
+    rounds = [
+        d / o / reduction
+        for d, o in zip(row["dense_program"]["ms_all"], row["shears"]["ms_all"], strict=True)
+    ]
+    spread = (
+        f"Round by round, Shears' speedup ÷ MAC reduction on wall time went from "
+        f"{min(rounds):.2f} to {max(rounds):.2f}"
+        + (
+            f" (on CPU time {speedup_over_macs(row, 'shears', 'cpu_ms'):.2f} over the rounds)"
+            if "cpu_ms" in row["shears"]
+            else ""
+        )
+        + ": on this shared machine one wall-clock run can land anywhere in that range."
+    )
+    caveat = ""
+    if "cpu_ms" in row["shears"] and "load" in row:
+        caveat = (
+            f"This model was timed at a load average of {row['load']:.0f} on the 2 shared cores, "
+            "so its wall times swing by a third from round to round; its CPU-time ratios "
+            f"(Shears {speedup_over_macs(row, 'shears', 'cpu_ms'):.2f}, Torch-Pruning "
+            f"{speedup_over_macs(row, 'tp', 'cpu_ms'):.2f}) are the ones to read.\n\n"
+        )
+    peer_bmm = row["tp"]["macs_by_op"].get("bmm", 0)
+    dense_bmm = row["dense_eager"]["macs_by_op"].get("bmm", 0)
+    return f"""
+#### Where the time goes: {label}, batch {row["batch"]}
+
+{caveat}`torch.profiler` over {row["profile"]["shears"]["repeats"]} forwards per form, right after
+the timed rounds: each graph op's time with what it runs inside (an `addmm`'s bias copy counts to
+the linear layer, a `reshape`'s copy to layout), grouped; "between the ops" is the wall time the
+ops do not account for. Milliseconds per forward (share of that form's time); wall-clock, so
+under load a category's time includes the preemptions that fell inside it.
+
+{profile_table(row)}
+
+Measured on its own after the other models: `.venv/bin/python -m bench.pruning --parts latency
+--models {row["model"]} --rounds {len(row["shears"]["ms_all"])} --load docs/data/pruning.json
+--save docs/data/pruning.json`.
+
+{bound_text(row)} Torch-Pruning on the same model, at {row["tp"]["macs"] / 1e6:.2f} M MACs:
+speedup ÷ MAC reduction on wall time {speedup_over_macs(row, "tp"):.2f}
+(Shears {speedup_over_macs(row, "shears"):.2f}); it also shrinks every head's q/k/v
+dimension, so its attention matmuls run
+{peer_bmm / 1e3:.0f} k MACs per sample instead of {dense_bmm / 1e3:.0f} k. {spread}
+
+"""
 
 
 def plot(results: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
@@ -521,6 +779,12 @@ def main() -> None:
         default={"prune-step", "latency", "accuracy"},
         help="what to measure now, comma-separated: prune-step,latency,accuracy (default: all)",
     )
+    parser.add_argument(
+        "--models",
+        type=lambda text: text.split(","),
+        default=list(MODELS),
+        help="latency: the models to measure now, comma-separated (the others come from --load)",
+    )
     parser.add_argument("--prune-step-side", choices=["shears", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -539,7 +803,10 @@ def main() -> None:
         with timing_lock():
             saved["prune_step"] = prune_step(args.sparsity, args.repeats)
     if "latency" in args.parts:
-        saved["latency"] = [latency(name, args.repeats, args.rounds) for name in MODELS]
+        measured = {name: latency(name, args.repeats, args.rounds) for name in args.models}
+        kept = {r["model"]: r for r in saved.get("latency", []) if r["model"] not in measured}
+        both = {**kept, **measured}
+        saved["latency"] = [both[name] for name in MODELS if name in both]
     if "accuracy" in args.parts:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         saved["accuracy"] = []
@@ -598,6 +865,16 @@ def write_doc(
         if args.load
         else ""
     )
+    loads = [f"{MODELS[r['model']][0]} {r['load']:.1f}" for r in latencies if "load" in r]
+    load_text = (
+        "Load average (1 min) of the shared machine when a model's timed part began: "
+        + "; ".join(loads)
+        + " (not recorded for the others)."
+        if loads
+        else ""
+    )
+    lowest = MODELS[min(ratios, key=lambda m: ratios[m][0])][0]
+    profile_text = "".join(profile_section(r) for r in latencies if "profile" in r)
     ratio_text = "; ".join(
         f"{MODELS[m][0]}: Shears {a:.2f}, Torch-Pruning {b:.2f}" for m, (a, b) in ratios.items()
     )
@@ -638,22 +915,25 @@ section for the goal at scale.
 
 Shears removes 50% of the channels of every prunable group (`criterion l2, granularity channel`)
 from the exported program and re-exports it. Torch-Pruning (`MagnitudePruner` +
-`GroupMagnitudeImportance(p=2)`, classifier ignored; for the transformer `num_heads` with
-`prune_head_dims=True`, as its hand-written attention requires) prunes the eager module with the
+`GroupMagnitudeImportance(p=2)`, classifier ignored; for the transformers `num_heads` with
+`prune_head_dims=True`, as their hand-written attention requires) prunes the eager module with the
 uniform ratio whose MACs come closest to Shears' (bisection), so both are at equal MACs. Each
 side's speedup is against its own dense form (Shears: the exported program; peer: the eager
-module). Latency = median of {args.repeats} runs after 3 warm-up runs, in {args.rounds}
-interleaved rounds; the table gives the median of the rounds and each round.
+module). Latency = median of {args.repeats} runs after 3 warm-up runs, in interleaved rounds
+(each form once per round, so drift on the shared machine hits all of them); the table gives the
+median of the rounds and each round. The last two columns time the same forwards by this
+thread's CPU time (`time.thread_time`; one torch thread), which leaves out the time the scheduler
+gave other processes: on a loaded shared machine, the steadier of the two. {load_text}
 
 {latency_table(latencies)}
 
 Speedup ÷ MAC reduction (goal ≥ 0.8): {ratio_text}.
-On the transformer the two prune different things at the same MACs: Shears' `channel`
+On the transformers the two prune different things at the same MACs: Shears' `channel`
 granularity halves the MLP hidden width and the residual stream and leaves attention to `head`
 pruning, while Torch-Pruning also shrinks every head's q/k/v dimension. The smaller a model's
-kernels, the larger the share of fixed per-operator costs that pruning does not remove, which is
-why the digits CNN has the lowest ratio.
-
+kernels, the larger the share of per-operator costs that do not shrink with the MACs (see the
+profile below); the lowest ratio here is Shears' on the {lowest}.
+{profile_text}
 ### Accuracy at equal sparsity vs torch.nn.utils.prune (digits CNN)
 
 The digits CNN (3 convolutions with BatchNorm, dropout 0.1, one linear layer; 19k conv/linear

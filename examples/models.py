@@ -188,3 +188,59 @@ class Attention(nn.Module):
         v = v.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
         return self.proj(y)
+
+
+class MatmulAttention(nn.Module):
+    """Attention as a user writes it by hand: one qkv projection, reshape into heads,
+    ``q @ kᵀ``, softmax, ``@ v``, output projection (no fused kernel)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        hs = c // self.heads
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        q = q.reshape(b, t, self.heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.reshape(b, t, self.heads, hs).transpose(1, 2)
+        v = v.reshape(b, t, self.heads, hs).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * hs**-0.5
+        y = att.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class SmallTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = MatmulAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class SmallTransformer(nn.Module):
+    """A small pre-norm transformer with hand-written attention: (B, tokens, features) in,
+    10 classes out (mean over tokens). The defaults are the model of issue 12's latency report:
+    d 128, 4 heads, MLP 512, 4 layers, 8 tokens of 32 features."""
+
+    def __init__(
+        self, dim: int = 128, heads: int = 4, hidden: int = 512, depth: int = 4, features: int = 32
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.blocks = nn.Sequential(
+            *(SmallTransformerBlock(dim, heads, hidden) for _ in range(depth))
+        )
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.blocks(self.embed(x))).mean(dim=1))

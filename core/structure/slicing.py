@@ -134,8 +134,11 @@ def apply_channels(
                 continue
             tensor = _get_tensor(gm, member.target)
             index = label_indices(member.label, kept, sizes)
+            # Contiguous whatever the original's layout: a strided weight would send every
+            # linear/conv call of the smaller program down a slower kernel path.
+            sliced = slice_member(tensor, member, index, sizes)
             _set_tensor(
-                gm, member.target, slice_member(tensor, member, index, sizes).clone(), analysis
+                gm, member.target, sliced.clone(memory_format=torch.contiguous_format), analysis
             )
     by_name = {n.name: n for n in gm.graph.nodes}
     rewrites = {(r.node, r.arg, r.index): r for g in analysis.groups for r in g.rewrites}

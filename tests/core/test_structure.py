@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from core.pipeline import MeasureConfig, run
 from core.spec import JobSpec, PruningSpec
 from core.structure import analyze, plan_channels, prune_program
 from core.structure.slicing import apply_channels, mask_channels, reexport
+from examples.models import SmallTransformer
 from tests.core.archs import ARCHS, MLP, ResidualCNN, export
 
 FEW = settings(
@@ -77,6 +79,58 @@ def test_half_the_channels_leaves_at_most_0_6_of_the_parameters(arch: str) -> No
     assert result.program.module()(x).shape == program.module()(x).shape
     ratio = n_params(result.program) / n_params(program)
     assert ratio <= 0.6, ratio
+
+
+def op_nodes(program: torch.export.ExportedProgram) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
+def assert_no_slower_path(
+    program: torch.export.ExportedProgram, pruned: torch.export.ExportedProgram
+) -> None:
+    """What the smaller program runs: the dense graph's ops, none added (no gathers, slices or
+    copies left from slicing), and contiguous weights, also after a save/load round trip: a
+    strided weight sends linear/conv to a slower kernel path, which costs latency per call."""
+    dense, small = op_nodes(program), op_nodes(pruned)
+    assert all(small.get(op, 0) <= n for op, n in dense.items()), (dense, small)
+    assert set(small) <= set(dense), set(small) - set(dense)
+    buffer = io.BytesIO()
+    torch.export.save(pruned, buffer)
+    buffer.seek(0)
+    for form in (pruned, torch.export.load(buffer)):
+        strided = [n for n, t in form.state_dict.items() if not t.is_contiguous()]
+        assert not strided, strided
+
+
+@FEW
+@given(arch=st.sampled_from(sorted(ARCHS)), granularity=st.sampled_from(["channel", "head"]))
+def test_the_smaller_program_runs_no_extra_ops_on_contiguous_weights(
+    arch: str, granularity: str
+) -> None:
+    spec = ARCHS[arch]
+    program = export(spec.build(2), spec.input_shape)
+    pruned = prune_program(program, channel(granularity=granularity)).program
+    assert_no_slower_path(program, pruned)
+
+
+def test_the_small_latency_transformer_shrinks_every_linear_it_can() -> None:
+    """The hand-written-attention transformer of the latency benchmark (issue 12): 50% channels
+    halves the residual stream and the MLP, adds no op, and leaves the attention's head
+    reshapes valid (the batch size stays dynamic)."""
+    torch.manual_seed(0)
+    program = export(SmallTransformer(dim=32, heads=4, hidden=64, depth=2, features=8), (8, 8))
+    result = prune_program(program, channel())
+    assert_no_slower_path(program, result.program)
+    shapes = {n: tuple(t.shape) for n, t in result.program.state_dict.items()}
+    assert shapes["blocks.0.up.weight"] == (32, 16)
+    assert shapes["blocks.0.attn.qkv.weight"] == (96, 16)  # heads are `head` pruning's
+    assert shapes["blocks.1.attn.proj.weight"] == (16, 32)
+    for batch in (1, 7):
+        assert result.program.module()(torch.randn(batch, 8, 8)).shape == (batch, 10)
 
 
 @pytest.mark.parametrize("arch", ["residual", "transformer"])
