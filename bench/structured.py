@@ -140,6 +140,7 @@ BN_SAMPLES = 256
 def _eager_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     """Torch-Pruning's model gets the same re-estimation as Shears: one batch, train mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: one batch gives exactly its statistics
@@ -150,6 +151,10 @@ def _eager_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         model(x)
     model.eval()
+    # Left at None, the peer's fine-tune would average its running statistics over every step
+    # (stale weights included) instead of the last ones, as Shears' exported graph does.
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def _shears_side(path: Path, criterion: str, ratio: float, data: Any, x_test, y_test, seed: int):
