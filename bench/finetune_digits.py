@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -231,13 +232,14 @@ def train_dense(x, y, seed: int, epochs: int = 15) -> nn.Module:
     return train_digits_cnn(x, y, epochs=epochs, seed=seed, make=lambda: ResidualCNN(width=16))
 
 
-def plain_loop(model: nn.Module, x, y, seed: int) -> None:
+def plain_loop(model: nn.Module, x, y, seed: int, draw: int = 0) -> None:
     """The user's ten-line loop: AdamW at its defaults (weight decay 0.01), constant lr, the
-    same epochs and batch size, BatchNorm and dropout in train mode."""
+    same epochs and batch size, BatchNorm and dropout in train mode. ``draw`` > 0 shuffles with
+    another generator seed: the same loop on another batch order."""
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     batch = USER_BUDGET["batch_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=USER_BUDGET["lr"])
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1000 * draw)
     model.train()
     for _ in range(int(USER_BUDGET["epochs"])):
         order = torch.randperm(len(yt), generator=generator)
@@ -268,7 +270,7 @@ def same_order_loop(model: nn.Module, x, y, seed: int) -> None:
 
 
 def one_seed(
-    seed: int, root: Path, variants: list[str], sparsities: list[float]
+    seed: int, root: Path, variants: list[str], sparsities: list[float], draws: int = 0
 ) -> dict[float, dict[str, dict[str, float]]]:
     """One dense model per seed, pruned at every ratio: {sparsity: {method: figures}}."""
     x, y, x_test, y_test = digits_arrays(seed)
@@ -284,7 +286,13 @@ def one_seed(
             results[name] = shears_variant(
                 model_path, train, test, root / f"{name}-{sparsity}", VARIANTS[name], seed, sparsity
             )
-        for peer, loop in (("plain_loop", plain_loop), ("same_order", same_order_loop)):
+        loops: dict[str, Callable[[nn.Module, Any, Any, int], None]] = {
+            "plain_loop": plain_loop,
+            "same_order": same_order_loop,
+        }
+        for draw in range(1, draws + 1):
+            loops[f"order{draw}"] = functools.partial(plain_loop, draw=draw)
+        for peer, loop in loops.items():
             results[peer] = torch_prune(
                 model, x, y, x_test, y_test, seed, sparsity, layers=PRUNABLE, loop=loop
             )
@@ -303,6 +311,9 @@ LABELS = {
     "plain_loop": "torch.nn.utils.prune + plain loop (AdamW defaults, constant lr)",
     "same_order": "torch.nn.utils.prune + plain loop fed Shears' batch order",
 }
+
+
+ORDER_LABEL = "torch.nn.utils.prune + plain loop, batch order drawn with seed + {}000"
 
 
 def versus(results: list[dict[str, dict[str, float]]], key: str) -> str:
@@ -328,10 +339,12 @@ def table(results: list[dict[str, dict[str, float]]], keys: list[str]) -> str:
         f"| dense (no pruning) | | {100 * med('dense', 'tuned'):.2f}% "
         f"| {per_seed('dense', 'tuned')} | | 0% |",
     ]
-    peers = ["plain_loop"] + (["same_order"] if all("same_order" in r for r in results) else [])
+    others = ["same_order", *(f"order{d}" for d in range(1, 10))]
+    peers = ["plain_loop"] + [p for p in others if all(p in r for r in results)]
     for key in [*keys, *peers]:
         lines.append(
-            f"| {LABELS[key]} | {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
+            f"| {LABELS.get(key, ORDER_LABEL.format(key[5:]))} "
+            f"| {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
             f"| {per_seed(key, 'tuned')} | {versus(results, key) if key in keys else ''} "
             f"| {100 * med(key, 'sparsity'):.2f}% |"
         )
@@ -342,7 +355,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
-    parser.add_argument("--variants", nargs="+", default=["defaults"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=["defaults"], choices=list(VARIANTS))
+    parser.add_argument(
+        "--order-draws", type=int, default=0, help="also run the plain loop on N other orders"
+    )
     parser.add_argument("--out", type=Path, help="also write the raw figures (JSON) there")
     parser.add_argument(
         "--load", type=Path, nargs="+", help="merge raw figures of earlier runs (JSON) instead"
@@ -355,11 +371,14 @@ def main() -> None:
     raw: dict[str, dict[str, Any]] = {}  # seed -> sparsity -> method -> figures
     if args.load:
         for path in args.load:
-            raw.update(json.loads(path.read_text()))
+            # Runs of the same seeds with other methods merge (the dense model is seeded).
+            for seed, by_ratio in json.loads(path.read_text()).items():
+                for ratio, methods in by_ratio.items():
+                    raw.setdefault(seed, {}).setdefault(ratio, {}).update(methods)
     else:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                figures = one_seed(seed, Path(tmp), args.variants, args.sparsity)
+                figures = one_seed(seed, Path(tmp), args.variants, args.sparsity, args.order_draws)
             raw[str(seed)] = {str(s): r for s, r in figures.items()}
             for s, r in figures.items():
                 print(
