@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import json
 import math
 import os
 import platform
@@ -37,6 +39,7 @@ from torch.nn.utils import prune
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.finetune import _epoch_order  # noqa: E402
 from core.pipeline import MeasureConfig, PipelineData, run  # noqa: E402
 from core.spec import EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec  # noqa: E402
 from examples.models import (  # noqa: E402
@@ -67,6 +70,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
     "defaults": {},
     "defaults+kd": {"loss": "distillation", "alpha": 0.5, "temperature": 4.0},
+    "defaults+kd1": {"loss": "distillation", "alpha": 1.0, "temperature": 4.0},
 }
 
 
@@ -228,13 +232,14 @@ def train_dense(x, y, seed: int, epochs: int = 15) -> nn.Module:
     return train_digits_cnn(x, y, epochs=epochs, seed=seed, make=lambda: ResidualCNN(width=16))
 
 
-def plain_loop(model: nn.Module, x, y, seed: int) -> None:
+def plain_loop(model: nn.Module, x, y, seed: int, draw: int = 0) -> None:
     """The user's ten-line loop: AdamW at its defaults (weight decay 0.01), constant lr, the
-    same epochs and batch size, BatchNorm and dropout in train mode."""
+    same epochs and batch size, BatchNorm and dropout in train mode. ``draw`` > 0 shuffles with
+    another generator seed: the same loop on another batch order."""
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     batch = USER_BUDGET["batch_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=USER_BUDGET["lr"])
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1000 * draw)
     model.train()
     for _ in range(int(USER_BUDGET["epochs"])):
         order = torch.randperm(len(yt), generator=generator)
@@ -246,24 +251,53 @@ def plain_loop(model: nn.Module, x, y, seed: int) -> None:
     model.eval()
 
 
+def same_order_loop(model: nn.Module, x, y, seed: int) -> None:
+    """:func:`plain_loop` fed Shears' batches: ``core.finetune``'s per-epoch permutation for
+    the seed, the same last partial batch. Everything else is the user's loop, so what is left
+    between it and Shears is the exported graph against the eager module."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    batch = USER_BUDGET["batch_size"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=USER_BUDGET["lr"])
+    model.train()
+    for epoch in range(int(USER_BUDGET["epochs"])):
+        order = _epoch_order(len(yt), seed, epoch)
+        for begin in range(0, len(yt), batch):
+            rows = order[begin : begin + batch]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xt[rows]), yt[rows]).backward()
+            optimizer.step()
+    model.eval()
+
+
 def one_seed(
-    seed: int, root: Path, variants: list[str], sparsity: float
-) -> dict[str, dict[str, float]]:
+    seed: int, root: Path, variants: list[str], sparsities: list[float], draws: int = 0
+) -> dict[float, dict[str, dict[str, float]]]:
+    """One dense model per seed, pruned at every ratio: {sparsity: {method: figures}}."""
     x, y, x_test, y_test = digits_arrays(seed)
     model = train_dense(x, y, seed)
     dense = accuracy(model, x_test, y_test)
     model_path = export_digits(model, root / "cnn.pt2")
     train = save_npz(root / "train.npz", inputs=x, targets=y)
     test = save_npz(root / "test.npz", inputs=x_test, targets=y_test)
-    results = {"dense": {"tuned": dense}}
-    for name in variants:
-        results[name] = shears_variant(
-            model_path, train, test, root / name, VARIANTS[name], seed, sparsity
-        )
-    results["plain_loop"] = torch_prune(
-        model, x, y, x_test, y_test, seed, sparsity, layers=PRUNABLE, loop=plain_loop
-    )
-    return results
+    out: dict[float, dict[str, dict[str, float]]] = {}
+    for sparsity in sparsities:
+        results = {"dense": {"tuned": dense}}
+        for name in variants:
+            results[name] = shears_variant(
+                model_path, train, test, root / f"{name}-{sparsity}", VARIANTS[name], seed, sparsity
+            )
+        loops: dict[str, Callable[[nn.Module, Any, Any, int], None]] = {
+            "plain_loop": plain_loop,
+            "same_order": same_order_loop,
+        }
+        for draw in range(1, draws + 1):
+            loops[f"order{draw}"] = functools.partial(plain_loop, draw=draw)
+        for peer, loop in loops.items():
+            results[peer] = torch_prune(
+                model, x, y, x_test, y_test, seed, sparsity, layers=PRUNABLE, loop=loop
+            )
+        out[sparsity] = results
+    return out
 
 
 LABELS = {
@@ -273,8 +307,22 @@ LABELS = {
     "bn+wd+constant": "Shears, constant lr, weight decay 0.01, BatchNorm re-estimated",
     "defaults": "Shears, today's defaults",
     "defaults+kd": "Shears, today's defaults + distillation from the dense model (alpha 0.5)",
+    "defaults+kd1": "Shears, today's defaults + distillation only (alpha 1.0)",
     "plain_loop": "torch.nn.utils.prune + plain loop (AdamW defaults, constant lr)",
+    "same_order": "torch.nn.utils.prune + plain loop fed Shears' batch order",
 }
+
+
+ORDER_LABEL = "torch.nn.utils.prune + plain loop, batch order drawn with seed + {}000"
+
+
+def versus(results: list[dict[str, dict[str, float]]], key: str) -> str:
+    """Mean over seeds of Shears minus the plain loop after fine-tuning, in points, and the
+    seeds won/tied/lost."""
+    diffs = [100 * (r[key]["tuned"] - r["plain_loop"]["tuned"]) for r in results]
+    won = sum(d > 1e-6 for d in diffs)
+    lost = sum(d < -1e-6 for d in diffs)
+    return f"{statistics.mean(diffs):+.2f} ({won}/{len(diffs) - won - lost}/{lost})"
 
 
 def table(results: list[dict[str, dict[str, float]]], keys: list[str]) -> str:
@@ -285,44 +333,71 @@ def table(results: list[dict[str, dict[str, float]]], keys: list[str]) -> str:
         return " / ".join(f"{100 * r[key][field]:.2f}" for r in results)
 
     lines = [
-        "| method | after pruning | after fine-tune | fine-tune per seed | sparsity |",
-        "| --- | ---: | ---: | --- | ---: |",
+        "| method | after pruning | after fine-tune (median) | fine-tune per seed "
+        "| − plain loop, mean (won/tied/lost) | sparsity |",
+        "| --- | ---: | ---: | --- | --- | ---: |",
         f"| dense (no pruning) | | {100 * med('dense', 'tuned'):.2f}% "
-        f"| {per_seed('dense', 'tuned')} | 0% |",
+        f"| {per_seed('dense', 'tuned')} | | 0% |",
     ]
-    for key in [*keys, "plain_loop"]:
+    others = ["same_order", *(f"order{d}" for d in range(1, 10))]
+    peers = ["plain_loop"] + [p for p in others if all(p in r for r in results)]
+    for key in [*keys, *peers]:
         lines.append(
-            f"| {LABELS[key]} | {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
-            f"| {per_seed(key, 'tuned')} | {100 * med(key, 'sparsity'):.2f}% |"
+            f"| {LABELS.get(key, ORDER_LABEL.format(key[5:]))} "
+            f"| {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
+            f"| {per_seed(key, 'tuned')} | {versus(results, key) if key in keys else ''} "
+            f"| {100 * med(key, 'sparsity'):.2f}% |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[SPARSITY])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
+    parser.add_argument("--variants", nargs="*", default=["defaults"], choices=list(VARIANTS))
+    parser.add_argument(
+        "--order-draws", type=int, default=0, help="also run the plain loop on N other orders"
+    )
+    parser.add_argument("--out", type=Path, help="also write the raw figures (JSON) there")
+    parser.add_argument(
+        "--load", type=Path, nargs="+", help="merge raw figures of earlier runs (JSON) instead"
+    )
     parser.add_argument(
         "--write", action="store_true", help="update its section of docs/benchmarks.md"
     )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    tables = {}
-    for sparsity in args.sparsity:
-        results = []
+    torch.set_num_threads(1)
+    raw: dict[str, dict[str, Any]] = {}  # seed -> sparsity -> method -> figures
+    if args.load:
+        for path in args.load:
+            # Runs of the same seeds with other methods merge (the dense model is seeded).
+            for seed, by_ratio in json.loads(path.read_text()).items():
+                for ratio, methods in by_ratio.items():
+                    raw.setdefault(seed, {}).setdefault(ratio, {}).update(methods)
+    else:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                results.append(one_seed(seed, Path(tmp), args.variants, sparsity))
-            print(
-                f"sparsity {sparsity} seed {seed}: "
-                + ", ".join(f"{k} {100 * v['tuned']:.2f}%" for k, v in results[-1].items()),
-                flush=True,
-            )
-        tables[sparsity] = table(results, args.variants)
-        print(tables[sparsity], flush=True)
+                figures = one_seed(seed, Path(tmp), args.variants, args.sparsity, args.order_draws)
+            raw[str(seed)] = {str(s): r for s, r in figures.items()}
+            for s, r in figures.items():
+                print(
+                    f"sparsity {s} seed {seed}: "
+                    + ", ".join(f"{k} {100 * v['tuned']:.2f}%" for k, v in r.items()),
+                    flush=True,
+                )
+            if args.out:
+                args.out.write_text(json.dumps(raw, indent=1))
+    seeds = sorted(int(s) for s in raw)
+    sparsities = sorted({float(s) for r in raw.values() for s in r})
+    cells = [raw[str(seed)][str(s)] for seed in seeds for s in sparsities]
+    variants = [v for v in VARIANTS if all(v in cell for cell in cells)]
+    tables = {}
+    for s in sparsities:
+        tables[s] = table([raw[str(seed)][str(s)] for seed in seeds], variants)
+        print(f"Sparsity {s:.0%}:\n{tables[s]}", flush=True)
     if args.write:
-        write_doc(tables, args.seeds, args.variants)
+        write_doc(tables, seeds, variants)
 
 
 def write_doc(tables: dict[float, str], seeds: list[int], variants: list[str]) -> None:
@@ -347,11 +422,12 @@ exported with a dynamic batch. Every row removes the same share of the conv/line
 one global L1 ranking and fine-tunes with the user's budget of issue 12 ({budget}); Shears
 through `core.pipeline.run` with only the named settings changed, the peer with
 torch.nn.utils.prune and a plain eager loop. Test accuracy (top-1), medians over seeds {seeds}
-(one test image is 0.22 points):
+(one test image is 0.22 points); "− plain loop" is the mean over seeds of Shears' accuracy minus
+the plain loop's, in points, with the seeds won/tied/lost:
 
 {body}
 
-Reproduce (CPU):
+Reproduce (CPU, one thread):
 
 ```bash
 {command}

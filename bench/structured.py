@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
@@ -139,6 +140,7 @@ BN_SAMPLES = 256
 def _eager_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     """Torch-Pruning's model gets the same re-estimation as Shears: one batch, train mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: one batch gives exactly its statistics
@@ -149,6 +151,10 @@ def _eager_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         model(x)
     model.eval()
+    # Left at None, the peer's fine-tune would average its running statistics over every step
+    # (stale weights included) instead of the last ones, as Shears' exported graph does.
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def _shears_side(path: Path, criterion: str, ratio: float, data: Any, x_test, y_test, seed: int):
@@ -238,12 +244,25 @@ def accuracy_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_main(seeds: list[int], write: bool) -> None:
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    results = []
-    for seed in seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            results.append(accuracy_seed(seed, Path(tmp)))
+def accuracy_main(
+    seeds: list[int], write: bool, out: Path | None = None, load: list[Path] | None = None
+) -> None:
+    """Run ``seeds`` (raw figures to ``out``), or merge the raw figures of earlier runs
+    (``load``: seeds run in parallel processes), then print the table."""
+    torch.set_num_threads(1)
+    by_seed: dict[int, dict[str, Any]] = {}
+    if load:
+        for path in load:
+            for seed, raw in json.loads(path.read_text()).items():
+                by_seed[int(seed)] = {(k if k == "dense" else float(k)): v for k, v in raw.items()}
+    else:
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                by_seed[seed] = accuracy_seed(seed, Path(tmp))
+            if out is not None:
+                out.write_text(json.dumps({str(k): v for k, v in by_seed.items()}, indent=1))
+    seeds = sorted(by_seed)
+    results = [by_seed[s] for s in seeds]
     text = accuracy_table(results)
     print(text)
     if write:
@@ -294,9 +313,11 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="importance vs Torch-Pruning")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--write", action="store_true", help="--accuracy: update the doc")
+    parser.add_argument("--out", type=Path, help="--accuracy: also write the raw figures there")
+    parser.add_argument("--load", type=Path, nargs="+", help="--accuracy: merge earlier runs")
     args = parser.parse_args()
     if args.accuracy:
-        accuracy_main(args.seeds, args.write)
+        accuracy_main(args.seeds, args.write, args.out, args.load)
         return
     torch.set_num_threads(args.threads)
     l1 = {"criterion": "l1", "sparsity": 0.5}

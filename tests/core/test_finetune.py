@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from core.data import Dataset, batch_range, load_dataset, match_program
+from core.data import BatchRange, Dataset, batch_range, load_dataset, match_program
 from core.errors import DatasetMismatch
 from core.evaluate import evaluate
 from core.finetune import Checkpointing, fine_tune, set_training, snapshot_state
@@ -180,3 +181,56 @@ def test_evaluation_metrics_and_mismatched_targets(digits: Digits, tmp_path: Pat
     regression = Dataset(inputs=test.inputs, targets=torch.zeros(test.num_samples, 3))
     with pytest.raises(DatasetMismatch, match="do not match"):
         evaluate(program.module(), regression, EvaluationSpec(), limits)
+
+
+class _ConvBn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.b1 = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.b1(self.c1(x))), 1))
+
+
+def test_training_the_exported_program_takes_the_eager_modules_steps() -> None:
+    # Issue 12: Shears' fine-tune trailed a plain eager loop. With the same masks, optimizer and
+    # batches, training the exported graph must be the eager loop: BatchNorm in train mode (batch
+    # statistics, running statistics updated), pruned weights held at zero, AdamW's decay.
+    # One full batch per step, so the data order cannot differ.
+    torch.manual_seed(0)
+    model = _ConvBn().eval()
+    with torch.no_grad():
+        for layer in (model.c1, model.fc):
+            w = layer.weight
+            w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 5, (40,))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (x[:4],), dynamic_shapes=({0: batch},))
+    mean_before = model.b1.running_mean.clone()
+    eager = copy.deepcopy(model).train()
+    masks = {layer: layer.weight != 0 for layer in (eager.c1, eager.fc)}
+    optimizer = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.05)
+    for _ in range(6):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(eager(x), y).backward()
+        optimizer.step()
+        with torch.no_grad():
+            for layer, keep in masks.items():
+                layer.weight.mul_(keep)
+
+    spec = FineTuneSpec(steps=6, batch_size=40, lr=1e-2, weight_decay=0.05, schedule="constant")
+    fine_tune(
+        program,
+        Dataset(inputs=(x,), targets=y),
+        spec,
+        limits=BatchRange(1, 1024),
+        masked=["c1.weight", "fc.weight"],
+        device="cpu",
+    )
+    assert not torch.equal(program.state_dict["b1.running_mean"], mean_before)
+    for name, tensor in eager.state_dict().items():
+        if name.endswith("num_batches_tracked"):  # only read when momentum is None
+            continue
+        torch.testing.assert_close(program.state_dict[name], tensor, atol=1e-5, rtol=1e-4)
