@@ -62,11 +62,22 @@ def measured(fn: Any) -> dict[str, float]:
     return {"seconds": seconds, "extra_mib": (_status_kib("VmHWM") - before) / 1024}
 
 
-def prune_shears(model: Any, calibration: torch.Tensor, method: str, sparsity: float, n_m: Any):
+def prune_shears(
+    model: Any,
+    calibration: torch.Tensor,
+    method: str,
+    sparsity: float,
+    n_m: Any,
+    memory_budget: int | None = None,
+):
     from core.pruning.llm import prunable_linears, prune_causal_lm
 
     ratios = {name: sparsity for name in prunable_linears(model)}
-    return lambda: prune_causal_lm(model, ratios, criterion=method, n_m=n_m, input_ids=calibration)
+    # Only passed when set: the code before the 2026-12-03 rework has no such parameter.
+    budget = {} if memory_budget is None else {"memory_budget": memory_budget}
+    return lambda: prune_causal_lm(
+        model, ratios, criterion=method, n_m=n_m, input_ids=calibration, **budget
+    )
 
 
 def prune_ref(
@@ -384,8 +395,11 @@ def _scale_one(a: argparse.Namespace) -> dict[str, Any]:
         0, a.vocab, (a.samples, a.seq), generator=torch.Generator().manual_seed(1)
     )
     sparsity, n_m = SETTINGS[a.setting]
+    forward = None
     if a.impl == "shears":
-        fn = prune_shears(model, calibration, a.method, sparsity, n_m)
+        budget = None if a.memory_budget_mib is None else int(a.memory_budget_mib * 2**20)
+        fn = prune_shears(model, calibration, a.method, sparsity, n_m, budget)
+        forward = _samples_per_forward(model, a.seq, budget)
     elif a.impl == "reference":
         fn = prune_ref(model, calibration, a.method, sparsity, n_m, a.reference)
     else:
@@ -420,10 +434,26 @@ def _scale_one(a: argparse.Namespace) -> dict[str, Any]:
         "activations_mib": act / 2**20,
         "samples": a.samples,
         "seq": a.seq,
+        "memory_budget_mib": a.memory_budget_mib,
+        "samples_per_forward": forward,
         "sparsity": zeros / total,
         **r,
         "load_average_1min": os.getloadavg()[0],
     }
+
+
+def _samples_per_forward(model: Any, seq: int, budget: int | None) -> int | None:
+    """How many calibration samples Shears runs per forward (None where the code predates
+    ``calibration_batch``)."""
+    from core.pruning.llm import sequential
+    from core.pruning.llm.layers import decoder_layers
+
+    first = decoder_layers(model)[0]
+    if budget is None:
+        default = getattr(sequential, "default_memory_budget", None)
+        budget = default(first) if default else getattr(sequential, "CALIBRATION_MEMORY", None)
+    batch = getattr(sequential, "calibration_batch", None)
+    return None if batch is None or budget is None else int(batch(model, first, seq, budget))
 
 
 def scale(a: argparse.Namespace) -> None:
@@ -453,6 +483,7 @@ def scale(a: argparse.Namespace) -> None:
         str(a.vocab),
         "--reference",
         a.reference,
+        *([] if a.memory_budget_mib is None else ["--memory-budget-mib", str(a.memory_budget_mib)]),
     ]
     WORK.mkdir(parents=True, exist_ok=True)
     r = _child(argv, a.llmc_python if a.impl == "llmcompressor" else sys.executable)
@@ -509,6 +540,8 @@ def main() -> None:
         s.add_argument("--samples", type=int, default=8)
         s.add_argument("--seq", type=int, default=512)
         s.add_argument("--reference", default="/tmp/wanda-ref")  # noqa: S108
+        # Shears' calibration memory budget; default: what prune_causal_lm chooses.
+        s.add_argument("--memory-budget-mib", type=float, default=None)
         s.add_argument("--out", default=str(ROOT / "docs/data/llm_scale.json"))
     a = p.parse_args()
     if a.cmd == "quality":

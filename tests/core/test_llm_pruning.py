@@ -30,6 +30,15 @@ from core.pruning.llm import (
     decoder_layers,
     prunable_linears,
     prune_causal_lm,
+    sequential,
+)
+from core.pruning.llm.sparsegpt import (
+    DAMPING,
+    error_on_data,
+    inverse_hessian_,
+    reconstruction_error,
+    sparsegpt,
+    sweep,
 )
 from core.spec import PruningSpec
 
@@ -413,6 +422,64 @@ def test_masks_match_a_plain_reference(arch: str, criterion: str) -> None:
     theirs = prunable_linears(reference)
     for name, linear in prunable_linears(ours).items():
         assert torch.equal(matrix(linear.module) == 0, matrix(theirs[name].module) == 0), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_default_budget_follows_the_layer_and_keeps_the_reference_masks(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sequential, "RANK_ELEMENTS", 200)  # rows ranked a few at a time
+    ids = calibration_ids()
+    ours = BUILD[arch]().double()
+    reference = copy.deepcopy(ours)
+    wide = copy.deepcopy(ours)
+    forwards: list[int] = []
+
+    def observe(index: int, layer: Any, inputs: LayerInputs | None) -> None:
+        assert inputs is not None
+        forwards.append(len(inputs.calls))
+
+    ratios = {name: 0.5 for name in prunable_linears(ours)}
+    prune_causal_lm(ours, ratios, criterion="wanda", input_ids=ids, on_layer=observe)
+    # A fifth of a tiny layer's weights is less than one sample's working set: one per forward.
+    assert forwards == [8, 8]
+    forwards.clear()
+    prune_causal_lm(
+        wide, ratios, criterion="wanda", input_ids=ids, memory_budget=2**30, on_layer=observe
+    )
+    assert forwards == [1, 1]  # an explicit budget still decides
+    _reference_prune(reference, ids, "wanda", 0.5)
+
+    theirs = prunable_linears(reference)
+    for other in (ours, wide):
+        for name, linear in prunable_linears(other).items():
+            assert torch.equal(matrix(linear.module) == 0, matrix(theirs[name].module) == 0), name
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_sparsegpt_factors_the_hessian_in_its_own_buffer(n_m: tuple[int, int] | None) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(96, 500)
+    x[5] = 0.0  # an input that is always zero
+    xxt = x @ x.T
+    w = torch.randn(24, 96)
+    damped = xxt.clone()
+    damped[5, 5] = 1.0
+    damped.diagonal().add_(DAMPING * damped.diagonal().mean())
+    plain = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+
+    buffer = xxt.clone()
+    hinv = inverse_hessian_(buffer)
+    assert hinv.u.data_ptr() == buffer.data_ptr()  # no second Hessian-sized buffer
+    torch.testing.assert_close(hinv.u, plain, rtol=1e-4, atol=1e-6)
+    pruned = w.clone()
+    swept = sweep(pruned, hinv, 0.5, n_m=n_m)
+    torch.testing.assert_close(pruned, sparsegpt(w, xxt, 0.5, n_m=n_m))
+    assert float((pruned == 0).float().mean()) == 0.5
+    # The error the sweep reports is the error on the data, undampened.
+    direct = float(((w - pruned).double() @ x.double()).square().sum())
+    assert error_on_data(w, pruned, hinv, swept) == pytest.approx(direct, rel=1e-3)
+    assert reconstruction_error(w, pruned, xxt) == pytest.approx(direct, rel=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -9,7 +9,8 @@ SparseGPT goes through a layer's linears in groups that read the same input (q/k
 gate/up, then down in a Llama layer), in the order the layer calls them: one ``X X^T`` per group,
 collected on the outputs of the groups before it as already pruned and freed once the group is
 pruned, so at most one Hessian exists at a time. Wanda's statistics are vectors: one pass per
-layer. Calibration forwards take as many samples at a time as ``memory_budget`` allows.
+layer. Calibration forwards take as many samples at a time as ``memory_budget`` allows: by
+default a fifth of one decoder layer's weight bytes, at least one sample.
 
 Example (a plain ``transformers`` model, no service)::
 
@@ -34,12 +35,21 @@ from core.criteria import needs_data
 from core.pruning.llm.calibrate import LayerInputs, capture_inputs
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers
 from core.pruning.llm.masks import FeatureNorms, Hessian, keep_mask, ranked
-from core.pruning.llm.sparsegpt import reconstruction_error, sparsegpt
+from core.pruning.llm.sparsegpt import error_on_data, inverse_hessian_, sweep
 
 # The criteria table (core.criteria) says which criteria rank language models and need data.
 CRITERIA = frozenset(name for name, c in CRITERIA_TABLE.items() if "hf" in c.formats)
-# Working memory a calibration forward may use; the samples per batch are derived from it.
+# Working memory a calibration forward may use where a caller sizes it as a constant (width and
+# depth scoring); the samples per batch are derived from it.
 CALIBRATION_MEMORY = 256 * 2**20
+# prune_causal_lm's default: this share of one decoder layer's weight bytes. The memory goal
+# (issue 13) allows one layer's weights + the calibration activations + 20%; pruning a linear
+# needs at most about one linear's weights (plus, for SparseGPT, its Hessian), so a forward
+# held to a fifth of the layer stays inside the 20%. Never less than one sample per forward.
+CALIBRATION_SHARE = 0.2
+# Weights ranked at a time by magnitude and Wanda (whole rows): each temporary of the ranking
+# (scores, their sorted copy, int64 indices) is then a few MiB, not the size of the weight.
+RANK_ELEMENTS = 2**20
 
 LayerObserver = Callable[[int, DecoderLayer, LayerInputs | None], None]
 """Told ``(index, layer, inputs)`` before each decoder layer is calibrated (``inputs`` is None
@@ -55,30 +65,64 @@ class LinearResult:
     error: float | None = None
 
 
+def _prune_rows(
+    linear: Linear, sparsity: float, n_m: tuple[int, int] | None, scale: torch.Tensor | None
+) -> None:
+    """Zero the lowest ``|W_ij| (x scale_j)`` of every output row of ``linear``, in place and a
+    few rows at a time: the scores, their ranking and the mask of a whole wide linear would each
+    be as large as its weight."""
+    weight = linear.weight.detach()
+    matrix = weight.t() if linear.transposed else weight  # (out, in), a view
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    factor = None if scale is None else scale.to(dtype).unsqueeze(0)
+    step = max(1, RANK_ELEMENTS // matrix.shape[1])
+    for start in range(0, matrix.shape[0], step):
+        rows = matrix[start : start + step]
+        w = rows.to(dtype)
+        scores = w.abs() if factor is None else w.abs() * factor
+        rows.mul_(keep_mask(ranked(scores, w), sparsity, n_m))
+
+
 def _magnitude(linear: Linear, sparsity: float, n_m: tuple[int, int] | None) -> None:
-    w = linear.matrix(torch.promote_types(linear.weight.dtype, torch.float32))
-    keep = keep_mask(ranked(w.abs(), w), sparsity, n_m)
-    linear.assign(w * keep)
+    _prune_rows(linear, sparsity, n_m, None)
 
 
 def _wanda(
     linear: Linear, norms: FeatureNorms, sparsity: float, n_m: tuple[int, int] | None
 ) -> None:
-    w = linear.matrix(torch.promote_types(linear.weight.dtype, torch.float32))
     # |W_ij| * ||X_j||_2, compared within each output row.
-    scores = w.abs() * norms.sum_sq.sqrt().to(w.dtype).unsqueeze(0)
-    keep = keep_mask(ranked(scores, w), sparsity, n_m)
-    linear.assign(w * keep)
+    _prune_rows(linear, sparsity, n_m, norms.sum_sq.sqrt())
 
 
 def _sparsegpt(
-    linear: Linear, hessian: Hessian, sparsity: float, n_m: tuple[int, int] | None
-) -> float:
-    before = linear.matrix(torch.float32)
-    after = sparsegpt(before, hessian.xxt, sparsity, n_m=n_m)
-    linear.assign(after)
-    stored = after.to(linear.weight.dtype)  # the error of what is kept, in the model's dtype
-    return reconstruction_error(before, stored, hessian.xxt) / max(hessian.tokens, 1)
+    group: list[Linear],
+    hessian: Hessian,
+    ratios: Mapping[str, float],
+    n_m: tuple[int, int] | None,
+) -> dict[str, LinearResult]:
+    """Prune a group of linears that read the same input with its one Hessian, which is
+    factored in place: the Hessian's buffer and one linear's float32 copy are the largest
+    things alive."""
+    hinv = inverse_hessian_(hessian.xxt)
+    tokens = max(hessian.tokens, 1)
+    results = {}
+    for linear in group:
+        w = linear.matrix(torch.float32)
+        swept = sweep(w, hinv, ratios[linear.name], n_m=n_m)
+        weight = linear.weight.detach()
+        before = weight.t() if linear.transposed else weight
+        error = error_on_data(before, w, hinv, swept) / tokens
+        linear.assign(w)
+        del w
+        results[linear.name] = LinearResult(linear.name, error)
+    return results
+
+
+def default_memory_budget(layer: DecoderLayer) -> int:
+    """``CALIBRATION_SHARE`` of ``layer``'s weight bytes: the working memory a calibration
+    forward gets unless the caller says otherwise."""
+    weights = sum(p.numel() * p.element_size() for p in layer.module.parameters())
+    return int(weights * CALIBRATION_SHARE)
 
 
 def calibration_batch(
@@ -173,9 +217,7 @@ def _prune_layer(
         # groups before it as pruned; freed when the group is done.
         hessian = _collect(layer, group[:1], inputs, criterion)[group[0].name]
         assert isinstance(hessian, Hessian)
-        for linear in group:
-            error = _sparsegpt(linear, hessian, ratios[linear.name], n_m)
-            results[linear.name] = LinearResult(linear.name, error)
+        results.update(_sparsegpt(group, hessian, ratios, n_m))
         del hessian
     return results
 
@@ -189,7 +231,7 @@ def prune_causal_lm(
     n_m: tuple[int, int] | None = None,
     input_ids: torch.Tensor | None = None,
     batch_size: int | None = None,
-    memory_budget: int = CALIBRATION_MEMORY,
+    memory_budget: int | None = None,
     on_layer: LayerObserver | None = None,
 ) -> dict[str, LinearResult]:
     """Prune the linears named in ``ratios`` (module path -> sparsity) in place.
@@ -202,7 +244,8 @@ def prune_causal_lm(
         n_m: keep ``n`` of every ``m`` consecutive input features instead of a ratio.
         input_ids: ``(num_samples, seq_len)`` calibration token ids (Wanda, SparseGPT).
         batch_size: samples per forward; default: as many as ``memory_budget`` allows.
-        memory_budget: bytes a calibration forward may use (see :func:`calibration_batch`).
+        memory_budget: bytes a calibration forward may use (see :func:`calibration_batch`);
+            default: ``CALIBRATION_SHARE`` of the first decoder layer's weight bytes.
         on_layer: called before each decoder layer is calibrated.
 
     Returns:
@@ -219,7 +262,8 @@ def prune_causal_lm(
         if input_ids is None or input_ids.numel() == 0:
             raise ValueError(f"criterion {criterion!r} needs calibration input_ids")
         ids = input_ids.long()
-        size = batch_size or calibration_batch(model, layers[0], int(ids.shape[1]), memory_budget)
+        budget = default_memory_budget(layers[0]) if memory_budget is None else memory_budget
+        size = batch_size or calibration_batch(model, layers[0], int(ids.shape[1]), budget)
         inputs = capture_inputs(model, layers[0].module, ids, batch_size=size)
     results: dict[str, LinearResult] = {}
     was_training = model.training

@@ -16,6 +16,8 @@ zeroes them, which would remove more than asked).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from core.allocation import removal_count
@@ -24,20 +26,41 @@ BLOCK = 128
 DAMPING = 0.01
 
 
-def _inverse_cholesky(xxt: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened ``H^-1``, ``(in, in)`` float32.
+@dataclass(frozen=True)
+class InverseHessian:
+    """What the OBS sweep needs of a Hessian, held in the Hessian's own buffer.
 
-    Every step writes over one copy of the Hessian: for a wide linear (``intermediate^2``) these
-    are the largest allocations of the whole prune, and chaining them would hold four at once.
+    ``u`` is the upper Cholesky factor of the dampened ``H^-1`` (a column-major view of the
+    buffer ``X X^T`` was collected in, which it overwrote); ``damping`` is the value added to the
+    diagonal and ``dead`` marks the inputs that were always zero (their diagonal set to 1 before
+    dampening): with them the error of a sweep on the undampened Hessian follows from the sweep
+    itself (:func:`sweep`).
     """
-    h = xxt.to(torch.float32, copy=True)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0  # an input that is always zero: its column is decoupled
-    h.diagonal().add_(damping * torch.diagonal(h).mean())
+
+    u: torch.Tensor
+    damping: float
+    dead: torch.Tensor
+
+
+def inverse_hessian_(xxt: torch.Tensor, damping: float = DAMPING) -> InverseHessian:
+    """Factor ``xxt`` (``(in, in)``, float32, symmetric) in place into :class:`InverseHessian`.
+
+    The Hessian of a wide linear (``intermediate^2``) is the largest allocation of the whole
+    prune. LAPACK factors a column-major matrix in place, and ``xxt.mT`` is one (symmetric: the
+    same matrix); handed a row-major one, torch would factor a temporary copy of it.
+    """
+    if xxt.dtype != torch.float32 or xxt.dim() != 2 or not xxt.is_contiguous():
+        raise ValueError(f"xxt must be a contiguous float32 matrix, got {xxt.dtype}")
+    h = xxt.mT
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0  # an input that is always zero: its column is decoupled
+    value = damping * float(diag.mean())
+    diag.add_(value)
     torch.linalg.cholesky(h, out=h)
     torch.cholesky_inverse(h, out=h)
     torch.linalg.cholesky(h, upper=True, out=h)
-    return h
+    return InverseHessian(h, value, dead)
 
 
 def _block_mask(
@@ -76,7 +99,8 @@ def sparsegpt(
     block: int = BLOCK,
     damping: float = DAMPING,
 ) -> torch.Tensor:
-    """The pruned and updated ``(out, in)`` weight (float32; ``weight`` is not changed).
+    """The pruned and updated ``(out, in)`` weight (float32; ``weight`` and ``xxt`` are not
+    changed).
 
     Args:
         weight: ``(out, in)``.
@@ -91,16 +115,37 @@ def sparsegpt(
         >>> (sparsegpt(w, x @ x.T, 0.5) == 0).sum().item()
         128
     """
+    hinv = inverse_hessian_(xxt.to(torch.float32, copy=True).contiguous(), damping)
     w = weight.to(torch.float32, copy=True)
+    sweep(w, hinv, sparsity, n_m=n_m, block=block)
+    return w
+
+
+@torch.no_grad()
+def sweep(
+    w: torch.Tensor,
+    hinv: InverseHessian,
+    sparsity: float,
+    *,
+    n_m: tuple[int, int] | None = None,
+    block: int = BLOCK,
+) -> float:
+    """Prune and update the float32 ``(out, in)`` matrix ``w`` in place; returns the sum of the
+    squared OBS errors, ``||(W - W') X||^2`` on the dampened Hessian.
+
+    With ``E`` the errors of every column, ``W - W' = E U`` and ``U H Uᵀ = I``, so that error is
+    ``||E||^2``: no Hessian is needed to report it (see :func:`error_on_data`).
+    """
     cols = w.shape[1]
+    u = hinv.u
     frozen_all = w == 0
-    hinv = _inverse_cholesky(xxt, damping)
+    total = 0.0
     if n_m is not None:
         block = max(1, block // n_m[1]) * n_m[1]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = w[:, i1:i2].clone()  # (out, B)
-        hinv1 = hinv[i1:i2, i1:i2]  # (B, B)
+        hinv1 = u[i1:i2, i1:i2]  # (B, B)
         diag = torch.diagonal(hinv1)
         frozen = frozen_all[:, i1:i2]
         err1 = torch.zeros_like(w1)
@@ -120,8 +165,39 @@ def sparsegpt(
             w1[:, i] = q
             err1[:, i] = err
         w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w
+        # In place: ``w[:, i2:] -= err1 @ ...`` would hold a product nearly the size of ``w``.
+        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+        total += float(err1.square().sum(dtype=torch.float64))
+    return total
+
+
+def error_on_data(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    hinv: InverseHessian,
+    swept: float,
+    *,
+    rows: int = 256,
+) -> float:
+    """``||(W - W')X||_F^2`` on the undampened Hessian, from ``swept`` (what :func:`sweep`
+    returned for ``before`` -> ``after``): the dampened Hessian adds ``damping`` to every
+    diagonal entry and ``1 + damping`` to a dead input's, whose true diagonal is 0.
+
+    ``after`` is the sweep's float32 result: a model stored in a narrower dtype adds its
+    rounding, which this does not count (it would need the Hessian the factorisation
+    overwrote). Rows are taken ``rows`` at a time, so no ``(out, in)`` temporary is made.
+    """
+    damped = 0.0
+    dead = 0.0
+    for start in range(0, before.shape[0], rows):
+        delta = before[start : start + rows].to(torch.float32) - after[start : start + rows].to(
+            torch.float32
+        )
+        square = delta.square()
+        damped += float(square.sum(dtype=torch.float64))
+        if bool(hinv.dead.any()):
+            dead += float(square[:, hinv.dead].sum(dtype=torch.float64))
+    return max(0.0, swept - hinv.damping * damped - dead)
 
 
 def reconstruction_error(
