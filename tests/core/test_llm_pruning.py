@@ -433,6 +433,7 @@ def test_the_default_budget_follows_the_layer_and_keeps_the_reference_masks(
     ours = BUILD[arch]().double()
     reference = copy.deepcopy(ours)
     wide = copy.deepcopy(ours)
+    shared = copy.deepcopy(ours)
     forwards: list[int] = []
 
     def observe(index: int, layer: Any, inputs: LayerInputs | None) -> None:
@@ -440,8 +441,13 @@ def test_the_default_budget_follows_the_layer_and_keeps_the_reference_masks(
         forwards.append(len(inputs.calls))
 
     ratios = {name: 0.5 for name in prunable_linears(ours)}
+    # The floor: a tiny model's calibration runs as one forward, not one per sample.
     prune_causal_lm(ours, ratios, criterion="wanda", input_ids=ids, on_layer=observe)
-    # A fifth of a tiny layer's weights is less than one sample's working set: one per forward.
+    assert forwards == [1, 1]
+    forwards.clear()
+    # Without the floor, a fifth of a tiny layer's weights is below one sample's working set.
+    monkeypatch.setattr(sequential, "CALIBRATION_FLOOR", 0)
+    prune_causal_lm(shared, ratios, criterion="wanda", input_ids=ids, on_layer=observe)
     assert forwards == [8, 8]
     forwards.clear()
     prune_causal_lm(
@@ -451,7 +457,7 @@ def test_the_default_budget_follows_the_layer_and_keeps_the_reference_masks(
     _reference_prune(reference, ids, "wanda", 0.5)
 
     theirs = prunable_linears(reference)
-    for other in (ours, wide):
+    for other in (ours, shared, wide):
         for name, linear in prunable_linears(other).items():
             assert torch.equal(matrix(linear.module) == 0, matrix(theirs[name].module) == 0), name
 

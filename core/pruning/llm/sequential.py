@@ -10,7 +10,7 @@ gate/up, then down in a Llama layer), in the order the layer calls them: one ``X
 collected on the outputs of the groups before it as already pruned and freed once the group is
 pruned, so at most one Hessian exists at a time. Wanda's statistics are vectors: one pass per
 layer. Calibration forwards take as many samples at a time as ``memory_budget`` allows: by
-default a fifth of one decoder layer's weight bytes, at least one sample.
+default a fifth of one decoder layer's weight bytes (at least 64 MiB), at least one sample.
 
 Example (a plain ``transformers`` model, no service)::
 
@@ -47,6 +47,10 @@ CALIBRATION_MEMORY = 256 * 2**20
 # needs at most about one linear's weights (plus, for SparseGPT, its Hessian), so a forward
 # held to a fifth of the layer stays inside the 20%. Never less than one sample per forward.
 CALIBRATION_SHARE = 0.2
+# ... but never below this: on a small model one sample per forward makes pruning 2-4x slower
+# (a 5 M-parameter Llama, docs/benchmarks.md), all per-forward overhead; at the widths the goal
+# is measured at (hidden >= 1,024, 512 tokens) one sample's working set is already above it.
+CALIBRATION_FLOOR = 64 * 2**20
 # Weights ranked at a time by magnitude and Wanda (whole rows): each temporary of the ranking
 # (scores, their sorted copy, int64 indices) is then a few MiB, not the size of the weight.
 RANK_ELEMENTS = 2**20
@@ -119,10 +123,10 @@ def _sparsegpt(
 
 
 def default_memory_budget(layer: DecoderLayer) -> int:
-    """``CALIBRATION_SHARE`` of ``layer``'s weight bytes: the working memory a calibration
-    forward gets unless the caller says otherwise."""
+    """``CALIBRATION_SHARE`` of ``layer``'s weight bytes, at least ``CALIBRATION_FLOOR``: the
+    working memory a calibration forward gets unless the caller says otherwise."""
     weights = sum(p.numel() * p.element_size() for p in layer.module.parameters())
-    return int(weights * CALIBRATION_SHARE)
+    return max(int(weights * CALIBRATION_SHARE), CALIBRATION_FLOOR)
 
 
 def calibration_batch(
