@@ -17,6 +17,7 @@ from core.pipeline import MeasureConfig, PipelineData, run
 from core.search import open_scanner
 from core.search.allocate import uniform_to_budget
 from core.search.lm import LmScanner
+from core.search.plots import layer_sparsity_data, sensitivity_data
 from core.search.targets import (
     check_target,
     choose,
@@ -216,3 +217,11 @@ def test_a_perplexity_target_holds_on_the_evaluation_text(
     rise = judge(target, metrics.eval_before, metrics.eval_after_pruning)
     assert rise is not None
     assert 0.0 < rise <= 0.1, (choice.ratios, measured)
+
+
+def test_plots_show_a_decoder_layers_ratio_on_its_linears() -> None:
+    layers = [("model.layers.1.mlp.up_proj", 0.3), ("model.layers.10.mlp.up_proj", 0.6)]
+    data = layer_sparsity_data(layers, {"model.layers.1": 0.3, "model.layers.10": 0.6})
+    assert data.series[1].y == (0.3, 0.6)
+    assert sensitivity_data({"model.layers.1": {0.5: {"perplexity": 9.0, "loss": 2.2}}}, {
+        "perplexity": 8.0, "loss": 2.1}).ylabel == "perplexity"  # fmt: skip
