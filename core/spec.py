@@ -269,6 +269,10 @@ class PruningSpec(_Frozen):
     @classmethod
     def _granularity_defaults(cls, data: Any) -> Any:
         # n:m fixes the ratio, so `sparsity` may be left out; fill it in so it is always set.
+        # Not beside a target: it would read as the user's `sparsity`, and the target's own
+        # check (core.search.targets) says which granularities a target reaches.
+        if isinstance(data, dict) and data.get("target") is not None:
+            return data
         if isinstance(data, dict) and data.get("granularity") == "n:m":
             data = dict(data)
             n_m = data.setdefault("n_m", (2, 4))

@@ -13,33 +13,36 @@ progress, as the lifecycle does for every other stage.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 
 from core.device import pick_device
 from core.errors import Cancelled, InvalidDataset, InvalidSpec
 from core.formats.base import MeasureConfig
 from core.pipeline import PipelineResult, ProgressCallback
 from core.progress import FRACTION, between
-from core.search import Scanner, reestimate_program_batchnorm, with_ratios
-from core.search.allocate import Choice, Curve, allocate_within_damage, predicted_damage
+from core.search import Scanning, open_scanner
+from core.search.allocate import Choice, Curve, predicted_damage
 from core.search.cost import CostModel
 from core.search.targets import (
     check_target,
     choose_measured,
     curves_from_cells,
+    judge,
     sensitivity_document,
+    targets,
+    within_damage,
 )
-from core.spec import JobSpec
+from core.spec import JobSpec, PruningSpec
 from shears.db import repository as repo
 from shears.db import scans
 from shears.db.tables import Artifact, Model, new_id, utcnow
@@ -66,22 +69,24 @@ def node_name() -> str:
 
 @dataclass(frozen=True)
 class Searched:
-    """What the search chose, and the spec the pipeline prunes with; the accuracy curves and the
-    cost model stay for a step back."""
+    """What the search chose, and the spec the pipeline prunes with; the curves the target is
+    judged on and the cost model stay for a step back, with how the scanner turns ratios into a
+    spec (``resolve``) and re-estimates a pruned model as it did every cell (``reestimate``)."""
 
     spec: JobSpec
     summary: dict[str, Any]
     sensitivity: Path
     curves: list[Curve]
     cost: CostModel
-    search_inputs: tuple[torch.Tensor, ...]
+    resolve: Callable[[PruningSpec, Mapping[str, float]], PruningSpec]
+    reestimate: Callable[[Any], int]
 
     def after_prune(self, progress: ProgressCallback) -> Callable[[Any], None]:
         """Re-estimate the pruned model's BatchNorm statistics on the search data, as the scan
         did for every cell (the predictions assume it)."""
 
         def hook(program: Any) -> None:
-            count = reestimate_program_batchnorm(program, self.search_inputs)
+            count = self.reestimate(program)
             if count:
                 progress(
                     "pruning",
@@ -105,7 +110,9 @@ class _CellLease(Periodic):
             scans.renew_cell(session, *self._args)
 
 
-def scan_some(job_id: str, scanner: Scanner, worker: str, lease_s: float, limit: int | None) -> int:
+def scan_some(
+    job_id: str, scanner: Scanning, worker: str, lease_s: float, limit: int | None
+) -> int:
     """Claim and score up to ``limit`` cells (all that are left with None); how many were scored."""
     done = 0
     while limit is None or done < limit:
@@ -125,7 +132,7 @@ def scan_some(job_id: str, scanner: Scanner, worker: str, lease_s: float, limit:
 
 # One scanner per process, for the job it last scanned: a worker that takes several subtasks of
 # one job loads the model once. Its local copies live in a scratch folder replaced with it.
-_cached: tuple[str, Scanner, Path] | None = None
+_cached: tuple[str, Scanning, Path] | None = None
 
 
 def run_scan_task(job_id: str) -> None:
@@ -175,8 +182,10 @@ def data_paths(storage: Storage, keys: DataKeys, scratch: Path) -> tuple[Path, P
     )
 
 
-def _open(spec: JobSpec, model_path: Path, paths: tuple[Path, Path | None]) -> Scanner:
-    return Scanner.open(spec, model_path, paths[0], paths[1])
+def _open(spec: JobSpec, model_path: Path, paths: tuple[Path, Path | None]) -> Scanning:
+    # Cells are scored where the worker prunes and trains (a GPU worker's GPU, for hf).
+    device = str(pick_device(get_settings().train_device))
+    return open_scanner(spec, model_path, paths[0], paths[1], device=device)
 
 
 def run_search(
@@ -242,8 +251,7 @@ def run_search(
             time.sleep(_POLL_S)  # the rest is being scored elsewhere
             progress("pruning", between("load", "prune", 0.2), "searching: waiting for scan cells")
     cells = {(u, r): dict(s or {}) for u, r, _, _, s in rows}
-    metric, higher = ("loss", False)
-    loss_curves = curves_from_cells(keys_in_order, baseline, cells, metric, higher_is_better=higher)
+    loss_curves = curves_from_cells(keys_in_order, baseline, cells, "loss", higher_is_better=False)
     acc_curves = (
         curves_from_cells(keys_in_order, baseline, cells, "accuracy", higher_is_better=True)
         if "accuracy" in baseline
@@ -251,16 +259,12 @@ def run_search(
     )
     cost = scanner.cost_model()
     config = measure_config(settings)
-    choice, latency = choose_measured(
-        target,
-        loss_curves,
-        acc_curves,
-        cost,
-        lambda ratios: scanner.latency_fraction(ratios, config),
-    )
+    choice, measured = choose_measured(target, loss_curves, acc_curves, cost, scanner, config)
     predicted = _predicted(choice, cost, baseline, loss_curves, acc_curves)
-    if latency is not None:
-        predicted["latency"] = latency  # measured on this worker's device, before export
+    if measured is not None:
+        # Measured on this worker, before export: latency on its device, a perplexity rise on
+        # the search data with every chosen ratio at once.
+        predicted[target.kind] = measured
     summary.update(status="chosen", chosen=choice.ratios, predicted=predicted)
     _write(job_id, attempt, summary)
     progress(
@@ -274,8 +278,11 @@ def run_search(
     document = sensitivity_document(units, baseline, cells)
     document.update(target={target.kind: target.value}, chosen=choice.ratios)
     path.write_text(json.dumps(document, indent=1))
-    resolved = spec.model_copy(update={"pruning": with_ratios(spec.pruning, choice.ratios)})
-    return Searched(resolved, summary, path, acc_curves, cost, scanner.data.inputs)
+    resolved = spec.model_copy(update={"pruning": scanner.with_ratios(spec.pruning, choice.ratios)})
+    judged_on = loss_curves if targets()[target.kind].curves == "loss" else acc_curves
+    return Searched(
+        resolved, summary, path, judged_on, cost, scanner.with_ratios, scanner.reestimate
+    )
 
 
 def measure_config(settings: Settings) -> MeasureConfig:
@@ -298,52 +305,45 @@ def prune_verified(
     progress: ProgressCallback,
 ) -> PipelineResult:
     """Run the pipeline at the chosen ratios. A target judged on the evaluation data after
-    fine-tuning (``max_accuracy_drop``) is then verified; where the drop is larger than allowed,
-    the search steps back (half the predicted damage budget) and prunes again, at most twice.
-    ``prune(spec, again)``: ``again`` is True for a step back (its fine-tune starts afresh)."""
+    fine-tuning (``max_accuracy_drop``, ``max_perplexity_increase``) is then verified; where the
+    result misses it, the search steps back (half the predicted damage budget) and prunes
+    again, at most twice. ``prune(spec, again)``: ``again`` is True for a step back (its
+    fine-tune starts afresh)."""
     result = prune(searched.spec, False)
     target = spec.pruning.target
-    if target is None or target.kind != "max_accuracy_drop":
+    if target is None:
         return result
-    budget = target.value
+    kind = targets()[target.kind]
+    budget = kind.damage_budget(target.value)
     for step in range(_STEP_BACKS):
-        drop = _accuracy_drop(result)
-        if drop is None or drop <= target.value + 1e-9:
+        m = result.metrics
+        measured = judge(target, m.eval_before, m.eval_after_fine_tune or m.eval_after_pruning)
+        if measured is None or measured <= target.value + 1e-9:
             return result
         budget /= 2
-        cost = searched.cost
-        kind = "macs" if "macs" in cost.reduces else "params"
-        choice = allocate_within_damage(
-            searched.curves,
-            lambda r, cost=cost, kind=kind: cost.fraction(kind, r),  # type: ignore[misc]
-            budget,
-            sizes=cost.sizes,
-        )
+        choice = within_damage(searched.curves, searched.cost, budget)
         progress(
             "pruning",
             between("load", "prune", 1.0),
-            f"verified accuracy drop {drop:.4f} > {target.value}: stepping back "
-            f"({step + 1} of {_STEP_BACKS})",
-            {"drop": drop, "chosen": choice.ratios},
+            f"verified {target.kind.removeprefix('max_').replace('_', ' ')} {measured:.4f} > "
+            f"{target.value}: stepping back ({step + 1} of {_STEP_BACKS})",
+            {"measured": measured, "chosen": choice.ratios},
         )
         searched.summary.update(chosen=choice.ratios, step_backs=step + 1)
-        searched.summary["predicted"].update(
-            accuracy=searched.summary["baseline"].get("accuracy", 0.0) - choice.damage
-        )
+        baseline = searched.summary["baseline"]
+        if kind.curves == "loss":
+            loss = baseline.get("loss", 0.0) + choice.damage
+            searched.summary["predicted"].update(loss=loss, perplexity=math.exp(loss))
+        else:
+            searched.summary["predicted"].update(
+                accuracy=baseline.get("accuracy", 0.0) - choice.damage
+            )
         searched = replace(
             searched,
-            spec=spec.model_copy(update={"pruning": with_ratios(spec.pruning, choice.ratios)}),
+            spec=spec.model_copy(update={"pruning": searched.resolve(spec.pruning, choice.ratios)}),
         )
         result = prune(searched.spec, True)
     return result
-
-
-def _accuracy_drop(result: PipelineResult) -> float | None:
-    m = result.metrics
-    final = m.eval_after_fine_tune or m.eval_after_pruning
-    if not m.eval_before or not final or "accuracy" not in final:
-        return None
-    return float(m.eval_before["accuracy"] - final["accuracy"])
 
 
 def _predicted(
@@ -356,6 +356,8 @@ def _predicted(
     }
     if "accuracy" in baseline:
         predicted["accuracy"] = baseline["accuracy"] - predicted_damage(acc, choice.ratios)
+    if "perplexity" in baseline:
+        predicted["perplexity"] = math.exp(predicted["loss"])
     return predicted
 
 
@@ -413,25 +415,21 @@ def record_achieved(
         achieved["latency"] = m.latency_ms_after / m.latency_ms_before
     for name, scores in (("", m.eval_after_pruning), ("_after_fine_tune", m.eval_after_fine_tune)):
         if scores:
-            for metric in ("accuracy", "loss"):
+            for metric in ("accuracy", "loss", "perplexity"):
                 if metric in scores:
                     achieved[f"{metric}{name}"] = scores[metric]
     target = spec.pruning.target
     if target is not None:
-        achieved["met"] = _met(target.kind, target.value, achieved, m.eval_before)
+        measured = judge(target, m.eval_before, m.eval_after_fine_tune or m.eval_after_pruning)
+        if measured is not None:
+            achieved[target.kind] = measured
+            achieved["met"] = measured <= target.value + 1e-9
+        elif target.kind in achieved:  # a cost target: the fraction kept
+            achieved["met"] = achieved[target.kind] <= target.value + 1e-9
+        else:
+            achieved["met"] = None
     searched.summary.update(status="done", achieved=achieved)
     _write(job_id, attempt, searched.summary)
-
-
-def _met(
-    kind: str, value: float, achieved: dict[str, Any], before: dict[str, float] | None
-) -> bool | None:
-    if kind in ("macs", "params", "latency"):
-        return achieved[kind] <= value + 1e-9 if kind in achieved else None
-    if kind == "max_accuracy_drop" and before and "accuracy" in before:
-        final = achieved.get("accuracy_after_fine_tune", achieved.get("accuracy"))
-        return None if final is None else before["accuracy"] - final <= value + 1e-9
-    return None
 
 
 def record_scan_only(

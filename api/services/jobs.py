@@ -30,6 +30,7 @@ from api.services.events import parse_cursor
 from core.errors import InvalidSpec
 from core.pipeline import check_recovery
 from core.pruning import preflight as pruning_preflight
+from core.search import scan_reads_targets
 from core.search.targets import check_target
 from core.spec import SPEC_VERSION
 from shears.db import repository as repo
@@ -76,7 +77,7 @@ def submit(
     _preflight(spec, model)
     if repo.count_queued(session, tenant) >= max_queued:
         raise QueueFull(max_queued)
-    _check_datasets(session, tenant, spec)
+    _check_datasets(session, tenant, spec, model.format)
     job = Job(
         id=new_id("job"),
         tenant=tenant,
@@ -131,14 +132,18 @@ def _preflight(spec: JobSpecRequest, model: Model) -> None:
         raise InvalidField(where, exc.message) from exc
 
 
-def _check_datasets(session: Session, tenant: str, spec: JobSpecRequest) -> None:
-    """Each dataset the spec names exists (NotFound) and has the targets its section reads."""
+def _check_datasets(session: Session, tenant: str, spec: JobSpecRequest, fmt: str) -> None:
+    """Each dataset the spec names exists (NotFound) and has the targets its section reads (a
+    scan of a language model scores perplexity on text: its search data needs none)."""
     for name, section in spec.datasets().items():
         assert section.dataset_id is not None  # datasets() lists the sections that name one
         dataset = repo.get_dataset(session, tenant, section.dataset_id)
         if dataset is None:
             raise NotFound("dataset", section.dataset_id)
-        if getattr(section, "needs_targets", False) and not dataset.has_targets:
+        needs = getattr(section, "needs_targets", False)
+        if name == "search" and needs:
+            needs = scan_reads_targets(fmt)
+        if needs and not dataset.has_targets:
             what = f"loss {section.loss!r}" if isinstance(section, FineTuneRequest) else "it"
             raise InvalidField(
                 (name, "dataset_id"),

@@ -5,15 +5,27 @@ curves and allocates a target over them (:mod:`core.search.allocate`), then prun
 ``layer_sparsity`` (:func:`with_ratios`) through the ordinary pipeline.
 """
 
-from core.search.scan import Scanner, reestimate_batchnorm, reestimate_program_batchnorm
+from core.search.scan import (
+    Scanner,
+    Scanning,
+    open_scanner,
+    reestimate_batchnorm,
+    reestimate_program_batchnorm,
+    register_scanner,
+    scan_reads_targets,
+)
 from core.search.units import ScanUnit, family_for, register_family, with_ratios
 
 __all__ = [
     "ScanUnit",
     "Scanner",
+    "Scanning",
     "family_for",
+    "open_scanner",
     "reestimate_batchnorm",
     "reestimate_program_batchnorm",
     "register_family",
+    "register_scanner",
+    "scan_reads_targets",
     "with_ratios",
 ]

@@ -43,8 +43,9 @@ class PlotData:
 def sensitivity_data(
     curves: Mapping[str, Mapping[float, Mapping[str, float]]], baseline: Mapping[str, float]
 ) -> PlotData:
-    """``curves``: unit -> ratio -> scores. Accuracy where the scan measured it, else loss."""
-    metric = "accuracy" if "accuracy" in baseline else "loss"
+    """``curves``: unit -> ratio -> scores. Accuracy where the scan measured it, else perplexity
+    (language models), else loss."""
+    metric = next(m for m in ("accuracy", "perplexity", "loss") if m in baseline)
     series = tuple(
         Series(
             unit,
@@ -73,18 +74,30 @@ def layer_sparsity_data(
             Series(
                 "chosen ratio",
                 tuple(range(len(names))),
-                tuple(chosen.get(name, 0.0) for name in names),
+                tuple(_chosen_for(name, chosen) for name in names),
             )
         )
     return PlotData("Sparsity per layer", "layer", "fraction removed", tuple(series), True, names)
 
 
+def _chosen_for(name: str, chosen: Mapping[str, float]) -> float:
+    """The ratio chosen for layer ``name``: its own, or its enclosing unit's (a language model's
+    decoder layer ``model.layers.0`` holds ``model.layers.0.mlp.up_proj``)."""
+    if name in chosen:
+        return chosen[name]
+    enclosing = [key for key in chosen if name.startswith(key + ".")]
+    return chosen[max(enclosing, key=len)] if enclosing else 0.0
+
+
 def accuracy_data(evals: Sequence[tuple[str, Mapping[str, Any] | None]]) -> PlotData | None:
-    """Accuracy (else loss) before, after pruning and after fine-tuning; None without any."""
+    """Accuracy (else perplexity, else loss) before, after pruning and after fine-tuning; None
+    without any."""
     measured = [(when, e) for when, e in evals if e]
     if not measured:
         return None
-    metric = "accuracy" if all("accuracy" in e for _, e in measured) else "loss"
+    metric = next(
+        (m for m in ("accuracy", "perplexity") if all(m in e for _, e in measured)), "loss"
+    )
     names = tuple(when for when, _ in measured)
     values = tuple(float(e[metric]) for _, e in measured)
     return PlotData(

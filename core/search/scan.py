@@ -15,13 +15,15 @@ Example (no service needed)::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from core.data import Dataset, batch_range, load_dataset, match_program
+from core.errors import InvalidSpec
 from core.evaluate import evaluate
 from core.formats import detect, get_format
 from core.formats.base import MeasureConfig, ModelInfo
@@ -29,11 +31,78 @@ from core.formats.pt2.program import module_on
 from core.recovery import CALIBRATION_SAMPLES
 from core.search.cost import CostModel
 from core.search.units import Calibration, ScanUnit, UnitFamily, family_for, with_ratios
-from core.spec import EvaluationSpec, JobSpec
+from core.spec import EvaluationSpec, JobSpec, PruningSpec
 from core.structure import prune_program
 
 Program = torch.export.ExportedProgram
 _BATCH_NORM = torch.ops.aten.batch_norm.default
+
+
+class Scanning(Protocol):
+    """What a service needs of a scanner, whatever the model's format: the units and grid, one
+    cell's scores, the cost model, and how chosen ratios become the spec the pruner runs."""
+
+    @property
+    def grid(self) -> tuple[float, ...]: ...
+
+    def units(self) -> list[ScanUnit]: ...
+
+    def cost_model(self) -> CostModel: ...
+
+    def score(self, key: str | None, ratio: float) -> dict[str, float]: ...
+
+    def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
+        """``spec`` with the chosen ratios (unit key -> ratio) and no target."""
+        ...
+
+    def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float: ...
+
+    def reestimate(self, model: Any) -> int:
+        """Re-estimate in the pruned ``model`` what the scan re-estimated in every cell (BatchNorm
+        statistics); how many were."""
+        ...
+
+
+Opener = Callable[..., Scanning]
+_OPENERS: dict[str, tuple[Opener, bool]] = {}
+
+
+def register_scanner(fmt: str, opener: Opener, *, reads_targets: bool) -> None:
+    """Make ``opener(spec, model_path, search_data, calibration_data, device=None)`` the scanner
+    of ``fmt`` models; ``reads_targets``: its scores need the search data's targets
+    (classification does, perplexity does not)."""
+    _OPENERS[fmt] = (opener, reads_targets)
+
+
+def open_scanner(
+    spec: JobSpec,
+    model_path: str | os.PathLike[str],
+    search_data: str | os.PathLike[str],
+    calibration_data: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+) -> Scanning:
+    """The scanner of the model at ``model_path``, by its format.
+
+    Raises:
+        InvalidSpec: no scanner is registered for the format.
+    """
+    fmt = detect(model_path).name
+    opener = _opener(fmt)[0]
+    return opener(spec, model_path, search_data, calibration_data, device=device)
+
+
+def scan_reads_targets(fmt: str) -> bool:
+    """Whether a scan of ``fmt`` models scores against the search data's targets."""
+    return _opener(fmt)[1]
+
+
+def _opener(fmt: str) -> tuple[Opener, bool]:
+    import core.search.builtin  # noqa: F401  (registers the built-in scanners once)
+
+    found = _OPENERS.get(fmt)
+    if found is None:
+        raise InvalidSpec(f"no sensitivity scan for {fmt!r} models", "pruning")
+    return found
 
 
 @dataclass
@@ -59,9 +128,11 @@ class Scanner:
         model_path: str | os.PathLike[str],
         search_data: str | os.PathLike[str],
         calibration_data: str | os.PathLike[str] | None = None,
+        device: str | None = None,
     ) -> Scanner:
         """Load the model through its format's gate and the first ``search.num_samples`` of the
-        search data (matched to the model's inputs)."""
+        search data (matched to the model's inputs). Cells are scored on the CPU (``device`` is
+        for scanners of other formats)."""
         fmt = detect(model_path)
         program, info = fmt.load(model_path)
         data = match_program(load_dataset(Path(search_data)), info.inputs)
@@ -94,6 +165,12 @@ class Scanner:
 
     def cost_model(self) -> CostModel:
         return self.family.cost_model(self.program, self.info, self.spec.pruning, self.units())
+
+    def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
+        return with_ratios(spec, ratios)
+
+    def reestimate(self, model: Any) -> int:
+        return reestimate_program_batchnorm(model, self.data.inputs)
 
     def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
         """Latency of the program pruned at ``ratios`` over the dense program's, measured on

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +23,17 @@ from core.search.allocate import (
     allocate_within_damage,
 )
 from core.search.cost import CostModel
+from core.search.units import family_for
 from core.spec import JobSpec, TargetSpec
 
 Chooser = Callable[[float, Sequence[Curve], Sequence[Curve], CostModel], Choice]
 Measure = Callable[[Mapping[str, float]], float]
 """The target's own quantity measured on the model pruned at some ratios (a fraction of dense)."""
 Refiner = Callable[[float, Callable[[float], Choice], Measure], Choice]
+Measurer = Callable[[Any, Mapping[str, float], Any], float]
+"""``(scanner, ratios, measure_config)`` -> the target's quantity measured with those ratios."""
+Judge = Callable[[Mapping[str, float], Mapping[str, float]], float | None]
+"""A quality target's quantity from the evaluation scores before and after (None: unscored)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,12 @@ class TargetKind:
     # Where the allocation's cost is only a proxy (latency through MACs): re-choose at a tighter
     # proxy budget until the measured quantity meets the target.
     refine: Refiner | None = None
+    measure: Measurer | None = None
+    # A quality target: how the verified result is judged, which curves its damage budget is in
+    # ("accuracy" or "loss") and that budget for a target value (a step back halves it).
+    judge: Judge | None = None
+    curves: str = "accuracy"
+    damage_budget: Callable[[float], float] = float
 
 
 _TARGETS: dict[str, TargetKind] = {}
@@ -90,6 +102,7 @@ def check_target(fmt: str, spec: JobSpec) -> None:
             ),
             "pruning",
         )
+    family_for(fmt, granularity)  # a scan for this pair exists (width on hf, say, not yet)
     if kind.needs_evaluation and spec.evaluation is None:
         raise InvalidSpec(
             f"target {target.kind!r} is judged on the evaluation data; add 'evaluation'",
@@ -112,19 +125,41 @@ def choose_measured(
     loss_curves: Sequence[Curve],
     accuracy_curves: Sequence[Curve],
     cost: CostModel,
-    measure: Measure,
+    scanner: Any,
+    config: Any = None,
 ) -> tuple[Choice, float | None]:
-    """As :func:`choose`; for a target whose cost is a proxy, refined against ``measure`` (then
-    also returns the measured fraction)."""
+    """As :func:`choose`; for a target the curves only predict (latency through MACs, perplexity
+    through per-layer damage), refined against the quantity measured through ``scanner`` (with
+    ``config``, a ``MeasureConfig``), then also returns that measurement."""
     kind = _TARGETS[target.kind]
-    if kind.refine is None:
+    if kind.refine is None or kind.measure is None:
         return choose(target, loss_curves, accuracy_curves, cost), None
+    how = kind.measure
+    seen: dict[tuple[tuple[str, float], ...], float] = {}
+
+    def measure(ratios: Mapping[str, float]) -> float:
+        key = tuple(sorted(ratios.items()))
+        if key not in seen:  # the last try is asked for again: measure it once
+            seen[key] = how(scanner, ratios, config)
+        return seen[key]
 
     def at(budget: float) -> Choice:
         return kind.choose(budget, loss_curves, accuracy_curves, cost)
 
     choice = kind.refine(target.value, at, measure)
     return choice, measure(choice.ratios)
+
+
+def judge(
+    target: TargetSpec, before: Mapping[str, float] | None, after: Mapping[str, float] | None
+) -> float | None:
+    """The target's quantity measured from the evaluation scores (``max_accuracy_drop``: the
+    accuracy lost; ``max_perplexity_increase``: the relative rise), None where it is not a
+    quality target or was not scored."""
+    kind = _TARGETS[target.kind]
+    if kind.judge is None or not before or not after:
+        return None
+    return kind.judge(before, after)
 
 
 def refine_by_measurement(
@@ -202,19 +237,53 @@ def _by_cost(kind: str) -> Chooser:
     return choose_
 
 
+def within_damage(curves: Sequence[Curve], cost: CostModel, budget: float) -> Choice:
+    """As many MACs (or, where zeros save none, parameters) removed as ``budget`` of predicted
+    damage on ``curves`` allows."""
+    kind = "macs" if "macs" in cost.reduces else "params"
+    return allocate_within_damage(
+        curves, lambda r: cost.fraction(kind, r), budget, sizes=cost.sizes
+    )
+
+
 def _by_accuracy(
     value: float, _loss: Sequence[Curve], acc: Sequence[Curve], cost: CostModel
 ) -> Choice:
-    # As many MACs (or, where zeros save none, parameters) as the predicted drop allows.
-    kind = "macs" if "macs" in cost.reduces else "params"
-    return allocate_within_damage(acc, lambda r: cost.fraction(kind, r), value, sizes=cost.sizes)
+    return within_damage(acc, cost, value)
+
+
+def _perplexity_budget(value: float) -> float:
+    # The curves are in loss (log perplexity): a relative rise v is a loss rise of log(1 + v).
+    return math.log1p(value)
+
+
+def _by_perplexity(
+    value: float, loss: Sequence[Curve], _acc: Sequence[Curve], cost: CostModel
+) -> Choice:
+    return within_damage(loss, cost, _perplexity_budget(value))
+
+
+def _accuracy_drop(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    if "accuracy" not in before or "accuracy" not in after:
+        return None
+    return float(before["accuracy"] - after["accuracy"])
+
+
+def _perplexity_rise(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    if "perplexity" not in before or "perplexity" not in after:
+        return None
+    return float(after["perplexity"] / before["perplexity"] - 1.0)
 
 
 _CHANNELS = frozenset({"channel", "head"})
 register_target(TargetKind("macs", frozenset({"pt2"}), _CHANNELS, _by_cost("macs"), "macs"))
 register_target(
     TargetKind(
-        "params", frozenset({"pt2"}), _CHANNELS | {"unstructured"}, _by_cost("params"), "params"
+        "params",
+        frozenset({"pt2", "hf"}),
+        _CHANNELS | {"unstructured"},
+        _by_cost("params"),
+        "params",
     )
 )
 # Latency is allocated through MACs, then checked on the worker's device and tightened.
@@ -226,6 +295,7 @@ register_target(
         _by_cost("macs"),
         "macs",
         refine=refine_by_measurement,
+        measure=lambda scanner, ratios, config: scanner.latency_fraction(ratios, config),
     )
 )
 register_target(
@@ -235,11 +305,23 @@ register_target(
         _CHANNELS | {"unstructured"},
         _by_accuracy,
         needs_evaluation=True,
+        judge=_accuracy_drop,
     )
 )
-# Language models are not scanned yet: the key is public vocabulary, refused with a reason.
+# Language models: allocated over the loss curves of decoder layers, then measured on the search
+# text with every chosen ratio at once and tightened (layers' damage adds up to more than the sum
+# of their curves), then judged by perplexity on the evaluation text.
 register_target(
     TargetKind(
-        "max_perplexity_increase", frozenset(), frozenset(), _by_accuracy, needs_evaluation=True
+        "max_perplexity_increase",
+        frozenset({"hf"}),
+        frozenset({"unstructured"}),
+        _by_perplexity,
+        needs_evaluation=True,
+        refine=refine_by_measurement,
+        measure=lambda scanner, ratios, _config: scanner.perplexity_rise(ratios),
+        judge=_perplexity_rise,
+        curves="loss",
+        damage_budget=_perplexity_budget,
     )
 )

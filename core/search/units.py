@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -34,13 +34,14 @@ class ScanUnit:
 
 
 class UnitFamily(Protocol):
-    """Scan units of the models of one format, at some granularities."""
+    """Scan units of the models of one format, at some granularities. ``program`` is the model
+    as the format loads it (an ``ExportedProgram`` for ``pt2``)."""
 
     format: ClassVar[str]
     granularities: ClassVar[frozenset[str]]
 
     def units(
-        self, program: Program, info: ModelInfo, spec: PruningSpec, calibration: Calibration
+        self, program: Any, info: ModelInfo, spec: PruningSpec, calibration: Calibration
     ) -> list[ScanUnit]:
         """The units a target may prune: not excluded, not fixed by a ``layer_sparsity`` glob,
         rankable by the criterion."""
@@ -48,18 +49,19 @@ class UnitFamily(Protocol):
 
     def prune_one(
         self,
-        program: Program,
+        program: Any,
         info: ModelInfo,
         spec: PruningSpec,
         unit: ScanUnit,
         ratio: float,
         calibration: Calibration,
-    ) -> torch.fx.GraphModule:
-        """A runnable copy of the program with only ``unit`` pruned at ``ratio``."""
+    ) -> Any:
+        """A runnable copy of the program with only ``unit`` pruned at ``ratio`` (or, for a
+        format whose scanner restores the model after each cell, the model pruned in place)."""
         ...
 
     def cost_model(
-        self, program: Program, info: ModelInfo, spec: PruningSpec, units: list[ScanUnit]
+        self, program: Any, info: ModelInfo, spec: PruningSpec, units: list[ScanUnit]
     ) -> CostModel:
         """MACs and parameters as functions of the units' ratios."""
         ...

@@ -138,3 +138,86 @@ def test_a_target_job_is_stored_as_asked(api: Api, model: dict, data: dict) -> N
     for name in ("sensitivity", "layer_sparsity", "accuracy"):
         assert_problem(api.client.get(f"/v1/jobs/{job['id']}/plots/{name}.svg"), 404, "not-found")
     assert_problem(api.client.get("/v1/jobs/job_nope/plots/sensitivity.svg"), 404, "not-found")
+
+
+@pytest.fixture(scope="module")
+def language(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny Llama checkpoint and a text dataset (text has no targets)."""
+    from tests.hf_factories import archive_folder, save_checkpoint
+
+    root = tmp_path_factory.mktemp("search-hf")
+    _, folder = save_checkpoint("llama", root / "llama")
+    text = root / "corpus.txt"
+    text.write_text("one document\n\nanother one\n")
+    return {
+        "model": upload(api.client, archive_folder(folder, root / "llama.tar")),
+        "text": upload(api.client, text, "datasets")["id"],
+    }
+
+
+def test_language_model_targets_are_accepted(api: Api, language: dict) -> None:
+    """``params`` and ``max_perplexity_increase`` on an ``hf`` model at ``unstructured``: no
+    longer refused, with a text dataset (no targets) as the search data."""
+    text = language["text"]
+    for target in ({"params": 0.5}, {"max_perplexity_increase": 0.05}):
+        pruning = {
+            "criterion": "magnitude",
+            "granularity": "unstructured",
+            "target": target,
+            "search": {"dataset_id": text, "grid": [0.25, 0.5]},
+        }
+        body = {
+            "model_id": language["model"]["id"],
+            "pruning": pruning,
+            "evaluation": {"dataset_id": text, "task": "perplexity"},
+            "sensitivity_only": True,
+        }
+        response = post(api, body)
+        assert response.status_code == 202, response.text
+        job = response.json()
+        stored = job["spec"]["pruning"]["target"]
+        assert {k: v for k, v in stored.items() if v is not None} == target
+        assert api.client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("pruning", "loc", "words"),
+    [
+        # Zeroed weights leave a dense kernel's MACs as they are.
+        ({"target": {"macs": 0.5}}, ["body", "pruning", "target"], "not available for 'hf'"),
+        (
+            {"target": {"max_accuracy_drop": 0.01}},
+            ["body", "pruning", "target"],
+            "not available for 'hf'",
+        ),
+        (
+            {"granularity": "n:m", "target": {"params": 0.5}},
+            ["body", "pruning", "target"],
+            "granularity 'n:m'",
+        ),
+        (
+            {"granularity": "width", "width": {"mlp": 0.5}, "criterion": "random"},
+            ["body", "pruning", "target"],
+            "granularity 'width'",
+        ),
+    ],
+)
+def test_language_model_targets_that_cannot_be_searched_are_422(
+    api: Api, language: dict, pruning: dict, loc: list, words: str
+) -> None:
+    before = job_ids(api)
+    spec = {
+        "criterion": "magnitude",
+        "granularity": "unstructured",
+        "target": {"max_perplexity_increase": 0.05},
+        **pruning,
+    }
+    body = {
+        "model_id": language["model"]["id"],
+        "pruning": spec,
+        "evaluation": {"dataset_id": language["text"], "task": "perplexity"},
+    }
+    problem = assert_problem(post(api, body), 422, "validation-error")
+    assert problem["errors"][0]["loc"] == loc, problem
+    assert words in problem["detail"], problem
+    assert job_ids(api) == before

@@ -1,0 +1,292 @@
+"""Scan units of language models (``hf``, ``unstructured``): one decoder layer each.
+
+A decoder layer's linears are pruned together at one ratio with the job's criterion (magnitude,
+Wanda or SparseGPT, each ranking within its own rows as the pruner does), and the model is scored
+by perplexity on the search text; the layer's weights are then put back, so one loaded model
+serves every cell of a process. Per-layer ratios (rather than per-linear) keep the scan at
+``layers x grid`` cells, the granularity OWL and the layer-wise LLM sparsity papers allocate at.
+
+Example (no service needed)::
+
+    from core.search import open_scanner
+    scanner = open_scanner(spec, "llama.tar", "wiki.txt", "wiki.txt")
+    baseline = scanner.score(None, 0.0)          # {"perplexity": ..., "loss": ...}
+    cell = scanner.score("model.layers.0", 0.5)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from core.allocation import removal_count
+from core.device import pick_device
+from core.errors import InvalidSpec
+from core.formats import detect
+from core.formats.base import MeasureConfig, ModelInfo
+from core.formats.hf.model import HfModel, count_parameters
+from core.lm_recovery import evaluate_perplexity
+from core.pruning.llm.layers import decoder_layers, prunable_linears
+from core.pruning.llm.masks import planned_removals
+from core.pruning.llm.sequential import prune_causal_lm
+from core.pruning.llm.sparsegpt import BLOCK
+from core.search.cost import CostModel
+from core.search.units import ScanUnit, UnitFamily, escape_glob, family_for, fixed_by_user
+from core.spec import JobSpec, PruningSpec
+from core.text import (
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SEQ_LEN,
+    EVAL_SEQ_LEN,
+    resolve_seq_len,
+    token_blocks,
+)
+
+# Blocks scored per forward in a cell (the evaluation's batch size is capped the same way).
+_BATCH = 8
+
+
+def layer_glob(key: str) -> str:
+    """The ``layer_sparsity`` glob of every linear inside decoder layer ``key``
+    (``model.layers.1.*`` does not match ``model.layers.10``)."""
+    return f"{escape_glob(key)}.*"
+
+
+def lm_with_ratios(spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
+    """``spec`` with each decoder layer's ratio on all its linears (after the user's own globs),
+    every other linear at 0, and no target: the spec the language-model pruner runs."""
+    chosen = {layer_glob(key): ratio for key, ratio in ratios.items()}
+    merged = {
+        **spec.layer_sparsity,
+        **{k: v for k, v in chosen.items() if k not in spec.layer_sparsity},
+    }
+    return spec.model_copy(
+        update={"layer_sparsity": merged, "sparsity": 0.0, "target": None, "search": None}
+    )
+
+
+class DecoderLayerUnits:
+    """``hf`` models at ``unstructured``: a decoder layer is one unit, all its linears at one
+    ratio. Zeroed weights leave the MACs of dense kernels as they are: only parameters fall."""
+
+    format: ClassVar[str] = "hf"
+    granularities: ClassVar[frozenset[str]] = frozenset({"unstructured"})
+
+    def units(
+        self, program: Any, info: ModelInfo, spec: PruningSpec, calibration: Any
+    ) -> list[ScanUnit]:
+        out = []
+        for layer in decoder_layers(_net(program)):
+            names = tuple(lin.name for lin in layer.linears)
+            if names and not fixed_by_user(spec, names):
+                size = sum(lin.weight.numel() for lin in layer.linears)
+                out.append(ScanUnit(layer.name, names, size))
+        return out
+
+    def prune_one(
+        self,
+        program: Any,
+        info: ModelInfo,
+        spec: PruningSpec,
+        unit: ScanUnit,
+        ratio: float,
+        calibration: Any,
+    ) -> Any:
+        """Prune ``unit``'s linears in place (the caller restores them: see :class:`LmScanner`)."""
+        ids = calibration[0] if calibration else None
+        prune_causal_lm(
+            _net(program),
+            dict.fromkeys(unit.layers, ratio),
+            criterion=spec.criterion,
+            input_ids=ids,
+        )
+        return program
+
+    def cost_model(
+        self, program: Any, info: ModelInfo, spec: PruningSpec, units: list[ScanUnit]
+    ) -> CostModel:
+        net = _net(program)
+        linears = prunable_linears(net)
+        shapes = {name: linears[name].shape for u in units for name in u.layers}
+        in_unit = sum(linears[name].weight.numel() for name in shapes)
+        return LmCost(
+            tensors={},
+            # The greedy steps a layer by one weight per row of its narrowest linear, so every
+            # step removes weights (a 0.01 step can round to none on a narrow row).
+            sizes={u.key: min(shapes[n][1] for n in u.layers) for u in units},
+            fixed_params=float(count_parameters(net) - in_unit),
+            reduces=frozenset({"params"}),
+            shapes={u.key: tuple(shapes[n] for n in u.layers) for u in units},
+            block=BLOCK if spec.criterion == "sparsegpt" else None,
+        )
+
+
+@dataclass(frozen=True)
+class LmCost(CostModel):
+    """Parameters left as the language-model pruner removes them: per linear,
+    ``round(s x in)`` of every row (SparseGPT: per block of 128 columns), so a prediction is
+    exactly the count the job reports."""
+
+    shapes: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    block: int | None = None
+
+    def params(self, ratios: Mapping[str, float]) -> float:
+        kept = 0.0
+        for unit, shapes in self.shapes.items():
+            r = ratios.get(unit, 0.0)
+            for shape in shapes:
+                gone = planned_removals(shape, r, None, block=self.block) if r > 0 else 0
+                kept += shape[0] * shape[1] - gone
+        return self.fixed_params + kept
+
+    def removed(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        return {u: float(removal_count(r, self.sizes[u])) for u, r in ratios.items()}
+
+
+@dataclass
+class LmScanner:
+    """Scores a language model with one decoder layer pruned at a time, by perplexity on the
+    search text (``loss`` is its log); the model is restored after every cell."""
+
+    model: HfModel
+    info: ModelInfo
+    spec: JobSpec
+    blocks: torch.Tensor
+    calibration: tuple[torch.Tensor, ...] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    family: UnitFamily = field(init=False)
+    _units: list[ScanUnit] | None = field(default=None, init=False)
+    _dense: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.family = family_for(self.info.format, self.spec.pruning.granularity)
+
+    @classmethod
+    def open(
+        cls,
+        spec: JobSpec,
+        model_path: str | os.PathLike[str],
+        search_data: str | os.PathLike[str],
+        calibration_data: str | os.PathLike[str] | None = None,
+        device: str | None = None,
+    ) -> LmScanner:
+        """Load the checkpoint; the search text as the first ``search.num_samples`` blocks at the
+        evaluation's ``seq_len``; the calibration text as the job's calibration would be."""
+        fmt = detect(model_path)
+        model, info = fmt.load(model_path)
+        assert isinstance(model, HfModel)
+        config = model.model.config
+        positions = getattr(config, "max_position_embeddings", None)
+        evaluation = spec.evaluation
+        asked = evaluation.seq_len if evaluation else None
+        seq_len = resolve_seq_len(asked, EVAL_SEQ_LEN, positions)
+        n = spec.pruning.search.num_samples if spec.pruning.search else 512
+
+        def blocks(path: str | os.PathLike[str], length: int, count: int) -> torch.Tensor:
+            return token_blocks(
+                Path(path),
+                model.tokenizer,
+                length,
+                model.eos_token_id,
+                count,
+                vocab_size=config.vocab_size,
+            )
+
+        calibration = None
+        if spec.calibration is not None and calibration_data is not None:
+            length = resolve_seq_len(spec.calibration.seq_len, CALIBRATION_SEQ_LEN, positions)
+            samples = spec.calibration.samples(CALIBRATION_SAMPLES)
+            calibration = (blocks(calibration_data, length, samples),)
+        return cls(
+            model,
+            info,
+            spec,
+            blocks(search_data, seq_len, n),
+            calibration,
+            pick_device(device),
+        )
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        search = self.spec.pruning.search
+        return search.grid if search is not None else tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+    def units(self) -> list[ScanUnit]:
+        if self._units is None:
+            self._units = self.family.units(
+                self.model, self.info, self.spec.pruning, self.calibration
+            )
+        return self._units
+
+    def unit(self, key: str) -> ScanUnit:
+        return next(u for u in self.units() if u.key == key)
+
+    def cost_model(self) -> CostModel:
+        return self.family.cost_model(self.model, self.info, self.spec.pruning, self.units())
+
+    # Static, so a job that keeps these for a step back does not keep the scan's model alive.
+    @staticmethod
+    def with_ratios(spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
+        return lm_with_ratios(spec, ratios)
+
+    def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
+        raise InvalidSpec("a latency target is not searched for language models yet", "pruning")
+
+    @staticmethod
+    def reestimate(model: Any) -> int:
+        return 0  # no BatchNorm in a decoder
+
+    def score(self, key: str | None, ratio: float) -> dict[str, float]:
+        """``perplexity`` and ``loss`` with decoder layer ``key`` pruned at ``ratio`` (the dense
+        model's with ``key`` None); the layer's weights are restored afterwards."""
+        return self.score_ratios({} if key is None else {key: ratio})
+
+    def score_ratios(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        """As :meth:`score` with every decoder layer of ``ratios`` pruned at once (calibrated in
+        order, as the pruner does), the weights restored afterwards."""
+        net = _net(self.model)
+        net.to(self.device)
+        pruned = {key: r for key, r in ratios.items() if r > 0}
+        if not pruned:
+            return self._perplexity(net)
+        linears = prunable_linears(net)
+        names = [name for key in pruned for name in self.unit(key).layers]
+        saved = {name: linears[name].weight.detach().clone() for name in names}
+        calibration = self._calibration()
+        try:
+            prune_causal_lm(
+                net,
+                {name: r for key, r in pruned.items() for name in self.unit(key).layers},
+                criterion=self.spec.pruning.criterion,
+                input_ids=calibration[0] if calibration else None,
+            )
+            return self._perplexity(net)
+        finally:
+            with torch.no_grad():
+                for name, weight in saved.items():
+                    linears[name].weight.copy_(weight)
+
+    def perplexity_rise(self, ratios: Mapping[str, float]) -> float:
+        """The relative perplexity rise on the search text with ``ratios`` all applied."""
+        if self._dense is None:
+            self._dense = self.score_ratios({})["perplexity"]
+        return self.score_ratios(ratios)["perplexity"] / self._dense - 1.0
+
+    def _calibration(self) -> tuple[torch.Tensor, ...] | None:
+        if self.calibration is None:
+            return None
+        return tuple(t.to(self.device) for t in self.calibration)
+
+    def _perplexity(self, net: torch.nn.Module) -> dict[str, float]:
+        scores = evaluate_perplexity(net, self.blocks, batch_size=_BATCH, device=self.device)
+        return {"perplexity": scores["perplexity"], "loss": scores["loss"]}
+
+
+def _net(model: Any) -> torch.nn.Module:
+    inner = model.model if isinstance(model, HfModel) else model
+    assert isinstance(inner, torch.nn.Module)
+    return inner

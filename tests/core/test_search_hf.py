@@ -1,0 +1,227 @@
+"""The search on language models (``hf``, ``unstructured``): decoder layers scanned one at a time
+by perplexity, ratios allocated to a ``params`` or ``max_perplexity_increase`` target, and what
+that buys over one uniform ratio, on a tiny Llama trained here on standard-library source."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core.errors import InvalidSpec
+from core.pipeline import MeasureConfig, PipelineData, run
+from core.search import open_scanner
+from core.search.allocate import uniform_to_budget
+from core.search.lm import LmScanner
+from core.search.plots import layer_sparsity_data, sensitivity_data
+from core.search.targets import (
+    check_target,
+    choose,
+    choose_measured,
+    curves_from_cells,
+    judge,
+)
+from core.spec import JobSpec
+from tests.hf_factories import EOS, archive_folder, bpe_tokenizer, tiny_config
+
+FAST = MeasureConfig(batch_size=1, warmup=0, repeats=1)
+SEQ = 32
+GRID = [0.2, 0.4, 0.6, 0.8]
+
+
+def _text() -> str:
+    import argparse
+    import textwrap
+
+    return inspect.getsource(argparse) + inspect.getsource(textwrap)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A 4-layer Llama (width 32) trained for 200 steps on argparse and textwrap source, as an
+    uploaded checkpoint, with its training text (calibration) and two held-out texts: the
+    search's and the evaluation's."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("lm-search")
+    tokenizer = bpe_tokenizer()
+    eos = tokenizer.token_to_id(EOS)
+    config = tiny_config("llama", tokenizer.get_vocab_size(), eos)
+    config.num_hidden_layers = 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        text = _text()
+        cut = int(len(text) * 0.8)
+        ids = torch.tensor(tokenizer.encode(text[:cut]).ids)
+        blocks = ids[: ids.numel() // SEQ * SEQ].view(-1, SEQ)
+        generator = torch.Generator().manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(200):
+            batch = blocks[torch.randint(0, blocks.shape[0], (16,), generator=generator)]
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+    folder = root / "checkpoint"
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS}))
+    # Held out from training, both: the search text and the evaluation text it predicts for.
+    middle = (cut + len(text)) // 2
+    files = {"train": text[:cut], "search": text[cut:middle], "eval": text[middle:]}
+    for name, part in files.items():
+        (root / f"{name}.txt").write_text(part)
+    return SimpleNamespace(
+        checkpoint=archive_folder(folder, root / "llama.tar"),
+        **{name: root / f"{name}.txt" for name in files},
+    )
+
+
+def job(criterion: str = "magnitude", target: dict | None = None) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "pruning": {
+                "criterion": criterion,
+                "granularity": "unstructured",
+                "target": target or {"params": 0.6},
+                "search": {"grid": GRID, "num_samples": 16},
+            },
+            "calibration": {"num_samples": 8, "seq_len": SEQ} if criterion != "magnitude" else None,
+            "evaluation": {"task": "perplexity", "seq_len": SEQ, "max_samples": 64},
+        }
+    )
+
+
+def scan(spec: JobSpec, lm: SimpleNamespace) -> SimpleNamespace:
+    """Every cell of the scan, the curves and the cost model, as the worker gathers them."""
+    scanner = open_scanner(spec, lm.checkpoint, lm.search, lm.train)
+    baseline = scanner.score(None, 0.0)
+    keys = [u.key for u in scanner.units()]
+    cells = {(k, r): scanner.score(k, r) for k in keys for r in scanner.grid}
+    curves = curves_from_cells(keys, baseline, cells, "loss", higher_is_better=False)
+    return SimpleNamespace(
+        scanner=scanner, keys=keys, cells=cells, curves=curves, cost=scanner.cost_model()
+    )
+
+
+def prune_at(spec: JobSpec, ratios: dict[str, float], lm: SimpleNamespace, out: Path):
+    pruning = LmScanner.with_ratios(spec.pruning, ratios)
+    data = PipelineData(evaluation=lm.eval, calibration=lm.train)
+    resolved = spec.model_copy(update={"pruning": pruning})
+    return run(resolved, lm.checkpoint, out, measure=FAST, data=data).metrics
+
+
+def kept_params(metrics) -> float:
+    return metrics.nonzero_params_after / metrics.params_before
+
+
+# --- the scan ---------------------------------------------------------------------------------
+
+
+def test_a_cell_prunes_one_decoder_layer_and_puts_it_back(lm: SimpleNamespace) -> None:
+    scanner = open_scanner(job(), lm.checkpoint, lm.search)
+    units = scanner.units()
+    assert [u.key for u in units] == [f"model.layers.{i}" for i in range(4)]
+    assert all(len(u.layers) == 7 for u in units)  # q k v o gate up down
+    dense = scanner.score(None, 0.0)
+    assert dense["perplexity"] == pytest.approx(torch.tensor(dense["loss"]).exp().item())
+    pruned = scanner.score("model.layers.1", 0.8)
+    assert pruned["loss"] > dense["loss"]
+    assert scanner.score(None, 0.0) == dense  # the layer's weights were put back
+
+
+def test_layers_fixed_by_the_user_are_not_scanned(lm: SimpleNamespace) -> None:
+    spec = job().model_copy(deep=True)
+    pruning = spec.pruning.model_copy(
+        update={"exclude": ["model.layers.0.*"], "layer_sparsity": {"model.layers.3.mlp.*": 0.5}}
+    )
+    scanner = open_scanner(spec.model_copy(update={"pruning": pruning}), lm.checkpoint, lm.search)
+    assert [u.key for u in scanner.units()] == ["model.layers.1", "model.layers.2"]
+
+
+def test_targets_are_checked_for_language_models() -> None:
+    check_target("hf", job())
+    check_target("hf", job(target={"max_perplexity_increase": 0.1}))
+    with pytest.raises(InvalidSpec, match="'hf'"):
+        check_target("hf", job(target={"macs": 0.5}))
+    with pytest.raises(InvalidSpec, match="'hf'"):
+        check_target("hf", job(target={"max_accuracy_drop": 0.01}))
+    with pytest.raises(InvalidSpec, match="'pt2'"):
+        check_target("pt2", job(target={"max_perplexity_increase": 0.1}))
+    n_m = JobSpec.model_validate(
+        {"pruning": {"criterion": "magnitude", "granularity": "n:m", "target": {"params": 0.5}}}
+    )
+    with pytest.raises(InvalidSpec, match="granularity 'n:m'"):
+        check_target("hf", n_m)
+
+
+# --- what the search buys ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_a_params_target_is_met_and_beats_uniform(
+    lm: SimpleNamespace, criterion: str, tmp_path: Path
+) -> None:
+    """At 55% of the parameters kept: met within 2% (the cost model counts as the pruner
+    removes), and the searched per-layer ratios score no worse than one uniform ratio at the
+    same parameters, on the held-out evaluation text."""
+    target = 0.55
+    spec = job(criterion, {"params": target})
+    found = scan(spec, lm)
+    choice = choose(spec.pruning.target, found.curves, found.curves, found.cost)
+    searched = prune_at(spec, choice.ratios, lm, tmp_path / "searched")
+    assert target - 0.02 <= kept_params(searched) <= target + 1e-9
+    assert kept_params(searched) == pytest.approx(choice.cost, abs=1e-9)  # exact prediction
+
+    fraction = lambda r: found.cost.fraction("params", r)  # noqa: E731
+    uniform = uniform_to_budget(found.keys, fraction, kept_params(searched))
+    flat = prune_at(spec, dict.fromkeys(found.keys, uniform), lm, tmp_path / "uniform")
+    assert kept_params(flat) <= kept_params(searched) + 0.005
+    after = searched.eval_after_pruning["perplexity"]
+    assert after <= flat.eval_after_pruning["perplexity"], (choice.ratios, uniform)
+
+
+def test_a_perplexity_target_holds_on_the_evaluation_text(
+    lm: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Allowed 10% more perplexity: the curves alone over-promise (layers' damage adds up to
+    more than their sum), so the choice is measured on the search text and tightened; the pruned
+    model then stays within the allowance on the held-out evaluation text."""
+    spec = job("magnitude", {"max_perplexity_increase": 0.1})
+    target = spec.pruning.target
+    assert target is not None
+    found = scan(spec, lm)
+    additive = choose(target, found.curves, found.curves, found.cost)
+    choice, measured = choose_measured(
+        target, found.curves, found.curves, found.cost, found.scanner
+    )
+    assert measured is not None
+    assert measured <= 0.1
+    assert choice.cost < 0.9  # it did remove something
+    assert choice.cost >= additive.cost  # tightened, never loosened
+    metrics = prune_at(spec, choice.ratios, lm, tmp_path)
+    rise = judge(target, metrics.eval_before, metrics.eval_after_pruning)
+    assert rise is not None
+    assert 0.0 < rise <= 0.1, (choice.ratios, measured)
+
+
+def test_plots_show_a_decoder_layers_ratio_on_its_linears() -> None:
+    layers = [("model.layers.1.mlp.up_proj", 0.3), ("model.layers.10.mlp.up_proj", 0.6)]
+    data = layer_sparsity_data(layers, {"model.layers.1": 0.3, "model.layers.10": 0.6})
+    assert data.series[1].y == (0.3, 0.6)
+    assert sensitivity_data({"model.layers.1": {0.5: {"perplexity": 9.0, "loss": 2.2}}}, {
+        "perplexity": 8.0, "loss": 2.1}).ylabel == "perplexity"  # fmt: skip

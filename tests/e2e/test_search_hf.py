@@ -1,0 +1,65 @@
+"""A language model's ratios found through the service: a ``params`` target on a Llama checkpoint,
+its decoder layers scanned by perplexity on a text dataset, the job body's ``search`` and the
+``sensitivity`` artifact."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+
+import pytest
+
+from tests.e2e.service import Service
+from tests.e2e.test_walkthrough import submit, upload
+from tests.hf_factories import archive_folder, save_checkpoint
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def uploaded(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("search-hf")
+    _, folder = save_checkpoint("llama", root / "checkpoint")
+    text = root / "corpus.txt"
+    text.write_text(textwrap.dedent(inspect.getsource(json.decoder)))
+    return {
+        "model": upload(service, archive_folder(folder, root / "llama.tar"))["id"],
+        "text": upload(service, text, collection="datasets")["id"],
+    }
+
+
+def test_a_params_target_on_a_language_model(service: Service, uploaded: dict[str, str]) -> None:
+    body = {
+        "model_id": uploaded["model"],
+        "pruning": {
+            "criterion": "magnitude",
+            "granularity": "unstructured",
+            "target": {"params": 0.8},
+            "search": {"grid": [0.25, 0.5, 0.75], "num_samples": 4},
+        },
+        "evaluation": {
+            "dataset_id": uploaded["text"],
+            "task": "perplexity",
+            "seq_len": 32,
+            "max_samples": 8,
+        },
+    }
+    job = service.wait_for_job(submit(service, body)["id"])
+    assert job["status"] == "succeeded", job
+    search = job["search"]
+    assert search["status"] == "done"
+    assert set(search["chosen"]) == {"model.layers.0", "model.layers.1"}
+    assert search["layers_scanned"] == search["layers_total"] == 2
+    kept = job["metrics"]["nonzero_params_after"] / job["metrics"]["params_before"]
+    assert search["achieved"]["params"] == pytest.approx(kept)
+    assert 0.78 <= kept <= 0.8 + 1e-9
+    assert search["achieved"]["met"] is True
+    assert search["predicted"]["params"] == pytest.approx(kept)
+    kinds = {a["kind"]: a for a in job["artifacts"]}
+    assert {"model", "report", "sensitivity"} <= set(kinds)
+    curves = service.client.get(kinds["sensitivity"]["download_url"]).json()
+    assert [u["unit"] for u in curves["units"]] == ["model.layers.0", "model.layers.1"]
+    assert all(len(u["curve"]) == 3 and "perplexity" in u["curve"][0] for u in curves["units"])
+    svg = service.client.get(f"/v1/jobs/{job['id']}/plots/sensitivity.svg")
+    assert svg.status_code == 200
