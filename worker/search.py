@@ -31,9 +31,10 @@ from core.formats.base import MeasureConfig
 from core.pipeline import PipelineResult, ProgressCallback
 from core.progress import FRACTION, between
 from core.search import Scanning, open_scanner
-from core.search.allocate import Choice, Curve, predicted_damage
+from core.search.allocate import Choice, Curve, damage_budgets, predicted_damage
 from core.search.cost import CostModel
 from core.search.targets import (
+    TargetKind,
     check_target,
     choose_measured,
     curves_from_cells,
@@ -306,44 +307,60 @@ def prune_verified(
 ) -> PipelineResult:
     """Run the pipeline at the chosen ratios. A target judged on the evaluation data after
     fine-tuning (``max_accuracy_drop``, ``max_perplexity_increase``) is then verified; where the
-    result misses it, the search steps back (half the predicted damage budget) and prunes
+    result misses it, the search steps back to a smaller predicted damage budget and prunes
     again, at most twice. ``prune(spec, again)``: ``again`` is True for a step back (its
-    fine-tune starts afresh)."""
-    result = prune(searched.spec, False)
+    fine-tune starts afresh).
+
+    The curves predict the damage straight after pruning. Where a job fine-tunes and its target
+    was allocated on the curves alone (accuracy), the budgets start optimistic and fall to the
+    target itself (:func:`~core.search.allocate.damage_budgets`): fine-tuning wins back most of
+    the predicted drop. A target already measured with every ratio applied (perplexity) starts
+    at the target."""
     target = spec.pruning.target
-    if target is None:
-        return result
+    if target is None or target.kind not in targets():
+        return prune(searched.spec, False)
     kind = targets()[target.kind]
-    budget = kind.damage_budget(target.value)
-    for step in range(_STEP_BACKS):
+    if kind.judge is None:
+        return prune(searched.spec, False)
+    optimistic = spec.fine_tune is not None and kind.refine is None
+    budgets = damage_budgets(kind.damage_budget(target.value), optimistic, _STEP_BACKS + 1)
+    if optimistic:
+        searched = _at_budget(spec, searched, kind, budgets[0], step=0)
+    result = prune(searched.spec, False)
+    for step, budget in enumerate(budgets[1:], start=1):
         m = result.metrics
         measured = judge(target, m.eval_before, m.eval_after_fine_tune or m.eval_after_pruning)
         if measured is None or measured <= target.value + 1e-9:
             return result
-        budget /= 2
-        choice = within_damage(searched.curves, searched.cost, budget)
+        searched = _at_budget(spec, searched, kind, budget, step)
         progress(
             "pruning",
             between("load", "prune", 1.0),
             f"verified {target.kind.removeprefix('max_').replace('_', ' ')} {measured:.4f} > "
-            f"{target.value}: stepping back ({step + 1} of {_STEP_BACKS})",
-            {"measured": measured, "chosen": choice.ratios},
-        )
-        searched.summary.update(chosen=choice.ratios, step_backs=step + 1)
-        baseline = searched.summary["baseline"]
-        if kind.curves == "loss":
-            loss = baseline.get("loss", 0.0) + choice.damage
-            searched.summary["predicted"].update(loss=loss, perplexity=math.exp(loss))
-        else:
-            searched.summary["predicted"].update(
-                accuracy=baseline.get("accuracy", 0.0) - choice.damage
-            )
-        searched = replace(
-            searched,
-            spec=spec.model_copy(update={"pruning": searched.resolve(spec.pruning, choice.ratios)}),
+            f"{target.value}: stepping back ({step} of {_STEP_BACKS})",
+            {"measured": measured, "chosen": searched.summary["chosen"]},
         )
         result = prune(searched.spec, True)
     return result
+
+
+def _at_budget(
+    spec: JobSpec, searched: Searched, kind: TargetKind, budget: float, step: int
+) -> Searched:
+    """The search re-chosen within ``budget`` of predicted damage; ``step`` counts step backs."""
+    choice = within_damage(searched.curves, searched.cost, budget)
+    searched.summary.update(chosen=choice.ratios, step_backs=step, damage_budget=budget)
+    baseline, cost = searched.summary["baseline"], searched.cost
+    searched.summary["predicted"].update(
+        macs=cost.fraction("macs", choice.ratios), params=cost.fraction("params", choice.ratios)
+    )
+    if kind.curves == "loss":
+        loss = baseline.get("loss", 0.0) + choice.damage
+        searched.summary["predicted"].update(loss=loss, perplexity=math.exp(loss))
+    else:
+        searched.summary["predicted"].update(accuracy=baseline.get("accuracy", 0.0) - choice.damage)
+    pruning = searched.resolve(spec.pruning, choice.ratios)
+    return replace(searched, spec=spec.model_copy(update={"pruning": pruning}))
 
 
 def _predicted(
