@@ -36,7 +36,14 @@ from core.pruning.llm.masks import planned_removals
 from core.pruning.llm.sequential import prune_causal_lm
 from core.pruning.llm.sparsegpt import BLOCK
 from core.search.cost import CostModel
-from core.search.units import ScanUnit, UnitFamily, escape_glob, family_for, fixed_by_user
+from core.search.units import (
+    ScanUnit,
+    UnitFamily,
+    UnitsOfScanner,
+    escape_glob,
+    family_for,
+    fixed_by_user,
+)
 from core.spec import JobSpec, PruningSpec
 from core.text import (
     CALIBRATION_SAMPLES,
@@ -148,7 +155,7 @@ class LmCost(CostModel):
 
 
 @dataclass
-class LmScanner:
+class LmScanner(UnitsOfScanner):
     """Scores a language model with one decoder layer pruned at a time, by perplexity on the
     search text (``loss`` is its log); the model is restored after every cell."""
 
@@ -211,22 +218,8 @@ class LmScanner:
         )
 
     @property
-    def grid(self) -> tuple[float, ...]:
-        search = self.spec.pruning.search
-        return search.grid if search is not None else tuple(round(0.1 * i, 1) for i in range(1, 10))
-
-    def units(self) -> list[ScanUnit]:
-        if self._units is None:
-            self._units = self.family.units(
-                self.model, self.info, self.spec.pruning, self.calibration
-            )
-        return self._units
-
-    def unit(self, key: str) -> ScanUnit:
-        return next(u for u in self.units() if u.key == key)
-
-    def cost_model(self) -> CostModel:
-        return self.family.cost_model(self.model, self.info, self.spec.pruning, self.units())
+    def subject(self) -> Any:
+        return self.model
 
     # Static, so a job that keeps these for a step back does not keep the scan's model alive.
     @staticmethod

@@ -30,7 +30,14 @@ from core.formats.base import MeasureConfig, ModelInfo
 from core.formats.pt2.program import module_on
 from core.recovery import CALIBRATION_SAMPLES
 from core.search.cost import CostModel
-from core.search.units import Calibration, ScanUnit, UnitFamily, family_for, with_ratios
+from core.search.units import (
+    Calibration,
+    ScanUnit,
+    UnitFamily,
+    UnitsOfScanner,
+    family_for,
+    with_ratios,
+)
 from core.spec import EvaluationSpec, JobSpec, PruningSpec
 from core.structure import prune_program
 
@@ -106,7 +113,7 @@ def _opener(fmt: str) -> tuple[Opener, bool]:
 
 
 @dataclass
-class Scanner:
+class Scanner(UnitsOfScanner):
     """Scores a program with one unit pruned at a time; cells are independent and repeatable."""
 
     program: Program
@@ -148,23 +155,8 @@ class Scanner:
         return cls(program, info, spec, data, calibration)
 
     @property
-    def grid(self) -> tuple[float, ...]:
-        search = self.spec.pruning.search
-        return search.grid if search is not None else tuple(round(0.1 * i, 1) for i in range(1, 10))
-
-    def units(self) -> list[ScanUnit]:
-        """The units the target may prune, in graph order."""
-        if self._units is None:
-            self._units = self.family.units(
-                self.program, self.info, self.spec.pruning, self.calibration
-            )
-        return self._units
-
-    def unit(self, key: str) -> ScanUnit:
-        return next(u for u in self.units() if u.key == key)
-
-    def cost_model(self) -> CostModel:
-        return self.family.cost_model(self.program, self.info, self.spec.pruning, self.units())
+    def subject(self) -> Any:
+        return self.program
 
     def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
         return with_ratios(spec, ratios)

@@ -121,3 +121,38 @@ def fixed_by_user(spec: PruningSpec, names: tuple[str, ...]) -> bool:
     """Whether the user's ``exclude`` or ``layer_sparsity`` already decides this unit."""
     patterns = [*spec.exclude, *spec.layer_sparsity]
     return any(fnmatchcase(name, p) for name in names for p in patterns)
+
+
+class UnitsOfScanner:
+    """What every scanner shares over the model its family reads (``subject``): the grid, the
+    units in graph order, one unit by key, and the cost model. A scanner is a dataclass with
+    ``info``, ``spec``, ``calibration``, ``family`` and ``_units``."""
+
+    info: Any
+    spec: Any
+    calibration: Any
+    family: UnitFamily
+    _units: list[ScanUnit] | None
+
+    @property
+    def subject(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        search = self.spec.pruning.search
+        return search.grid if search is not None else tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+    def units(self) -> list[ScanUnit]:
+        """The units the target may prune, in graph order."""
+        if self._units is None:
+            self._units = self.family.units(
+                self.subject, self.info, self.spec.pruning, self.calibration
+            )
+        return self._units
+
+    def unit(self, key: str) -> ScanUnit:
+        return next(u for u in self.units() if u.key == key)
+
+    def cost_model(self) -> Any:
+        return self.family.cost_model(self.subject, self.info, self.spec.pruning, self.units())
