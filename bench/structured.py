@@ -30,7 +30,10 @@ from torch.nn import functional as F
 from core.metrics import count_macs
 from core.spec import PruningSpec
 from core.structure import prune_program
-from examples.models import Attention  # the hand-written, nanoGPT-style attention the tests use
+from examples.models import (  # the hand-written, nanoGPT-style attention the tests use
+    Attention,
+    PreNormBlock,
+)
 
 
 class Block(nn.Module):
@@ -70,25 +73,13 @@ class ResNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.down(F.gelu(self.up(self.ln2(x))))
-
-
 class Transformer(nn.Module):
     def __init__(self, dim: int = 256, heads: int = 8, hidden: int = 1024, depth: int = 4) -> None:
         super().__init__()
         self.embed = nn.Linear(32, dim)
-        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, hidden) for _ in range(depth)))
+        self.blocks = nn.Sequential(
+            *(PreNormBlock(dim, heads, hidden, Attention) for _ in range(depth))
+        )
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 10)
 

@@ -4,6 +4,7 @@ attention. Plain functions; no test framework."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,11 +213,20 @@ class MatmulAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
-class SmallTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block (LayerNorm, attention, residual; LayerNorm, GELU MLP,
+    residual) around any ``attention(dim, heads)`` module."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        hidden: int,
+        attention: Callable[[int, int], nn.Module] = MatmulAttention,
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = MatmulAttention(dim, heads)
+        self.attn = attention(dim, heads)
         self.ln2 = nn.LayerNorm(dim)
         self.up = nn.Linear(dim, hidden)
         self.down = nn.Linear(hidden, dim)
@@ -236,9 +246,7 @@ class SmallTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.embed = nn.Linear(features, dim)
-        self.blocks = nn.Sequential(
-            *(SmallTransformerBlock(dim, heads, hidden) for _ in range(depth))
-        )
+        self.blocks = nn.Sequential(*(PreNormBlock(dim, heads, hidden) for _ in range(depth)))
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 10)
 

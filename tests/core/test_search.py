@@ -34,6 +34,7 @@ from core.search.allocate import (
 from core.search.targets import check_target, curves_from_cells, refine_by_measurement
 from core.spec import FineTuneSpec, JobSpec
 from core.structure import prune_program
+from examples.models import PreNormBlock
 from examples.peers import torch_pruning_global
 from tests.factories import (
     ResidualCNN,
@@ -302,20 +303,6 @@ class _HeadsAttention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
 
 
-class _PreNormBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = _HeadsAttention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.down(F.gelu(self.up(self.ln2(x))))
-
-
 class DigitsTransformer(nn.Module):
     """A pre-norm transformer reading an 8x8 digit as 8 tokens (its rows)."""
 
@@ -323,7 +310,9 @@ class DigitsTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Linear(8, dim)
         self.pos = nn.Parameter(torch.zeros(1, 8, dim))
-        self.blocks = nn.ModuleList(_PreNormBlock(dim, heads, hidden) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            PreNormBlock(dim, heads, hidden, _HeadsAttention) for _ in range(blocks)
+        )
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 10)
 
