@@ -63,3 +63,43 @@ def test_a_params_target_on_a_language_model(service: Service, uploaded: dict[st
     assert all(len(u["curve"]) == 3 and "perplexity" in u["curve"][0] for u in curves["units"])
     svg = service.client.get(f"/v1/jobs/{job['id']}/plots/sensitivity.svg")
     assert svg.status_code == 200
+
+
+def test_a_perplexity_target_is_judged_after_fine_tuning(
+    service: Service, uploaded: dict[str, str]
+) -> None:
+    """``max_perplexity_increase`` with a fine-tune: chosen on the search text, judged on the
+    evaluation text after the fine-tune, stepped back (at most twice) where it misses."""
+    body = {
+        "model_id": uploaded["model"],
+        "pruning": {
+            "criterion": "magnitude",
+            "granularity": "unstructured",
+            "target": {"max_perplexity_increase": 0.05},
+            "search": {"grid": [0.25, 0.5, 0.75], "num_samples": 4},
+        },
+        "fine_tune": {
+            "dataset_id": uploaded["text"],
+            "loss": "causal_lm",
+            "steps": 2,
+            "batch_size": 2,
+            "seq_len": 32,
+        },
+        "evaluation": {
+            "dataset_id": uploaded["text"],
+            "task": "perplexity",
+            "seq_len": 32,
+            "max_samples": 8,
+        },
+    }
+    job = service.wait_for_job(submit(service, body)["id"])
+    assert job["status"] == "succeeded", job
+    metrics, search = job["metrics"], job["search"]
+    before = metrics["eval_before"]["perplexity"]
+    after = metrics["eval_after_fine_tune"]["perplexity"]
+    achieved = search["achieved"]
+    assert achieved["perplexity_after_fine_tune"] == pytest.approx(after)
+    assert achieved["max_perplexity_increase"] == pytest.approx(after / before - 1)
+    assert achieved["met"] is (after / before - 1 <= 0.05 + 1e-9)
+    assert achieved["met"] or search["step_backs"] == 2
+    assert set(search["chosen"]) == {"model.layers.0", "model.layers.1"}
