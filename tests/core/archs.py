@@ -169,6 +169,33 @@ class CausalSelfAttention(nn.Module):
         return x + self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
 
 
+class TimmAttention(nn.Module):
+    """timm's ViT attention: one fused qkv reshaped to (B, N, 3, H, D) and permuted, q/k/v
+    picked apart by ``unbind(0)`` or ``qkv[i]``, SDPA or the manual softmax path."""
+
+    def __init__(
+        self, dim: int = 16, heads: int = 4, pick: str = "unbind", fused: bool = True
+    ) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.pick, self.fused = pick, fused
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.pick == "unbind":
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1) @ v
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
 @dataclass(frozen=True)
 class Arch:
     """A model factory and the shape of one example input (batch first, batch dynamic)."""
@@ -187,6 +214,7 @@ ARCHS = {
     "transformer": Arch("transformer", lambda w: Transformer(8 * w, 2, 16 * w), (5, 6)),
     "mha": Arch("mha", lambda w: Transformer(8 * w, 2, 16 * w, mha=True), (5, 6)),
     "causal": Arch("causal", lambda w: CausalSelfAttention(16, 2 * w), (5, 16)),
+    "timm": Arch("timm", lambda w: TimmAttention(16, 2 * w), (5, 16)),
 }
 
 

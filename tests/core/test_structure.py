@@ -73,7 +73,7 @@ def test_half_the_channels_leaves_at_most_0_6_of_the_parameters(arch: str) -> No
     spec = ARCHS[arch]
     program = export(spec.build(2), spec.input_shape)
     # Attention alone has no channels to remove (its residual reaches the input): heads go.
-    granularity = "head" if arch == "causal" else "channel"
+    granularity = "head" if arch in ("causal", "timm") else "channel"
     result = prune_program(program, channel(sparsity=0.5, granularity=granularity))
     x = torch.randn(5, *spec.input_shape)
     assert result.program.module()(x).shape == program.module()(x).shape
@@ -335,6 +335,68 @@ def test_head_pruning_removes_whole_heads(attention: str) -> None:
     for batch in (1, 6):
         x = torch.randn(batch, *shape)
         torch.testing.assert_close(result.program.module()(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "manual"])
+@pytest.mark.parametrize("pick", ["unbind", "index"])
+def test_timm_attention_loses_the_same_heads_from_q_k_and_v(pick: str, fused: bool) -> None:
+    from tests.core.archs import TimmAttention
+
+    torch.manual_seed(0)
+    model = TimmAttention(16, 4, pick=pick, fused=fused)
+    with torch.no_grad():  # plant a useless head: head 2 of q, k and v produce nothing
+        for part in range(3):
+            model.qkv.weight[part * 16 + 8 : part * 16 + 12] = 0.0
+    program = export(model, (5, 16))
+    result = prune_program(program, channel(granularity="head", sparsity=0.5))
+    heads = [d for d in result.plan.decisions if d.group.unit > 1]
+    assert [(d.units, d.remove) for d in heads] == [(4, 2)]
+    kept_heads = sorted({c // 4 for c in result.kept_in["proj"]})
+    assert len(kept_heads) == 2
+    assert 2 not in kept_heads
+    channels = [h * 4 + i for h in kept_heads for i in range(4)]
+    assert result.kept_in["proj"] == channels
+    # q, k and v: three slices of the fused rows, each losing the same heads
+    assert result.kept_out["qkv"] == [part * 16 + c for part in range(3) for c in channels]
+
+    buffer = io.BytesIO()
+    torch.export.save(result.program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    state = loaded.state_dict
+    assert state["qkv.weight"].shape == (24, 16)
+    assert state["qkv.bias"].shape == (24,)
+    assert state["proj.weight"].shape == (16, 8)
+    assert loaded.range_constraints.keys() == program.range_constraints.keys()
+    assert loaded.call_spec.in_spec == program.call_spec.in_spec
+    reference = program.module()
+    mask_channels(reference, result.analysis, result.plan.keep)
+    for batch in (1, 3, 9):  # batch sizes never exported: the dynamic dim survived
+        x = torch.randn(batch, 5, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_q_k_and_v_used_as_one_tensor_block_their_heads() -> None:
+    class Summed(nn.Module):  # reads the stacked parts whole: their heads cannot be followed
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, 4, 4).permute(2, 0, 3, 1, 4)
+            return x + self.proj(qkv.sum(0).transpose(1, 2).reshape(b, n, c))
+
+    program = export(Summed(), (5, 16))
+    analysis = analyze(program.module(), heads=True)
+    group = analysis.group_of_layer("qkv")
+    assert group is not None
+    assert not group.prunable
+    assert any("stacks q, k and v" in reason for reason in group.blocked), group.blocked
+    result = prune_program(program, channel(granularity="head", sparsity=0.5))
+    assert result.program.state_dict["qkv.weight"].shape == (48, 16)
 
 
 @pytest.mark.parametrize("dynamic", [True, False])

@@ -17,6 +17,7 @@ from core.structure.graph.model import (
     Label,
     Member,
     NodeLabel,
+    Parts,
     Rewrite,
     Role,
     Space,
@@ -190,6 +191,8 @@ class Analyzer:
         label = self._labels.get(node)
         if isinstance(label, tuple):
             raise Blocked(f"{node.name} is a tuple used as a tensor")
+        if isinstance(label, Parts):
+            raise Blocked(f"{node.name} stacks q, k and v and is used as one tensor")
         return label
 
     def _block_inputs(self, node: fx.Node, reason: str) -> None:

@@ -140,6 +140,18 @@ class GraphAnalysis:
         return None
 
 
-# What a node carries: a label, nothing, or one per element of a tuple output (max_pool's values
-# and indices, a split's parts).
-NodeLabel = Label | tuple[Label | None, ...] | None
+@dataclass(frozen=True)
+class Parts:
+    """A tensor whose dimension ``dim`` stacks parts of different channels: timm's fused
+    ``qkv(x).reshape(B, N, 3, H, D)``, where position ``i`` along ``dim`` holds the heads of
+    ``labels[i]`` (q, k, v). The labels' dims count ``dim`` too. Only ops that pick the parts
+    apart (``unbind``, ``select`` along ``dim``) or move dims understand it; any other op sees a
+    tensor it cannot follow and blocks the parts."""
+
+    dim: int
+    labels: tuple[Label, ...]
+
+
+# What a node carries: a label, nothing, one per element of a tuple output (max_pool's values
+# and indices, a split's parts), or stacked parts.
+NodeLabel = Label | tuple[Label | None, ...] | Parts | None

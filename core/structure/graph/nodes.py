@@ -15,7 +15,7 @@ import sympy
 import torch
 from torch import fx
 
-from core.structure.graph.model import Label
+from core.structure.graph.model import Label, Parts
 
 
 class Blocked(Exception):
@@ -107,6 +107,8 @@ def nodes_in(tree: object) -> Iterator[fx.Node]:
 def flat_labels(label: object) -> Iterator[Label]:
     if isinstance(label, Label):
         yield label
+    elif isinstance(label, Parts):
+        yield from label.labels
     elif isinstance(label, tuple):
         for item in label:
             yield from flat_labels(item)

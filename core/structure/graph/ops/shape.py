@@ -7,12 +7,12 @@ parts (q/k/v, GLU halves), flatten channels with what follows them or split them
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import fx
 
-from core.structure.graph.model import Label, NodeLabel
+from core.structure.graph.model import Label, NodeLabel, Parts
 from core.structure.graph.nodes import (
     Blocked,
     args_of,
@@ -59,28 +59,44 @@ def sym_size(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     return None
 
 
+def _parts_of(ctx: Analyzer, node: object) -> Parts | None:
+    """Stacked q/k/v parts (see :class:`Parts`) when ``node`` carries them."""
+    label = ctx.result_of(node)
+    return label if isinstance(label, Parts) else None
+
+
+def _remap(label: NodeLabel, where: Callable[[int], int]) -> NodeLabel:
+    """``label`` (or each stacked part) with its dims sent through ``where``."""
+    if isinstance(label, Label):
+        return label.moved(where(label.dim))
+    if isinstance(label, Parts):
+        return Parts(where(label.dim), tuple(lab.moved(where(lab.dim)) for lab in label.labels))
+    return None
+
+
+def _drop(label: Label, dim: int) -> Label:
+    """``label`` once dimension ``dim`` (not its own) is gone."""
+    return label.moved(label.dim - 1) if label.dim > dim else label
+
+
 @register_op("permute")
-def permute(ctx: Analyzer, node: fx.Node) -> Label | None:
-    label = ctx.label_of(args_of(node)[0])
+def permute(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    label = _parts_of(ctx, args_of(node)[0]) or ctx.label_of(args_of(node)[0])
     if label is None:
         return None
     rank = rank_of(args_of(node)[0])
     dims = [norm_dim(const_int(d), rank) for d in args_of(node)[1]]
-    return label.moved(dims.index(label.dim))
+    return _remap(label, dims.index)
 
 
 @register_op("transpose")
-def transpose(ctx: Analyzer, node: fx.Node) -> Label | None:
-    label = ctx.label_of(args_of(node)[0])
+def transpose(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    label = _parts_of(ctx, args_of(node)[0]) or ctx.label_of(args_of(node)[0])
     if label is None:
         return None
     rank = rank_of(args_of(node)[0])
     a, b = (norm_dim(const_int(d), rank) for d in args_of(node)[1:3])
-    if label.dim == a:
-        return label.moved(b)
-    if label.dim == b:
-        return label.moved(a)
-    return label
+    return _remap(label, lambda d: b if d == a else a if d == b else d)
 
 
 @register_op("t")
@@ -119,7 +135,10 @@ def squeeze(ctx: Analyzer, node: fx.Node) -> Label | None:
 
 
 @register_op("select")
-def select(ctx: Analyzer, node: fx.Node) -> Label | None:
+def select(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    parts = _parts_of(ctx, args_of(node)[0])
+    if parts is not None:
+        return _pick_parts(node, parts)
     label = ctx.label_of(args_of(node)[0])
     if label is None:
         return None
@@ -318,9 +337,28 @@ def index(ctx: Analyzer, node: fx.Node) -> Label | None:
     return out
 
 
+def _pick_parts(node: fx.Node, parts: Parts) -> NodeLabel:
+    """``qkv[i]`` (select) or ``qkv.unbind(d)`` along the stacked parts: q, k and v apart."""
+    args = args_of(node)
+    dim_arg = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+    dim = norm_dim(const_int(dim_arg), rank_of(args[0]))
+    if dim != parts.dim:
+        raise Blocked(f"{node.name} takes stacked q, k and v apart along another dimension")
+    labels = tuple(_drop(lab, dim) for lab in parts.labels)
+    if packet(node) == "unbind":
+        return labels
+    index = const_int(args[2])
+    return labels[index + len(labels) if index < 0 else index]
+
+
 @register_op(*SPLIT)
 def split_channels(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     """chunk/split/unbind: along the channels each part becomes a space of its own."""
+    parts = _parts_of(ctx, args_of(node)[0])
+    if parts is not None:
+        if packet(node) != "unbind":
+            raise Blocked(f"{node.name} splits stacked q, k and v")
+        return _pick_parts(node, parts)
     label = ctx.label_of(args_of(node)[0])
     val = node.meta.get("val")
     count = len(val) if isinstance(val, (list, tuple)) else 0
@@ -361,7 +399,7 @@ def _split_space(ctx: Analyzer, node: fx.Node, label: Label, parts: Any) -> tupl
 
 
 @register_op(*RESHAPE)
-def reshape(ctx: Analyzer, node: fx.Node) -> Label | None:
+def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     label = ctx.label_of(args_of(node)[0])
     if label is None:
         return None
@@ -398,6 +436,10 @@ def reshape(ctx: Analyzer, node: fx.Node) -> Label | None:
     if head is not None:
         _rewrite_size(ctx, node, op, k, head)
         return head
+    parts = _split_parts(ctx, node, label, src[d], out, k)
+    if parts is not None:
+        _rewrite_size(ctx, node, op, k + 1, parts.labels[0])
+        return parts
     # The channel dimension is split; fine while only the inner part splits off.
     for e in range(k + 1, len(out) + 1):
         if same_size(out[k:e], [src[d]]):
@@ -439,6 +481,37 @@ def _split_heads(
             raise Blocked(f"{node.name} splits channels into heads of different sizes")
         ctx.set_head_size(s, head_size)
     return Label(k, label.spaces, 1, head_size)
+
+
+def _split_parts(
+    ctx: Analyzer, node: fx.Node, label: Label, size: object, out: Sequence[object], k: int
+) -> Parts | None:
+    """(.., P*C, ..) -> (.., P, H, D, ..): timm's fused ``qkv(x).reshape(B, N, 3, H, D)``. With
+    head pruning the channels split into P equal parts (q, k, v) like ``chunk`` splits them;
+    each part's heads sit on the H dimension, and H is the kept head count of every part."""
+    if not ctx.heads or label.inner != 1 or label.unit != 1 or k + 3 > len(out):
+        return None
+    count, head_size = static_size(out[k]), static_size(out[k + 2])
+    if count is None or head_size is None or not same_size(out[k : k + 3], [size]):
+        return None
+    spaces = ctx.leaves(label.spaces)
+    if len(spaces) != 1:
+        raise Blocked(f"{node.name} splits concatenated channels into q, k and v")
+    (space,) = spaces
+    if ctx.is_coupled(space):
+        raise Blocked(f"{node.name} splits channels already coupled to others")
+    width = ctx.space(space).size // count
+    if width % head_size:
+        raise Blocked(f"{node.name} splits channels into heads of different sizes")
+    children = ctx.split_space(space, [width] * count, node, k)
+    labels = []
+    for child in children:
+        ctx.set_head_size(child, head_size)
+        labels.append(Label(k + 1, (child,), 1, head_size))
+    # H is one constant for every part, so they must lose the same heads.
+    for part in labels[1:]:
+        ctx.union(labels[0], part, node.name)
+    return Parts(k, tuple(labels))
 
 
 def _rewrite_size(ctx: Analyzer, node: fx.Node, op: str, k: int, label: Label) -> None:
