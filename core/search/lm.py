@@ -41,7 +41,6 @@ from core.search.units import (
     UnitFamily,
     UnitsOfScanner,
     escape_glob,
-    family_for,
     fixed_by_user,
 )
 from core.spec import JobSpec, PruningSpec
@@ -168,9 +167,6 @@ class LmScanner(UnitsOfScanner):
     family: UnitFamily = field(init=False)
     _units: list[ScanUnit] | None = field(default=None, init=False)
     _dense: float | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        self.family = family_for(self.info.format, self.spec.pruning.granularity)
 
     @classmethod
     def open(

@@ -35,7 +35,6 @@ from core.search.units import (
     ScanUnit,
     UnitFamily,
     UnitsOfScanner,
-    family_for,
     with_ratios,
 )
 from core.spec import EvaluationSpec, JobSpec, PruningSpec
@@ -124,9 +123,6 @@ class Scanner(UnitsOfScanner):
     family: UnitFamily = field(init=False)
     _units: list[ScanUnit] | None = field(default=None, init=False)
     _dense_latency: float | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        self.family = family_for(self.info.format, self.spec.pruning.granularity)
 
     @classmethod
     def open(

@@ -134,6 +134,9 @@ class UnitsOfScanner:
     family: UnitFamily
     _units: list[ScanUnit] | None
 
+    def __post_init__(self) -> None:
+        self.family = family_for(self.info.format, self.spec.pruning.granularity)
+
     @property
     def subject(self) -> Any:
         raise NotImplementedError

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -29,13 +30,14 @@ def uploaded(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict
     }
 
 
-def test_a_params_target_on_a_language_model(service: Service, uploaded: dict[str, str]) -> None:
-    body = {
+def target_job(uploaded: dict[str, str], target: dict[str, float]) -> dict[str, Any]:
+    """A magnitude job on the uploaded Llama with ``target``, scanned and judged on its text."""
+    return {
         "model_id": uploaded["model"],
         "pruning": {
             "criterion": "magnitude",
             "granularity": "unstructured",
-            "target": {"params": 0.8},
+            "target": target,
             "search": {"grid": [0.25, 0.5, 0.75], "num_samples": 4},
         },
         "evaluation": {
@@ -45,6 +47,10 @@ def test_a_params_target_on_a_language_model(service: Service, uploaded: dict[st
             "max_samples": 8,
         },
     }
+
+
+def test_a_params_target_on_a_language_model(service: Service, uploaded: dict[str, str]) -> None:
+    body = target_job(uploaded, {"params": 0.8})
     job = service.wait_for_job(submit(service, body)["id"])
     assert job["status"] == "succeeded", job
     search = job["search"]
@@ -70,27 +76,13 @@ def test_a_perplexity_target_is_judged_after_fine_tuning(
 ) -> None:
     """``max_perplexity_increase`` with a fine-tune: chosen on the search text, judged on the
     evaluation text after the fine-tune, stepped back (at most twice) where it misses."""
-    body = {
-        "model_id": uploaded["model"],
-        "pruning": {
-            "criterion": "magnitude",
-            "granularity": "unstructured",
-            "target": {"max_perplexity_increase": 0.05},
-            "search": {"grid": [0.25, 0.5, 0.75], "num_samples": 4},
-        },
-        "fine_tune": {
-            "dataset_id": uploaded["text"],
-            "loss": "causal_lm",
-            "steps": 2,
-            "batch_size": 2,
-            "seq_len": 32,
-        },
-        "evaluation": {
-            "dataset_id": uploaded["text"],
-            "task": "perplexity",
-            "seq_len": 32,
-            "max_samples": 8,
-        },
+    body = target_job(uploaded, {"max_perplexity_increase": 0.05})
+    body["fine_tune"] = {
+        "dataset_id": uploaded["text"],
+        "loss": "causal_lm",
+        "steps": 2,
+        "batch_size": 2,
+        "seq_len": 32,
     }
     job = service.wait_for_job(submit(service, body)["id"])
     assert job["status"] == "succeeded", job
