@@ -73,9 +73,11 @@ def allocate_to_budget(
     *,
     step: float = 0.01,
     sizes: Mapping[str, int] | None = None,
+    allowed: Callable[[Mapping[str, float]], bool] | None = None,
 ) -> Choice:
     """The ratios, on multiples of ``step``, at which ``cost`` (a fraction of the dense model's)
-    is at most ``budget``, greedily at the least predicted damage.
+    is at most ``budget``, greedily at the least predicted damage (never through ratios that
+    are not ``allowed``: sizes a model's config refuses, say).
 
     Example:
         >>> flat = Curve("a", (0.0, 0.5), (0.0, 0.0)); steep = Curve("b", (0.0, 0.5), (0.0, 1.0))
@@ -88,7 +90,9 @@ def allocate_to_budget(
     Raises:
         InvalidSpec: even every unit at its largest grid ratio costs more than ``budget``.
     """
-    ratios, current = _greedy(curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12)
+    ratios, current = _greedy(
+        curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12, allowed=allowed
+    )
     if current > budget + 1e-12:
         raise InvalidSpec(
             f"the target cannot be reached: with every searched layer at its largest grid "
@@ -106,16 +110,19 @@ def allocate_within_damage(
     *,
     step: float = 0.01,
     sizes: Mapping[str, int] | None = None,
+    allowed: Callable[[Mapping[str, float]], bool] | None = None,
 ) -> Choice:
     """As much pruning as the greedy order allows while the predicted damage stays within
-    ``max_damage`` (for targets judged by quality, not cost)."""
+    ``max_damage`` (for targets judged by quality, not cost), through ``allowed`` ratios."""
     ratios, current = _greedy(
         curves,
         cost,
         step,
         sizes,
         lambda r, c: False,
-        allowed=lambda trial: predicted_damage(curves, trial) <= max_damage,
+        allowed=lambda trial: (
+            predicted_damage(curves, trial) <= max_damage and (allowed is None or allowed(trial))
+        ),
     )
     return Choice(ratios, current, predicted_damage(curves, ratios))
 
