@@ -93,6 +93,8 @@ def allocate_to_budget(
     ratios, current = _greedy(
         curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12, allowed=allowed
     )
+    if current <= budget + 1e-12:
+        ratios, current = _give_back(curves, cost, budget, ratios, step, sizes, allowed)
     if current > budget + 1e-12:
         raise InvalidSpec(
             f"the target cannot be reached: with every searched layer at its largest grid "
@@ -183,6 +185,48 @@ def _greedy(
         ratios[best[2]] = best[3]
         current = cost(ratios)
     return ratios, current
+
+
+def _give_back(
+    curves: Sequence[Curve],
+    cost: Cost,
+    budget: float,
+    ratios: dict[str, float],
+    step: float,
+    sizes: Mapping[str, int] | None,
+    allowed: Callable[[Mapping[str, float]], bool] | None,
+) -> tuple[dict[str, float], float]:
+    """Undo what the greedy's last step made unnecessary: a large item (a key/value group of a
+    few, say) can overshoot the budget by far, and the small steps before it are then not
+    needed. Repeatedly take back the one step (an item, or ``step``) that relieves the most
+    predicted damage while the cost stays within ``budget``."""
+    sizes = sizes or {}
+    ratios = dict(ratios)
+    while True:
+        best: tuple[float, float, str, float] | None = None
+        for curve in curves:
+            r = ratios[curve.unit]
+            prev = _previous_ratio(r, step, sizes.get(curve.unit))
+            if prev is None:
+                continue
+            trial = {**ratios, curve.unit: prev}
+            if cost(trial) > budget + 1e-12 or (allowed is not None and not allowed(trial)):
+                continue
+            relief = curve.at(r) - curve.at(prev)
+            key = (-relief, cost(trial), curve.unit, prev)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return ratios, cost(ratios)
+        ratios[best[2]] = best[3]
+
+
+def _previous_ratio(r: float, step: float, size: int | None) -> float | None:
+    """The ratio one item (or ``step``) below ``r``; None at 0."""
+    if size is None:
+        return round(max(r - step, 0.0), 6) if r > 0 else None
+    have = removal_count(r, size)
+    return (have - 1) / size if have > 0 else None
 
 
 def uniform_to_budget(units: Sequence[str], cost: Cost, budget: float, top: float = 0.99) -> float:

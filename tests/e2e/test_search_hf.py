@@ -108,7 +108,8 @@ def test_a_macs_target_at_width(service: Service, uploaded: dict[str, str]) -> N
     assert set(search["chosen"]) == {"mlp", "heads", "hidden"}
     assert search["layers_scanned"] == search["layers_total"] == 3
     kept = job["metrics"]["macs_after"] / job["metrics"]["macs_before"]
-    # Within the target; how close depends on the last step (here a key/value group of two).
+    # Within the target; how close depends on the coarse steps (of two key/value groups, of
+    # eight steps of four hidden channels: the random model chose heads and hidden).
     assert 0.6 <= kept <= 0.7 + 1e-9, search["chosen"]
     assert search["predicted"]["macs"] == pytest.approx(kept, abs=1e-12)
     assert search["achieved"]["macs"] == pytest.approx(kept)
