@@ -232,7 +232,9 @@ class PruningSpec(_Frozen):
         description='`{"kind": "one_shot"}` or `{"kind": "iterative", "rounds": 5}` (cubic AGP).',
     )
     width: WidthSpec | None = Field(
-        default=None, description='With `width` (language models): `{"mlp", "heads", "hidden"}`.'
+        default=None,
+        description='With `width` (language models): `{"mlp", "heads", "hidden"}`; beside a '
+        "`target`, the kinds given are fixed and the search finds the others.",
     )
     depth: DepthSpec | None = Field(
         default=None, description='With `depth` (language models): `{"layers": k}`.'
@@ -253,6 +255,12 @@ class PruningSpec(_Frozen):
         data: dict[str, Any] = handler(self)
         if self.target is not None:
             data.pop("sparsity", None)
+            # Beside a target, the width kinds given are the ones the user fixed (the search
+            # finds the others): keep only those, so a stored spec reads back the same.
+            if self.width is not None and isinstance(data.get("width"), dict):
+                data["width"] = {
+                    k: v for k, v in data["width"].items() if k in self.width.model_fields_set
+                }
         return data
 
     @model_validator(mode="before")
@@ -312,11 +320,12 @@ class PruningSpec(_Frozen):
             raise ValueError("n:m is a fixed pattern, applied in one shot; use kind 'one_shot'")
         for name in ("width", "depth"):
             given = getattr(self, name) is not None
-            if given != (self.granularity == name):
+            if given and self.granularity != name:
+                raise ValueError(f"{name!r} only applies to granularity {name!r}")
+            # A target finds the amounts itself (those given are fixed, not searched).
+            if not given and self.granularity == name and self.target is None:
                 raise ValueError(
-                    f"granularity {name!r} takes its amounts in {name!r}"
-                    if self.granularity == name
-                    else f"{name!r} only applies to granularity {name!r}"
+                    f"granularity {name!r} takes its amounts in {name!r} (or give a 'target')"
                 )
         if self.block is not None and self.granularity != "block":
             raise ValueError("'block' only applies to granularity 'block'")

@@ -153,3 +153,41 @@ def safetensors_bytes(
     raw = json.dumps(header).encode()
     declared = len(raw) if length is None else length
     return declared.to_bytes(8, "little", signed=declared < 0) + raw + data
+
+
+def trained_llama(folder: Path, text: str, *, layers: int, steps: int, seq: int = 32):
+    """``save_pretrained`` (plus tokenizer files) into ``folder`` of a tiny grouped-query Llama
+    with ``layers`` decoder layers, trained ``steps`` AdamW steps (batches of 16 blocks of
+    ``seq`` tokens, seed 0, one thread) on ``text``, so that pruning it visibly costs
+    perplexity. Returns ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = bpe_tokenizer()
+    config = tiny_config("llama", tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
+    config.num_hidden_layers = layers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        ids = torch.tensor(tokenizer.encode(text).ids)
+        blocks = ids[: ids.numel() // seq * seq].view(-1, seq)
+        generator = torch.Generator().manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            batch = blocks[torch.randint(0, blocks.shape[0], (16,), generator=generator)]
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS}))
+    return folder

@@ -73,9 +73,11 @@ def allocate_to_budget(
     *,
     step: float = 0.01,
     sizes: Mapping[str, int] | None = None,
+    allowed: Callable[[Mapping[str, float]], bool] | None = None,
 ) -> Choice:
     """The ratios, on multiples of ``step``, at which ``cost`` (a fraction of the dense model's)
-    is at most ``budget``, greedily at the least predicted damage.
+    is at most ``budget``, greedily at the least predicted damage (never through ratios that
+    are not ``allowed``: sizes a model's config refuses, say).
 
     Example:
         >>> flat = Curve("a", (0.0, 0.5), (0.0, 0.0)); steep = Curve("b", (0.0, 0.5), (0.0, 1.0))
@@ -88,7 +90,11 @@ def allocate_to_budget(
     Raises:
         InvalidSpec: even every unit at its largest grid ratio costs more than ``budget``.
     """
-    ratios, current = _greedy(curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12)
+    ratios, current = _greedy(
+        curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12, allowed=allowed
+    )
+    if current <= budget + 1e-12:
+        ratios, current = _give_back(curves, cost, budget, ratios, step, sizes, allowed)
     if current > budget + 1e-12:
         raise InvalidSpec(
             f"the target cannot be reached: with every searched layer at its largest grid "
@@ -106,16 +112,19 @@ def allocate_within_damage(
     *,
     step: float = 0.01,
     sizes: Mapping[str, int] | None = None,
+    allowed: Callable[[Mapping[str, float]], bool] | None = None,
 ) -> Choice:
     """As much pruning as the greedy order allows while the predicted damage stays within
-    ``max_damage`` (for targets judged by quality, not cost)."""
+    ``max_damage`` (for targets judged by quality, not cost), through ``allowed`` ratios."""
     ratios, current = _greedy(
         curves,
         cost,
         step,
         sizes,
         lambda r, c: False,
-        allowed=lambda trial: predicted_damage(curves, trial) <= max_damage,
+        allowed=lambda trial: (
+            predicted_damage(curves, trial) <= max_damage and (allowed is None or allowed(trial))
+        ),
     )
     return Choice(ratios, current, predicted_damage(curves, ratios))
 
@@ -176,6 +185,48 @@ def _greedy(
         ratios[best[2]] = best[3]
         current = cost(ratios)
     return ratios, current
+
+
+def _give_back(
+    curves: Sequence[Curve],
+    cost: Cost,
+    budget: float,
+    ratios: dict[str, float],
+    step: float,
+    sizes: Mapping[str, int] | None,
+    allowed: Callable[[Mapping[str, float]], bool] | None,
+) -> tuple[dict[str, float], float]:
+    """Undo what the greedy's last step made unnecessary: a large item (a key/value group of a
+    few, say) can overshoot the budget by far, and the small steps before it are then not
+    needed. Repeatedly take back the one step (an item, or ``step``) that relieves the most
+    predicted damage while the cost stays within ``budget``."""
+    sizes = sizes or {}
+    ratios = dict(ratios)
+    while True:
+        best: tuple[float, float, str, float] | None = None
+        for curve in curves:
+            r = ratios[curve.unit]
+            prev = _previous_ratio(r, step, sizes.get(curve.unit))
+            if prev is None:
+                continue
+            trial = {**ratios, curve.unit: prev}
+            if cost(trial) > budget + 1e-12 or (allowed is not None and not allowed(trial)):
+                continue
+            relief = curve.at(r) - curve.at(prev)
+            key = (-relief, cost(trial), curve.unit, prev)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return ratios, cost(ratios)
+        ratios[best[2]] = best[3]
+
+
+def _previous_ratio(r: float, step: float, size: int | None) -> float | None:
+    """The ratio one item (or ``step``) below ``r``; None at 0."""
+    if size is None:
+        return round(max(r - step, 0.0), 6) if r > 0 else None
+    have = removal_count(r, size)
+    return (have - 1) / size if have > 0 else None
 
 
 def uniform_to_budget(units: Sequence[str], cost: Cost, budget: float, top: float = 0.99) -> float:

@@ -70,6 +70,10 @@ class CostModel:
             t.entries(removed) for t in self.tensors.values() if t.parameter
         )
 
+    def allows(self, ratios: Mapping[str, float]) -> bool:
+        """Whether the pruner can build the model at ``ratios`` (every ratio can, here)."""
+        return True
+
     def fraction(self, kind: str, ratios: Mapping[str, float]) -> float:
         """``kind`` (``macs`` or ``params``) at ``ratios``, as a fraction of the dense model."""
         measure = self.macs if kind == "macs" else self.params

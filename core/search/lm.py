@@ -1,4 +1,7 @@
-"""Scan units of language models (``hf``, ``unstructured``): one decoder layer each.
+"""The scanner of language models (``hf``), and their units at ``unstructured``: one decoder
+layer each. (At ``width`` the units are the width kinds: :mod:`core.search.lm_width`.) The
+scanner is the same at every granularity: its family says how units are pruned for a cell
+(:meth:`LmUnits.applied`) and how chosen ratios become the spec the pruner runs.
 
 A decoder layer's linears are pruned together at one ratio with the job's criterion (magnitude,
 Wanda or SparseGPT, each ranking within its own rows as the pruner does), and the model is scored
@@ -17,10 +20,11 @@ Example (no service needed)::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 
@@ -75,6 +79,27 @@ def lm_with_ratios(spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpe
     )
 
 
+class LmUnits(UnitFamily, Protocol):
+    """What :class:`LmScanner` needs of a family besides its units and cost: the model with
+    some units pruned (for one scored forward), and the spec that prunes the chosen ratios."""
+
+    def applied(
+        self,
+        model: Any,
+        info: ModelInfo,
+        spec: PruningSpec,
+        ratios: Mapping[ScanUnit, float],
+        calibration: Any,
+    ) -> AbstractContextManager[torch.nn.Module]:
+        """The network with ``ratios`` (and whatever the user fixed) pruned, for the ``with``
+        block only: the model itself is as it was afterwards."""
+        ...
+
+    def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
+        """``spec`` with the chosen ratios (unit key -> ratio) and no target."""
+        ...
+
+
 class DecoderLayerUnits:
     """``hf`` models at ``unstructured``: a decoder layer is one unit, all its linears at one
     ratio. Zeroed weights leave the MACs of dense kernels as they are: only parameters fall."""
@@ -111,6 +136,40 @@ class DecoderLayerUnits:
             input_ids=ids,
         )
         return program
+
+    @contextmanager
+    def applied(
+        self,
+        model: Any,
+        info: ModelInfo,
+        spec: PruningSpec,
+        ratios: Mapping[ScanUnit, float],
+        calibration: Any,
+    ) -> Iterator[torch.nn.Module]:
+        """Every decoder layer of ``ratios`` pruned at once, in place (calibrated in order, as
+        the pruner does); the weights are put back on leaving."""
+        net = _net(model)
+        pruned = {u: r for u, r in ratios.items() if r > 0}
+        if not pruned:
+            yield net
+            return
+        linears = prunable_linears(net)
+        saved = {n: linears[n].weight.detach().clone() for u in pruned for n in u.layers}
+        try:
+            prune_causal_lm(
+                net,
+                {name: r for u, r in pruned.items() for name in u.layers},
+                criterion=spec.criterion,
+                input_ids=calibration[0] if calibration else None,
+            )
+            yield net
+        finally:
+            with torch.no_grad():
+                for name, weight in saved.items():
+                    linears[name].weight.copy_(weight)
+
+    def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
+        return lm_with_ratios(spec, ratios)
 
     def cost_model(
         self, program: Any, info: ModelInfo, spec: PruningSpec, units: list[ScanUnit]
@@ -155,8 +214,9 @@ class LmCost(CostModel):
 
 @dataclass
 class LmScanner(UnitsOfScanner):
-    """Scores a language model with one decoder layer pruned at a time, by perplexity on the
-    search text (``loss`` is its log); the model is restored after every cell."""
+    """Scores a language model with one unit pruned at a time (a decoder layer for
+    ``unstructured``, a width kind for ``width``: its family says how), by perplexity on the
+    search text (``loss`` is its log); the model is as loaded again after every cell."""
 
     model: HfModel
     info: ModelInfo
@@ -165,8 +225,19 @@ class LmScanner(UnitsOfScanner):
     calibration: tuple[torch.Tensor, ...] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     family: UnitFamily = field(init=False)
+    with_ratios: Callable[[PruningSpec, Mapping[str, float]], PruningSpec] = field(init=False)
     _units: list[ScanUnit] | None = field(default=None, init=False)
     _dense: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The family's function, not a method of this scanner: a job keeps it for a step back,
+        # and it must not keep the scan's model alive.
+        self.with_ratios = self._family.with_ratios
+
+    @property
+    def _family(self) -> LmUnits:
+        return cast(LmUnits, self.family)
 
     @classmethod
     def open(
@@ -217,11 +288,6 @@ class LmScanner(UnitsOfScanner):
     def subject(self) -> Any:
         return self.model
 
-    # Static, so a job that keeps these for a step back does not keep the scan's model alive.
-    @staticmethod
-    def with_ratios(spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
-        return lm_with_ratios(spec, ratios)
-
     def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
         raise InvalidSpec("a latency target is not searched for language models yet", "pruning")
 
@@ -230,39 +296,25 @@ class LmScanner(UnitsOfScanner):
         return 0  # no BatchNorm in a decoder
 
     def score(self, key: str | None, ratio: float) -> dict[str, float]:
-        """``perplexity`` and ``loss`` with decoder layer ``key`` pruned at ``ratio`` (the dense
-        model's with ``key`` None); the layer's weights are restored afterwards."""
+        """``perplexity`` and ``loss`` with unit ``key`` pruned at ``ratio`` (with ``key`` None,
+        the model as the scan starts from it: dense, but for what the user fixed)."""
         return self.score_ratios({} if key is None else {key: ratio})
 
     def score_ratios(self, ratios: Mapping[str, float]) -> dict[str, float]:
-        """As :meth:`score` with every decoder layer of ``ratios`` pruned at once (calibrated in
-        order, as the pruner does), the weights restored afterwards."""
-        net = _net(self.model)
-        net.to(self.device)
-        pruned = {key: r for key, r in ratios.items() if r > 0}
-        if not pruned:
+        """As :meth:`score` with every unit of ``ratios`` pruned at once."""
+        _net(self.model).to(self.device)
+        units = {self.unit(key): r for key, r in ratios.items()}
+        with self._family.applied(
+            self.model, self.info, self.spec.pruning, units, self._calibration()
+        ) as net:
             return self._perplexity(net)
-        linears = prunable_linears(net)
-        names = [name for key in pruned for name in self.unit(key).layers]
-        saved = {name: linears[name].weight.detach().clone() for name in names}
-        calibration = self._calibration()
-        try:
-            prune_causal_lm(
-                net,
-                {name: r for key, r in pruned.items() for name in self.unit(key).layers},
-                criterion=self.spec.pruning.criterion,
-                input_ids=calibration[0] if calibration else None,
-            )
-            return self._perplexity(net)
-        finally:
-            with torch.no_grad():
-                for name, weight in saved.items():
-                    linears[name].weight.copy_(weight)
 
     def perplexity_rise(self, ratios: Mapping[str, float]) -> float:
-        """The relative perplexity rise on the search text with ``ratios`` all applied."""
+        """The relative perplexity rise on the search text with ``ratios`` all applied (and
+        what the user fixed), over the model as loaded."""
         if self._dense is None:
-            self._dense = self.score_ratios({})["perplexity"]
+            net = _net(self.model).to(self.device)
+            self._dense = self._perplexity(net)["perplexity"]
         return self.score_ratios(ratios)["perplexity"] / self._dense - 1.0
 
     def _calibration(self) -> tuple[torch.Tensor, ...] | None:

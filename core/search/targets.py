@@ -102,7 +102,7 @@ def check_target(fmt: str, spec: JobSpec) -> None:
             ),
             "pruning",
         )
-    family_for(fmt, granularity)  # a scan for this pair exists (width on hf, say, not yet)
+    family_for(fmt, granularity)  # a scan for this pair exists (depth on hf, say, not yet)
     if kind.needs_evaluation and spec.evaluation is None:
         raise InvalidSpec(
             f"target {target.kind!r} is judged on the evaluation data; add 'evaluation'",
@@ -232,7 +232,9 @@ def _by_cost(kind: str) -> Chooser:
     def choose_(
         value: float, loss: Sequence[Curve], _acc: Sequence[Curve], cost: CostModel
     ) -> Choice:
-        return allocate_to_budget(loss, lambda r: cost.fraction(kind, r), value, sizes=cost.sizes)
+        return allocate_to_budget(
+            loss, lambda r: cost.fraction(kind, r), value, sizes=cost.sizes, allowed=cost.allows
+        )
 
     return choose_
 
@@ -242,7 +244,7 @@ def within_damage(curves: Sequence[Curve], cost: CostModel, budget: float) -> Ch
     damage on ``curves`` allows."""
     kind = "macs" if "macs" in cost.reduces else "params"
     return allocate_within_damage(
-        curves, lambda r: cost.fraction(kind, r), budget, sizes=cost.sizes
+        curves, lambda r: cost.fraction(kind, r), budget, sizes=cost.sizes, allowed=cost.allows
     )
 
 
@@ -276,12 +278,15 @@ def _perplexity_rise(before: Mapping[str, float], after: Mapping[str, float]) ->
 
 
 _CHANNELS = frozenset({"channel", "head"})
-register_target(TargetKind("macs", frozenset({"pt2"}), _CHANNELS, _by_cost("macs"), "macs"))
+# Granularities that remove whole structures, so MACs fall: channels and heads of programs, the
+# width (MLP neurons, heads, hidden channels) of language models.
+_STRUCTURED = _CHANNELS | {"width"}
+register_target(TargetKind("macs", frozenset({"pt2", "hf"}), _STRUCTURED, _by_cost("macs"), "macs"))
 register_target(
     TargetKind(
         "params",
         frozenset({"pt2", "hf"}),
-        _CHANNELS | {"unstructured"},
+        _STRUCTURED | {"unstructured"},
         _by_cost("params"),
         "params",
     )
@@ -308,14 +313,14 @@ register_target(
         judge=_accuracy_drop,
     )
 )
-# Language models: allocated over the loss curves of decoder layers, then measured on the search
-# text with every chosen ratio at once and tightened (layers' damage adds up to more than the sum
-# of their curves), then judged by perplexity on the evaluation text.
+# Language models: allocated over the loss curves of decoder layers (or width kinds), then
+# measured on the search text with every chosen ratio at once and tightened (units' damage adds
+# up to more than the sum of their curves), then judged by perplexity on the evaluation text.
 register_target(
     TargetKind(
         "max_perplexity_increase",
         frozenset({"hf"}),
-        frozenset({"unstructured"}),
+        frozenset({"unstructured", "width"}),
         _by_perplexity,
         needs_evaluation=True,
         refine=refine_by_measurement,

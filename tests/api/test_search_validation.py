@@ -155,36 +155,50 @@ def language(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-def test_language_model_targets_are_accepted(api: Api, language: dict) -> None:
-    """``params`` and ``max_perplexity_increase`` on an ``hf`` model at ``unstructured``: no
-    longer refused, with a text dataset (no targets) as the search data."""
+@pytest.mark.parametrize(
+    ("granularity", "target", "width"),
+    [
+        ("unstructured", {"params": 0.5}, None),
+        ("unstructured", {"max_perplexity_increase": 0.05}, None),
+        ("width", {"macs": 0.6}, None),  # every width kind searched
+        ("width", {"params": 0.6}, {"heads": 0.5}),  # heads fixed, the others searched
+        ("width", {"max_perplexity_increase": 0.1}, {"hidden": 0.0}),
+    ],
+)
+def test_language_model_targets_are_accepted(
+    api: Api, language: dict, granularity: str, target: dict, width: dict | None
+) -> None:
+    """On an ``hf`` model at ``unstructured`` and ``width``, with a text dataset (no targets)
+    as the search data; the width kinds the user fixed are stored as given."""
     text = language["text"]
-    for target in ({"params": 0.5}, {"max_perplexity_increase": 0.05}):
-        pruning = {
-            "criterion": "magnitude",
-            "granularity": "unstructured",
-            "target": target,
-            "search": {"dataset_id": text, "grid": [0.25, 0.5]},
-        }
-        body = {
-            "model_id": language["model"]["id"],
-            "pruning": pruning,
-            "evaluation": {"dataset_id": text, "task": "perplexity"},
-            "sensitivity_only": True,
-        }
-        response = post(api, body)
-        assert response.status_code == 202, response.text
-        job = response.json()
-        stored = job["spec"]["pruning"]["target"]
-        assert {k: v for k, v in stored.items() if v is not None} == target
-        assert api.client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    pruning: dict = {
+        "criterion": "magnitude",
+        "granularity": granularity,
+        "target": target,
+        "search": {"dataset_id": text, "grid": [0.25, 0.5]},
+    }
+    if width is not None:
+        pruning["width"] = width
+    body = {
+        "model_id": language["model"]["id"],
+        "pruning": pruning,
+        "evaluation": {"dataset_id": text, "task": "perplexity"},
+        "sensitivity_only": True,
+    }
+    response = post(api, body)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    stored = job["spec"]["pruning"]
+    assert {k: v for k, v in stored["target"].items() if v is not None} == target
+    assert stored["width"] == width
+    assert api.client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
 
 
 @pytest.mark.parametrize(
     ("pruning", "loc", "words"),
     [
         # Zeroed weights leave a dense kernel's MACs as they are.
-        ({"target": {"macs": 0.5}}, ["body", "pruning", "target"], "not available for 'hf'"),
+        ({"target": {"macs": 0.5}}, ["body", "pruning", "target"], "granularity 'unstructured'"),
         (
             {"target": {"max_accuracy_drop": 0.01}},
             ["body", "pruning", "target"],
@@ -195,10 +209,16 @@ def test_language_model_targets_are_accepted(api: Api, language: dict) -> None:
             ["body", "pruning", "target"],
             "granularity 'n:m'",
         ),
+        # Latency is not searched for language models (yet), at any granularity.
         (
-            {"granularity": "width", "width": {"mlp": 0.5}, "criterion": "random"},
+            {"granularity": "width", "criterion": "random", "target": {"latency": 0.5}},
             ["body", "pruning", "target"],
-            "granularity 'width'",
+            "not available for 'hf'",
+        ),
+        (
+            {"granularity": "depth", "criterion": "random", "target": {"params": 0.5}},
+            ["body", "pruning", "target"],
+            "granularity 'depth'",
         ),
     ],
 )

@@ -87,6 +87,24 @@ def test_greedy_prunes_the_insensitive_unit_first() -> None:
     assert uniform_to_budget(["flat", "steep"], cost, 0.6) == pytest.approx(0.4)
 
 
+def test_a_large_last_step_gives_back_the_small_steps_it_made_unnecessary() -> None:
+    """A unit of two items (a language model's key/value groups, say) saves 15% in one step:
+    taken last, it overshoots the budget, and the small steps taken before it go back."""
+    small = Curve("small", (0.0, 0.1, 0.5), (0.0, 0.1, 1.0))
+    big = Curve("big", (0.0, 0.5), (0.0, 0.4))
+    cost = lambda r: 1 - 0.4 * r.get("small", 0) - 0.3 * r.get("big", 0)  # noqa: E731
+    sizes = {"small": 100, "big": 2}
+    choice = allocate_to_budget([small, big], cost, 0.9, sizes=sizes)
+    # The greedy took small to 0.1 (cost 0.96), then big (0.81); small's 0.1 was not needed.
+    assert choice.ratios == {"small": 0.0, "big": 0.5}
+    assert choice.cost == pytest.approx(0.85)
+    assert choice.damage == pytest.approx(0.4)
+    # Only as much goes back as the budget allows: at 0.83, 0.05 of small stays.
+    tighter = allocate_to_budget([small, big], cost, 0.83, sizes=sizes)
+    assert tighter.ratios == {"small": pytest.approx(0.05), "big": 0.5}
+    assert tighter.cost <= 0.83 + 1e-12
+
+
 def test_a_proxy_budget_is_tightened_until_the_measurement_meets_the_target() -> None:
     # Latency falls slower than MACs (a fixed share does not shrink): 0.6 + 0.4 x MACs.
     def choose_at(budget: float) -> Choice:

@@ -5,7 +5,6 @@ that buys over one uniform ratio, on a tiny Llama trained here on standard-libra
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,17 +15,17 @@ from core.errors import InvalidSpec
 from core.pipeline import MeasureConfig, PipelineData, run
 from core.search import open_scanner
 from core.search.allocate import uniform_to_budget
-from core.search.lm import LmScanner
+from core.search.lm import lm_with_ratios
 from core.search.plots import layer_sparsity_data, sensitivity_data
 from core.search.targets import (
     check_target,
     choose,
     choose_measured,
-    curves_from_cells,
     judge,
 )
 from core.spec import JobSpec
-from tests.hf_factories import EOS, archive_folder, bpe_tokenizer, tiny_config
+from tests.core.lm_search import scan
+from tests.hf_factories import archive_folder, trained_llama
 
 FAST = MeasureConfig(batch_size=1, warmup=0, repeats=1)
 SEQ = 32
@@ -45,41 +44,10 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A 4-layer Llama (width 32) trained for 200 steps on argparse and textwrap source, as an
     uploaded checkpoint, with its training text (calibration) and two held-out texts: the
     search's and the evaluation's."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("lm-search")
-    tokenizer = bpe_tokenizer()
-    eos = tokenizer.token_to_id(EOS)
-    config = tiny_config("llama", tokenizer.get_vocab_size(), eos)
-    config.num_hidden_layers = 4
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-        text = _text()
-        cut = int(len(text) * 0.8)
-        ids = torch.tensor(tokenizer.encode(text[:cut]).ids)
-        blocks = ids[: ids.numel() // SEQ * SEQ].view(-1, SEQ)
-        generator = torch.Generator().manual_seed(0)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        for _ in range(200):
-            batch = blocks[torch.randint(0, blocks.shape[0], (16,), generator=generator)]
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        model.eval()
-    finally:
-        torch.set_num_threads(threads)
-    folder = root / "checkpoint"
-    model.save_pretrained(folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast"})
-    )
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS}))
+    text = _text()
+    cut = int(len(text) * 0.8)
+    folder = trained_llama(root / "checkpoint", text[:cut], layers=4, steps=200, seq=SEQ)
     # Held out from training, both: the search text and the evaluation text it predicts for.
     middle = (cut + len(text)) // 2
     files = {"train": text[:cut], "search": text[cut:middle], "eval": text[middle:]}
@@ -106,20 +74,8 @@ def job(criterion: str = "magnitude", target: dict | None = None) -> JobSpec:
     )
 
 
-def scan(spec: JobSpec, lm: SimpleNamespace) -> SimpleNamespace:
-    """Every cell of the scan, the curves and the cost model, as the worker gathers them."""
-    scanner = open_scanner(spec, lm.checkpoint, lm.search, lm.train)
-    baseline = scanner.score(None, 0.0)
-    keys = [u.key for u in scanner.units()]
-    cells = {(k, r): scanner.score(k, r) for k in keys for r in scanner.grid}
-    curves = curves_from_cells(keys, baseline, cells, "loss", higher_is_better=False)
-    return SimpleNamespace(
-        scanner=scanner, keys=keys, cells=cells, curves=curves, cost=scanner.cost_model()
-    )
-
-
 def prune_at(spec: JobSpec, ratios: dict[str, float], lm: SimpleNamespace, out: Path):
-    pruning = LmScanner.with_ratios(spec.pruning, ratios)
+    pruning = lm_with_ratios(spec.pruning, ratios)
     data = PipelineData(evaluation=lm.eval, calibration=lm.train)
     resolved = spec.model_copy(update={"pruning": pruning})
     return run(resolved, lm.checkpoint, out, measure=FAST, data=data).metrics
@@ -156,8 +112,8 @@ def test_layers_fixed_by_the_user_are_not_scanned(lm: SimpleNamespace) -> None:
 def test_targets_are_checked_for_language_models() -> None:
     check_target("hf", job())
     check_target("hf", job(target={"max_perplexity_increase": 0.1}))
-    with pytest.raises(InvalidSpec, match="'hf'"):
-        check_target("hf", job(target={"macs": 0.5}))
+    with pytest.raises(InvalidSpec, match="granularity 'unstructured'"):
+        check_target("hf", job(target={"macs": 0.5}))  # zeros leave dense MACs as they are
     with pytest.raises(InvalidSpec, match="'hf'"):
         check_target("hf", job(target={"max_accuracy_drop": 0.01}))
     with pytest.raises(InvalidSpec, match="'pt2'"):

@@ -95,3 +95,22 @@ def test_a_perplexity_target_is_judged_after_fine_tuning(
     assert achieved["met"] is (after / before - 1 <= 0.05 + 1e-9)
     assert achieved["met"] or search["step_backs"] == 2
     assert set(search["chosen"]) == {"model.layers.0", "model.layers.1"}
+
+
+def test_a_macs_target_at_width(service: Service, uploaded: dict[str, str]) -> None:
+    """``macs`` at ``width``: the width kinds are the units, and the fractions chosen for them
+    give exactly the MACs per token predicted."""
+    body = target_job(uploaded, {"macs": 0.7})
+    body["pruning"]["granularity"] = "width"
+    job = service.wait_for_job(submit(service, body)["id"])
+    assert job["status"] == "succeeded", job
+    search = job["search"]
+    assert set(search["chosen"]) == {"mlp", "heads", "hidden"}
+    assert search["layers_scanned"] == search["layers_total"] == 3
+    kept = job["metrics"]["macs_after"] / job["metrics"]["macs_before"]
+    # Within the target; how close depends on the coarse steps (of two key/value groups, of
+    # eight steps of four hidden channels: the random model chose heads and hidden).
+    assert 0.6 <= kept <= 0.7 + 1e-9, search["chosen"]
+    assert search["predicted"]["macs"] == pytest.approx(kept, abs=1e-12)
+    assert search["achieved"]["macs"] == pytest.approx(kept)
+    assert search["achieved"]["met"] is True

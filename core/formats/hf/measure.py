@@ -46,7 +46,7 @@ def measure(
     """
     device = pick_device(config.device)
     context = info.config.max_position_embeddings
-    seq = min(PREFILL_TOKENS, context) if context else PREFILL_TOKENS
+    seq = prefill_tokens(context)
     vocab = info.config.vocab_size or int(model.get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (config.batch_size, seq), generator=generator).to(device)
@@ -57,8 +57,7 @@ def measure(
         return model(input_ids=ids, use_cache=False)
 
     with _on_device(model, device), torch.no_grad():
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            macs = count_macs(prefill, batch_size=ids.numel())
+        macs = prefill_macs(model, ids)
         latency = median_latency_ms(prefill, config.warmup, config.repeats, device)
         tokens_per_second = _decode_rate(model, prompt, new_tokens, eos_token_id, config, device)
     return Measurement(
@@ -68,6 +67,18 @@ def measure(
         device=str(device),
         tokens_per_second=tokens_per_second,
     )
+
+
+def prefill_tokens(context: int | None) -> int:
+    """Tokens per sequence of the measured forward: ``PREFILL_TOKENS``, at most the context."""
+    return min(PREFILL_TOKENS, context) if context else PREFILL_TOKENS
+
+
+def prefill_macs(model: Any, ids: torch.Tensor) -> int:
+    """MACs per token of one forward over ``ids`` (``(batch, T)`` on the model's device), with
+    attention on SDPA's math kernel so that its matmuls are counted on every device."""
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return count_macs(lambda: model(input_ids=ids, use_cache=False), batch_size=ids.numel())
 
 
 def _decode_rate(

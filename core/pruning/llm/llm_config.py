@@ -18,7 +18,11 @@ PER_LAYER_LISTS = frozenset({"layer_types", "no_rope_layers"})
 def check_config(net: nn.Module, **sizes: int) -> None:
     """Raise ``InvalidSpec`` unless the config class accepts the new sizes (transformers checks,
     for instance, that ``hidden_size`` is a multiple of ``num_attention_heads``)."""
-    config: Any = net.config
+    check_config_sizes(net.config, **sizes)
+
+
+def check_config_sizes(config: Any, **sizes: int) -> None:
+    """:func:`check_config` on a config alone (a search asks before any model is pruned)."""
     try:
         type(config).from_dict({**config.to_dict(), **sizes})
     except Exception as exc:
