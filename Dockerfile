@@ -7,13 +7,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 # torch first and pinned: on Linux the PyPI wheel carries CUDA, which the GPU worker uses.
 RUN pip install torch==2.13.0
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml constraints.txt README.md alembic.ini ./
 COPY api ./api
 COPY worker ./worker
 COPY core ./core
 COPY shears ./shears
 COPY migrations ./migrations
-RUN pip install -e .
+RUN pip install -c constraints.txt -e .
 
 RUN useradd --create-home --uid 1000 shears && mkdir -p /data /cache && chown shears /data /cache
 USER shears

@@ -11,14 +11,14 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 TORCH_VERSION := 2.13.0
 
-.PHONY: install chromium run migrate test test-fast lint format clean
+.PHONY: install chromium run migrate test test-fast lint format lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel $(QUIET)
 	$(PIP) install torch==$(TORCH_VERSION) $(QUIET)
 	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
-	$(PIP) install -e '.[dev]' $(QUIET)
+	$(PIP) install -c constraints.txt -e '.[dev]' $(QUIET)
 	$(PY) -c "import api.main, worker.tasks, core.pipeline, shears.cli"
 	touch $(STAMP)
 
@@ -55,6 +55,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# After upgrading a dependency on purpose (pip install -U X, suite green): pin what is installed.
+lock: install
+	{ head -2 constraints.txt; $(PIP) freeze --exclude-editable | grep -v -E "^(torch|pip|setuptools|wheel)=="; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .shears .pytest_cache .mypy_cache .ruff_cache
