@@ -142,3 +142,5 @@ def test_a_params_target_at_nm_makes_whole_decoder_layers_nm(
     kinds = {a["kind"]: a for a in job["artifacts"]}
     curves = service.client.get(kinds["sensitivity"]["download_url"]).json()
     assert all([c["ratio"] for c in u["curve"]] == [0.5] for u in curves["units"])
+    for name in ("sensitivity", "layer_sparsity"):
+        assert service.client.get(f"/v1/jobs/{job['id']}/plots/{name}.png").status_code == 200
