@@ -153,7 +153,8 @@ class SearchSpec(_Frozen):
         default=DEFAULT_GRID,
         min_length=1,
         max_length=50,
-        description="Ratios each layer is scanned at; default 0.1, 0.2, ..., 0.9.",
+        description="Ratios each layer is scanned at; default 0.1, 0.2, ..., 0.9. Not with "
+        "`n:m`, where each layer is dense or n:m: the scan tries 1 - n/m only.",
     )
     num_samples: int = Field(default=512, ge=1, le=1_000_000, description="Samples scored.")
 
