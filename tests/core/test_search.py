@@ -113,6 +113,27 @@ def test_a_large_last_step_gives_back_the_small_steps_it_made_unnecessary() -> N
     assert tighter.cost <= 0.83 + 1e-12
 
 
+def test_units_with_levels_are_dense_or_at_a_level_and_nothing_between() -> None:
+    """n:m: a unit is dense or at 1 - n/m. The greedy jumps to the level, the give-back after it
+    returns a unit to 0 or leaves it (never part-way: the cost would not fall, the ratio would
+    lie), and a quality budget takes whole units."""
+    a = Curve("a", (0.0, 0.5), (0.0, 0.4))
+    b = Curve("b", (0.0, 0.5), (0.0, 0.1))
+
+    def cost(r: dict[str, float]) -> float:
+        return 1 - 0.4 * (r.get("a", 0) > 0) - 0.3 * (r.get("b", 0) > 0)
+
+    levels = {"a": (0.5,), "b": (0.5,)}
+    assert allocate_to_budget([a, b], cost, 0.65, levels=levels).ratios == {"a": 0.5, "b": 0.0}
+    assert allocate_to_budget([a, b], cost, 0.35, levels=levels).ratios == {"a": 0.5, "b": 0.5}
+    assert allocate_to_budget([a, b], cost, 0.75, levels=levels).ratios == {"a": 0.0, "b": 0.5}
+    with pytest.raises(InvalidSpec, match="relax the target") as raised:
+        allocate_to_budget([a, b], cost, 0.2, levels=levels)
+    assert "grid" not in raised.value.message
+    within = allocate_within_damage([a, b], cost, 0.3, levels=levels)
+    assert within.ratios == {"a": 0.0, "b": 0.5}
+
+
 def test_a_proxy_budget_is_tightened_until_the_measurement_meets_the_target() -> None:
     # Latency falls slower than MACs (a fixed share does not shrink): 0.6 + 0.4 x MACs.
     def choose_at(budget: float) -> Choice:
