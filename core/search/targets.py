@@ -231,30 +231,22 @@ def _by_cost(kind: str) -> Chooser:
     def choose_(
         value: float, loss: Sequence[Curve], _acc: Sequence[Curve], cost: CostModel
     ) -> Choice:
-        return allocate_to_budget(
-            loss,
-            lambda r: cost.fraction(kind, r),
-            value,
-            sizes=cost.sizes,
-            allowed=cost.allows,
-            levels=cost.levels,
-        )
+        return allocate_to_budget(loss, lambda r: cost.fraction(kind, r), value, **_steps(cost))
 
     return choose_
+
+
+def _steps(cost: CostModel) -> dict[str, Any]:
+    """How the allocation may step each unit, as the cost model says: whole items (``sizes``),
+    only to ratios the pruner can build (``allowed``), only to fixed ``levels`` (n:m)."""
+    return {"sizes": cost.sizes, "allowed": cost.allows, "levels": cost.levels}
 
 
 def within_damage(curves: Sequence[Curve], cost: CostModel, budget: float) -> Choice:
     """As many MACs (or, where zeros save none, parameters) removed as ``budget`` of predicted
     damage on ``curves`` allows."""
     kind = "macs" if "macs" in cost.reduces else "params"
-    return allocate_within_damage(
-        curves,
-        lambda r: cost.fraction(kind, r),
-        budget,
-        sizes=cost.sizes,
-        allowed=cost.allows,
-        levels=cost.levels,
-    )
+    return allocate_within_damage(curves, lambda r: cost.fraction(kind, r), budget, **_steps(cost))
 
 
 def _by_accuracy(
