@@ -40,8 +40,8 @@ class UnsafeArchive(InvalidArchive):
 class InvalidSpec(ShearsError):
     """A well-formed pruning spec that cannot apply to this model (unknown layer, bad ratio).
 
-    ``field`` names the spec's section at fault where one does (``"evaluation"``), so a caller
-    can point at it."""
+    ``field`` names the spec's section at fault where one does (``"evaluation"``, or a dotted
+    path such as ``"pruning.search.grid"``), so a caller can point at it."""
 
     code = "invalid_spec"
 

@@ -72,6 +72,14 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.movedim(-1, 1) if scores.dim() > 2 else keep
 
 
+def nm_removed(length: int, n: int, m: int) -> int:
+    """How many of a run of ``length`` weights along the input channels :func:`nm_mask` zeroes:
+    ``m - n`` of every full run of ``m``, and of a shorter trailing run all but
+    ``ceil(n * tail / m)``."""
+    full, tail = divmod(length, m)
+    return full * (m - n) + tail - min(tail, -(-n * tail // m))
+
+
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
 
@@ -79,11 +87,12 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
 def nm_masks(
     spec: PruningSpec, scores: Mapping[str, torch.Tensor], allocation: Allocation
 ) -> dict[str, torch.Tensor]:
-    """N:M keep-masks of every layer ``allocation`` prunes (a fixed pattern: no ranking pools)."""
+    """N:M keep-masks of every layer ``allocation`` prunes (a fixed pattern: no ranking pools).
+    A layer whose ``layer_sparsity`` is 0 gets no mask: 0 leaves a layer dense, as at every
+    other granularity."""
     assert spec.n_m is not None  # the spec's validator fills it in
-    return {
-        n: nm_mask(scores[n], *spec.n_m) for n in [*allocation.per_layer, *allocation.global_pool]
-    }
+    pruned = [n for n, ratio in allocation.per_layer.items() if ratio > 0]
+    return {n: nm_mask(scores[n], *spec.n_m) for n in [*pruned, *allocation.global_pool]}
 
 
 def block_masks(

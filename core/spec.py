@@ -142,7 +142,7 @@ class TargetSpec(_Frozen):
         return value
 
 
-_DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))
+DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 
 class SearchSpec(_Frozen):
@@ -150,10 +150,11 @@ class SearchSpec(_Frozen):
     and scored on the first ``num_samples`` of the search data."""
 
     grid: tuple[GridRatio, ...] = Field(
-        default=_DEFAULT_GRID,
+        default=DEFAULT_GRID,
         min_length=1,
         max_length=50,
-        description="Ratios each layer is scanned at; default 0.1, 0.2, ..., 0.9.",
+        description="Ratios each layer is scanned at; default 0.1, 0.2, ..., 0.9. Not with "
+        "`n:m`, where each layer is dense or n:m: the scan tries 1 - n/m only.",
     )
     num_samples: int = Field(default=512, ge=1, le=1_000_000, description="Samples scored.")
 
@@ -277,9 +278,11 @@ class PruningSpec(_Frozen):
     @classmethod
     def _granularity_defaults(cls, data: Any) -> Any:
         # n:m fixes the ratio, so `sparsity` may be left out; fill it in so it is always set.
-        # Not beside a target: it would read as the user's `sparsity`, and the target's own
-        # check (core.search.targets) says which granularities a target reaches.
+        # Beside a target only the pattern is filled in: a `sparsity` would read as the user's,
+        # and the target's own check (core.search.targets) says which granularities it reaches.
         if isinstance(data, dict) and data.get("target") is not None:
+            if data.get("granularity") == "n:m":
+                data = {**data, "n_m": data.get("n_m") or (2, 4)}
             return data
         if isinstance(data, dict) and data.get("granularity") == "n:m":
             data = dict(data)
@@ -312,7 +315,8 @@ class PruningSpec(_Frozen):
                 raise ValueError("'n_m' only applies to granularity 'n:m'")
             if n >= m:
                 raise ValueError(f"n_m {list(self.n_m)}: n must be smaller than m (keep n of m)")
-            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+            # With a target, `sparsity` is a placeholder: the search makes each layer dense or n:m.
+            if self.target is None and abs(self.sparsity - (1 - n / m)) > 1e-9:
                 raise ValueError(
                     f"with n_m {list(self.n_m)} the sparsity is {1 - n / m}; leave 'sparsity' out"
                 )

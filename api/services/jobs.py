@@ -128,7 +128,10 @@ def _preflight(spec: JobSpecRequest, model: Model) -> None:
     try:
         check_target(model.format, core_spec)
     except InvalidSpec as exc:
-        where = ("pruning", "target") if exc.field in (None, "pruning") else (exc.field,)
+        # A core field may be a dotted path into the spec ("pruning.search.grid").
+        where = (
+            ("pruning", "target") if exc.field in (None, "pruning") else tuple(exc.field.split("."))
+        )
         raise InvalidField(where, exc.message) from exc
 
 

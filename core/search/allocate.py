@@ -74,6 +74,7 @@ def allocate_to_budget(
     step: float = 0.01,
     sizes: Mapping[str, int] | None = None,
     allowed: Callable[[Mapping[str, float]], bool] | None = None,
+    levels: Mapping[str, Sequence[float]] | None = None,
 ) -> Choice:
     """The ratios, on multiples of ``step``, at which ``cost`` (a fraction of the dense model's)
     is at most ``budget``, greedily at the least predicted damage (never through ratios that
@@ -85,21 +86,25 @@ def allocate_to_budget(
         {'a': 0.4, 'b': 0.0}
 
     ``sizes`` (unit -> items) makes each step remove whole items, so the prediction is what the
-    pruner will do.
+    pruner will do. ``levels`` (unit -> ratios) are the only ratios above 0 a unit may take
+    (a fixed pattern such as n:m: dense or 1 - n/m); a step moves it to the next one.
 
     Raises:
         InvalidSpec: even every unit at its largest grid ratio costs more than ``budget``.
     """
     ratios, current = _greedy(
-        curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12, allowed=allowed
+        curves, cost, step, sizes, lambda r, c: c <= budget + 1e-12, allowed, levels
     )
     if current <= budget + 1e-12:
-        ratios, current = _give_back(curves, cost, budget, ratios, step, sizes, allowed)
+        ratios, current = _give_back(curves, cost, budget, ratios, step, sizes, allowed, levels)
     if current > budget + 1e-12:
+        # Where every unit's ratio is fixed by its pattern, a wider grid cannot help.
+        fixed = levels is not None and all(c.unit in levels for c in curves)
         raise InvalidSpec(
-            f"the target cannot be reached: with every searched layer at its largest grid "
-            f"ratio the model keeps {current:.3f} of the dense cost, above {budget}; "
-            "widen the search grid or relax the target",
+            f"the target cannot be reached: with every searched layer at its largest "
+            f"{'pattern' if fixed else 'grid'} ratio the model keeps {current:.3f} of the dense "
+            f"cost, above {budget}; "
+            + ("relax the target" if fixed else "widen the search grid or relax the target"),
             "pruning",
         )
     return Choice(ratios, current, predicted_damage(curves, ratios))
@@ -113,9 +118,11 @@ def allocate_within_damage(
     step: float = 0.01,
     sizes: Mapping[str, int] | None = None,
     allowed: Callable[[Mapping[str, float]], bool] | None = None,
+    levels: Mapping[str, Sequence[float]] | None = None,
 ) -> Choice:
     """As much pruning as the greedy order allows while the predicted damage stays within
-    ``max_damage`` (for targets judged by quality, not cost), through ``allowed`` ratios."""
+    ``max_damage`` (for targets judged by quality, not cost), through ``allowed`` ratios and,
+    for a unit with ``levels``, only those (as for :func:`allocate_to_budget`)."""
     ratios, current = _greedy(
         curves,
         cost,
@@ -125,6 +132,7 @@ def allocate_within_damage(
         allowed=lambda trial: (
             predicted_damage(curves, trial) <= max_damage and (allowed is None or allowed(trial))
         ),
+        levels=levels,
     )
     return Choice(ratios, current, predicted_damage(curves, ratios))
 
@@ -159,17 +167,21 @@ def _greedy(
     sizes: Mapping[str, int] | None,
     done: Callable[[Mapping[str, float], float], bool],
     allowed: Callable[[Mapping[str, float]], bool] | None = None,
+    levels: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[dict[str, float], float]:
     """From nothing pruned, give the next step to the unit with the least added damage per cost
     saved until ``done(ratios, cost)``, or no unit can step (or none is ``allowed`` to)."""
     ratios = {c.unit: 0.0 for c in curves}
     sizes = sizes or {}
+    levels = levels or {}
     current = cost(ratios)
     while not done(ratios, current):
         best: tuple[float, float, str, float] | None = None
         for curve in curves:
             r = ratios[curve.unit]
-            nxt = _next_ratio(r, step, sizes.get(curve.unit), curve.max_ratio)
+            nxt = _next_ratio(
+                r, step, sizes.get(curve.unit), curve.max_ratio, levels.get(curve.unit)
+            )
             if nxt is None:
                 continue
             trial = {**ratios, curve.unit: nxt}
@@ -195,18 +207,21 @@ def _give_back(
     step: float,
     sizes: Mapping[str, int] | None,
     allowed: Callable[[Mapping[str, float]], bool] | None,
+    levels: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[dict[str, float], float]:
     """Undo what the greedy's last step made unnecessary: a large item (a key/value group of a
     few, say) can overshoot the budget by far, and the small steps before it are then not
-    needed. Repeatedly take back the one step (an item, or ``step``) that relieves the most
-    predicted damage while the cost stays within ``budget``."""
+    needed. Repeatedly take back the one step (an item, ``step``, or down to the previous of a
+    unit's ``levels``) that relieves the most predicted damage while the cost stays within
+    ``budget``."""
     sizes = sizes or {}
+    levels = levels or {}
     ratios = dict(ratios)
     while True:
         best: tuple[float, float, str, float] | None = None
         for curve in curves:
             r = ratios[curve.unit]
-            prev = _previous_ratio(r, step, sizes.get(curve.unit))
+            prev = _previous_ratio(r, step, sizes.get(curve.unit), levels.get(curve.unit))
             if prev is None:
                 continue
             trial = {**ratios, curve.unit: prev}
@@ -221,8 +236,12 @@ def _give_back(
         ratios[best[2]] = best[3]
 
 
-def _previous_ratio(r: float, step: float, size: int | None) -> float | None:
-    """The ratio one item (or ``step``) below ``r``; None at 0."""
+def _previous_ratio(
+    r: float, step: float, size: int | None, levels: Sequence[float] | None = None
+) -> float | None:
+    """The ratio one item (or ``step``, or one of ``levels``, or 0) below ``r``; None at 0."""
+    if levels is not None:  # a fixed pattern (n:m): the level below, nothing between
+        return max((x for x in (0.0, *levels) if x < r - 1e-12), default=None)
     if size is None:
         return round(max(r - step, 0.0), 6) if r > 0 else None
     have = removal_count(r, size)
@@ -244,9 +263,14 @@ def uniform_to_budget(units: Sequence[str], cost: Cost, budget: float, top: floa
     return hi
 
 
-def _next_ratio(r: float, step: float, size: int | None, top: float) -> float | None:
+def _next_ratio(
+    r: float, step: float, size: int | None, top: float, levels: Sequence[float] | None = None
+) -> float | None:
     """The next ratio after ``r``: ``step`` more, or, for a unit of ``size`` items, the next
-    ratio that removes at least one more item (exactly k/size, so rounding cannot stall)."""
+    ratio that removes at least one more item (exactly k/size, so rounding cannot stall), or,
+    for a unit with ``levels`` (a fixed pattern such as n:m), the next of them."""
+    if levels is not None:
+        return min((x for x in levels if x > r + 1e-12), default=None)
     if size is None:
         nxt = round(min(r + step, top), 6)
         return nxt if nxt > r else None

@@ -12,7 +12,7 @@ from core.formats.base import ModelInfo
 from core.formats.pt2.program import module_on
 from core.search.cost import CostModel, TensorCost
 from core.search.macs import weight_macs
-from core.search.units import Calibration, ScanUnit, fixed_by_user, with_ratios
+from core.search.units import Calibration, ScanUnit, UnitFamily, fixed_by_user, with_ratios
 from core.spec import PruningSpec
 from core.structure import analyze, plan_channels, prune_program
 from core.structure.slicing import apply_channels
@@ -20,7 +20,7 @@ from core.structure.slicing import apply_channels
 Program = torch.export.ExportedProgram
 
 
-class ChannelUnits:
+class ChannelUnits(UnitFamily):
     """A group is one unit, named by its first layer (as ``layer_sparsity`` addresses it)."""
 
     format: ClassVar[str] = "pt2"

@@ -40,8 +40,9 @@ class CostModel:
     """MACs and parameters as functions of the units' ratios (unit key -> fraction removed).
 
     ``sizes`` are the items of each unit; ``fixed`` the MACs and parameters no unit touches.
-    ``counts_zeros``: weights zeroed in place still cost MACs (dense kernels), so only
-    ``params`` (the nonzero ones) fall.
+    ``reduces``: what pruning lowers (weights zeroed in place still cost MACs on dense kernels,
+    so there only ``params``, the nonzero ones, fall). ``levels``: the only ratios above 0 a
+    unit can take where its pattern is fixed (n:m: 1 - n/m); a unit absent takes any ratio.
     """
 
     tensors: dict[str, TensorCost]
@@ -49,6 +50,7 @@ class CostModel:
     fixed_macs: float = 0.0
     fixed_params: float = 0.0
     reduces: frozenset[str] = frozenset({"macs", "params"})
+    levels: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def removed(self, ratios: Mapping[str, float]) -> dict[str, float]:
         """Items each unit loses, rounded as the pruner rounds (one item always stays)."""
@@ -79,3 +81,17 @@ class CostModel:
         measure = self.macs if kind == "macs" else self.params
         dense = measure({})
         return measure(ratios) / dense if dense else 1.0
+
+
+@dataclass(frozen=True)
+class PatternCost(CostModel):
+    """Units that are either dense or at their one fixed pattern (n:m), which zeroes
+    ``drops[unit]`` weights: ``fixed_params`` is the dense model's count, and only the nonzero
+    parameters fall (zeros cost MACs on dense kernels)."""
+
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def params(self, ratios: Mapping[str, float]) -> float:
+        return self.fixed_params - sum(
+            self.drops[u] for u, r in ratios.items() if r > 0 and u in self.drops
+        )

@@ -100,7 +100,7 @@ class LmUnits(UnitFamily, Protocol):
         ...
 
 
-class DecoderLayerUnits:
+class DecoderLayerUnits(UnitFamily):
     """``hf`` models at ``unstructured``: a decoder layer is one unit, all its linears at one
     ratio. Zeroed weights leave the MACs of dense kernels as they are: only parameters fall."""
 
@@ -133,6 +133,7 @@ class DecoderLayerUnits:
             _net(program),
             dict.fromkeys(unit.layers, ratio),
             criterion=spec.criterion,
+            n_m=spec.n_m,  # set only at n:m (the spec's validator), where it replaces the ratio
             input_ids=ids,
         )
         return program
@@ -160,6 +161,7 @@ class DecoderLayerUnits:
                 net,
                 {name: r for u, r in pruned.items() for name in u.layers},
                 criterion=spec.criterion,
+                n_m=spec.n_m,
                 input_ids=calibration[0] if calibration else None,
             )
             yield net

@@ -49,7 +49,7 @@ from core.pruning.llm.llm_config import check_config_sizes
 from core.pruning.llm.structure import StructurePruner
 from core.pruning.llm.width import Heads, Hidden, head_layout
 from core.search.cost import CostModel, TensorCost
-from core.search.units import ScanUnit
+from core.search.units import ScanUnit, UnitFamily
 from core.spec import PruningSpec, WidthSpec
 
 KINDS = ("mlp", "heads", "hidden")
@@ -176,7 +176,7 @@ class _Parts:
         return tuple(names)
 
 
-class WidthKindUnits:
+class WidthKindUnits(UnitFamily):
     """``hf`` models at ``width``: a unit per width kind, one fraction in every decoder layer."""
 
     format: ClassVar[str] = "hf"

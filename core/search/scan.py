@@ -155,7 +155,7 @@ class Scanner(UnitsOfScanner):
         return self.program
 
     def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
-        return with_ratios(spec, ratios)
+        return self.family.with_ratios(spec, ratios)
 
     def reestimate(self, model: Any) -> int:
         return reestimate_program_batchnorm(model, self.data.inputs)

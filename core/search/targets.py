@@ -40,8 +40,8 @@ Judge = Callable[[Mapping[str, float], Mapping[str, float]], float | None]
 class TargetKind:
     """One key of ``pruning.target``: where it applies and how ratios are chosen for it.
 
-    ``choose(value, loss_curves, accuracy_curves, cost)`` picks the ratios; ``needs`` names what
-    the dense model must be able to do (``macs``: a granularity that removes MACs).
+    ``choose(value, loss_curves, accuracy_curves, cost)`` picks the ratios; ``reduces`` names
+    the cost it budgets; ``why_not`` says why the granularities left out cannot reach it.
     """
 
     name: str
@@ -49,6 +49,7 @@ class TargetKind:
     granularities: frozenset[str]
     choose: Chooser
     reduces: str | None = None
+    why_not: str | None = None
     needs_evaluation: bool = False
     # Where the allocation's cost is only a proxy (latency through MACs): re-choose at a tighter
     # proxy budget until the measured quantity meets the target.
@@ -75,10 +76,11 @@ def targets() -> dict[str, TargetKind]:
 
 def check_target(fmt: str, spec: JobSpec) -> None:
     """Refuse, before any work, a target this model's format or the spec's granularity cannot
-    be searched for, or one judged on evaluation data without an ``evaluation``.
+    be searched for, a search grid the granularity's scan cannot use, or a target judged on
+    evaluation data without an ``evaluation``.
 
     Raises:
-        InvalidSpec: with ``field`` ``pruning`` (or ``evaluation``).
+        InvalidSpec: with ``field`` ``pruning`` (or ``evaluation``, ``pruning.search.grid``).
     """
     target = spec.pruning.target
     if target is None:
@@ -95,14 +97,11 @@ def check_target(fmt: str, spec: JobSpec) -> None:
         raise InvalidSpec(
             f"target {target.kind!r} cannot be reached at granularity {granularity!r}; it can "
             f"at {', '.join(sorted(kind.granularities))}"
-            + (
-                " (zeroed weights leave the MACs of dense kernels unchanged)"
-                if target.kind == "macs"
-                else ""
-            ),
+            + (f" ({kind.why_not})" if kind.why_not else ""),
             "pruning",
         )
-    family_for(fmt, granularity)  # a scan for this pair exists (depth on hf, say, not yet)
+    # A scan for this pair exists (depth on hf, say, not yet), and can use the grid asked for.
+    family_for(fmt, granularity).grid(spec.pruning)
     if kind.needs_evaluation and spec.evaluation is None:
         raise InvalidSpec(
             f"target {target.kind!r} is judged on the evaluation data; add 'evaluation'",
@@ -232,20 +231,22 @@ def _by_cost(kind: str) -> Chooser:
     def choose_(
         value: float, loss: Sequence[Curve], _acc: Sequence[Curve], cost: CostModel
     ) -> Choice:
-        return allocate_to_budget(
-            loss, lambda r: cost.fraction(kind, r), value, sizes=cost.sizes, allowed=cost.allows
-        )
+        return allocate_to_budget(loss, lambda r: cost.fraction(kind, r), value, **_steps(cost))
 
     return choose_
+
+
+def _steps(cost: CostModel) -> dict[str, Any]:
+    """How the allocation may step each unit, as the cost model says: whole items (``sizes``),
+    only to ratios the pruner can build (``allowed``), only to fixed ``levels`` (n:m)."""
+    return {"sizes": cost.sizes, "allowed": cost.allows, "levels": cost.levels}
 
 
 def within_damage(curves: Sequence[Curve], cost: CostModel, budget: float) -> Choice:
     """As many MACs (or, where zeros save none, parameters) removed as ``budget`` of predicted
     damage on ``curves`` allows."""
     kind = "macs" if "macs" in cost.reduces else "params"
-    return allocate_within_damage(
-        curves, lambda r: cost.fraction(kind, r), budget, sizes=cost.sizes, allowed=cost.allows
-    )
+    return allocate_within_damage(curves, lambda r: cost.fraction(kind, r), budget, **_steps(cost))
 
 
 def _by_accuracy(
@@ -281,12 +282,27 @@ _CHANNELS = frozenset({"channel", "head"})
 # Granularities that remove whole structures, so MACs fall: channels and heads of programs, the
 # width (MLP neurons, heads, hidden channels) of language models.
 _STRUCTURED = _CHANNELS | {"width"}
-register_target(TargetKind("macs", frozenset({"pt2", "hf"}), _STRUCTURED, _by_cost("macs"), "macs"))
+# Weights zeroed in place (n:m too: the worker's kernels are dense) leave MACs as they were.
+_ZEROS_KEEP_MACS = (
+    "zeroed weights, n:m patterns included, leave the MACs of the dense kernels the worker's "
+    "device runs unchanged"
+)
+register_target(
+    TargetKind(
+        "macs",
+        frozenset({"pt2", "hf"}),
+        _STRUCTURED,
+        _by_cost("macs"),
+        "macs",
+        why_not=_ZEROS_KEEP_MACS,
+    )
+)
+# With n:m a unit is dense or n:m; the allocation picks which are n:m (see core.search.nm).
 register_target(
     TargetKind(
         "params",
         frozenset({"pt2", "hf"}),
-        _STRUCTURED | {"unstructured"},
+        _STRUCTURED | {"unstructured", "n:m"},
         _by_cost("params"),
         "params",
     )
@@ -299,6 +315,7 @@ register_target(
         _CHANNELS,
         _by_cost("macs"),
         "macs",
+        why_not=f"latency is reached by removing MACs, and {_ZEROS_KEEP_MACS}",
         refine=refine_by_measurement,
         measure=lambda scanner, ratios, config: scanner.latency_fraction(ratios, config),
     )
@@ -307,7 +324,7 @@ register_target(
     TargetKind(
         "max_accuracy_drop",
         frozenset({"pt2"}),
-        _CHANNELS | {"unstructured"},
+        _CHANNELS | {"unstructured", "n:m"},
         _by_accuracy,
         needs_evaluation=True,
         judge=_accuracy_drop,
@@ -320,7 +337,7 @@ register_target(
     TargetKind(
         "max_perplexity_increase",
         frozenset({"hf"}),
-        frozenset({"unstructured", "width"}),
+        frozenset({"unstructured", "width", "n:m"}),
         _by_perplexity,
         needs_evaluation=True,
         refine=refine_by_measurement,

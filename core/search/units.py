@@ -1,9 +1,10 @@
 """What the sensitivity scan prunes one at a time, per granularity, found by registration.
 
 A *unit* is one ranking pool the spec's ``layer_sparsity`` can address by name: a layer's
-weights (``unstructured``), or a channel group named by its first layer (``channel``, ``head``).
-A :class:`UnitFamily` lists a model's units, prunes one of them alone at a ratio (a runnable copy,
-the program itself untouched) and builds the cost model the allocation budgets with.
+weights (``unstructured``, ``n:m``), or a channel group named by its first layer (``channel``,
+``head``). A :class:`UnitFamily` lists a model's units, says which ratios the scan tries, prunes
+one unit alone at a ratio (a runnable copy, the program itself untouched), builds the cost model
+the allocation budgets with, and turns the chosen ratios into the spec the pruner runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from core.errors import InvalidSpec
 from core.formats.base import ModelInfo
 from core.search.cost import CostModel
-from core.spec import PruningSpec
+from core.spec import DEFAULT_GRID, PruningSpec
 
 Program = torch.export.ExportedProgram
 
@@ -35,7 +36,8 @@ class ScanUnit:
 
 class UnitFamily(Protocol):
     """Scan units of the models of one format, at some granularities. ``program`` is the model
-    as the format loads it (an ``ExportedProgram`` for ``pt2``)."""
+    as the format loads it (an ``ExportedProgram`` for ``pt2``). A family that subclasses this
+    protocol inherits :meth:`grid` and :meth:`with_ratios` (any ratio, by ``layer_sparsity``)."""
 
     format: ClassVar[str]
     granularities: ClassVar[frozenset[str]]
@@ -65,6 +67,18 @@ class UnitFamily(Protocol):
     ) -> CostModel:
         """MACs and parameters as functions of the units' ratios."""
         ...
+
+    def grid(self, spec: PruningSpec) -> tuple[float, ...]:
+        """The ratios each unit is scanned at: ``search.grid``, default 0.1, 0.2, ..., 0.9.
+
+        Raises:
+            InvalidSpec: the granularity cannot use the grid asked for.
+        """
+        return spec.search.grid if spec.search is not None else DEFAULT_GRID
+
+    def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
+        """The spec the pruner runs for the chosen ``ratios`` (unit key -> ratio)."""
+        return with_ratios(spec, ratios)
 
 
 Calibration = tuple[torch.Tensor, ...] | None
@@ -143,8 +157,7 @@ class UnitsOfScanner:
 
     @property
     def grid(self) -> tuple[float, ...]:
-        search = self.spec.pruning.search
-        return search.grid if search is not None else tuple(round(0.1 * i, 1) for i in range(1, 10))
+        return self.family.grid(self.spec.pruning)
 
     def units(self) -> list[ScanUnit]:
         """The units the target may prune, in graph order."""

@@ -11,13 +11,13 @@ from core.formats.base import ModelInfo
 from core.formats.pt2.program import module_on
 from core.masks import weight_masks
 from core.search.cost import CostModel, TensorCost
-from core.search.units import Calibration, ScanUnit, fixed_by_user, with_ratios
+from core.search.units import Calibration, ScanUnit, UnitFamily, fixed_by_user, with_ratios
 from core.spec import PruningSpec
 
 Program = torch.export.ExportedProgram
 
 
-class WeightUnits:
+class WeightUnits(UnitFamily):
     """A layer is one unit; zeroed weights leave the MACs of dense kernels as they are."""
 
     format: ClassVar[str] = "pt2"
@@ -46,7 +46,10 @@ class WeightUnits:
         owner, _, attr = name.rpartition(".")
         weight = getattr(gm.get_submodule(owner), attr)
         one = with_ratios(spec, {unit.key: ratio})
-        keep = weight_masks(one, {unit.key: weight}, allocate(one, {unit.key: weight.numel()}))
+        # Ranked in the pruner's layout: a matrix product's (in, out) weight as its transpose.
+        layouts = {layer.name: layer.reduction_dim for layer in info.prunable_layers}
+        allocation = allocate(one, {unit.key: weight.numel()})
+        keep = weight_masks(one, {unit.key: weight}, allocation, layouts)
         with torch.no_grad():
             weight.mul_(keep[unit.key].to(weight.dtype))
         return gm

@@ -86,8 +86,13 @@ def test_a_target_the_granularity_cannot_reach_is_422(api: Api, model: dict, dat
     assert body["errors"][0]["loc"] == ["body", "pruning", "target"]
     assert "unstructured" in body["detail"]
     assert "channel" in body["detail"]
-    n_m = {"criterion": "l1", "granularity": "n:m", "target": {"params": 0.5}}
-    assert_problem(post(api, with_eval(model, data, n_m)), 422, "validation-error")
+    # n:m zeros leave the MACs (and so the latency) of dense kernels as they were.
+    for kind in ("macs", "latency"):
+        n_m = {"criterion": "l1", "granularity": "n:m", "target": {kind: 0.5}}
+        body = assert_problem(post(api, with_eval(model, data, n_m)), 422, "validation-error")
+        assert body["errors"][0]["loc"] == ["body", "pruning", "target"]
+        assert "'n:m'" in body["detail"]
+        assert "MACs of the dense kernels" in body["detail"]
     language = {**CHANNEL, "target": {"max_perplexity_increase": 0.05}}
     body = assert_problem(post(api, with_eval(model, data, language)), 422, "validation-error")
     assert "pt2" in body["detail"]
@@ -117,6 +122,37 @@ def test_a_target_needs_data_to_search_on(api: Api, model: dict, data: dict) -> 
 
 
 GOOD_SPARSITY = {"criterion": "l1", "granularity": "channel", "sparsity": 0.5}
+
+
+def test_nm_targets_are_accepted_and_stored(api: Api, model: dict, data: dict) -> None:
+    """``params`` and ``max_accuracy_drop`` at ``n:m`` on a ``pt2`` model: the pattern is stored
+    (default 2:4), the target's placeholder sparsity is not."""
+    for target, n_m in (({"params": 0.6}, None), ({"max_accuracy_drop": 0.01}, [4, 8])):
+        pruning = {"criterion": "l1", "granularity": "n:m", "target": target}
+        if n_m is not None:
+            pruning["n_m"] = n_m
+        response = post(api, with_eval(model, data, pruning, sensitivity_only=True))
+        assert response.status_code == 202, response.text
+        stored = response.json()["spec"]["pruning"]
+        assert stored["n_m"] == (n_m or [2, 4])
+        assert "sparsity" not in stored
+        assert {k: v for k, v in stored["target"].items() if v is not None} == target
+        job_id = response.json()["id"]
+        assert api.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+
+
+def test_a_grid_at_nm_is_422_at_its_field(api: Api, model: dict, data: dict) -> None:
+    before = job_ids(api)
+    pruning = {
+        "criterion": "l1",
+        "granularity": "n:m",
+        "target": {"params": 0.6},
+        "search": {"grid": [0.25, 0.5]},
+    }
+    body = assert_problem(post(api, with_eval(model, data, pruning)), 422, "validation-error")
+    assert body["errors"][0]["loc"] == ["body", "pruning", "search", "grid"], body
+    assert "0.5" in body["detail"]
+    assert job_ids(api) == before
 
 
 def test_a_target_job_is_stored_as_asked(api: Api, model: dict, data: dict) -> None:
@@ -160,6 +196,8 @@ def language(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict:
     [
         ("unstructured", {"params": 0.5}, None),
         ("unstructured", {"max_perplexity_increase": 0.05}, None),
+        ("n:m", {"params": 0.5}, None),
+        ("n:m", {"max_perplexity_increase": 0.05}, None),
         ("width", {"macs": 0.6}, None),  # every width kind searched
         ("width", {"params": 0.6}, {"heads": 0.5}),  # heads fixed, the others searched
         ("width", {"max_perplexity_increase": 0.1}, {"hidden": 0.0}),
@@ -168,14 +206,15 @@ def language(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_language_model_targets_are_accepted(
     api: Api, language: dict, granularity: str, target: dict, width: dict | None
 ) -> None:
-    """On an ``hf`` model at ``unstructured`` and ``width``, with a text dataset (no targets)
-    as the search data; the width kinds the user fixed are stored as given."""
+    """On an ``hf`` model at ``unstructured``, ``n:m`` and ``width``, with a text dataset (no
+    targets) as the search data; the width kinds the user fixed are stored as given."""
     text = language["text"]
     pruning: dict = {
         "criterion": "magnitude",
         "granularity": granularity,
         "target": target,
-        "search": {"dataset_id": text, "grid": [0.25, 0.5]},
+        # n:m has one ratio (1 - n/m): a grid is refused there.
+        "search": {"dataset_id": text, **({} if granularity == "n:m" else {"grid": [0.25, 0.5]})},
     }
     if width is not None:
         pruning["width"] = width
@@ -205,9 +244,9 @@ def test_language_model_targets_are_accepted(
             "not available for 'hf'",
         ),
         (
-            {"granularity": "n:m", "target": {"params": 0.5}},
-            ["body", "pruning", "target"],
-            "granularity 'n:m'",
+            {"granularity": "n:m", "search": {"grid": [0.25, 0.5]}},
+            ["body", "pruning", "search", "grid"],
+            "leave 'grid' out",
         ),
         # Latency is not searched for language models (yet), at any granularity.
         (

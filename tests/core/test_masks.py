@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from core.allocation import allocate, removal_count
 from core.formats.pt2.program import load_program
 from core.importance import lamp_scores
-from core.masks import nm_mask, weight_masks
+from core.masks import nm_mask, nm_removed, weight_masks
 from core.pipeline import MeasureConfig, run
 from core.spec import JobSpec, PruningSpec
 from tests.factories import PRUNABLE, export_resnet
@@ -39,6 +39,8 @@ def test_n_m_holds_in_every_group(w: torch.Tensor, nm: tuple[int, int]) -> None:
         run_ = runs[..., start : start + m]
         expected = n if run_.shape[-1] == m else -(-n * run_.shape[-1] // m)
         assert (run_.sum(-1) == min(expected, run_.shape[-1])).all()
+    # What the search's cost model counts without building a mask.
+    assert int((~keep).sum()) == w.numel() // length * nm_removed(length, n, m)
     if length % m == 0:  # and the kept ones are the largest of their run
         r = w.abs().movedim(1, -1) if w.dim() > 2 else w.abs()
         r = r.reshape(*r.shape[:-1], -1, m)
@@ -46,6 +48,15 @@ def test_n_m_holds_in_every_group(w: torch.Tensor, nm: tuple[int, int]) -> None:
         kept_min = torch.where(k, r, torch.inf).amin(-1)
         dropped_max = torch.where(~k, r, -torch.inf).amax(-1)
         assert (kept_min >= dropped_max).all()
+
+
+def test_n_m_leaves_a_layer_at_zero_dense() -> None:
+    """``layer_sparsity`` 0 leaves a layer dense at n:m too; any other ratio means the pattern."""
+    spec = PruningSpec(criterion="l1", granularity="n:m", layer_sparsity={"a": 0.0, "b": 0.3})
+    ws = {name: torch.randn(4, 8) for name in ("a", "b", "c")}
+    masks = weight_masks(spec, ws, allocate(spec, {n: w.numel() for n, w in ws.items()}))
+    assert set(masks) == {"b", "c"}
+    assert all(int(masks[n].sum()) == 16 for n in ("b", "c"))
 
 
 @settings(max_examples=40, deadline=None)

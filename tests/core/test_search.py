@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,8 +32,15 @@ from core.search.allocate import (
     damage_budgets,
     uniform_to_budget,
 )
-from core.search.targets import check_target, curves_from_cells, refine_by_measurement
-from core.spec import FineTuneSpec, JobSpec
+from core.search.targets import (
+    check_target,
+    choose,
+    curves_from_cells,
+    judge,
+    refine_by_measurement,
+    within_damage,
+)
+from core.spec import FineTuneSpec, JobSpec, PruningSpec
 from core.structure import prune_program
 from examples.models import PreNormBlock
 from examples.peers import torch_pruning_global
@@ -103,6 +111,27 @@ def test_a_large_last_step_gives_back_the_small_steps_it_made_unnecessary() -> N
     tighter = allocate_to_budget([small, big], cost, 0.83, sizes=sizes)
     assert tighter.ratios == {"small": pytest.approx(0.05), "big": 0.5}
     assert tighter.cost <= 0.83 + 1e-12
+
+
+def test_units_with_levels_are_dense_or_at_a_level_and_nothing_between() -> None:
+    """n:m: a unit is dense or at 1 - n/m. The greedy jumps to the level, the give-back after it
+    returns a unit to 0 or leaves it (never part-way: the cost would not fall, the ratio would
+    lie), and a quality budget takes whole units."""
+    a = Curve("a", (0.0, 0.5), (0.0, 0.4))
+    b = Curve("b", (0.0, 0.5), (0.0, 0.1))
+
+    def cost(r: dict[str, float]) -> float:
+        return 1 - 0.4 * (r.get("a", 0) > 0) - 0.3 * (r.get("b", 0) > 0)
+
+    levels = {"a": (0.5,), "b": (0.5,)}
+    assert allocate_to_budget([a, b], cost, 0.65, levels=levels).ratios == {"a": 0.5, "b": 0.0}
+    assert allocate_to_budget([a, b], cost, 0.35, levels=levels).ratios == {"a": 0.5, "b": 0.5}
+    assert allocate_to_budget([a, b], cost, 0.75, levels=levels).ratios == {"a": 0.0, "b": 0.5}
+    with pytest.raises(InvalidSpec, match="relax the target") as raised:
+        allocate_to_budget([a, b], cost, 0.2, levels=levels)
+    assert "grid" not in raised.value.message
+    within = allocate_within_damage([a, b], cost, 0.3, levels=levels)
+    assert within.ratios == {"a": 0.0, "b": 0.5}
 
 
 def test_a_proxy_budget_is_tightened_until_the_measurement_meets_the_target() -> None:
@@ -419,3 +448,151 @@ def test_max_accuracy_drop_with_fine_tuning_holds_at_under_half_the_macs(tmp_pat
     assert drop <= 0.01 + 1e-9, tried
     assert kept <= 0.5, tried
     assert m.eval_after_pruning["accuracy"] < m.eval_before["accuracy"] - 0.01  # recovered
+
+
+# --- n:m: each layer dense or n:m -----------------------------------------------------------------
+
+
+def nm_runs(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Nonzeros of every full run of ``m`` weights along the input channels (dim 1)."""
+    rows = weight.movedim(1, -1) if weight.dim() > 2 else weight
+    full = rows.shape[-1] - rows.shape[-1] % m
+    return (rows[..., :full] != 0).reshape(*rows.shape[:-1], -1, m).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A ResidualCNN trained on the digits' training split, its search data held out."""
+    root = tmp_path_factory.mktemp("nm")
+    x, y, x_test, y_test = digits_arrays()
+    net = train_digits_cnn(x, y, epochs=8, make=ResidualCNN)
+    return SimpleNamespace(
+        model=export_digits(net, root / "res.pt2"),
+        search=save_npz(root / "search.npz", inputs=x_test, targets=y_test),
+    )
+
+
+def scan_all(spec: JobSpec, model: Path, data: Path) -> SimpleNamespace:
+    """Every cell of the scan, the curves and the cost model, as the worker gathers them."""
+    scanner = Scanner.open(spec, model, data)
+    baseline = scanner.score(None, 0.0)
+    keys = [u.key for u in scanner.units()]
+    cells = {(k, r): scanner.score(k, r) for k in keys for r in scanner.grid}
+    return SimpleNamespace(
+        scanner=scanner,
+        loss=curves_from_cells(keys, baseline, cells, "loss", higher_is_better=False),
+        accuracy=curves_from_cells(keys, baseline, cells, "accuracy", higher_is_better=True),
+        cost=scanner.cost_model(),
+    )
+
+
+def test_nm_scans_each_layer_once_at_its_pattern(held_out: SimpleNamespace) -> None:
+    scanner = Scanner.open(job("n:m", {"params": 0.8}), held_out.model, held_out.search)
+    assert scanner.grid == (0.5,)
+    assert scanner.family.grid(job("n:m", {"params": 0.8}, n_m=(1, 4)).pruning) == (0.75,)
+    # The stem reads one input channel: 2:4 along it zeroes nothing, so it is no unit.
+    names = [layer.name for layer in scanner.info.prunable_layers]
+    assert [u.key for u in scanner.units()] == [n for n in names if n != "stem"]
+    gm = scanner.family.prune_one(
+        scanner.program, scanner.info, scanner.spec.pruning, scanner.unit("down"), 0.5, None
+    )
+    state = scanner.program.state_dict
+    for name in names:
+        weight = gm.get_submodule(name).weight
+        if name == "down":
+            assert bool((nm_runs(weight, 4) == 2).all())  # exactly 2 of every 4 kept
+        else:
+            assert torch.equal(weight, state[f"{name}.weight"])
+    cost = scanner.cost_model()
+    zeros = int((gm.get_submodule("down").weight == 0).sum())
+    assert zeros == state["down.weight"].numel() // 2
+    assert cost.params({"down": 0.5}) == cost.params({}) - zeros
+    assert cost.fraction("macs", {"down": 0.5}) == 1.0  # dense kernels: zeros cost MACs
+    assert cost.levels == {u.key: (0.5,) for u in scanner.units()}
+
+
+def test_a_params_target_at_nm_makes_the_chosen_layers_nm_and_leaves_the_rest_dense(
+    held_out: SimpleNamespace, tmp_path: Path
+) -> None:
+    spec = job("n:m", {"params": 0.8})
+    assert spec.pruning.target is not None
+    found = scan_all(spec, held_out.model, held_out.search)
+    choice = choose(spec.pruning.target, found.loss, found.accuracy, found.cost)
+    chosen = {k for k, r in choice.ratios.items() if r > 0}
+    assert set(choice.ratios.values()) <= {0.0, 0.5}  # dense or n:m, nothing between
+    assert 0 < len(chosen) < len(choice.ratios)
+    pruning = found.scanner.with_ratios(spec.pruning, choice.ratios)
+    # What the pruner runs is a spec a user could send again.
+    assert PruningSpec.model_validate(pruning.model_dump()) == pruning
+    resolved = spec.model_copy(update={"pruning": pruning})
+    result = run(
+        resolved,
+        held_out.model,
+        tmp_path,
+        measure=MeasureConfig(batch_size=8, warmup=0, repeats=1),
+        data=PipelineData(evaluation=held_out.search),
+    )
+    m = result.metrics
+    kept = m.nonzero_params_after / m.params_before
+    assert kept <= 0.8
+    assert kept == pytest.approx(choice.cost, abs=1e-12)  # the cost model counts exactly
+    before = torch.export.load(str(held_out.model)).state_dict
+    after = torch.export.load(str(result.artifacts["model"])).state_dict
+    for layer in found.scanner.info.prunable_layers:
+        weight = after[f"{layer.name}.weight"]
+        if layer.name in chosen:
+            assert bool((nm_runs(weight, 4) == 2).all()), layer.name
+        else:
+            assert torch.equal(weight, before[f"{layer.name}.weight"]), layer.name
+
+
+def test_an_accuracy_drop_target_at_nm_holds_on_the_search_data(
+    held_out: SimpleNamespace, tmp_path: Path
+) -> None:
+    """As many layers n:m as 3 points of accuracy allow, predicted from the curves, then
+    verified and stepped back to smaller damage budgets as a job does."""
+    spec = job("n:m", {"max_accuracy_drop": 0.03})
+    target = spec.pruning.target
+    assert target is not None
+    found = scan_all(spec, held_out.model, held_out.search)
+    tried = []
+    choice = choose(target, found.loss, found.accuracy, found.cost)
+    for budget in damage_budgets(target.value, fine_tunes=False):
+        if tried:
+            choice = within_damage(found.accuracy, found.cost, budget)
+        pruning = found.scanner.with_ratios(spec.pruning, choice.ratios)
+        result = run(
+            spec.model_copy(update={"pruning": pruning}),
+            held_out.model,
+            tmp_path / f"try-{len(tried)}",
+            measure=MeasureConfig(batch_size=8, warmup=0, repeats=1),
+            data=PipelineData(evaluation=held_out.search),
+            # As the scan did in every cell, and a job does after pruning.
+            after_prune=found.scanner.reestimate,
+        )
+        m = result.metrics
+        drop = judge(target, m.eval_before, m.eval_after_pruning)
+        assert drop is not None
+        tried.append((choice.ratios, drop))
+        if drop <= target.value + 1e-9:
+            break
+    ratios, drop = tried[-1]
+    assert drop <= target.value + 1e-9, tried
+    assert any(r > 0 for r in ratios.values()), tried  # it did make layers n:m
+    assert m.nonzero_params_after < m.params_before
+
+
+def test_nm_targets_and_grids_are_checked() -> None:
+    check_target("pt2", job("n:m", {"params": 0.5}))
+    check_target("pt2", job("n:m", {"max_accuracy_drop": 0.01}, n_m=(4, 8)))
+    for kind in ("macs", "latency"):
+        with pytest.raises(InvalidSpec, match="dense kernels"):
+            check_target("pt2", job("n:m", {kind: 0.5}))
+    with pytest.raises(InvalidSpec, match="leave 'grid' out") as raised:
+        check_target("pt2", job("n:m", {"params": 0.5}, search={"grid": [0.25, 0.5]}))
+    assert raised.value.field == "pruning.search.grid"
+    # The default grid, written out, asks for nothing else.
+    check_target(
+        "pt2",
+        job("n:m", {"params": 0.5}, search={"grid": [round(0.1 * i, 1) for i in range(1, 10)]}),
+    )

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from core.errors import InvalidSpec
+from core.formats import detect
 from core.pipeline import MeasureConfig, PipelineData, run
+from core.pruning.llm.layers import prunable_linears
 from core.search import open_scanner
 from core.search.allocate import uniform_to_budget
 from core.search.lm import lm_with_ratios
@@ -74,6 +76,22 @@ def job(criterion: str = "magnitude", target: dict | None = None) -> JobSpec:
     )
 
 
+def nm_job(criterion: str = "magnitude", target: dict | None = None, **pruning: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "pruning": {
+                "criterion": criterion,
+                "granularity": "n:m",
+                "target": target or {"params": 0.8},
+                "search": {"num_samples": 64},
+                **pruning,
+            },
+            "calibration": {"num_samples": 8, "seq_len": SEQ} if criterion != "magnitude" else None,
+            "evaluation": {"task": "perplexity", "seq_len": SEQ, "max_samples": 64},
+        }
+    )
+
+
 def prune_at(spec: JobSpec, ratios: dict[str, float], lm: SimpleNamespace, out: Path):
     pruning = lm_with_ratios(spec.pruning, ratios)
     data = PipelineData(evaluation=lm.eval, calibration=lm.train)
@@ -118,11 +136,12 @@ def test_targets_are_checked_for_language_models() -> None:
         check_target("hf", job(target={"max_accuracy_drop": 0.01}))
     with pytest.raises(InvalidSpec, match="'pt2'"):
         check_target("pt2", job(target={"max_perplexity_increase": 0.1}))
-    n_m = JobSpec.model_validate(
-        {"pruning": {"criterion": "magnitude", "granularity": "n:m", "target": {"params": 0.5}}}
-    )
-    with pytest.raises(InvalidSpec, match="granularity 'n:m'"):
-        check_target("hf", n_m)
+    check_target("hf", nm_job())
+    check_target("hf", nm_job(target={"max_perplexity_increase": 0.1}))
+    with pytest.raises(InvalidSpec, match="dense kernels"):
+        check_target("hf", nm_job(target={"macs": 0.5}))
+    with pytest.raises(InvalidSpec, match="leave 'grid' out"):
+        check_target("hf", nm_job(search={"grid": GRID}))
 
 
 # --- what the search buys ---------------------------------------------------------------------
@@ -181,3 +200,96 @@ def test_plots_show_a_decoder_layers_ratio_on_its_linears() -> None:
     assert data.series[1].y == (0.3, 0.6)
     assert sensitivity_data({"model.layers.1": {0.5: {"perplexity": 9.0, "loss": 2.2}}}, {
         "perplexity": 8.0, "loss": 2.1}).ylabel == "perplexity"  # fmt: skip
+
+
+# --- n:m: each decoder layer dense or n:m ---------------------------------------------------------
+
+
+def nm_runs(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Nonzeros of every run of ``m`` input features of an ``(out, in)`` weight."""
+    return (weight != 0).reshape(weight.shape[0], -1, m).sum(-1)
+
+
+def test_an_nm_cell_makes_one_decoder_layer_nm(lm: SimpleNamespace) -> None:
+    spec = nm_job(exclude=["model.layers.0.mlp.*"])
+    scanner = open_scanner(spec, lm.checkpoint, lm.search)
+    assert scanner.grid == (0.5,)
+    assert [u.key for u in scanner.units()] == [f"model.layers.{i}" for i in range(4)]
+    # The user's exclude keeps layer 0's MLP dense; its attention is still searched.
+    assert [n.rsplit(".", 1)[1] for n in scanner.unit("model.layers.0").layers] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
+    linears = prunable_linears(scanner.model.model)
+    dense = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+    unit = scanner.unit("model.layers.1")
+    scanner.family.prune_one(scanner.model, scanner.info, spec.pruning, unit, 0.5, None)
+    zeros = 0
+    for name, lin in linears.items():
+        if name in unit.layers:
+            assert bool((nm_runs(lin.weight, 4) == 2).all()), name
+            zeros += int((lin.weight == 0).sum())
+        else:
+            assert torch.equal(lin.weight, dense[name]), name
+    cost = scanner.cost_model()
+    assert cost.params({unit.key: 0.5}) == cost.params({}) - zeros
+    assert cost.levels == {u.key: (0.5,) for u in scanner.units()}
+
+
+def prune_nm(
+    spec: JobSpec, found: SimpleNamespace, ratios: dict[str, float], lm: SimpleNamespace, out: Path
+):
+    """The pipeline's result at ``ratios`` (evaluated on the search text) and its linears."""
+    pruning = found.scanner.with_ratios(spec.pruning, ratios)
+    resolved = spec.model_copy(update={"pruning": pruning})
+    data = PipelineData(evaluation=lm.search, calibration=lm.train)
+    result = run(resolved, lm.checkpoint, out, measure=FAST, data=data)
+    model, _ = detect(result.artifacts["model"]).load(result.artifacts["model"])
+    return result.metrics, prunable_linears(model.model)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_a_params_target_at_nm_makes_the_chosen_layers_nm_and_leaves_the_rest_dense(
+    lm: SimpleNamespace, criterion: str, tmp_path: Path
+) -> None:
+    spec = nm_job(criterion, {"params": 0.8})
+    assert spec.pruning.target is not None
+    found = scan(spec, lm)
+    choice = choose(spec.pruning.target, found.curves, found.curves, found.cost)
+    assert set(choice.ratios.values()) <= {0.0, 0.5}  # dense or n:m, nothing between
+    chosen = {k for k, r in choice.ratios.items() if r > 0}
+    assert 0 < len(chosen) < len(choice.ratios)
+    metrics, linears = prune_nm(spec, found, choice.ratios, lm, tmp_path)
+    assert kept_params(metrics) <= 0.8
+    assert kept_params(metrics) == pytest.approx(choice.cost, abs=1e-12)  # counted exactly
+    dense = prunable_linears(found.scanner.model.model)  # the scan restored every cell
+    for name, lin in linears.items():
+        if name.rsplit(".", 2)[0] in chosen:
+            assert bool((nm_runs(lin.weight, 4) == 2).all()), name
+        else:
+            assert torch.equal(lin.weight, dense[name].weight), name
+
+
+def test_a_perplexity_target_at_nm_holds_on_the_search_text(
+    lm: SimpleNamespace, tmp_path: Path
+) -> None:
+    """As many decoder layers 2:4 as 10% more perplexity allows: predicted from the curves,
+    measured with every chosen layer at once and tightened, then held by the pruned model on
+    the search text (the same blocks the search measured on)."""
+    spec = nm_job("magnitude", {"max_perplexity_increase": 0.1})
+    target = spec.pruning.target
+    assert target is not None
+    found = scan(spec, lm)
+    choice, measured = choose_measured(
+        target, found.curves, found.curves, found.cost, found.scanner
+    )
+    assert measured is not None
+    assert measured <= 0.1
+    assert any(r > 0 for r in choice.ratios.values())  # some layers are 2:4
+    metrics, _ = prune_nm(spec, found, choice.ratios, lm, tmp_path)
+    rise = judge(target, metrics.eval_before, metrics.eval_after_pruning)
+    assert rise is not None
+    assert 0.0 < rise <= 0.1
+    assert rise == pytest.approx(measured, rel=1e-3)

@@ -114,3 +114,33 @@ def test_a_macs_target_at_width(service: Service, uploaded: dict[str, str]) -> N
     assert search["predicted"]["macs"] == pytest.approx(kept, abs=1e-12)
     assert search["achieved"]["macs"] == pytest.approx(kept)
     assert search["achieved"]["met"] is True
+
+
+def test_a_params_target_at_nm_makes_whole_decoder_layers_nm(
+    service: Service, uploaded: dict[str, str]
+) -> None:
+    """At ``n:m`` each decoder layer is scanned once, at 2:4, and the search picks which are
+    2:4 (the others stay dense) until the parameters fall under the target."""
+    body = target_job(uploaded, {"params": 0.9})
+    body["pruning"]["granularity"] = "n:m"
+    del body["pruning"]["search"]["grid"]  # n:m has one ratio: a grid is refused
+    job = service.wait_for_job(submit(service, body)["id"])
+    assert job["status"] == "succeeded", job
+    search = job["search"]
+    assert set(search["chosen"]) == {"model.layers.0", "model.layers.1"}
+    assert set(search["chosen"].values()) <= {0.0, 0.5}
+    kept = job["metrics"]["nonzero_params_after"] / job["metrics"]["params_before"]
+    assert kept <= 0.9 + 1e-9
+    assert search["predicted"]["params"] == pytest.approx(kept)
+    assert search["achieved"]["met"] is True
+    layers = service.client.get(f"/v1/jobs/{job['id']}/layers").json()["items"]
+    for layer in layers:
+        unit = layer["name"].rsplit(".", 2)[0]
+        # 2:4 halves a layer exactly (widths are multiples of 4); a dense one keeps every weight.
+        expected = layer["params"] // 2 if search["chosen"][unit] > 0 else layer["params"]
+        assert layer["nonzero"] == expected, layer
+    kinds = {a["kind"]: a for a in job["artifacts"]}
+    curves = service.client.get(kinds["sensitivity"]["download_url"]).json()
+    assert all([c["ratio"] for c in u["curve"]] == [0.5] for u in curves["units"])
+    for name in ("sensitivity", "layer_sparsity"):
+        assert service.client.get(f"/v1/jobs/{job['id']}/plots/{name}.png").status_code == 200

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from core.allocation import removal_count
-from core.masks import nm_mask
+from core.masks import nm_mask, nm_removed
 
 # Rows handled at a time: tokens converted to float32 inside the hooks (no statistic holds a
 # wider copy of a whole batch of activations), weight rows ranked by ``row_mask``.
@@ -52,10 +52,7 @@ def planned_removals(
     row-wise (``block`` None), per block of ``block`` input columns (SparseGPT), or n:m."""
     rows, cols = shape
     if n_m is not None:
-        n, m = n_m
-        full, tail = divmod(cols, m)
-        kept_tail = min(tail, -(-n * tail // m))
-        return rows * (full * (m - n) + tail - kept_tail)
+        return rows * nm_removed(cols, *n_m)
     if block is None:
         return rows * removal_count(sparsity, cols)
     return sum(
