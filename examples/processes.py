@@ -158,19 +158,33 @@ class Service:
         path = self.data_dir / f"{name}.log"
         return path.read_text(errors="replace")[-6000:] if path.exists() else ""
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop every process: SIGTERM, then SIGKILL for whatever still runs after ``grace``
+        seconds in all (a worker's warm shutdown would otherwise finish its running job)."""
         self.client.close()
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 15)
+        deadline = time.monotonic() + grace
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)
                 proc.wait()
+
+    def cancel_unfinished(self, client: httpx.Client | None = None, timeout: float = 60) -> None:
+        """Cancel every queued or running job (of ``client``'s tenant) and wait until each has
+        ended, so that the next user of this service finds its worker idle."""
+        client = client or self.client
+        for status in ("running", "queued"):
+            for job in client.get("/v1/jobs", params={"status": status, "limit": 200}).json()[
+                "items"
+            ]:
+                client.post(f"/v1/jobs/{job['id']}/cancel")
+                self.wait_for_job(job["id"], timeout=timeout, client=client)
 
     def wait_for_job(
         self, job_id: str, timeout: float = 180, client: httpx.Client | None = None

@@ -51,6 +51,16 @@ def service(
         svc.stop()
 
 
+@pytest.fixture(autouse=True)
+def _idle_worker_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves a job queued or running on the shared service has it cancelled
+    afterwards: the next test (or the teardown) then never waits behind it."""
+    yield
+    if "service" in request.fixturenames:
+        service: Service = request.getfixturevalue("service")
+        service.cancel_unfinished()
+
+
 @pytest.fixture(scope="session")
 def resnet_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_resnet(tmp_path_factory.mktemp("models") / "resnet.pt2")

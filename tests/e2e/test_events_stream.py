@@ -78,13 +78,13 @@ def fine_tune_job(service: Service, resnet_pt2: Path, tmp_path: Path) -> str:
     rng = np.random.default_rng(0)
     data = save_npz(
         tmp_path / "train.npz",
-        inputs=rng.standard_normal((64, 1, 8, 8)).astype(np.float32),
-        targets=rng.integers(0, 10, 64),
+        inputs=rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
+        targets=rng.integers(0, 10, 16),
     )
     dataset = service.client.post("/v1/datasets", files={"file": data.read_bytes()}).json()
     body = global_l1(model["id"], 0.5)
-    # 1,600 small steps: a few seconds of fine-tuning, long enough to be seen in progress, and
-    # an event per epoch: more than the stream reads at once.
+    # 400 small steps: a second or more of fine-tuning, long enough to be seen in progress
+    # (written every half second), and an event per epoch.
     body["fine_tune"] = {"dataset_id": dataset["id"], "epochs": 100, "batch_size": 4}
     job = service.client.post("/v1/jobs", json=body)
     assert job.status_code == 202, job.text
