@@ -180,9 +180,10 @@ class Service:
         ended, so that the next user of this service finds its worker idle."""
         client = client or self.client
         for status in ("running", "queued"):
-            for job in client.get("/v1/jobs", params={"status": status, "limit": 200}).json()[
-                "items"
-            ]:
+            listed = client.get("/v1/jobs", params={"status": status, "limit": 200})
+            if listed.status_code != 200:  # a service with API keys: its tests own their jobs
+                return
+            for job in listed.json()["items"]:
                 client.post(f"/v1/jobs/{job['id']}/cancel")
                 self.wait_for_job(job["id"], timeout=timeout, client=client)
 

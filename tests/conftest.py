@@ -15,6 +15,15 @@ __all__ = ["IN_CI", "PG_ADMIN_URL", "REDIS_URL", "free_port", "unavailable"]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread for everything the test process computes, however the suite is
+    invoked: float results (a trained fixture model, and so a search's allocation) then do not
+    depend on which modules were collected or run alone."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def unavailable(what: str, exc: BaseException) -> None:
     """Skip on a developer machine without the service; fail in CI, where it must exist."""
     message = f"{what} unavailable: {exc}"

@@ -97,6 +97,7 @@ def allocate_to_budget(
     )
     if current <= budget + 1e-12:
         ratios, current = _give_back(curves, cost, budget, ratios, step, sizes, allowed, levels)
+        ratios, current = _exchange(curves, cost, budget, ratios, step, sizes, allowed, levels)
     if current > budget + 1e-12:
         # Where every unit's ratio is fixed by its pattern, a wider grid cannot help.
         fixed = levels is not None and all(c.unit in levels for c in curves)
@@ -234,6 +235,55 @@ def _give_back(
         if best is None:
             return ratios, cost(ratios)
         ratios[best[2]] = best[3]
+
+
+def _exchange(
+    curves: Sequence[Curve],
+    cost: Cost,
+    budget: float,
+    ratios: dict[str, float],
+    step: float,
+    sizes: Mapping[str, int] | None,
+    allowed: Callable[[Mapping[str, float]], bool] | None,
+    levels: Mapping[str, Sequence[float]] | None,
+    rounds: int = 64,
+) -> tuple[dict[str, float], float]:
+    """Trade steps between units while the predicted damage falls: give one step back to a
+    unit and take from another as few steps as bring the cost within ``budget`` again. Whole
+    items make the greedy's end state lumpy (a unit whose items are large stops it far under
+    the budget, where three small items of another would have fitted at less damage); single
+    exchanges repair that, each strictly lowering the predicted damage, so this ends."""
+    sizes = sizes or {}
+    levels = levels or {}
+    for _ in range(rounds):
+        base = predicted_damage(curves, ratios)
+        best: tuple[float, dict[str, float]] | None = None
+        for back in curves:
+            prev = _previous_ratio(
+                ratios[back.unit], step, sizes.get(back.unit), levels.get(back.unit)
+            )
+            if prev is None:
+                continue
+            for more in curves:
+                if more is back:
+                    continue
+                trial = {**ratios, back.unit: prev}
+                r: float | None = trial[more.unit]
+                while r is not None and cost(trial) > budget + 1e-12:
+                    r = _next_ratio(
+                        r, step, sizes.get(more.unit), more.max_ratio, levels.get(more.unit)
+                    )
+                    if r is not None:
+                        trial[more.unit] = r
+                if cost(trial) > budget + 1e-12 or (allowed is not None and not allowed(trial)):
+                    continue
+                gain = base - predicted_damage(curves, trial)
+                if gain > 1e-12 and (best is None or gain > best[0]):
+                    best = (gain, trial)
+        if best is None:
+            break
+        ratios = best[1]
+    return ratios, cost(ratios)
 
 
 def _previous_ratio(

@@ -20,8 +20,6 @@ from core.pruning import PruneContext, preflight, pruner_for
 from core.spec import PruningSpec
 from tests.hf_factories import archive_folder, save_checkpoint
 
-torch.set_num_threads(1)
-
 IDS = torch.randint(0, 290, (4, 24), generator=torch.Generator().manual_seed(1))
 
 

@@ -113,6 +113,18 @@ def test_a_large_last_step_gives_back_the_small_steps_it_made_unnecessary() -> N
     assert tighter.cost <= 0.83 + 1e-12
 
 
+def test_a_lumpy_end_is_traded_for_small_steps_of_another_unit_at_less_damage() -> None:
+    """The greedy ranks by damage per cost: one big item (30% of the cost) goes first and lands
+    far under the budget; five small items of another unit meet it exactly at less damage."""
+    big = Curve("big", (0.0, 0.5, 1.0), (0.0, 0.06, 0.12))  # 0.2 damage per cost saved
+    small = Curve("small", (0.0, 1.0), (0.0, 0.09))  # 0.3 per cost saved
+    cost = lambda r: 1 - 0.6 * r.get("big", 0) - 0.3 * r.get("small", 0)  # noqa: E731
+    choice = allocate_to_budget([big, small], cost, 0.85, sizes={"big": 2, "small": 10})
+    assert choice.ratios == {"big": 0.0, "small": pytest.approx(0.5)}
+    assert choice.cost == pytest.approx(0.85)
+    assert choice.damage == pytest.approx(0.045)  # the big item alone: 0.06 at cost 0.7
+
+
 def test_units_with_levels_are_dense_or_at_a_level_and_nothing_between() -> None:
     """n:m: a unit is dense or at 1 - n/m. The greedy jumps to the level, the give-back after it
     returns a unit to 0 or leaves it (never part-way: the cost would not fall, the ratio would

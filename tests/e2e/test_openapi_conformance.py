@@ -12,6 +12,7 @@ headers, the 409 of a delete or a cancel.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -114,7 +115,7 @@ def live(
         dataset = client.post("/v1/datasets", files={"file": data.read_bytes()}).json()
         job = svc.wait_for_job(client.post("/v1/jobs", json=global_l1(model["id"])).json()["id"])
         assert job["status"] == "succeeded", job["error"]
-        svc.stop_process("worker")
+        svc.stop_process("worker", signal.SIGKILL)  # no worker from here: the next job stays queued
         other_model = client.post("/v1/models", files={"file": resnet_pt2.read_bytes()}).json()
         other_dataset = client.post("/v1/datasets", files={"file": data.read_bytes()}).json()
         body = global_l1(other_model["id"])
