@@ -10,6 +10,10 @@ Greedy on marginal cost: starting from nothing pruned, repeatedly give ``step`` 
 unit whose next step adds the least damage per unit of cost saved, until the cost is within the
 budget. With a cost that falls smoothly as each unit is pruned this is the classic fractional
 knapsack heuristic; it is what AMC-style and "layer-wise sensitivity" searches approximate.
+Whole items (channels, heads, key/value groups) make it a 0/1 knapsack, so two repairs follow:
+steps a large last item made unnecessary are given back, then single exchanges (one step back
+for one unit, as few forward for another as keep the budget) are made while the predicted
+damage falls.
 """
 
 from __future__ import annotations
