@@ -99,9 +99,10 @@ def _upper_inverse_factor_cpu(buffer: torch.Tensor) -> None:
     _reverse_(buffer)
 
 
-def _reverse_(matrix: torch.Tensor, chunk: int = 256) -> None:
+def _reverse_(matrix: torch.Tensor, chunk: int = 16) -> None:
     """Reverse the order of the rows and of the columns of a square ``matrix`` in place,
-    ``chunk`` rows at a time (no temporary the size of ``matrix``)."""
+    ``chunk`` rows at a time: at 256 rows the freed copies stayed in the heap (+34 MiB RSS at
+    5,632²), at 16 they are 3 MiB."""
     n = matrix.shape[0]
     half = n // 2
     for a in range(0, half, chunk):
