@@ -532,7 +532,9 @@ def test_the_blocked_sweep_is_the_column_by_column_sweep(n_m: tuple[int, int] | 
     w[w.abs() < 0.05] = 0.0  # zeros held from an earlier round
     hinv = inverse_hessian_(x @ x.T)
     ours = w.clone()
+    torch.set_num_threads(2)  # the sweep runs on one thread and gives the caller's count back
     sweep(ours, hinv, 0.5, n_m=n_m)
+    assert torch.get_num_threads() == 2
     plain = _column_by_column(w.double(), hinv.u.double(), 0.5, n_m)
     assert torch.equal(ours == 0, plain == 0)
     torch.testing.assert_close(ours.double(), plain, rtol=1e-4, atol=1e-4)
