@@ -505,6 +505,20 @@ def scale(a: argparse.Namespace) -> None:
     print(json.dumps(r, indent=1))
 
 
+def add_widths(
+    parser: argparse.ArgumentParser, widths: tuple[int, int, int, int], *, samples: int
+) -> None:
+    """The Llama widths (hidden, intermediate, heads, key/value heads) and the calibration
+    size as options, with these defaults (also bench/llm_phases.py)."""
+    hidden, intermediate, heads, kv_heads = widths
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--intermediate", type=int, default=intermediate)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--kv-heads", type=int, default=kv_heads)
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--seq", type=int, default=512)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -532,13 +546,8 @@ def main() -> None:
         s.add_argument("--llmc-python", default="/tmp/llmc-venv/bin/python")  # noqa: S108
         s.add_argument("--setting", default="50%", choices=list(SETTINGS))
         s.add_argument("--layers", type=int, default=22)
-        s.add_argument("--hidden", type=int, default=2048)
-        s.add_argument("--intermediate", type=int, default=5632)
-        s.add_argument("--heads", type=int, default=32)
-        s.add_argument("--kv-heads", type=int, default=4)
+        add_widths(s, (2048, 5632, 32, 4), samples=8)
         s.add_argument("--vocab", type=int, default=32000)
-        s.add_argument("--samples", type=int, default=8)
-        s.add_argument("--seq", type=int, default=512)
         s.add_argument("--reference", default="/tmp/wanda-ref")  # noqa: S108
         # Shears' calibration memory budget; default: what prune_causal_lm chooses.
         s.add_argument("--memory-budget-mib", type=float, default=None)

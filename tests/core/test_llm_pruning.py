@@ -27,11 +27,13 @@ from core.pruning import PruneContext, run_rounds
 from core.pruning.llm import (
     LanguageModelPruner,
     LayerInputs,
+    capture_inputs,
     decoder_layers,
     prunable_linears,
     prune_causal_lm,
     sequential,
 )
+from core.pruning.llm.masks import Hessian, planned_removals
 from core.pruning.llm.sparsegpt import (
     DAMPING,
     error_on_data,
@@ -463,12 +465,15 @@ def test_the_default_budget_follows_the_layer_and_keeps_the_reference_masks(
 
 
 @pytest.mark.parametrize("n_m", [None, (2, 4)])
-def test_sparsegpt_factors_the_hessian_in_its_own_buffer(n_m: tuple[int, int] | None) -> None:
+@pytest.mark.parametrize("width", [96, 97])  # odd: the middle row of the reversed factorisation
+def test_sparsegpt_factors_the_hessian_in_its_own_buffer(
+    n_m: tuple[int, int] | None, width: int
+) -> None:
     torch.manual_seed(0)
-    x = torch.randn(96, 500)
+    x = torch.randn(width, 500)
     x[5] = 0.0  # an input that is always zero
     xxt = x @ x.T
-    w = torch.randn(24, 96)
+    w = torch.randn(24, width)
     damped = xxt.clone()
     damped[5, 5] = 1.0
     damped.diagonal().add_(DAMPING * damped.diagonal().mean())
@@ -481,11 +486,92 @@ def test_sparsegpt_factors_the_hessian_in_its_own_buffer(n_m: tuple[int, int] | 
     pruned = w.clone()
     swept = sweep(pruned, hinv, 0.5, n_m=n_m)
     torch.testing.assert_close(pruned, sparsegpt(w, xxt, 0.5, n_m=n_m))
-    assert float((pruned == 0).float().mean()) == 0.5
+    assert int((pruned == 0).sum()) == planned_removals((24, width), 0.5, n_m, block=128)
     # The error the sweep reports is the error on the data, undampened.
     direct = float(((w - pruned).double() @ x.double()).square().sum())
     assert error_on_data(w, pruned, hinv, swept) == pytest.approx(direct, rel=1e-3)
     assert reconstruction_error(w, pruned, xxt) == pytest.approx(direct, rel=1e-3)
+
+
+def _column_by_column(
+    w: torch.Tensor, u: torch.Tensor, s: float, n_m: tuple[int, int] | None
+) -> torch.Tensor:
+    """The OBS sweep in its plainest form: each column pruned, then its error spread over every
+    later column at once (no lazy blocks); masks per 128 columns (or per run of m) chosen on the
+    weights as updated so far, weights already zero first."""
+    w = w.clone()
+    cols = w.shape[1]
+    frozen = w == 0
+    mask = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
+    for j in range(cols):
+        if n_m is None and j % 128 == 0:
+            block = slice(j, min(j + 128, cols))
+            score = (w[:, block] ** 2 / u.diagonal()[block] ** 2).masked_fill(frozen[:, block], -1)
+            flat = torch.zeros(score.numel(), dtype=torch.bool)
+            flat[score.flatten().argsort()[: removal_count(s, score.numel())]] = True
+            mask[:, block] = flat.reshape(score.shape) | frozen[:, block]
+        if n_m is not None and j % n_m[1] == 0:
+            run = slice(j, min(j + n_m[1], cols))
+            score = (w[:, run] ** 2 / u.diagonal()[run] ** 2).masked_fill(frozen[:, run], -1)
+            mask[:, run] = True
+            mask[:, run].scatter_(1, score.argsort(dim=1, descending=True)[:, : n_m[0]], False)
+        err = w[:, j] * mask[:, j] / u[j, j]
+        w[:, j:] -= torch.outer(err, u[j, j:])
+        w[:, j] *= ~mask[:, j]
+    return w
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_the_blocked_sweep_is_the_column_by_column_sweep(n_m: tuple[int, int] | None) -> None:
+    """Runs of columns, products for the rest of each block and the transposed layout change
+    the order of float32 sums only: same masks, weights equal up to rounding (300 columns: two
+    blocks of 128 and a short one, runs that do not divide it)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 2000, generator=generator) * torch.rand(300, 1, generator=generator)
+    w = torch.randn(40, 300, generator=generator)
+    w[w.abs() < 0.05] = 0.0  # zeros held from an earlier round
+    hinv = inverse_hessian_(x @ x.T)
+    ours = w.clone()
+    torch.set_num_threads(2)  # the sweep runs on one thread and gives the caller's count back
+    sweep(ours, hinv, 0.5, n_m=n_m)
+    assert torch.get_num_threads() == 2
+    plain = _column_by_column(w.double(), hinv.u.double(), 0.5, n_m)
+    assert torch.equal(ours == 0, plain == 0)
+    torch.testing.assert_close(ours.double(), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_each_group_is_calibrated_up_to_its_first_linear_only() -> None:
+    """Collecting a group's ``X X^T`` stops each forward where the group's first linear is called:
+    the same Hessian as a full forward gives, without running the layer past it."""
+    model = tiny_llama()
+    layer = decoder_layers(model)[0]
+    inputs = capture_inputs(model, layer.module, calibration_ids(), batch_size=3)
+    groups = sequential.input_groups(layer, list(layer.linears), inputs)
+    assert [[lin.name.split(".")[-1] for lin in g.linears] for g in groups] == [
+        ["q_proj", "k_proj", "v_proj"],
+        ["o_proj"],
+        ["gate_proj", "up_proj"],
+        ["down_proj"],
+    ]
+    assert all(group.called_once for group in groups)
+    down = layer.module.mlp.down_proj
+    calls: list[int] = []
+    counter = down.register_forward_pre_hook(lambda *_: calls.append(1))
+    for group in groups:
+        calls.clear()
+        stopped = sequential._collect_hessian(layer, group, inputs)
+        reached = len(calls)
+        full = Hessian(group.linears[0].shape[1], torch.device("cpu"))
+        handle = group.linears[0].module.register_forward_hook(full)
+        try:
+            inputs.run(layer.module)
+        finally:
+            handle.remove()
+        assert torch.equal(stopped.xxt, full.xxt)
+        assert stopped.tokens == full.tokens == 8 * 32
+        # down_proj is called last: only its own group's forwards reach it, stopping there.
+        assert reached == (len(inputs.calls) if group is groups[-1] else 0)
+    counter.remove()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -37,6 +37,11 @@ class _Captured(Exception):
     """Raised by the pre-hook to stop the forward once the first layer's inputs are known."""
 
 
+class StopForward(Exception):
+    """Raised by a hook once a forward has given all that is wanted of it: :meth:`LayerInputs.run`
+    goes on with the next batch, and the rest of the layer is not computed."""
+
+
 @dataclass
 class _Call:
     """How the model called the first decoder layer for samples ``start:stop``: the positional
@@ -82,9 +87,12 @@ class LayerInputs:
     @torch.no_grad()
     def run(self, layer: nn.Module, batches: int | None = None) -> None:
         """Run ``layer`` on every batch (or the first ``batches``) and discard the outputs
-        (hooks collect statistics)."""
+        (hooks collect statistics; a hook may end a batch's forward with :class:`StopForward`)."""
         for call in self.calls[:batches]:
-            self._forward(layer, call)
+            try:
+                self._forward(layer, call)
+            except StopForward:
+                continue
 
     @torch.no_grad()
     def advance(self, layer: nn.Module) -> None:

@@ -8,7 +8,9 @@ produce the next layer's inputs. Magnitude needs no data and runs no forward pas
 SparseGPT goes through a layer's linears in groups that read the same input (q/k/v, then o, then
 gate/up, then down in a Llama layer), in the order the layer calls them: one ``X X^T`` per group,
 collected on the outputs of the groups before it as already pruned and freed once the group is
-pruned, so at most one Hessian exists at a time. Wanda's statistics are vectors: one pass per
+pruned, so at most one Hessian exists at a time. Each group's calibration forwards stop at the
+group's first linear (nothing after it changes its input), so the four groups of a Llama layer
+cost about one forward of the layer, not four. Wanda's statistics are vectors: one pass per
 layer. Calibration forwards take as many samples at a time as ``memory_budget`` allows: by
 default a fifth of one decoder layer's weight bytes (at least 64 MiB), at least one sample.
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from core.criteria import CRITERIA as CRITERIA_TABLE
 from core.criteria import needs_data
-from core.pruning.llm.calibrate import LayerInputs, capture_inputs
+from core.pruning.llm.calibrate import LayerInputs, StopForward, capture_inputs
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers
 from core.pruning.llm.masks import FeatureNorms, Hessian, keep_mask, ranked
 from core.pruning.llm.sparsegpt import error_on_data, inverse_hessian_, sweep
@@ -143,20 +145,14 @@ def calibration_batch(
     return max(1, memory_budget // per_sample)
 
 
-def _collect(
-    layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs, criterion: str
-) -> dict[str, FeatureNorms | Hessian]:
-    """Run ``layer`` on every sample with hooks on ``targets``; their statistics by name."""
-    stats: dict[str, FeatureNorms | Hessian] = {}
+def _collect_norms(
+    layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs
+) -> dict[str, FeatureNorms]:
+    """Run ``layer`` on every sample with hooks on ``targets``; Wanda's statistics by name."""
+    stats: dict[str, FeatureNorms] = {}
     handles = []
     for linear in targets:
-        device = linear.weight.device
-        in_features = linear.shape[1]
-        stat = (
-            FeatureNorms(in_features, device)
-            if criterion == "wanda"
-            else Hessian(in_features, device)
-        )
+        stat = FeatureNorms(linear.shape[1], linear.weight.device)
         stats[linear.name] = stat
         handles.append(linear.module.register_forward_hook(stat))
     try:
@@ -167,17 +163,54 @@ def _collect(
     return stats
 
 
+def _collect_hessian(layer: DecoderLayer, group: InputGroup, inputs: LayerInputs) -> Hessian:
+    """``X X^T`` of the input ``group`` reads, over every sample.
+
+    Where the layer calls the group's first linear once per forward, each forward stops there
+    (:class:`StopForward`): nothing after it in the layer can change its input, and a Llama
+    layer's four groups then cost about one forward of the layer instead of four.
+    """
+    lead = group.linears[0]
+    hessian = Hessian(lead.shape[1], lead.weight.device)
+
+    def stop(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        hessian(module, args, None)
+        raise StopForward
+
+    handle = (
+        lead.module.register_forward_pre_hook(stop)
+        if group.called_once
+        else lead.module.register_forward_hook(hessian)
+    )
+    try:
+        inputs.run(layer.module)
+    finally:
+        handle.remove()
+    return hessian
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears that read the same input tensor; ``called_once``: the layer calls the first of
+    them exactly once per forward (so a forward may stop at that call)."""
+
+    linears: list[Linear]
+    called_once: bool
+
+
 def input_groups(
     layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs
-) -> list[list[Linear]]:
+) -> list[InputGroup]:
     """``targets`` grouped by the input tensor they read, groups in the order the layer calls
     them (one forward of the first batch; linears it never calls come last, each alone)."""
     seen: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
 
     def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             # The tensor itself is kept, so no later input can reuse its memory and look equal.
             seen.setdefault(name, args[0])
+            calls[name] = calls.get(name, 0) + 1
 
         return record
 
@@ -196,7 +229,7 @@ def input_groups(
         else:
             group.append(by_name[name])
     groups += [(None, [lin]) for lin in targets if lin.name not in seen]
-    return [group for _, group in groups]
+    return [InputGroup(group, calls.get(group[0].name) == 1) for _, group in groups]
 
 
 def _prune_layer(
@@ -209,19 +242,16 @@ def _prune_layer(
 ) -> dict[str, LinearResult]:
     results: dict[str, LinearResult] = {}
     if criterion == "wanda":
-        stats = _collect(layer, targets, inputs, criterion)
+        stats = _collect_norms(layer, targets, inputs)
         for linear in targets:
-            norms = stats.pop(linear.name)
-            assert isinstance(norms, FeatureNorms)
-            _wanda(linear, norms, ratios[linear.name], n_m)
+            _wanda(linear, stats.pop(linear.name), ratios[linear.name], n_m)
             results[linear.name] = LinearResult(linear.name)
         return results
     for group in input_groups(layer, targets, inputs):
         # One Hessian for the group (its linears read the same X), on the outputs of the
         # groups before it as pruned; freed when the group is done.
-        hessian = _collect(layer, group[:1], inputs, criterion)[group[0].name]
-        assert isinstance(hessian, Hessian)
-        results.update(_sparsegpt(group, hessian, ratios, n_m))
+        hessian = _collect_hessian(layer, group, inputs)
+        results.update(_sparsegpt(group.linears, hessian, ratios, n_m))
         del hessian
     return results
 

@@ -1,0 +1,120 @@
+"""Where Shears' SparseGPT spends its time on one decoder layer (issue 13): wall seconds per phase.
+
+    .venv/bin/python bench/llm_phases.py                                   # half the 1 B widths
+    .venv/bin/python bench/llm_phases.py --hidden 2048 --intermediate 5632 --heads 32 --kv-heads 4
+
+A one-layer Llama from a config (random float32 weights, seed 0), 16 random blocks of 512 tokens,
+50% unstructured (``--n-m`` for 2:4), 2 threads. The functions of ``core.pruning.llm`` are wrapped
+by name where they exist, so the same script times older code too (run it from a checkout of
+that code). "calibration forwards" is the rest of the calibration passes: what the layer's own
+forwards take besides the Hessian hooks. ``--save`` writes the pruned weights for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.llm import add_widths
+
+T: defaultdict[str, float] = defaultdict(float)
+
+
+def _timed(owner: Any, name: str, label: str) -> None:
+    original = getattr(owner, name, None)
+    if original is None:
+        return
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            T[label] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_widths(p, (1024, 2816, 16, 2), samples=16)
+    p.add_argument("--n-m", action="store_true", help="2:4 instead of 50%% unstructured")
+    p.add_argument("--save", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import core.pruning.llm  # noqa: F401  (the submodules below, not the re-exported functions)
+
+    seq_mod = sys.modules["core.pruning.llm.sequential"]
+    sgpt_mod = sys.modules["core.pruning.llm.sparsegpt"]
+    masks_mod = sys.modules["core.pruning.llm.masks"]
+    config = LlamaConfig(
+        vocab_size=8000,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 8000, (a.samples, a.seq), generator=torch.Generator().manual_seed(1))
+    for owner, name, label in [
+        (seq_mod, "capture_inputs", "capture first-layer inputs"),
+        (seq_mod, "input_groups", "group linears by input"),
+        (seq_mod, "_collect", "calibration passes"),
+        (seq_mod, "_collect_hessian", "calibration passes"),
+        (masks_mod.Hessian, "__call__", "Hessian accumulation (X Xᵀ)"),
+        (seq_mod, "inverse_hessian_", "Cholesky / inverse"),
+        (seq_mod, "sweep", "OBS sweep"),
+        (sgpt_mod, "_block_mask", "of which mask selection"),
+        (sgpt_mod, "_run_mask", "of which mask selection"),
+        (seq_mod, "error_on_data", "reconstruction-error report"),
+    ]:
+        _timed(owner, name, label)
+    from core.pruning.llm import prunable_linears, prune_causal_lm
+
+    ratios = dict.fromkeys(prunable_linears(model), 0.5)
+    start = time.perf_counter()
+    results = prune_causal_lm(
+        model, ratios, criterion="sparsegpt", input_ids=ids, n_m=(2, 4) if a.n_m else None
+    )
+    total = time.perf_counter() - start
+    phases = {k: round(v, 2) for k, v in T.items()}
+    if "calibration passes" in phases:
+        passes = phases.pop("calibration passes")
+        phases["calibration forwards"] = round(passes - T["Hessian accumulation (X Xᵀ)"], 2)
+    print(
+        json.dumps(
+            {
+                "total_seconds": round(total, 2),
+                "phases_seconds": phases,
+                "errors": {k: r.error for k, r in results.items()},
+                "load_average_1min": os.getloadavg()[0],
+                "args": vars(a),
+            }
+        )
+    )
+    if a.save:
+        weights = {
+            n: m.weight.detach().clone()
+            for n, m in model.model.layers.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+        torch.save(weights, a.save)
+
+
+if __name__ == "__main__":
+    main()
