@@ -30,9 +30,10 @@ import torch
 
 from core.allocation import removal_count
 from core.device import pick_device
-from core.errors import InvalidSpec
 from core.formats import detect
 from core.formats.base import MeasureConfig, ModelInfo
+from core.formats.hf.gate import HfInfo
+from core.formats.hf.measure import prefill_latency_ms
 from core.formats.hf.model import HfModel, count_parameters
 from core.lm_recovery import evaluate_perplexity
 from core.pruning.llm.layers import decoder_layers, prunable_linears
@@ -230,6 +231,7 @@ class LmScanner(UnitsOfScanner):
     with_ratios: Callable[[PruningSpec, Mapping[str, float]], PruningSpec] = field(init=False)
     _units: list[ScanUnit] | None = field(default=None, init=False)
     _dense: float | None = field(default=None, init=False)
+    _dense_latency: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -291,7 +293,20 @@ class LmScanner(UnitsOfScanner):
         return self.model
 
     def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
-        raise InvalidSpec("a latency target is not searched for language models yet", "pruning")
+        """Prefill latency with ``ratios`` all applied (and what the user fixed) over the model
+        as loaded, on ``config.device``: timed by the function behind the job's own
+        ``latency_ms_*`` (the same tokens and timer), the dense model once. At ``width`` the
+        candidate is the physically narrowed copy the job would export."""
+        info = self.info
+        assert isinstance(info, HfInfo)
+        net = _net(self.model).to(self.device)
+        if self._dense_latency is None:
+            self._dense_latency = prefill_latency_ms(net, info, config)
+        units = {self.unit(key): r for key, r in ratios.items()}
+        with self._family.applied(
+            self.model, info, self.spec.pruning, units, self._calibration()
+        ) as pruned:
+            return prefill_latency_ms(pruned, info, config) / self._dense_latency
 
     @staticmethod
     def reestimate(model: Any) -> int:

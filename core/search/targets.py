@@ -100,8 +100,9 @@ def check_target(fmt: str, spec: JobSpec) -> None:
             + (f" ({kind.why_not})" if kind.why_not else ""),
             "pruning",
         )
-    # A scan for this pair exists (depth on hf, say, not yet), and can use the grid asked for.
-    family_for(fmt, granularity).grid(spec.pruning)
+    # A scan for this pair exists (depth on hf, say, not yet), can use the grid asked for and
+    # has something left to search.
+    family_for(fmt, granularity).check(spec.pruning)
     if kind.needs_evaluation and spec.evaluation is None:
         raise InvalidSpec(
             f"target {target.kind!r} is judged on the evaluation data; add 'evaluation'",
@@ -307,12 +308,14 @@ register_target(
         "params",
     )
 )
-# Latency is allocated through MACs, then checked on the worker's device and tightened.
+# Latency is allocated through MACs, then checked on the worker's device and tightened: on
+# ``pt2`` the pruned program, on ``hf`` the width-narrowed copy (each scanner times it the way
+# its format's ``latency_ms_*`` metric does).
 register_target(
     TargetKind(
         "latency",
-        frozenset({"pt2"}),
-        _CHANNELS,
+        frozenset({"pt2", "hf"}),
+        _STRUCTURED,
         _by_cost("macs"),
         "macs",
         why_not=f"latency is reached by removing MACs, and {_ZEROS_KEEP_MACS}",
