@@ -231,7 +231,6 @@ class LmScanner(UnitsOfScanner):
     with_ratios: Callable[[PruningSpec, Mapping[str, float]], PruningSpec] = field(init=False)
     _units: list[ScanUnit] | None = field(default=None, init=False)
     _dense: float | None = field(default=None, init=False)
-    _dense_latency: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -295,18 +294,22 @@ class LmScanner(UnitsOfScanner):
     def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
         """Prefill latency with ``ratios`` all applied (and what the user fixed) over the model
         as loaded, on ``config.device``: timed by the function behind the job's own
-        ``latency_ms_*`` (the same tokens and timer), the dense model once. At ``width`` the
-        candidate is the physically narrowed copy the job would export."""
+        ``latency_ms_*`` (the same tokens and timer). At ``width`` the candidate is the
+        physically narrowed copy the job would export.
+
+        The dense model is timed again right before each candidate, not once for the search: on
+        a shared machine the load drifts over a search (a dense forward here took 200 to 400 ms
+        between runs of ``bench/search_hf_latency.py``), and a ratio of two timings taken
+        seconds apart cancels most of it."""
         info = self.info
         assert isinstance(info, HfInfo)
         net = _net(self.model).to(self.device)
-        if self._dense_latency is None:
-            self._dense_latency = prefill_latency_ms(net, info, config)
         units = {self.unit(key): r for key, r in ratios.items()}
         with self._family.applied(
             self.model, info, self.spec.pruning, units, self._calibration()
         ) as pruned:
-            return prefill_latency_ms(pruned, info, config) / self._dense_latency
+            dense = prefill_latency_ms(net, info, config)
+            return prefill_latency_ms(pruned, info, config) / dense
 
     @staticmethod
     def reestimate(model: Any) -> int:

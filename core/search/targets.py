@@ -167,16 +167,18 @@ def refine_by_measurement(
 ) -> Choice:
     """Tighten the proxy budget until ``measure`` is within ``value``: a latency fraction falls
     less than the MACs behind it (memory-bound layers, fixed costs). The first step scales the
-    budget by the overshoot; the next ones follow the secant through the last two measurements.
-    Returns the last choice if ``tries`` do not get there; the job reports it as not met."""
+    budget by the overshoot; the next ones follow the secant through the last two measurements,
+    or scale again where the secant does not fall (a timing that rose as the budget fell is
+    noise: the secant would ask for the same budget again). Returns the first choice within
+    ``value``; if ``tries`` do not get there, the one measured lowest (the job reports the
+    target as not met)."""
     aim = value * 0.99  # a little under: the artifact is measured again, with its own noise
     budgets = [value]
-    choice = choose_at(value)
-    measured = [measure(choice.ratios)]
+    choices = [choose_at(value)]
+    measured = [measure(choices[0].ratios)]
     while measured[-1] > value and len(measured) < tries:
-        if len(measured) == 1 or measured[-1] == measured[-2]:
-            budget = budgets[-1] * aim / measured[-1]
-        else:
+        budget = budgets[-1] * aim / measured[-1]
+        if len(measured) > 1 and measured[-1] < measured[-2]:
             slope = (budgets[-1] - budgets[-2]) / (measured[-1] - measured[-2])
             budget = budgets[-1] + (aim - measured[-1]) * slope
         budget = min(max(budget, 1e-3), budgets[-1])
@@ -185,8 +187,11 @@ def refine_by_measurement(
         except InvalidSpec:
             break  # the proxy cannot go lower: keep the closest choice there was
         budgets.append(budget)
+        choices.append(choice)
         measured.append(measure(choice.ratios))
-    return choice
+    if measured[-1] <= value:
+        return choices[-1]
+    return choices[min(range(len(measured)), key=measured.__getitem__)]
 
 
 def curves_from_cells(
