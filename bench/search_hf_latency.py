@@ -3,8 +3,8 @@ is from the latency asked, how many timed candidates the search needs, and what 
 reports for the model it exports.
 
     flock /tmp/shears-bench.lock env OMP_NUM_THREADS=1 .venv/bin/python bench/search_hf_latency.py
-    # ~6 min here; results: docs/data/search_hf_latency.json, docs/benchmarks.md
-    # ("Latency targets on language models at width")
+    # ~3 min here (--device cuda: a GPU worker's view); results: docs/data/search_hf_latency.json,
+    # docs/benchmarks.md ("Latency targets on language models at width")
 
 A random-weight grouped-query Llama (2 layers, hidden 256, MLP 1,024, 4 heads in 2 key/value
 groups, the tests' 300-token BPE; random weights change no shape and no timing) is searched as
@@ -73,11 +73,12 @@ class Timed:
 
 
 def one(target: float, seed: int, root: Path, text: Path, config: MeasureConfig) -> dict:
+    """Search one model for ``target`` on ``config.device``, then prune it as the job would."""
     folder = save_checkpoint("llama", root / f"llama-{seed}", seed=seed, **SIZES)[1]
     checkpoint = archive_folder(folder, root / f"llama-{seed}.tar")
     spec = spec_for(target)
     assert spec.pruning.target is not None
-    scanner = open_scanner(spec, checkpoint, text)
+    scanner = open_scanner(spec, checkpoint, text, device=config.device)
     baseline = scanner.score(None, 0.0)
     keys = [u.key for u in scanner.units()]
     cells = {(k, r): scanner.score(k, r) for k in keys for r in scanner.grid}
@@ -111,10 +112,11 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="where candidates are scored and timed")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/data/search_hf_latency.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = MeasureConfig(batch_size=args.batch_size, warmup=3, repeats=10)
+    config = MeasureConfig(batch_size=args.batch_size, warmup=3, repeats=10, device=args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
