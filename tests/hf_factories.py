@@ -50,8 +50,9 @@ def bpe_tokenizer(vocab_size: int = 300):
     return tokenizer
 
 
-def tiny_config(arch: str, vocab_size: int, eos_id: int):
-    """A transformers config of ``arch`` at test size."""
+def tiny_config(arch: str, vocab_size: int, eos_id: int, **overrides: int):
+    """A transformers config of ``arch`` at test size (``overrides`` replaces the Llama-family
+    sizes: ``hidden_size``, ``intermediate_size``, ...)."""
     import transformers
 
     common = {"vocab_size": vocab_size, "bos_token_id": eos_id, "eos_token_id": eos_id}
@@ -66,6 +67,7 @@ def tiny_config(arch: str, vocab_size: int, eos_id: int):
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
         "max_position_embeddings": CONTEXT,
+        **overrides,
     }
     if arch == "llama":
         return transformers.LlamaConfig(**sizes, **common)
@@ -78,19 +80,20 @@ def tiny_config(arch: str, vocab_size: int, eos_id: int):
     raise ValueError(f"unknown test architecture {arch!r}")
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, **sizes: int):
     """A randomly initialised causal LM of ``arch``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = bpe_tokenizer()
-    config = tiny_config(arch, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
+    config = tiny_config(arch, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS), **sizes)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def save_checkpoint(arch: str, folder: Path, seed: int = 0):
-    """(model, folder): ``save_pretrained`` of a tiny model plus its tokenizer files."""
-    model = tiny_model(arch, seed)
+def save_checkpoint(arch: str, folder: Path, seed: int = 0, **sizes: int):
+    """(model, folder): ``save_pretrained`` of a tiny model plus its tokenizer files
+    (``sizes``: as for :func:`tiny_config`)."""
+    model = tiny_model(arch, seed, **sizes)
     model.save_pretrained(folder)
     bpe_tokenizer().save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(

@@ -30,9 +30,10 @@ import torch
 
 from core.allocation import removal_count
 from core.device import pick_device
-from core.errors import InvalidSpec
 from core.formats import detect
 from core.formats.base import MeasureConfig, ModelInfo
+from core.formats.hf.gate import HfInfo
+from core.formats.hf.measure import prefill_latency_ms
 from core.formats.hf.model import HfModel, count_parameters
 from core.lm_recovery import evaluate_perplexity
 from core.pruning.llm.layers import decoder_layers, prunable_linears
@@ -291,7 +292,24 @@ class LmScanner(UnitsOfScanner):
         return self.model
 
     def latency_fraction(self, ratios: Mapping[str, float], config: MeasureConfig) -> float:
-        raise InvalidSpec("a latency target is not searched for language models yet", "pruning")
+        """Prefill latency with ``ratios`` all applied (and what the user fixed) over the model
+        as loaded, on ``config.device``: timed by the function behind the job's own
+        ``latency_ms_*`` (the same tokens and timer). At ``width`` the candidate is the
+        physically narrowed copy the job would export.
+
+        The dense model is timed again right before each candidate, not once for the search: on
+        a shared machine the load drifts over a search (a dense forward here took 200 to 400 ms
+        between runs of ``bench/search_hf_latency.py``), and a ratio of two timings taken
+        seconds apart cancels most of it."""
+        info = self.info
+        assert isinstance(info, HfInfo)
+        net = _net(self.model).to(self.device)
+        units = {self.unit(key): r for key, r in ratios.items()}
+        with self._family.applied(
+            self.model, info, self.spec.pruning, units, self._calibration()
+        ) as pruned:
+            dense = prefill_latency_ms(net, info, config)
+            return prefill_latency_ms(pruned, info, config) / dense
 
     @staticmethod
     def reestimate(model: Any) -> int:

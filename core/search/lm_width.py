@@ -227,6 +227,21 @@ class WidthKindUnits(UnitFamily):
     def with_ratios(self, spec: PruningSpec, ratios: Mapping[str, float]) -> PruningSpec:
         return width_with_ratios(spec, ratios)
 
+    def check(self, spec: PruningSpec) -> None:
+        """Beside the grid: a target needs a kind left to choose. With every kind given in
+        ``pruning.width`` there is nothing to search (a model whose layout cannot remove the
+        kinds left is found out at load: the worker's "no layer is left")."""
+        super().check(spec)
+        fixed = fixed_fractions(spec)
+        if set(fixed) >= set(KINDS):
+            given = ", ".join(f"{k}: {fixed[k]:g}" for k in KINDS)
+            raise InvalidSpec(
+                f"'pruning.width' fixes every width kind ({given}), so the target has nothing "
+                "left to search; leave out the kinds the search should choose, or drop "
+                "'target' and prune at these fractions",
+                "pruning.width",
+            )
+
     def cost_model(
         self, program: Any, info: ModelInfo, spec: PruningSpec, units: list[ScanUnit]
     ) -> CostModel:

@@ -100,8 +100,9 @@ def check_target(fmt: str, spec: JobSpec) -> None:
             + (f" ({kind.why_not})" if kind.why_not else ""),
             "pruning",
         )
-    # A scan for this pair exists (depth on hf, say, not yet), and can use the grid asked for.
-    family_for(fmt, granularity).grid(spec.pruning)
+    # A scan for this pair exists (depth on hf, say, not yet), can use the grid asked for and
+    # has something left to search.
+    family_for(fmt, granularity).check(spec.pruning)
     if kind.needs_evaluation and spec.evaluation is None:
         raise InvalidSpec(
             f"target {target.kind!r} is judged on the evaluation data; add 'evaluation'",
@@ -166,16 +167,18 @@ def refine_by_measurement(
 ) -> Choice:
     """Tighten the proxy budget until ``measure`` is within ``value``: a latency fraction falls
     less than the MACs behind it (memory-bound layers, fixed costs). The first step scales the
-    budget by the overshoot; the next ones follow the secant through the last two measurements.
-    Returns the last choice if ``tries`` do not get there; the job reports it as not met."""
+    budget by the overshoot; the next ones follow the secant through the last two measurements,
+    or scale again where the secant does not fall (a timing that rose as the budget fell is
+    noise: the secant would ask for the same budget again). Returns the first choice within
+    ``value``; if ``tries`` do not get there, the one measured lowest (the job reports the
+    target as not met)."""
     aim = value * 0.99  # a little under: the artifact is measured again, with its own noise
     budgets = [value]
-    choice = choose_at(value)
-    measured = [measure(choice.ratios)]
+    choices = [choose_at(value)]
+    measured = [measure(choices[0].ratios)]
     while measured[-1] > value and len(measured) < tries:
-        if len(measured) == 1 or measured[-1] == measured[-2]:
-            budget = budgets[-1] * aim / measured[-1]
-        else:
+        budget = budgets[-1] * aim / measured[-1]
+        if len(measured) > 1 and measured[-1] < measured[-2]:
             slope = (budgets[-1] - budgets[-2]) / (measured[-1] - measured[-2])
             budget = budgets[-1] + (aim - measured[-1]) * slope
         budget = min(max(budget, 1e-3), budgets[-1])
@@ -184,8 +187,11 @@ def refine_by_measurement(
         except InvalidSpec:
             break  # the proxy cannot go lower: keep the closest choice there was
         budgets.append(budget)
+        choices.append(choice)
         measured.append(measure(choice.ratios))
-    return choice
+    if measured[-1] <= value:
+        return choices[-1]
+    return choices[min(range(len(measured)), key=measured.__getitem__)]
 
 
 def curves_from_cells(
@@ -307,12 +313,14 @@ register_target(
         "params",
     )
 )
-# Latency is allocated through MACs, then checked on the worker's device and tightened.
+# Latency is allocated through MACs, then checked on the worker's device and tightened: on
+# ``pt2`` the pruned program, on ``hf`` the width-narrowed copy (each scanner times it the way
+# its format's ``latency_ms_*`` metric does).
 register_target(
     TargetKind(
         "latency",
-        frozenset({"pt2"}),
-        _CHANNELS,
+        frozenset({"pt2", "hf"}),
+        _STRUCTURED,
         _by_cost("macs"),
         "macs",
         why_not=f"latency is reached by removing MACs, and {_ZEROS_KEEP_MACS}",

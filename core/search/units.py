@@ -80,6 +80,15 @@ class UnitFamily(Protocol):
         """The spec the pruner runs for the chosen ``ratios`` (unit key -> ratio)."""
         return with_ratios(spec, ratios)
 
+    def check(self, spec: PruningSpec) -> None:
+        """Refuse, from the spec alone (no model), a search this family cannot run: by default
+        a grid it cannot use (:meth:`grid`).
+
+        Raises:
+            InvalidSpec: with ``field`` the spec's path that is at fault.
+        """
+        self.grid(spec)
+
 
 Calibration = tuple[torch.Tensor, ...] | None
 

@@ -201,6 +201,8 @@ def language(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("width", {"macs": 0.6}, None),  # every width kind searched
         ("width", {"params": 0.6}, {"heads": 0.5}),  # heads fixed, the others searched
         ("width", {"max_perplexity_increase": 0.1}, {"hidden": 0.0}),
+        ("width", {"latency": 0.7}, None),  # through MACs, then timed on the worker's device
+        ("width", {"latency": 0.7}, {"mlp": 0.25, "hidden": 0.0}),  # heads left to search
     ],
 )
 def test_language_model_targets_are_accepted(
@@ -248,11 +250,31 @@ def test_language_model_targets_are_accepted(
             ["body", "pruning", "search", "grid"],
             "leave 'grid' out",
         ),
-        # Latency is not searched for language models (yet), at any granularity.
+        # Zeros (n:m patterns too) make no dense kernel faster: latency is reached at width.
+        ({"target": {"latency": 0.5}}, ["body", "pruning", "target"], "zeroed weights"),
         (
-            {"granularity": "width", "criterion": "random", "target": {"latency": 0.5}},
+            {"granularity": "n:m", "target": {"latency": 0.5}},
             ["body", "pruning", "target"],
-            "not available for 'hf'",
+            "granularity 'n:m'",
+        ),
+        # Every width kind fixed beside the target: nothing is left to search.
+        (
+            {
+                "granularity": "width",
+                "target": {"latency": 0.5},
+                "width": {"mlp": 0.5, "heads": 0.0, "hidden": 0.25},
+            },
+            ["body", "pruning", "width"],
+            "'pruning.width' fixes every width kind",
+        ),
+        (
+            {
+                "granularity": "width",
+                "target": {"macs": 0.5},
+                "width": {"mlp": 0.0, "heads": 0.0, "hidden": 0.0},
+            },
+            ["body", "pruning", "width"],
+            "nothing left to search",
         ),
         (
             {"granularity": "depth", "criterion": "random", "target": {"params": 0.5}},

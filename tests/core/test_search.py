@@ -157,8 +157,32 @@ def test_a_proxy_budget_is_tightened_until_the_measurement_meets_the_target() ->
     choice = refine_by_measurement(0.8, choose_at, measure)
     assert measure(choice.ratios) <= 0.8
     assert choice.ratios["a"] > 0.2  # tighter than the proxy's own budget
-    # Unreachable: the last try is returned, and the job reports the target as not met.
+    # Unreachable: the try measured lowest is returned, and the job reports it as not met.
     assert measure(refine_by_measurement(0.5, choose_at, measure).ratios) > 0.5
+
+
+def test_a_noisy_timing_is_not_asked_for_again_and_the_lowest_miss_is_kept() -> None:
+    """Latency as 0.6 + 0.4 x MACs, but the second candidate's timing is a load spike (slower
+    than the first while smaller): the search steps on from it instead of asking the secant's
+    same budget again, and with too few tries keeps the candidate measured lowest."""
+    budgets: list[float] = []
+
+    def choose_at(budget: float) -> Choice:
+        budgets.append(budget)
+        return Choice({"a": round(1 - budget, 6)}, budget, 0.0)
+
+    def measure(ratios: dict[str, float]) -> float:
+        kept = 1 - ratios["a"]
+        spike = 0.5 if len(budgets) == 2 else 0.0  # the second candidate, timed once
+        return 0.6 + 0.4 * kept + spike
+
+    choice = refine_by_measurement(0.8, choose_at, measure)
+    assert len(budgets) == len(set(budgets)), budgets  # no budget asked for twice
+    assert measure(choice.ratios) <= 0.8
+    budgets.clear()
+    kept = refine_by_measurement(0.8, choose_at, measure, tries=2)
+    assert budgets[1] < budgets[0]
+    assert kept.ratios == {"a": round(1 - budgets[0], 6)}  # 0.92 beat the spiked 1.39
 
 
 def test_curves_are_non_decreasing_and_interpolated() -> None:

@@ -130,16 +130,18 @@ def test_layers_fixed_by_the_user_are_not_scanned(lm: SimpleNamespace) -> None:
 def test_targets_are_checked_for_language_models() -> None:
     check_target("hf", job())
     check_target("hf", job(target={"max_perplexity_increase": 0.1}))
-    with pytest.raises(InvalidSpec, match="granularity 'unstructured'"):
-        check_target("hf", job(target={"macs": 0.5}))  # zeros leave dense MACs as they are
+    for cost in ("macs", "latency"):  # zeros leave dense MACs, and so latency, as they are
+        with pytest.raises(InvalidSpec, match=r"granularity 'unstructured'.*dense kernels"):
+            check_target("hf", job(target={cost: 0.5}))
     with pytest.raises(InvalidSpec, match="'hf'"):
         check_target("hf", job(target={"max_accuracy_drop": 0.01}))
     with pytest.raises(InvalidSpec, match="'pt2'"):
         check_target("pt2", job(target={"max_perplexity_increase": 0.1}))
     check_target("hf", nm_job())
     check_target("hf", nm_job(target={"max_perplexity_increase": 0.1}))
-    with pytest.raises(InvalidSpec, match="dense kernels"):
-        check_target("hf", nm_job(target={"macs": 0.5}))
+    for cost in ("macs", "latency"):
+        with pytest.raises(InvalidSpec, match=r"granularity 'n:m'.*dense kernels"):
+            check_target("hf", nm_job(target={cost: 0.5}))
     with pytest.raises(InvalidSpec, match="leave 'grid' out"):
         check_target("hf", nm_job(search={"grid": GRID}))
 

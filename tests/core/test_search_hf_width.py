@@ -13,7 +13,7 @@ import pytest
 
 from core.errors import InvalidSpec
 from core.pipeline import MeasureConfig, PipelineData, run
-from core.search import open_scanner
+from core.search import Scanning, open_scanner
 from core.search.lm_width import width_with_ratios
 from core.search.targets import check_target, choose, choose_measured, judge
 from core.spec import JobSpec
@@ -101,8 +101,12 @@ def test_width_targets_are_checked() -> None:
     check_target("hf", job({"macs": 0.5}))
     check_target("hf", job({"params": 0.5}, width={"hidden": 0.0}))
     check_target("hf", job({"max_perplexity_increase": 0.1}))
-    with pytest.raises(InvalidSpec, match="not available for 'hf' models"):
-        check_target("hf", job({"latency": 0.5}))
+    check_target("hf", job({"latency": 0.5}, width={"mlp": 0.25, "heads": 0.5}))
+    # Every kind fixed beside a target: nothing is left to search, whatever the model.
+    every = {"mlp": 0.25, "heads": 0.0, "hidden": 0.0}
+    with pytest.raises(InvalidSpec, match=r"'pruning\.width' fixes every width kind") as raised:
+        check_target("hf", job({"latency": 0.5}, width=every))
+    assert raised.value.field == "pruning.width"
     depth = JobSpec.model_validate(
         {"pruning": {"criterion": "random", "granularity": "depth", "target": {"params": 0.5}}}
     )
@@ -153,6 +157,58 @@ def test_the_cost_model_predicts_what_the_job_measures(
 
 
 # --- targets met ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory, lm: SimpleNamespace) -> SimpleNamespace:
+    """A 2-layer grouped-query Llama wide enough (hidden 256, 1,024 MLP neurons) that its
+    forward's time is mostly matmuls, not Python: narrowing it shortens the forward."""
+    root = tmp_path_factory.mktemp("lm-wide")
+    folder = save_checkpoint("llama", root / "checkpoint", hidden_size=256, intermediate_size=1024)[
+        1
+    ]
+    return SimpleNamespace(
+        checkpoint=archive_folder(folder, root / "llama.tar"), search=lm.search, train=lm.train
+    )
+
+
+class Timed:
+    """The scanner, with every latency fraction it measures for the search kept (in order)."""
+
+    def __init__(self, scanner: Scanning) -> None:
+        self.scanner = scanner
+        self.measured: list[tuple[dict[str, float], float]] = []
+
+    def latency_fraction(self, ratios: dict[str, float], config: MeasureConfig) -> float:
+        value = self.scanner.latency_fraction(ratios, config)
+        self.measured.append((dict(ratios), value))
+        return value
+
+
+def test_a_latency_target_is_met_as_measured(wide: SimpleNamespace) -> None:
+    """Allocated through MACs per token, then each candidate (the narrowed copy the job would
+    export) timed against the dense model with the job's own ``latency_ms`` timer, and
+    tightened while it misses: the search stops at the first candidate within the target and
+    reports that measurement. Only the job's logic is asserted, no speedup (timings are noisy)."""
+    spec = job({"latency": 0.8})
+    target = spec.pruning.target
+    assert target is not None
+    found = scan(spec, wide)
+    timed = Timed(found.scanner)
+    config = MeasureConfig(batch_size=1, warmup=1, repeats=5)
+    choice, measured = choose_measured(
+        target, found.curves, found.curves, found.cost, timed, config
+    )
+    assert timed.measured, "the candidates were measured"
+    assert measured is not None
+    assert measured <= 0.8, timed.measured
+    # What the search reports is what was measured for its choice, not the MACs it predicted.
+    assert (choice.ratios, measured) == timed.measured[-1]
+    # The first candidate is the MACs allocation itself; every one that missed was tightened.
+    assert timed.measured[0][0] == choose(target, found.curves, found.curves, found.cost).ratios
+    assert all(value > 0.8 for _, value in timed.measured[:-1])
+    # Every candidate is a MACs allocation within the target (tightening only lowers it).
+    assert all(found.cost.fraction("macs", r) <= 0.8 + 1e-9 for r, _ in timed.measured)
 
 
 @pytest.mark.parametrize(

@@ -46,19 +46,15 @@ def measure(
     """
     device = pick_device(config.device)
     context = info.config.max_position_embeddings
-    seq = prefill_tokens(context)
-    vocab = info.config.vocab_size or int(model.get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (config.batch_size, seq), generator=generator).to(device)
+    ids = _prefill_ids(model, info, config, generator).to(device)
+    vocab = _vocab(model, info)
     prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=generator).to(device)
     new_tokens = max(1, min(MAX_NEW_TOKENS, context - PROMPT_TOKENS) if context else MAX_NEW_TOKENS)
 
-    def prefill() -> object:
-        return model(input_ids=ids, use_cache=False)
-
     with _on_device(model, device), torch.no_grad():
         macs = prefill_macs(model, ids)
-        latency = median_latency_ms(prefill, config.warmup, config.repeats, device)
+        latency = _prefill_latency(model, ids, config, device)
         tokens_per_second = _decode_rate(model, prompt, new_tokens, eos_token_id, config, device)
     return Measurement(
         macs=macs,
@@ -66,6 +62,37 @@ def measure(
         batch_size=config.batch_size,
         device=str(device),
         tokens_per_second=tokens_per_second,
+    )
+
+
+def prefill_latency_ms(model: Any, info: HfInfo, config: MeasureConfig) -> float:
+    """The ``latency_ms`` of :func:`measure` alone: the same tokens, device and timer, without
+    counting MACs or decoding (a latency target measures candidates with it)."""
+    device = pick_device(config.device)
+    ids = _prefill_ids(model, info, config, torch.Generator().manual_seed(0)).to(device)
+    with _on_device(model, device), torch.no_grad():
+        return _prefill_latency(model, ids, config, device)
+
+
+def _prefill_ids(
+    model: Any, info: HfInfo, config: MeasureConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """The measured forward's tokens: ``(batch_size, T)`` drawn first from ``generator``."""
+    seq = prefill_tokens(info.config.max_position_embeddings)
+    return torch.randint(0, _vocab(model, info), (config.batch_size, seq), generator=generator)
+
+
+def _vocab(model: Any, info: HfInfo) -> int:
+    return info.config.vocab_size or int(model.get_input_embeddings().weight.shape[0])
+
+
+def _prefill_latency(
+    model: Any, ids: torch.Tensor, config: MeasureConfig, device: torch.device
+) -> float:
+    """The one timer of ``latency_ms``: the median of ``config.repeats`` forwards over ``ids``
+    without a KV cache (the model already on ``device``, in eval mode)."""
+    return median_latency_ms(
+        lambda: model(input_ids=ids, use_cache=False), config.warmup, config.repeats, device
     )
 
 
