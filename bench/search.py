@@ -205,6 +205,26 @@ def one_run(name: str, net: nn.Module, head: str, data, budget: float, seed: int
     )
     record("search", prune(chosen.ratios), time.perf_counter() - start)
 
+    # The same search ranking channels by group_l2 (every coupled tensor, norms folded in, as
+    # Torch-Pruning's group importance): the allocation is the search's, the order within a
+    # group the peer's kind.
+    start = time.perf_counter()
+    grouped = JobSpec.model_validate(
+        {"pruning": {"criterion": "group_l2", "granularity": "channel", "target": {"macs": budget}}}
+    )
+    group_scanner = Scanner.open(grouped, path, search_data)
+    group_base = group_scanner.score(None, 0.0)
+    group_cells = {(k, r): group_scanner.score(k, r) for k in keys for r in group_scanner.grid}
+    group_curves = curves_from_cells(keys, group_base, group_cells, "loss", higher_is_better=False)
+    group_choice = allocate_to_budget(
+        group_curves, lambda r: cost.fraction("macs", r), budget, sizes=cost.sizes
+    )
+    record(
+        "search_group_l2",
+        prune_program(scanner.program, with_ratios(grouped.pruning, group_choice.ratios)).program,
+        time.perf_counter() - start,
+    )
+
     start = time.perf_counter()
     uniform = uniform_to_budget(keys, lambda r: cost.fraction("macs", r), budget)
     record("uniform", prune(dict.fromkeys(keys, uniform)), time.perf_counter() - start)
@@ -273,14 +293,17 @@ def print_table(results: list[dict]) -> None:
     keys = sorted({(r["model"], r["budget"]) for r in results}, key=lambda k: (k[0], -k[1]))
     for model, budget in keys:
         runs = [r for r in results if r["model"] == model and r["budget"] == budget]
-        for method in ("search", "torch_pruning", "lamp", "global", "uniform", "dense"):
-            values = [r["rows"][method] for r in runs]
+        methods = ("search", "search_group_l2", "torch_pruning", "lamp", "global", "uniform")
+        for method in (*methods, "dense"):
+            values = [r["rows"][method] for r in runs if method in r["rows"]]
+            if not values:
+                continue
 
             def med(k: str, values: list[dict[str, float]] = values) -> float:
                 return statistics.median(v[k] for v in values if k in v)
 
             diff = ""
-            if method not in ("search", "dense"):
+            if method not in ("search", "dense") and all(method in r["rows"] for r in runs):
                 d1 = statistics.mean(
                     r["rows"]["search"]["after_pruning"] - r["rows"][method]["after_pruning"]
                     for r in runs
