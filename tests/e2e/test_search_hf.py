@@ -1,6 +1,9 @@
 """A language model's ratios found through the service: a ``params`` target on a Llama checkpoint,
 its decoder layers scanned by perplexity on a text dataset, the job body's ``search`` and the
-``sensitivity`` artifact."""
+``sensitivity`` artifact.
+
+The scan's fan-out over the broker and the database is tested on both backends by
+``test_search.py``; what is particular to language models here runs on the embedded default."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from tests.e2e.service import Service
 from tests.e2e.test_walkthrough import submit, upload
 from tests.hf_factories import archive_folder, save_checkpoint
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("service", ["embedded"], indirect=True)]
 
 
 @pytest.fixture(scope="module")
