@@ -266,6 +266,15 @@ def test_a_cell_prunes_one_unit_and_leaves_the_program_alone(residual) -> None:
     assert gm.get_submodule("down").weight.shape == scanner.program.state_dict["down.weight"].shape
 
 
+def weight_zeros(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Zeros in each convolution's or linear layer's weight."""
+    return {
+        n: int((p == 0).sum())
+        for n, p in gm.named_parameters()
+        if n.endswith("weight") and p.dim() > 1
+    }
+
+
 def test_unstructured_cells_zero_one_layer(residual) -> None:
     model, data = residual
     scanner = Scanner.open(job("unstructured", {"params": 0.5}), model, data)
@@ -276,16 +285,31 @@ def test_unstructured_cells_zero_one_layer(residual) -> None:
     gm = scanner.family.prune_one(
         scanner.program, scanner.info, scanner.spec.pruning, unit, 0.3, None
     )
-    zeros = {
-        n: int((p == 0).sum())
-        for n, p in gm.named_parameters()
-        if n.endswith("weight") and p.dim() > 1
-    }
+    zeros = weight_zeros(gm)
     assert zeros.pop("stage2.c1.weight") == math.floor(0.3 * unit.size + 0.5)
     assert not any(zeros.values())
     cost = scanner.cost_model()
     assert cost.fraction("macs", {"stage2.c1": 0.9}) == 1.0  # dense kernels: zeros cost MACs
     assert cost.params({"stage2.c1": 0.3}) == cost.params({}) - math.floor(0.3 * unit.size + 0.5)
+
+
+def test_weight_cells_run_beside_the_users_own_globs(residual) -> None:
+    """``exclude`` and ``layer_sparsity`` fix their layers (no units); a cell of another layer
+    still prunes it alone, at unstructured and n:m (the globs are not the cell's to check)."""
+    model, data = residual
+    for granularity in ("unstructured", "n:m"):
+        spec = job(granularity, {"params": 0.8}, exclude=["head"], layer_sparsity={"stem": 0.0})
+        scanner = Scanner.open(spec, model, data)
+        keys = [u.key for u in scanner.units()]
+        assert "head" not in keys
+        assert "stem" not in keys
+        unit = scanner.unit("down")
+        gm = scanner.family.prune_one(
+            scanner.program, scanner.info, scanner.spec.pruning, unit, 0.5, None
+        )
+        zeros = weight_zeros(gm)
+        assert zeros.pop("down.weight") == unit.size // 2, granularity
+        assert not any(zeros.values()), granularity
 
 
 def test_batchnorm_is_reestimated_on_the_given_data(residual) -> None:
