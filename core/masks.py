@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.nn import functional as F
 
-from core.allocation import Allocation, allocate
+from core.allocation import Allocation, Unit, allocate_units
 from core.importance import element_scores
 from core.spec import PruningSpec
 from core.unstructured import unstructured_masks
@@ -38,8 +38,7 @@ def weight_masks(
     """
     names = [*allocation.per_layer, *allocation.global_pool]
     flipped = {n for n in names if (reduction_dims or {}).get(n, 1) == 0 and weights[n].dim() == 2}
-    scores = {n: element_scores(n, weights[n], spec) for n in names}
-    scores = {n: s.T if n in flipped else s for n, s in scores.items()}
+    scores = {n: ranked_scores(spec, n, weights[n], 0 if n in flipped else 1) for n in names}
     masks = _MASKERS[spec.granularity](spec, scores, allocation)
     return {n: m.T if n in flipped else m for n, m in masks.items()}
 
@@ -95,21 +94,45 @@ def nm_masks(
     return {n: nm_mask(scores[n], *spec.n_m) for n in [*pruned, *allocation.global_pool]}
 
 
+def block_tiles(block: tuple[int, int], scores: torch.Tensor) -> torch.Tensor:
+    """Each ``block`` tile's score (tile rows x tile columns of ``scores`` seen as
+    ``out x in*kernel``): its mean element score, so edge tiles (smaller where a dimension is not
+    a multiple of the block) compete fairly."""
+    return F.avg_pool2d(_as_matrix(scores).unsqueeze(0), block, ceil_mode=True).squeeze(0)
+
+
+def block_sizes(block: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+    """How many weights each tile of :func:`block_tiles` holds (edge tiles hold fewer)."""
+    ones = _as_matrix(torch.ones(shape)).unsqueeze(0)
+    return F.avg_pool2d(ones, block, ceil_mode=True, divisor_override=1).squeeze(0).round().long()
+
+
+def ranked_scores(
+    spec: PruningSpec, name: str, weight: torch.Tensor, reduction_dim: int = 1
+) -> torch.Tensor:
+    """``weight``'s element scores in the layout the maskers rank: a 2-D weight whose input
+    channels are dim 0 as its (out, in) transpose."""
+    scores = element_scores(name, weight, spec)
+    return scores.T if reduction_dim == 0 and weight.dim() == 2 else scores
+
+
 def block_masks(
     spec: PruningSpec, scores: Mapping[str, torch.Tensor], allocation: Allocation | None = None
 ) -> dict[str, torch.Tensor]:
-    """Remove whole ``block``-shaped tiles of each weight (seen as ``out x in*kernel``).
-
-    A block's score is its mean element score, so edge tiles (smaller where a dimension is not a
-    multiple of the block) compete fairly. Each ranking pool of N blocks loses round(s x N).
-    """
+    """Remove whole ``block``-shaped tiles of each weight (seen as ``out x in*kernel``), ranked
+    by :func:`block_tiles`. Each ranking pool of N blocks loses round(s x N)."""
     assert spec.block is not None  # the spec's validator fills it in
     bh, bw = spec.block
-    tiles: dict[str, torch.Tensor] = {}
-    for name, s in scores.items():
-        matrix = _as_matrix(s).unsqueeze(0)
-        tiles[name] = F.avg_pool2d(matrix, (bh, bw), ceil_mode=True).squeeze(0)
-    allocation = allocate(spec, {n: t.numel() for n, t in tiles.items()})
+    tiles = {name: block_tiles((bh, bw), s) for name, s in scores.items()}
+    # Pools of blocks instead of weights; the globs are checked against every layer, excluded
+    # ones included (they have no scores here, and an ``exclude`` naming them is no typo).
+    excluded = allocation.excluded if allocation is not None else ()
+    allocation = allocate_units(
+        spec,
+        [Unit(n, t.numel(), (n,)) for n, t in tiles.items()],
+        item="blocks",
+        layer_names=[*tiles, *excluded],
+    )
     tile_keep = unstructured_masks(tiles, allocation)
     masks: dict[str, torch.Tensor] = {}
     for name, keep in tile_keep.items():

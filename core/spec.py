@@ -283,6 +283,8 @@ class PruningSpec(_Frozen):
         if isinstance(data, dict) and data.get("target") is not None:
             if data.get("granularity") == "n:m":
                 data = {**data, "n_m": data.get("n_m") or (2, 4)}
+            if data.get("granularity") == "block":
+                data = {**data, "block": data.get("block") or (1, 4)}
             return data
         if isinstance(data, dict) and data.get("granularity") == "n:m":
             data = dict(data)

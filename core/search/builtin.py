@@ -1,5 +1,6 @@
 """The scan units Shears ships: one line per family (a new one is a module plus a line here)."""
 
+from core.search.blocks import BlockUnits
 from core.search.channels import ChannelUnits
 from core.search.lm import DecoderLayerUnits, LmScanner
 from core.search.lm_width import WidthKindUnits
@@ -14,5 +15,6 @@ register_family(DecoderLayerUnits())
 register_family(WidthKindUnits())
 register_family(NmWeightUnits())
 register_family(NmDecoderLayerUnits())
+register_family(BlockUnits())
 register_scanner("pt2", Scanner.open, reads_targets=True)
 register_scanner("hf", LmScanner.open, reads_targets=False)

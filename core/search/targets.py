@@ -303,12 +303,13 @@ register_target(
         why_not=_ZEROS_KEEP_MACS,
     )
 )
-# With n:m a unit is dense or n:m; the allocation picks which are n:m (see core.search.nm).
+# With n:m a unit is dense or n:m; the allocation picks which are n:m (see core.search.nm). At
+# block a layer loses whole blocks, one at a time (see core.search.blocks).
 register_target(
     TargetKind(
         "params",
         frozenset({"pt2", "hf"}),
-        _STRUCTURED | {"unstructured", "n:m"},
+        _STRUCTURED | {"unstructured", "n:m", "block"},
         _by_cost("params"),
         "params",
     )
@@ -332,7 +333,7 @@ register_target(
     TargetKind(
         "max_accuracy_drop",
         frozenset({"pt2"}),
-        _CHANNELS | {"unstructured", "n:m"},
+        _CHANNELS | {"unstructured", "n:m", "block"},
         _by_accuracy,
         needs_evaluation=True,
         judge=_accuracy_drop,

@@ -45,7 +45,11 @@ class WeightUnits(UnitFamily):
         name = f"{unit.key}.weight"
         owner, _, attr = name.rpartition(".")
         weight = getattr(gm.get_submodule(owner), attr)
-        one = with_ratios(spec, {unit.key: ratio})
+        # The user's globs never match a unit (``fixed_by_user``), and checked against this one
+        # layer alone they would be refused as matching nothing: this layer is ranked as the
+        # pruner ranks it, by its own ratio.
+        alone = spec.model_copy(update={"exclude": (), "layer_sparsity": {}})
+        one = with_ratios(alone, {unit.key: ratio})
         # Ranked in the pruner's layout: a matrix product's (in, out) weight as its transpose.
         layouts = {layer.name: layer.reduction_dim for layer in info.prunable_layers}
         allocation = allocate(one, {unit.key: weight.numel()})

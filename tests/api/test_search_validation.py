@@ -86,13 +86,14 @@ def test_a_target_the_granularity_cannot_reach_is_422(api: Api, model: dict, dat
     assert body["errors"][0]["loc"] == ["body", "pruning", "target"]
     assert "unstructured" in body["detail"]
     assert "channel" in body["detail"]
-    # n:m zeros leave the MACs (and so the latency) of dense kernels as they were.
-    for kind in ("macs", "latency"):
-        n_m = {"criterion": "l1", "granularity": "n:m", "target": {kind: 0.5}}
-        body = assert_problem(post(api, with_eval(model, data, n_m)), 422, "validation-error")
-        assert body["errors"][0]["loc"] == ["body", "pruning", "target"]
-        assert "'n:m'" in body["detail"]
-        assert "MACs of the dense kernels" in body["detail"]
+    # n:m and block zeros leave the MACs (and so the latency) of dense kernels as they were.
+    for granularity in ("n:m", "block"):
+        for kind in ("macs", "latency"):
+            zeros = {"criterion": "l1", "granularity": granularity, "target": {kind: 0.5}}
+            body = assert_problem(post(api, with_eval(model, data, zeros)), 422, "validation-error")
+            assert body["errors"][0]["loc"] == ["body", "pruning", "target"]
+            assert f"'{granularity}'" in body["detail"]
+            assert "MACs of the dense kernels" in body["detail"]
     language = {**CHANNEL, "target": {"max_perplexity_increase": 0.05}}
     body = assert_problem(post(api, with_eval(model, data, language)), 422, "validation-error")
     assert "pt2" in body["detail"]
@@ -124,17 +125,24 @@ def test_a_target_needs_data_to_search_on(api: Api, model: dict, data: dict) -> 
 GOOD_SPARSITY = {"criterion": "l1", "granularity": "channel", "sparsity": 0.5}
 
 
-def test_nm_targets_are_accepted_and_stored(api: Api, model: dict, data: dict) -> None:
-    """``params`` and ``max_accuracy_drop`` at ``n:m`` on a ``pt2`` model: the pattern is stored
-    (default 2:4), the target's placeholder sparsity is not."""
-    for target, n_m in (({"params": 0.6}, None), ({"max_accuracy_drop": 0.01}, [4, 8])):
-        pruning = {"criterion": "l1", "granularity": "n:m", "target": target}
-        if n_m is not None:
-            pruning["n_m"] = n_m
+@pytest.mark.parametrize(
+    ("granularity", "shape", "default", "given"),
+    [("n:m", "n_m", [2, 4], [4, 8]), ("block", "block", [1, 4], [2, 2])],
+)
+def test_weight_targets_are_accepted_and_stored(
+    api: Api, model: dict, data: dict, granularity: str, shape: str, default: list, given: list
+) -> None:
+    """``params`` and ``max_accuracy_drop`` at ``n:m`` and ``block`` on a ``pt2`` model: the
+    pattern or block shape is stored (its default where left out), the target's placeholder
+    sparsity is not."""
+    for target, chosen in (({"params": 0.6}, None), ({"max_accuracy_drop": 0.01}, given)):
+        pruning = {"criterion": "l1", "granularity": granularity, "target": target}
+        if chosen is not None:
+            pruning[shape] = chosen
         response = post(api, with_eval(model, data, pruning, sensitivity_only=True))
         assert response.status_code == 202, response.text
         stored = response.json()["spec"]["pruning"]
-        assert stored["n_m"] == (n_m or [2, 4])
+        assert stored[shape] == (chosen or default)
         assert "sparsity" not in stored
         assert {k: v for k, v in stored["target"].items() if v is not None} == target
         job_id = response.json()["id"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from core.allocation import allocate, removal_count
 from core.formats.pt2.program import load_program
 from core.importance import lamp_scores
-from core.masks import nm_mask, nm_removed, weight_masks
+from core.masks import block_sizes, block_tiles, nm_mask, nm_removed, weight_masks
 from core.pipeline import MeasureConfig, run
 from core.spec import JobSpec, PruningSpec
 from tests.factories import PRUNABLE, export_resnet
@@ -141,3 +141,25 @@ def test_pipeline_prunes_at_every_weight_granularity(pruning: dict, tmp_path: Pa
     else:
         assert result.metrics.sparsity == pytest.approx(spec.pruning.sparsity, abs=0.02)
     assert [layer.name for layer in result.layers] == PRUNABLE
+
+
+def test_block_masks_accept_an_exclude_naming_a_layer_they_do_not_score() -> None:
+    """Excluded layers get no scores, so the block pools are built without them; their
+    ``exclude`` glob still names a real layer and is no typo."""
+    spec = PruningSpec(
+        criterion="l1", granularity="block", sparsity=0.5, block=(1, 4), exclude=("b",)
+    )
+    weights = {"a": torch.randn(4, 8), "b": torch.randn(4, 8)}
+    keep = weight_masks(spec, weights, allocate(spec, {"a": 32, "b": 32}))
+    assert set(keep) == {"a"}
+    assert int((~keep["a"]).sum()) == 16  # 4 of its 8 blocks of 1x4
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights(), st.integers(1, 5), st.integers(1, 5))
+def test_block_sizes_count_every_weight_once(weight: torch.Tensor, bh: int, bw: int) -> None:
+    sizes = block_sizes((bh, bw), tuple(weight.shape))
+    assert sizes.shape == block_tiles((bh, bw), weight).shape
+    assert int(sizes.sum()) == weight.numel()
+    assert int(sizes.min()) >= 1
+    assert int(sizes.max()) <= bh * bw
