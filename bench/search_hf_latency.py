@@ -24,6 +24,7 @@ import inspect
 import json
 import statistics
 import sys
+import tarfile
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.llm import train_bpe  # noqa: E402
 from core.pipeline import MeasureConfig, run  # noqa: E402
 from core.search import open_scanner  # noqa: E402
 from core.search.lm_width import width_with_ratios  # noqa: E402
 from core.search.targets import choose_measured, curves_from_cells  # noqa: E402
 from core.spec import JobSpec  # noqa: E402
-from tests.hf_factories import archive_folder, save_checkpoint  # noqa: E402
 
 SIZES = {"hidden_size": 256, "intermediate_size": 1024}
 
@@ -72,10 +73,40 @@ class Timed:
         return value
 
 
+def llama_checkpoint(folder: Path, seed: int) -> Path:
+    """A 2-layer grouped-query Llama of ``SIZES`` (random weights, ``seed``) with a 300-token
+    byte-level BPE, saved as a service would receive it: a .tar of its folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_bpe(inspect.getsource(json), 300)
+    eos = tokenizer.token_to_id("<eos>")
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        **SIZES,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    out = folder.with_suffix(".tar")
+    with tarfile.open(out, "w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    return out
+
+
 def one(target: float, seed: int, root: Path, text: Path, config: MeasureConfig) -> dict:
     """Search one model for ``target`` on ``config.device``, then prune it as the job would."""
-    folder = save_checkpoint("llama", root / f"llama-{seed}", seed=seed, **SIZES)[1]
-    checkpoint = archive_folder(folder, root / f"llama-{seed}.tar")
+    checkpoint = llama_checkpoint(root / f"llama-{seed}", seed)
     spec = spec_for(target)
     assert spec.pruning.target is not None
     scanner = open_scanner(spec, checkpoint, text, device=config.device)
