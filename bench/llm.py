@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,23 @@ def train_bpe(text: str, vocab_size: int) -> Any:
     )
     tokenizer.train_from_iterator(text.split("\n\n"), trainer=trainer)
     return tokenizer
+
+
+def name_eos(folder: Path) -> None:
+    """The tokenizer files beside ``tokenizer.json`` that name ``<eos>`` (what the service reads
+    the EOS token from)."""
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
+
+
+def tar_folder(folder: Path, out: Path) -> Path:
+    """``folder``'s files at the root of the tar ``out``, as an upload of a checkpoint."""
+    with tarfile.open(out, "w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    return out
 
 
 def shuffled_blocks(

@@ -24,7 +24,6 @@ import inspect
 import json
 import statistics
 import sys
-import tarfile
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.llm import train_bpe  # noqa: E402
+from bench.llm import name_eos, tar_folder, train_bpe  # noqa: E402
 from core.pipeline import MeasureConfig, run  # noqa: E402
 from core.search import open_scanner  # noqa: E402
 from core.search.lm_width import width_with_ratios  # noqa: E402
@@ -93,15 +92,8 @@ def llama_checkpoint(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"})
-    )
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
-    out = folder.with_suffix(".tar")
-    with tarfile.open(out, "w") as tar:
-        for path in sorted(folder.iterdir()):
-            tar.add(path, arcname=path.name)
-    return out
+    name_eos(folder)
+    return tar_folder(folder, folder.with_suffix(".tar"))
 
 
 def one(target: float, seed: int, root: Path, text: Path, config: MeasureConfig) -> dict:

@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.llm import _stdlib_text, shuffled_blocks, train_bpe  # noqa: E402
+from bench.llm import _stdlib_text, name_eos, shuffled_blocks, tar_folder, train_bpe  # noqa: E402
 
 WORK = Path("/tmp/shears-bench-search-lm")  # noqa: S108  (scratch: model, text, blocks)
 SEQ = 64
@@ -109,14 +108,8 @@ def checkpoint() -> Path:
         return out
     folder = WORK / "model"
     (folder / "tokenizer.json").write_bytes((WORK / "tokenizer.json").read_bytes())
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"})
-    )
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
-    with tarfile.open(out, "w") as tar:
-        for path in sorted(folder.iterdir()):
-            tar.add(path, arcname=path.name)
-    return out
+    name_eos(folder)
+    return tar_folder(folder, out)
 
 
 def texts() -> tuple[Path, Path]:

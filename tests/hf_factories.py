@@ -94,13 +94,18 @@ def save_checkpoint(arch: str, folder: Path, seed: int = 0, **sizes: int):
     """(model, folder): ``save_pretrained`` of a tiny model plus its tokenizer files
     (``sizes``: as for :func:`tiny_config`)."""
     model = tiny_model(arch, seed, **sizes)
+    _save_with_tokenizer(model, folder)
+    return model, folder
+
+
+def _save_with_tokenizer(model, folder: Path) -> None:
+    """``save_pretrained`` plus the tokenizer and the files that name its EOS token."""
     model.save_pretrained(folder)
     bpe_tokenizer().save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast"})
     )
     (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS}))
-    return model, folder
 
 
 def folder_members(folder: Path) -> dict[str, bytes]:
@@ -163,16 +168,11 @@ def trained_llama(folder: Path, text: str, *, layers: int, steps: int, seq: int 
     with ``layers`` decoder layers, trained ``steps`` AdamW steps (batches of 16 blocks of
     ``seq`` tokens, seed 0, one thread) on ``text``, so that pruning it visibly costs
     perplexity. Returns ``folder``."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = bpe_tokenizer()
-    config = tiny_config("llama", tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
-    config.num_hidden_layers = layers
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
+        model = tiny_model("llama", seed=0, num_hidden_layers=layers)
         ids = torch.tensor(tokenizer.encode(text).ids)
         blocks = ids[: ids.numel() // seq * seq].view(-1, seq)
         generator = torch.Generator().manual_seed(0)
@@ -187,10 +187,5 @@ def trained_llama(folder: Path, text: str, *, layers: int, steps: int, seq: int 
         model.eval()
     finally:
         torch.set_num_threads(threads)
-    model.save_pretrained(folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast"})
-    )
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS}))
+    _save_with_tokenizer(model, folder)
     return folder
