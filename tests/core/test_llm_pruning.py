@@ -33,9 +33,11 @@ from core.pruning.llm import (
     prune_causal_lm,
     sequential,
 )
-from core.pruning.llm.masks import Hessian, planned_removals
+from core.pruning.llm.masks import Hessian, add_lower_gram_, planned_removals
 from core.pruning.llm.sparsegpt import (
     DAMPING,
+    _upper_inverse_factor_cpu,
+    _upper_inverse_factor_torch,
     error_on_data,
     inverse_hessian_,
     reconstruction_error,
@@ -491,6 +493,43 @@ def test_sparsegpt_factors_the_hessian_in_its_own_buffer(
     direct = float(((w - pruned).double() @ x.double()).square().sum())
     assert error_on_data(w, pruned, hinv, swept) == pytest.approx(direct, rel=1e-3)
     assert reconstruction_error(w, pruned, xxt) == pytest.approx(direct, rel=1e-3)
+
+
+@pytest.mark.parametrize("panel", [512, 16, 7])
+def test_the_gram_update_fills_the_lower_triangle(panel: int) -> None:
+    """``x^T x`` added to the lower triangle in place, panel by panel, equals the full
+    product's there (to float32 rounding; at the service's panel width, bitwise here)."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 40)
+    start = torch.randn(40, 40)
+    start = start @ start.T
+    buffer = start.clone()
+    pointer = buffer.data_ptr()
+    add_lower_gram_(buffer, x, panel)
+    add_lower_gram_(buffer, x[:7], panel)
+    want = start.double() + x.double().T @ x.double() + x[:7].double().T @ x[:7].double()
+    assert buffer.data_ptr() == pointer
+    torch.testing.assert_close(buffer.double().tril(), want.tril(), rtol=1e-5, atol=1e-3)
+    # Above the diagonal panels nothing is written.
+    assert torch.equal(buffer.triu(panel), start.triu(panel))
+
+
+@pytest.mark.parametrize("factor", [_upper_inverse_factor_cpu, _upper_inverse_factor_torch])
+def test_the_inverse_factor_reads_the_lower_triangle_only(factor: object) -> None:
+    """Both ways to the factor of ``H^-1`` (LAPACK in place on the CPU, torch's calls on other
+    devices, run here on the CPU) read only the lower triangle the Hessian hook keeps."""
+    torch.manual_seed(0)
+    x = torch.randn(33, 200)
+    h = x @ x.T + torch.eye(33)
+    plain = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    buffer = h.clone()
+    upper = torch.triu_indices(33, 33, 1)
+    buffer[upper[0], upper[1]] = float("nan")
+    if factor is _upper_inverse_factor_cpu:
+        _upper_inverse_factor_cpu(buffer)
+    else:
+        _upper_inverse_factor_torch(buffer.mT)
+    torch.testing.assert_close(buffer.mT, plain, rtol=1e-4, atol=1e-5)
 
 
 def _column_by_column(

@@ -37,12 +37,12 @@ BLOCK = 128
 DAMPING = 0.01
 # Columns of a block taken one by one before one product updates the rest of the block.
 STEP = 16
-# Intra-op threads of the sweep. It is thousands of small ops per linear, and on a CPU shared
-# with other processes each op split over threads waits for whichever thread was preempted: one
-# 2,048 x 5,632 sweep at load 4.5 on 2 cores took 5.2-6.3 s on 2 threads, 2.2-3.4 s on 1, and
-# 6-14 s with only the per-column part on 1 (switching the count per block costs more than it
-# saves). On an idle machine one thread gives up at most the trailing products' parallelism.
-SWEEP_THREADS = 1
+# Intra-op threads of the work inside a block (thousands of small ops per linear); the product
+# that updates the columns after the block keeps the caller's count. On a CPU shared with other
+# processes each small op split over threads waits for whichever thread was preempted. One
+# 2,048 x 5,632 sweep on 2 cores, three busy processes beside it: 2.2-2.5 s all on 1 thread,
+# 4.6-4.9 s all on 2, 2.6-2.9 s so split; alone on the machine 1.1-1.3, 0.74-0.78 and 0.80 s.
+BLOCK_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ class InverseHessian:
 def inverse_hessian_(xxt: torch.Tensor, damping: float = DAMPING) -> InverseHessian:
     """Factor ``xxt`` (``(in, in)``, float32, symmetric) in place into :class:`InverseHessian`.
 
-    The Hessian of a wide linear (``intermediate^2``) is the largest allocation of the whole
-    prune. LAPACK factors a column-major matrix in place, and ``xxt.mT`` is one (symmetric: the
-    same matrix); handed a row-major one, torch would factor a temporary copy of it.
+    Only the lower triangle of ``xxt`` is read (all :class:`~core.pruning.llm.masks.Hessian`
+    keeps). The Hessian of a wide linear (``intermediate^2``) is the largest allocation of the
+    whole prune. LAPACK factors a column-major matrix in place, and ``xxt.mT`` is one (the
+    transpose of a symmetric matrix); handed a row-major one, torch would factor a copy of it.
     """
     if xxt.dtype != torch.float32 or xxt.dim() != 2 or not xxt.is_contiguous():
         raise ValueError(f"xxt must be a contiguous float32 matrix, got {xxt.dtype}")
@@ -79,15 +80,23 @@ def inverse_hessian_(xxt: torch.Tensor, damping: float = DAMPING) -> InverseHess
     if h.device.type == "cpu":
         _upper_inverse_factor_cpu(xxt)
     else:
-        torch.linalg.cholesky(h, out=h)
-        torch.cholesky_inverse(h, out=h)
-        torch.linalg.cholesky(h, upper=True, out=h)
+        _upper_inverse_factor_torch(h)
     return InverseHessian(h, value, dead)
 
 
+def _upper_inverse_factor_torch(h: torch.Tensor) -> None:
+    """Overwrite the column-major ``h`` with the upper Cholesky factor of its inverse, reading
+    its upper triangle (the row-major buffer's lower one) only: torch's calls, for devices
+    other than the CPU."""
+    torch.linalg.cholesky(h, upper=True, out=h)
+    torch.cholesky_inverse(h, upper=True, out=h)
+    torch.linalg.cholesky(h, upper=True, out=h)
+
+
 def _upper_inverse_factor_cpu(buffer: torch.Tensor) -> None:
-    """Overwrite the symmetric positive definite ``buffer`` (row-major, float32) with the upper
-    Cholesky factor ``U`` of its inverse, column-major (read it through ``buffer.mT``).
+    """Overwrite the symmetric positive definite ``buffer`` (row-major, float32; its lower
+    triangle is read) with the upper Cholesky factor ``U`` of its inverse, column-major (read it
+    through ``buffer.mT``).
 
     With ``J`` the reversal of rows and columns and ``J H J = L Lᵀ``, ``U = J L⁻¹ J``:
     ``Uᵀ U = J L⁻ᵀ L⁻¹ J = H⁻¹`` and ``U`` is upper triangular with a positive diagonal. One
@@ -96,6 +105,8 @@ def _upper_inverse_factor_cpu(buffer: torch.Tensor) -> None:
     torch's ``cholesky_inverse`` runs far below the CPU's speed (5,632²: 7-15 s vs 2.5-3 s).
     """
     h = buffer.mT  # column-major: LAPACK works on it in place
+    # Reversed, the buffer's lower triangle becomes its upper one: h's lower, which is all the
+    # lower Cholesky factorisation reads.
     _reverse_(buffer)
     torch.linalg.cholesky(h, out=h)
     lower = h.numpy()  # the same memory, Fortran order
@@ -202,47 +213,58 @@ def sweep(
     With ``E`` the errors of every column, ``W - W' = E U`` and ``U H Uᵀ = I``, so that error is
     ``||E||^2``: no Hessian is needed to report it (see :func:`error_on_data`).
     """
-    with _threads(SWEEP_THREADS):
-        return _sweep(w, hinv, sparsity, n_m, block)
-
-
-def _sweep(
-    w: torch.Tensor,
-    hinv: InverseHessian,
-    sparsity: float,
-    n_m: tuple[int, int] | None,
-    block: int,
-) -> float:
-    cols = w.shape[1]
+    rows, cols = w.shape
     u = hinv.u
-    frozen_all = w == 0
+    # Where w has no zeros (a dense model, the usual case), no (out, in) mask of them is held.
+    frozen_all = w == 0 if int(torch.count_nonzero(w)) < w.numel() else None
     total = 0.0
     if n_m is not None:
         block = max(1, block // n_m[1]) * n_m[1]
     step = _step(block, n_m)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        frozen = frozen_all[:, i1:i2]
-        hinv1 = u[i1:i2, i1:i2].contiguous()  # (B, B), from a column-major view
-        diag = torch.diagonal(hinv1)
-        # The block transposed, (B, out): each column of w a contiguous row.
-        w1 = w[:, i1:i2].t().contiguous()
-        err1 = torch.zeros_like(w1)
-        if n_m is None:
-            # Chosen on the (out, B) block before its loop; equal scores are taken in row order.
-            mask1 = _block_mask(w1.t(), diag, frozen, sparsity).t().contiguous()
-        else:
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
-        for j1 in range(0, i2 - i1, step):
-            j2 = min(j1 + step, i2 - i1)
-            _columns(w1, err1, mask1, hinv1, diag, frozen, j1, j2, n_m)
-            # The rest of the block at once, then the next run of columns.
-            w1[j2:].addmm_(hinv1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
-        w[:, i1:i2] = w1.t()
+        frozen = (
+            frozen_all[:, i1:i2]
+            if frozen_all is not None
+            else torch.zeros(rows, i2 - i1, dtype=torch.bool, device=w.device)
+        )
+        with _threads(BLOCK_THREADS):
+            err1 = _block(w, u, frozen, sparsity, n_m, i1, i2, step)
         # In place: ``w[:, i2:] -= err1 @ ...`` would hold a product nearly the size of ``w``.
         w[:, i2:].addmm_(err1.t(), u[i1:i2, i2:], alpha=-1.0)
         total += float(err1.square().sum(dtype=torch.float64))
     return total
+
+
+def _block(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    frozen: torch.Tensor,
+    sparsity: float,
+    n_m: tuple[int, int] | None,
+    i1: int,
+    i2: int,
+    step: int,
+) -> torch.Tensor:
+    """Prune and update columns ``i1:i2`` of ``w`` in place; returns their errors,
+    transposed (``(B, out)``)."""
+    hinv1 = u[i1:i2, i1:i2].contiguous()  # (B, B), from a column-major view
+    diag = torch.diagonal(hinv1)
+    # The block transposed, (B, out): each column of w a contiguous row.
+    w1 = w[:, i1:i2].t().contiguous()
+    err1 = torch.zeros_like(w1)
+    if n_m is None:
+        # Chosen on the (out, B) block before its loop; equal scores are taken in row order.
+        mask1 = _block_mask(w1.t(), diag, frozen, sparsity).t().contiguous()
+    else:
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+    for j1 in range(0, i2 - i1, step):
+        j2 = min(j1 + step, i2 - i1)
+        _columns(w1, err1, mask1, hinv1, diag, frozen, j1, j2, n_m)
+        # The rest of the block at once, then the next run of columns.
+        w1[j2:].addmm_(hinv1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
+    w[:, i1:i2] = w1.t()
+    return err1
 
 
 @contextmanager
