@@ -33,7 +33,7 @@ from core.pruning.llm import (
     prune_causal_lm,
     sequential,
 )
-from core.pruning.llm.masks import Hessian, add_lower_gram_, planned_removals
+from core.pruning.llm.masks import FeatureNorms, Hessian, add_lower_gram_, planned_removals
 from core.pruning.llm.sparsegpt import (
     DAMPING,
     _upper_inverse_factor_cpu,
@@ -611,6 +611,35 @@ def test_each_group_is_calibrated_up_to_its_first_linear_only() -> None:
         # down_proj is called last: only its own group's forwards reach it, stopping there.
         assert reached == (len(inputs.calls) if group is groups[-1] else 0)
     counter.remove()
+
+
+@pytest.mark.parametrize("subset", ["all", "attention"])
+def test_wanda_statistics_stop_at_the_last_linear_after_the_first_batch(subset: str) -> None:
+    """After the first batch, Wanda's pass ends at the input of the last target linear the layer
+    calls: the same statistics as full forwards, and nothing after that linear runs again."""
+    model = tiny_llama()
+    layer = decoder_layers(model)[0]
+    inputs = capture_inputs(model, layer.module, calibration_ids(), batch_size=3)
+    targets = [
+        lin for lin in layer.linears if subset == "all" or lin.name.split(".")[-2] == "self_attn"
+    ]
+    last = targets[-1].module  # down_proj, or o_proj for the attention subset
+    finished: list[int] = []
+    counter = last.register_forward_hook(lambda *_: finished.append(1))
+    stopped = sequential._collect_norms(layer, targets, inputs)
+    counter.remove()
+    assert len(inputs.calls) == 3
+    assert len(finished) == 1  # the first batch only
+    full = {lin.name: FeatureNorms(lin.shape[1], torch.device("cpu")) for lin in targets}
+    handles = [lin.module.register_forward_hook(full[lin.name]) for lin in targets]
+    try:
+        inputs.run(layer.module)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for lin in targets:
+        assert torch.equal(stopped[lin.name].sum_sq, full[lin.name].sum_sq), lin.name
+        assert stopped[lin.name].tokens == full[lin.name].tokens == 8 * 32
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -85,10 +85,10 @@ class LayerInputs:
         return result
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, batches: int | None = None) -> None:
-        """Run ``layer`` on every batch (or the first ``batches``) and discard the outputs
+    def run(self, layer: nn.Module, batches: int | None = None, *, start: int = 0) -> None:
+        """Run ``layer`` on batches ``start:batches`` (default: all) and discard the outputs
         (hooks collect statistics; a hook may end a batch's forward with :class:`StopForward`)."""
-        for call in self.calls[:batches]:
+        for call in self.calls[start:batches]:
             try:
                 self._forward(layer, call)
             except StopForward:
