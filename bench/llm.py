@@ -9,9 +9,10 @@ reference code on one trained model, and Shears at >= 1B parameters on this CPU.
     .venv/bin/python bench/llm.py scale --method wanda
     .venv/bin/python bench/llm.py scale --method sparsegpt --layers 4
 
-Every prune runs in its own process (``torch.set_num_threads(2)``). Extra memory = peak RSS during
-the prune call - RSS just before it (VmHWM after resetting it through /proc/self/clear_refs, minus
-VmRSS), so the model's own weights and the calibration ids are not counted.
+Every prune runs in its own process (``torch.set_num_threads(2)``; ``scale --threads`` to
+change it). Extra memory = peak RSS during the prune call - RSS just before it (VmHWM after
+resetting it through /proc/self/clear_refs, minus VmRSS), so the model's own weights and the
+calibration ids are not counted.
 """
 
 from __future__ import annotations
@@ -393,7 +394,7 @@ def quality(args: argparse.Namespace) -> None:
 def _scale_one(a: argparse.Namespace) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     config = LlamaConfig(
         vocab_size=a.vocab,
         hidden_size=a.hidden,
@@ -502,6 +503,8 @@ def scale(a: argparse.Namespace) -> None:
         "--reference",
         a.reference,
         *([] if a.memory_budget_mib is None else ["--memory-budget-mib", str(a.memory_budget_mib)]),
+        "--threads",
+        str(a.threads),
     ]
     WORK.mkdir(parents=True, exist_ok=True)
     r = _child(argv, a.llmc_python if a.impl == "llmcompressor" else sys.executable)
@@ -515,7 +518,7 @@ def scale(a: argparse.Namespace) -> None:
         {
             **r,
             "torch": torch.__version__,
-            "threads": 2,
+            "threads": a.threads,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
     )
@@ -569,6 +572,8 @@ def main() -> None:
         s.add_argument("--reference", default="/tmp/wanda-ref")  # noqa: S108
         # Shears' calibration memory budget; default: what prune_causal_lm chooses.
         s.add_argument("--memory-budget-mib", type=float, default=None)
+        # Intra-op threads of every implementation (1: steadier beside another busy process).
+        s.add_argument("--threads", type=int, default=2)
         s.add_argument("--out", default=str(ROOT / "docs/data/llm_scale.json"))
     a = p.parse_args()
     if a.cmd == "quality":
