@@ -29,9 +29,11 @@ UNARY = (
     "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "relu6", "dropout", "clone",
     "contiguous", "detach", "alias", "_to_copy", "to", "abs", "neg", "exp", "sqrt", "rsqrt",
     "pow", "clamp", "clamp_min", "clamp_max", "square", "erf", "log", "log1p", "reciprocal",
-    "lift_fresh_copy", "type_as", "feature_dropout", "alpha_dropout", "identity", "detach_",
+    "lift_fresh_copy", "feature_dropout", "alpha_dropout", "identity", "detach_",
 )  # fmt: skip
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "rsub", "true_divide", "masked_fill")
+# In place on a temporary (Falcon's ``mlp_output += attention_output``): channels as the above.
+BINARY_INPLACE = ("add_", "sub_", "mul_", "div_")
 # Pooling over the spatial dims of (N, C, *spatial): channels pass through untouched.
 POOL = (
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -51,13 +53,20 @@ def unary(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     return ctx.label_of(args_of(node)[0])
 
 
+@register_op("type_as")
+def type_as(ctx: Analyzer, node: fx.Node) -> NodeLabel:
+    """``a.type_as(b)``: ``a``'s values in ``b``'s dtype; ``b``'s channels are not read (Gemma's
+    RMSNorm casts back to its input's dtype)."""
+    return ctx.label_of(args_of(node)[0])
+
+
 @register_op("_assert_tensor_metadata")
 def assert_metadata(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     """A check of dtype and device only (transformers emits it): it reads no channel."""
     return None
 
 
-@register_op(*BINARY)
+@register_op(*BINARY, *BINARY_INPLACE)
 def binary(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     """Two tensors broadcast together: their channels couple; a parameter operand is sliced."""
     return broadcast(ctx, node, args_of(node)[:2])

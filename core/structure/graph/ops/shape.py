@@ -105,6 +105,13 @@ def t(ctx: Analyzer, node: fx.Node) -> Label | None:
     return None if label is None else label.moved(1 - label.dim)
 
 
+@register_op("numpy_T")
+def numpy_t(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """``x.T``: every dimension reversed (Falcon's ``FalconLinear`` reads its weight as ``W.T``)."""
+    label = ctx.label_of(args_of(node)[0])
+    return None if label is None else label.moved(rank_of(args_of(node)[0]) - 1 - label.dim)
+
+
 @register_op("unsqueeze")
 def unsqueeze(ctx: Analyzer, node: fx.Node) -> Label | None:
     label = ctx.label_of(args_of(node)[0])
