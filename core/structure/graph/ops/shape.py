@@ -318,29 +318,60 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
 
 @register_op("index")
 def index(ctx: Analyzer, node: fx.Node) -> Label | None:
-    """``table[idx]``: with head pruning, a 2-D parameter table gathered along its rows (Swin's
-    relative position bias, one column per head) starts a space over its columns, so the heads it
-    feeds can take their column with them."""
+    """``table[idx]``: rows gathered from a tensor whose channels are its columns (a relative
+    position bias table, one column per head; see :func:`gathered_tables`) keep them."""
     args = args_of(node)
     source, indices = args[0], args[1] if len(args) > 1 else None
-    labelled = [n for n in nodes_in((args, node.kwargs)) if ctx.result_of(n) is not None]
-    if labelled:
+    label = ctx.label_of(source)
+    others = [n for n in nodes_in((args[1:], node.kwargs)) if ctx.result_of(n) is not None]
+    if label is not None and not others and isinstance(indices, (list, tuple)):
+        gathered = [i for i in indices if i is not None]
+        if len(indices) == 1 and len(gathered) == 1 and label.dim >= 1:
+            # Only dim 0 is indexed: the index's dims replace it.
+            return label.moved(label.dim - 1 + rank_of(gathered[0]))
+    if label is not None or others:
         raise Blocked(f"{node.name} indexes with or into channels")
-    table_shape = shape_of(source) or ()
-    if (
-        not ctx.heads
-        or ctx.param(source) is None
-        or len(table_shape) != 2
-        or not isinstance(indices, (list, tuple))
-        or len(indices) != 1
-        or static_size(table_shape[1]) is None
-    ):
-        ctx.freeze_params(node, f"{node.name} gathers from it")
-        return None
-    rank = len(shape_of(node) or ())
-    name = str(ctx.param(source))
-    out = ctx.new_space(int(table_shape[1]), name.removesuffix(".weight"), node, rank - 1)
-    ctx.member(source, 1, out.moved(1), "param")
+    ctx.freeze_params(node, f"{node.name} gathers from it")
+    return None
+
+
+def gathered_tables(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """2-D parameters that only parameters and constants turn into what ``index`` gathers rows
+    from: a relative position bias table, one column per head (Swin gathers from the parameter
+    itself; BEiT first interpolates it and appends its class-token rows). Each -> its columns.
+
+    With head pruning their columns start a space at the parameter, so the heads the gathered
+    bias is added to can take their columns with them through whatever reshapes them."""
+    tables: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or packet(node) != "index" or not node.args:
+            continue
+        found: list[fx.Node] = []
+        todo, seen = [node.args[0]], set()
+        while todo:
+            item = todo.pop()
+            if not isinstance(item, fx.Node) or item in seen:
+                continue
+            seen.add(item)
+            if item.op == "placeholder":
+                found = []  # computed from the inputs: not a table
+                break
+            if item.op == "get_attr":
+                shape = shape_of(item) or ()
+                if len(shape) == 2 and static_size(shape[1]) is not None:
+                    found.append(item)
+                continue
+            todo.extend(nodes_in((args_of(item), item.kwargs)))
+        for table in found:
+            tables[table] = int(shape_of(table)[1])  # type: ignore[index]
+    return tables
+
+
+def start_table(ctx: Analyzer, node: fx.Node, columns: int) -> Label:
+    """A gathered table's columns: a space of their own, sliced with the heads they meet."""
+    name = str(ctx.param(node))
+    out = ctx.new_space(columns, name.removesuffix(".weight"), node, 1)
+    ctx.member(node, 1, out, "param")
     return out
 
 
@@ -371,10 +402,13 @@ def split_channels(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     count = len(val) if isinstance(val, (list, tuple)) else 0
     if label is None:
         return tuple([None] * count) if count else None
-    dim_arg = args_of(node)[2] if len(args_of(node)) > 2 else node.kwargs.get("dim", 0)
-    if norm_dim(const_int(dim_arg), rank_of(args_of(node)[0])) == label.dim:
+    at = 1 if packet(node) == "unbind" else 2  # unbind(x, dim); chunk/split(x, n, dim)
+    dim_arg = args_of(node)[at] if len(args_of(node)) > at else node.kwargs.get("dim", 0)
+    dim = norm_dim(const_int(dim_arg), rank_of(args_of(node)[0]))
+    if dim == label.dim:
         return _split_space(ctx, node, label, val)
-    return tuple([label] * count)
+    # Along another dim every part keeps the channels; unbind removes that dim.
+    return tuple([_drop(label, dim) if packet(node) == "unbind" else label] * count)
 
 
 def _split_space(ctx: Analyzer, node: fx.Node, label: Label, parts: Any) -> tuple[Label, ...]:
@@ -432,6 +466,8 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
                     new = Label(k, label.spaces, label.inner, label.unit, label.repeat * trailing)
                 elif trailing == label.unit and label.inner == 1 and label.repeat == 1:
                     new = Label(k, label.spaces)
+                elif label.inner == 1 and label.unit % (trailing * label.repeat) == 0:
+                    new = _merge_fused_heads(ctx, node, label, src, d, j, k, trailing)
                 else:
                     raise Blocked(f"{node.name} merges heads with other dimensions")
             else:
@@ -454,12 +490,62 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
             if any(t is None for t in tail):
                 break
             split = math.prod(t for t in tail if t is not None)
+            if label.unit > 1 and label.inner == 1 and label.repeat == 1 and split > 1:
+                new = _group_heads(ctx, node, label, k, split)
+                _rewrite_size(ctx, node, op, k, new)
+                return new
             if label.inner % split == 0:
                 new = Label(k, label.spaces, label.inner // split)
                 _rewrite_size(ctx, node, op, k, new)
                 return new
             break
     raise Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+
+
+def _group_heads(ctx: Analyzer, node: fx.Node, label: Label, k: int, split: int) -> Label:
+    """(.., H*g, D) -> (.., H, g, D): consecutive heads grouped into one of ``g`` times their size.
+
+    Fused projections that interleave q, k and v per head: Falcon splits its output into heads
+    of D, then regroups each head's q, k and v (``unflatten(-2, (H, 3))``) or each key/value
+    group's queries, key and value (``view(.., KV, r + 2, D)``). The new dim indexes whole
+    groups, which are what can go; the ``g`` dim is inside them."""
+    unit = label.unit * split
+    for s in ctx.leaves(label.spaces):
+        if ctx.space(s).size % unit:
+            raise Blocked(f"{node.name} groups heads that do not divide the channels")
+        ctx.set_head_size(s, unit)
+    return Label(k, label.spaces, 1, unit)
+
+
+def _merge_fused_heads(
+    ctx: Analyzer,
+    node: fx.Node,
+    label: Label,
+    src: Sequence[object],
+    d: int,
+    j: int,
+    k: int,
+    trailing: int,
+) -> Label:
+    """Heads of a fused projection merged with dims inside them, where each head carries only a
+    part of its channels (q, k and v interleaved per head: GPT-NeoX's ``(H, 3*D)`` chunked into
+    three ``(H, D)``).
+
+    Merged with the innermost dims, these are new channels (``H*D``, what the output projection
+    reads): a space of their own that loses head ``h``'s ``D`` channels when the fused heads lose
+    head ``h``. Merged with a dim that is not the last (Falcon's ``(KV, r, D) -> (KV*r, D)``), they
+    are still heads: ``repeat`` positions of the new dim per fused head."""
+    if j < len(src):
+        return Label(k, label.spaces, 1, label.unit, label.repeat * trailing)
+    heads = static_size(src[d])
+    if heads is None:
+        raise Blocked(f"{node.name} merges an unknown number of heads")
+    width = trailing * label.repeat  # channels each fused head leaves here
+    merged = ctx.new_space(heads * trailing, ctx.space(label.spaces[0]).producer, node, k)
+    (space,) = merged.spaces
+    ctx.set_head_size(space, width)
+    ctx.link_kv(label, Label(k, merged.spaces, 1, width), node.name)
+    return merged
 
 
 def _broadcast_copies(node: fx.Node, start: int, stop: int) -> bool:
@@ -529,7 +615,7 @@ def _rewrite_size(ctx: Analyzer, node: fx.Node, op: str, k: int, label: Label) -
         elif isinstance(size, fx.Node):
             raise Blocked(f"{node.name} reshapes to a computed channel count")
     elif op == "unflatten":
-        start = norm_dim(const_int(args_of(node)[1]), len(shape_of(node) or ()))
+        start = norm_dim(const_int(args_of(node)[1]), rank_of(args_of(node)[0]))
         sizes = args_of(node)[2]
         if start <= k < start + len(sizes):
             size = sizes[k - start]
