@@ -33,12 +33,16 @@ class Logits(nn.Module):
 
 @dataclass(frozen=True)
 class ZooModel:
-    """A transformers architecture at test size; ``attention`` when it has heads to prune."""
+    """A transformers architecture at test size; ``attention`` when it has heads to prune.
+
+    ``heads_blocked``: where head pruning keeps every head by design, the reason the analysis
+    gives for it."""
 
     name: str
     build: Callable[[], nn.Module]
     text: bool
     attention: bool
+    heads_blocked: str = ""
 
     def example(self, batch: int = 2) -> torch.Tensor:
         if self.text:
@@ -76,10 +80,12 @@ def _classifier(name: str, family: str, attention: bool, **kw: Any) -> ZooModel:
     return ZooModel(name, build, text=False, attention=attention)
 
 
-def _decoder(name: str, family: str, config: str = "", **kw: Any) -> ZooModel:
+def _decoder(
+    name: str, family: str, config: str = "", heads_blocked: str = "", **kw: Any
+) -> ZooModel:
     """A causal LM from ``{family}Config`` (or ``config``) and ``{family}ForCausalLM``."""
     build = _text(config or f"{family}Config", f"{family}ForCausalLM", **kw)
-    return ZooModel(name, build, text=True, attention=True)
+    return ZooModel(name, build, text=True, attention=True, heads_blocked=heads_blocked)
 
 
 _LLAMA_LIKE: dict[str, Any] = {
@@ -247,6 +253,17 @@ ZOO: dict[str, ZooModel] = {
         ),
         _decoder(
             "falcon_per_head", "Falcon", hidden_size=64, num_attention_heads=4, multi_query=False
+        ),
+        # Fused query_key_value as (B, N, H, 3, D). Its attention folds the heads into the batch
+        # for baddbmm with ALiBi biases computed in the graph for every head: heads stay.
+        _decoder(
+            "bloom",
+            "Bloom",
+            attention="eager",
+            hidden_size=32,
+            n_head=4,
+            n_layer=2,
+            heads_blocked="folds the heads into the batch dimension",
         ),
     )
 }

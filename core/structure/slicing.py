@@ -278,7 +278,6 @@ def reexport(
             spec[i] = dims[name]
         leaves.append(spec or None)
     args, kwargs = _example_inputs(program, placeholders)
-    views_as_reshapes(gm)
     in_spec = getattr(gm, "_in_spec", None)
     if in_spec is not None:
         dynamic = pytree.tree_unflatten(leaves, in_spec)
@@ -288,6 +287,13 @@ def reexport(
         dynamic_shapes: tuple[Any, ...] = tuple(dynamic_args)
     else:
         dynamic_shapes = tuple(leaves)
+    try:
+        return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        # A view that held only for the layout the upload was traced with: once more with
+        # reshapes (the same ops otherwise, so the common case keeps the upload's graph).
+        if not views_as_reshapes(gm):
+            raise PruningError(f"the pruned program did not export again: {exc}") from exc
     try:
         return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
@@ -319,13 +325,14 @@ def _mutated(nodes: set[fx.Node]) -> bool:
     return False
 
 
-def views_as_reshapes(gm: fx.GraphModule) -> None:
+def views_as_reshapes(gm: fx.GraphModule) -> bool:
     """``view`` -> ``reshape`` where nothing writes through either tensor.
 
     Export drops a ``.contiguous()`` that was a no-op when it traced (SDPA's output laid out as
     ``(B, N, H, D)`` already: Data2VecVision's ``permute(...).contiguous().view(...)``); traced
     again, the same op can return another layout and the bare ``view`` fails. ``reshape`` is the
     same values whatever the layout, and only aliasing, which nothing here observes, differs.
+    Returns whether any view changed.
     """
     view = torch.ops.aten.view.default
     changed = False
@@ -339,6 +346,7 @@ def views_as_reshapes(gm: fx.GraphModule) -> None:
         changed = True
     if changed:
         gm.recompile()
+    return changed
 
 
 def _example_inputs(

@@ -293,6 +293,7 @@ class FusedHeadsAttention(nn.Module):
 
     - ``neox``: GPT-NeoX, ``view(B, N, H, 3*D)`` then ``chunk(3, dim=-1)``
     - ``per_head``: Falcon, ``view(B, N, 3*H, D)``, ``unflatten(-2, (H, 3))``, ``unbind(-2)``
+    - ``bloom``: BLOOM, ``view(B, N, H, 3, D)`` then ``[..., i, :]``
     - ``grouped``: Falcon's new decoder, ``view(B, N, KV, r + 2, D)``: each key/value group's
       ``r`` queries, then its key and its value; keys and values repeated for the queries
 
@@ -322,6 +323,9 @@ class FusedHeadsAttention(nn.Module):
         fused = self.qkv(x)
         if self.layout == "neox":
             q, k, v = fused.view(b, n, h, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+        elif self.layout == "bloom":
+            per_head = fused.view(b, n, h, 3, d)
+            q, k, v = (per_head[..., i, :].transpose(1, 2) for i in range(3))
         elif self.layout == "per_head":
             parts = fused.view(b, n, -1, d).unflatten(-2, (h, 3)).unbind(-2)
             q, k, v = (p.transpose(1, 2) for p in parts)

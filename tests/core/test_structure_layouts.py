@@ -33,7 +33,7 @@ def assert_matches_masked(
             torch.testing.assert_close(pruned(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["neox", "per_head", "grouped"])
+@pytest.mark.parametrize("layout", ["neox", "per_head", "bloom", "grouped"])
 def test_interleaved_q_k_v_lose_whole_heads_from_the_fused_rows(layout: str) -> None:
     torch.manual_seed(0)
     model = FusedHeadsAttention(16, 4, layout=layout)

@@ -29,7 +29,8 @@ from examples.zoo import ZOO, ZooModel
 from tests.zoo.conftest import Exported
 
 MODELS = sorted(ZOO)
-ATTENTION = sorted(name for name, model in ZOO.items() if model.attention)
+ATTENTION = sorted(n for n, m in ZOO.items() if m.attention and not m.heads_blocked)
+HEADS_BLOCKED = sorted(n for n, m in ZOO.items() if m.heads_blocked)
 QUICK = MeasureConfig(batch_size=2, warmup=0, repeats=1)
 # Ops whose weight operand is a dense matrix product: none of their weights may be left out.
 _MATMULS = {"linear", "addmm", "mm", "matmul", "einsum", "conv1d", "conv2d", "conv3d"}
@@ -193,6 +194,16 @@ def test_half_the_heads_removes_at_least_0_3_of_the_attention_projections(
     before = sum(program.state_dict[n].numel() for n in projections)
     after = sum(pruned.state_dict[n].numel() for n in projections)
     assert after <= 0.7 * before, (after, before)
+
+
+@pytest.mark.parametrize("name", HEADS_BLOCKED)
+def test_heads_that_cannot_go_stay_and_say_why(
+    name: str, exported: Exported, tmp_path: Path
+) -> None:
+    program, pruned, result = structured(name, "head", exported, tmp_path)
+    assert params(pruned) == params(program)
+    reasons = {r for d in result.plan.decisions for r in d.group.blocked}
+    assert any(ZOO[name].heads_blocked in r for r in reasons), reasons
 
 
 @pytest.mark.parametrize("name", sorted(n for n, m in ZOO.items() if not m.attention))

@@ -450,6 +450,9 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     d = label.dim
     k = prefix_match(src[:d], out)
     if k is None or k >= len(out):
+        if label.unit > 1 and prefix_match(src[: d + 1], out) is not None:
+            # BLOOM's (B, H, N, D) -> (B*H, N, D); only nn.MultiheadAttention's is followed.
+            raise Blocked(f"{node.name} folds the heads into the batch dimension")
         raise Blocked(f"{node.name} moves the channels across other dimensions")
     op = packet(node)
     j = d + 1
@@ -563,17 +566,39 @@ def _broadcast_copies(node: fx.Node, start: int, stop: int) -> bool:
 def _split_heads(
     ctx: Analyzer, node: fx.Node, label: Label, size: object, out: Sequence[object], k: int
 ) -> Label | None:
-    """(.., C, ..) -> (.., H, D, ..): with head pruning, a label over the H heads."""
+    """(.., C, ..) -> (.., H, D, ..): with head pruning, a label over the H heads.
+
+    Also (.., H, P, D, ..) when every user picks along P: BLOOM's ``view(B, N, H, 3, D)``, q, k
+    and v interleaved per head, taken apart by ``[..., i, :]`` (timm's ``(3, H, D)`` is picked
+    apart along its first dim instead: see :func:`_split_parts`)."""
     if not ctx.heads or label.inner != 1 or label.unit != 1 or k + 2 > len(out):
         return None
-    head_size = static_size(out[k + 1])
-    if head_size is None or not same_size([out[k], out[k + 1]], [size]):
+    if same_size([out[k], out[k + 1]], [size]):
+        head_size = static_size(out[k + 1])
+    elif k + 3 <= len(out) and same_size(out[k : k + 3], [size]) and _picked_along(node, k + 1):
+        inside = [static_size(s) for s in out[k + 1 : k + 3]]
+        head_size = None if None in inside else math.prod(s for s in inside if s is not None)
+    else:
+        return None
+    if head_size is None:
         return None
     for s in ctx.leaves(label.spaces):
         if ctx.space(s).size % head_size or ctx.head_size(s) not in (None, head_size):
             raise Blocked(f"{node.name} splits channels into heads of different sizes")
         ctx.set_head_size(s, head_size)
     return Label(k, label.spaces, 1, head_size)
+
+
+def _picked_along(node: fx.Node, dim: int) -> bool:
+    """Whether every user of ``node`` takes it apart along ``dim`` (select, slice or unbind)."""
+    rank = len(shape_of(node) or ())
+    for user in node.users:
+        args = args_of(user)
+        if packet(user) not in ("select", "slice", "unbind") or len(args) < 2:
+            return False
+        if not isinstance(args[1], int) or norm_dim(args[1], rank) != dim:
+            return False
+    return bool(node.users)
 
 
 def _split_parts(
