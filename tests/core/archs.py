@@ -362,3 +362,28 @@ class InterpolatedBiasAttention(nn.Module):
         q, k, v = (m(x).view(b, n, h, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class CosineAttention(nn.Module):
+    """Swin V2's attention: q and k normalised within each head (``F.normalize``), scaled by a
+    per-head ``logit_scale.clamp(max=...).exp()``, plus a per-head bias an MLP makes from
+    coordinates, added to the scores explicitly."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(heads, 1, 1) + 1))
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads))
+        self.register_buffer("coords", torch.randn(tokens * tokens, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scores = scores * torch.clamp(self.logit_scale, max=4.6).exp()
+        bias = self.mlp(self.coords).view(n, n, -1).permute(2, 0, 1)
+        y = (scores + 16 * torch.sigmoid(bias).unsqueeze(0)).softmax(-1) @ v
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))

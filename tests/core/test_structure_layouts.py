@@ -13,7 +13,12 @@ from torch.nn import functional as F
 from core.spec import PruningSpec
 from core.structure import StructuredResult, analyze, prune_program
 from core.structure.slicing import mask_channels
-from tests.core.archs import FusedHeadsAttention, InterpolatedBiasAttention, export
+from tests.core.archs import (
+    CosineAttention,
+    FusedHeadsAttention,
+    InterpolatedBiasAttention,
+    export,
+)
 
 
 def heads(sparsity: float = 0.5) -> PruningSpec:
@@ -71,6 +76,22 @@ def test_a_bias_table_reshaped_before_the_gather_loses_the_pruned_heads_columns(
     assert state["table"].shape == (10, 2)
     kept_heads = sorted({c // 4 for c in result.kept_in["proj"]})
     torch.testing.assert_close(state["table"], program.state_dict["table"][:, kept_heads])
+    assert_matches_masked(program, result, (5, 16))
+
+
+def test_cosine_attention_loses_its_heads_scales_and_mlp_bias_rows_together() -> None:
+    torch.manual_seed(0)
+    model = CosineAttention(16, 4)
+    program = export(model, (5, 16))
+    result = prune_program(program, heads())
+    kept_heads = sorted({c // 4 for c in result.kept_in["proj"]})
+    assert len(kept_heads) == 2
+    state = result.program.state_dict
+    # The per-head scale (a parameter seen through clamp and exp) and the MLP's output rows
+    # (the per-head bias) keep the same heads as q, k and v.
+    torch.testing.assert_close(state["logit_scale"], model.logit_scale[kept_heads].detach())
+    torch.testing.assert_close(state["mlp.2.weight"], model.mlp[2].weight[kept_heads].detach())
+    assert state["qkv.weight"].shape == (24, 16)
     assert_matches_masked(program, result, (5, 16))
 
 

@@ -234,6 +234,47 @@ def expand(ctx: Analyzer, node: fx.Node) -> Label | None:
     return moved
 
 
+@register_op("expand_as")
+def expand_as(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """``x.expand_as(y)``: ``x`` broadcast to ``y``'s shape (``F.normalize``'s norm); the
+    channels are ``x``'s, and ``y``'s where it has them, coupled."""
+    x, other = args_of(node)[:2]
+    label, target = ctx.label_of(x), ctx.label_of(other)
+    out = shape_of(node) or ()
+    if label is not None:
+        label = label.moved(len(out) - rank_of(x) + label.dim)
+        if static_size((shape_of(x) or ())[label.dim - len(out) + rank_of(x)]) != static_size(
+            out[label.dim]
+        ):
+            raise Blocked(f"{node.name} expands the channel dimension")
+    if label is not None and target is not None:
+        if label.dim != target.dim:
+            raise Blocked(f"{node.name} expands channels onto others on another dimension")
+        ctx.union(label, target, node.name)
+    return label
+
+
+@register_op("stack")
+def stack(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """Tensors stacked along a new dim (GPT-J's rotary ``stack((-x2, x1), dim=-1)``): their
+    channels couple and move past the new dim."""
+    tensors = list(args_of(node)[0])
+    labels = [ctx.label_of(t) for t in tensors]
+    if all(lab is None for lab in labels):
+        return None
+    if any(lab is None for lab in labels):
+        raise Blocked(f"{node.name} stacks channels with an untracked tensor")
+    known = [lab for lab in labels if lab is not None]
+    dim = norm_dim(
+        const_int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, rank_of(tensors[0]) + 1
+    )
+    for lab in known[1:]:
+        if lab.dim != known[0].dim:
+            raise Blocked(f"{node.name} stacks channels on different dimensions")
+        ctx.union(known[0], lab, node.name)
+    return known[0].moved(known[0].dim + 1) if dim <= known[0].dim else known[0]
+
+
 @register_op("cat", "concat")
 def cat(ctx: Analyzer, node: fx.Node) -> Label | None:
     tensors = list(args_of(node)[0])
@@ -335,16 +376,24 @@ def index(ctx: Analyzer, node: fx.Node) -> Label | None:
     return None
 
 
+# Ops that move, resize or join a table's rows and keep its columns apart.
+_TABLE_LAYOUT = (
+    *RESHAPE, *_COPIES, "permute", "transpose", "slice", "cat", "concat", "unsqueeze", "squeeze",
+    "upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "to",
+)  # fmt: skip
+
+
 def gathered_tables(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    """2-D parameters that only parameters and constants turn into what ``index`` gathers rows
-    from: a relative position bias table, one column per head (Swin gathers from the parameter
-    itself; BEiT first interpolates it and appends its class-token rows). Each -> its columns.
+    """2-D parameters that only layout ops turn into what ``index`` gathers rows from: a
+    relative position bias table, one column per head (Swin gathers from the parameter itself;
+    BEiT first interpolates it and appends its class-token rows). Each -> its columns.
 
     With head pruning their columns start a space at the parameter, so the heads the gathered
-    bias is added to can take their columns with them through whatever reshapes them."""
+    bias is added to can take their columns with them through whatever reshapes them. A table
+    computed otherwise (Swin V2's MLP over coordinates) starts its space where a layer makes it."""
     tables: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or packet(node) != "index" or not node.args:
+        if node.op != "call_function" or packet(node) != "index" or not _biases_scores(node):
             continue
         found: list[fx.Node] = []
         todo, seen = [node.args[0]], set()
@@ -353,8 +402,10 @@ def gathered_tables(gm: fx.GraphModule) -> dict[fx.Node, int]:
             if not isinstance(item, fx.Node) or item in seen:
                 continue
             seen.add(item)
-            if item.op == "placeholder":
-                found = []  # computed from the inputs: not a table
+            if item.op == "placeholder" or (
+                item.op == "call_function" and packet(item) not in _TABLE_LAYOUT
+            ):
+                found = []  # computed, not moved: not a table
                 break
             if item.op == "get_attr":
                 shape = shape_of(item) or ()
@@ -365,6 +416,22 @@ def gathered_tables(gm: fx.GraphModule) -> dict[fx.Node, int]:
         for table in found:
             tables[table] = int(shape_of(table)[1])  # type: ignore[index]
     return tables
+
+
+def _biases_scores(node: fx.Node) -> bool:
+    """Whether what ``node`` gathers, moved and added to, reaches attention scores (SDPA's mask
+    or a softmax): a position bias, not a rotary table (GPT-J gathers its sines and cosines)."""
+    todo, seen = [node], set()
+    while todo:
+        item = todo.pop()
+        for user in item.users:
+            op = packet(user)
+            if op in ("scaled_dot_product_attention", "softmax", "_softmax"):
+                return True
+            if user not in seen and (op in _TABLE_LAYOUT or op in ("add", "expand")):
+                seen.add(user)
+                todo.append(user)
+    return False
 
 
 def start_table(ctx: Analyzer, node: fx.Node, columns: int) -> Label:
