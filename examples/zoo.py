@@ -103,6 +103,15 @@ _VIT_LIKE: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
 }
+_CONVNEXT_LIKE: dict[str, Any] = {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2}
+_SWIN_LIKE: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 4,
+    "embed_dim": 16,
+    "depths": [1, 1],
+    "num_heads": [2, 4],
+    "window_size": 4,
+}
 _BEIT_LIKE: dict[str, Any] = {**_VIT_LIKE, "use_relative_position_bias": True}
 _BERT_LIKE: dict[str, Any] = {
     "hidden_size": 32,
@@ -126,14 +135,9 @@ ZOO: dict[str, ZooModel] = {
         _classifier(
             "mobilenet_v2", "MobileNetV2", attention=False, depth_multiplier=0.25, image_size=32
         ),
-        _classifier(
-            "convnext",
-            "ConvNext",
-            attention=False,
-            hidden_sizes=[16, 32],
-            depths=[1, 1],
-            num_stages=2,
-        ),
+        _classifier("convnext", "ConvNext", attention=False, **_CONVNEXT_LIKE),
+        # Global response normalisation: each channel divided by the mean over channels.
+        _classifier("convnextv2", "ConvNextV2", attention=False, **_CONVNEXT_LIKE),
         _classifier(
             "efficientnet",
             "EfficientNet",
@@ -145,17 +149,9 @@ ZOO: dict[str, ZooModel] = {
         ),
         _classifier("vit", "ViT", attention=True, **_VIT_LIKE),
         _classifier("deit", "DeiT", attention=True, **_VIT_LIKE),
-        _classifier(
-            "swin",
-            "Swin",
-            attention=True,
-            image_size=32,
-            patch_size=4,
-            embed_dim=16,
-            depths=[1, 1],
-            num_heads=[2, 4],
-            window_size=4,
-        ),
+        _classifier("swin", "Swin", attention=True, **_SWIN_LIKE),
+        # Cosine attention, a per-head logit scale, a position bias made by an MLP.
+        _classifier("swinv2", "Swinv2", attention=True, **_SWIN_LIKE),
         # Relative position bias tables, interpolated before their rows are gathered.
         _classifier("beit", "Beit", attention=True, **_BEIT_LIKE),
         _classifier("data2vec_vision", "Data2VecVision", attention=True, **_BEIT_LIKE),
@@ -221,6 +217,9 @@ ZOO: dict[str, ZooModel] = {
         _decoder(
             "gpt_neox", "GPTNeoX", hidden_size=64, intermediate_size=96, num_attention_heads=4
         ),
+        # Rotary embedding on interleaved pairs (stack((-x2, x1), -1)); CodeGen's fused qkv.
+        _decoder("gptj", "GPTJ", n_embd=64, n_head=4, rotary_dim=8, n_positions=32),
+        _decoder("codegen", "CodeGen", n_embd=64, n_head=4, rotary_dim=8, n_positions=32),
         _decoder("llama", "Llama", **_LLAMA_LIKE),
         _decoder("mistral", "Mistral", sliding_window=None, **_LLAMA_LIKE),
         _decoder("qwen2", "Qwen2", **_LLAMA_LIKE),
@@ -228,6 +227,14 @@ ZOO: dict[str, ZooModel] = {
         _decoder("phi3", "Phi3", pad_token_id=0, **_LLAMA_LIKE),
         _decoder("phi", "Phi", hidden_size=64, intermediate_size=96, num_attention_heads=4),
         _decoder("stablelm", "StableLm", **_LLAMA_LIKE),
+        _decoder(
+            "olmo2",
+            "Olmo2",
+            # Its q and k RMSNorms normalise over every head at once: removing heads would
+            # change the others' statistics, and RMSNorm's mean is not followed.
+            heads_blocked="reduces over the channels",
+            **_LLAMA_LIKE,
+        ),
         _decoder("gemma", "Gemma", **_HEAD_DIM_16),
         _decoder("gemma2", "Gemma2", attention="eager", sliding_window=4, **_HEAD_DIM_16),
         _decoder(
