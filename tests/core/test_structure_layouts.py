@@ -95,6 +95,36 @@ def test_cosine_attention_loses_its_heads_scales_and_mlp_bias_rows_together() ->
     assert_matches_masked(program, result, (5, 16))
 
 
+class MultiQuery(nn.Module):
+    """Falcon-7B: one fused projection holding H query heads, then one key and one value head,
+    split apart along the heads and the key/value repeated for every query head."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, (heads + 2) * self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h, d = self.heads, self.head_dim
+        fused = self.qkv(x).view(b, n, -1, d)
+        q, k, v = (t.transpose(1, 2) for t in fused.split([h, 1, 1], dim=2))
+        k, v = (t.expand(b, h, n, d) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+def test_multi_query_attention_keeps_its_heads_and_says_why() -> None:
+    program = export(MultiQuery(), (5, 16))
+    analysis = analyze(program.module(), heads=True)
+    qkv = [g for g in analysis.groups if any(lay == "qkv" for lay in g.layers)]
+    reasons = {r for g in qkv for r in g.blocked}
+    assert any("one key/value head for every query head" in r for r in reasons), reasons
+    result = prune_program(program, heads())
+    assert result.program.state_dict["qkv.weight"].shape == (24, 16)
+
+
 class OneToken(nn.Module):
     """MobileViT at its last stage: a sequence of one token, so (B, 1, C) -> (B, 1, H, D)."""
 

@@ -317,6 +317,9 @@ class Analyzer:
                 # one bias entry per head), times the repeats.
                 if q_group.size * kv.unit != kv_group.size * kv.repeat * query.unit:
                     reason = f"{why}: query and key/value heads do not line up"
+                elif kv.unit > 1 and kv_group.size == kv.unit and kv.repeat > 1:
+                    # Key/value heads go with their query heads; the only one cannot go.
+                    reason = f"{why}: one key/value head for every query head (multi-query)"
                 elif q_group.id == kv_group.id:
                     reason = f"{why}: keys repeated onto themselves"
                 elif kv_group.follows not in (None, q_group.id) or (

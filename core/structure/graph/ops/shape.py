@@ -227,6 +227,11 @@ def expand(ctx: Analyzer, node: fx.Node) -> Label | None:
     out_rank = len(args_of(node)[1])
     moved = label.moved(out_rank - rank_of(args_of(node)[0]) + label.dim)
     size = args_of(node)[1][moved.dim]
+    before = static_size((shape_of(args_of(node)[0]) or ())[label.dim])
+    copies = static_size((shape_of(node) or ())[moved.dim])
+    if label.unit > 1 and before == 1 and copies is not None and copies > 1:
+        # One head broadcast to several (multi-query keys and values): copies of it.
+        moved = Label(moved.dim, label.spaces, label.inner, label.unit, label.repeat * copies)
     if isinstance(size, int) and size != -1:
         ctx.rewrite(node, 1, moved.dim, moved)
     elif isinstance(size, fx.Node):
@@ -479,18 +484,24 @@ def split_channels(ctx: Analyzer, node: fx.Node) -> NodeLabel:
 
 
 def _split_space(ctx: Analyzer, node: fx.Node, label: Label, parts: Any) -> tuple[Label, ...]:
-    """Chunk along the channels (q/k/v, GLU halves): each part becomes a space of its own."""
+    """Chunk along the channels (q/k/v, GLU halves): each part becomes a space of its own.
+
+    Along a heads dim the parts are whole heads (Falcon's multi-query ``split([H, 1, 1])`` of
+    its fused heads into the queries, the key and the value)."""
     spaces = ctx.leaves(label.spaces)
-    if len(spaces) != 1 or label.inner != 1 or label.unit != 1:
+    if len(spaces) != 1 or label.inner != 1 or label.repeat != 1:
         raise Blocked(f"{node.name} splits concatenated or flattened channels")
     (space,) = spaces
     if ctx.is_coupled(space):
         raise Blocked(f"{node.name} splits channels already coupled to others")
     sizes = [static_size(p.shape[label.dim]) for p in parts]
-    if any(size is None for size in sizes) or sum(s for s in sizes if s) != ctx.space(space).size:
+    widths = [int(size or 0) * label.unit for size in sizes]
+    if any(size is None for size in sizes) or sum(widths) != ctx.space(space).size:
         raise Blocked(f"{node.name} splits the channels into parts of unknown size")
-    children = ctx.split_space(space, [int(size or 0) for size in sizes], node, label.dim)
-    labels = tuple(Label(label.dim, (c,)) for c in children)
+    children = ctx.split_space(space, widths, node, label.dim)
+    for child in children if label.unit > 1 else ():
+        ctx.set_head_size(child, label.unit)
+    labels = tuple(Label(label.dim, (c,), 1, label.unit) for c in children)
     op, args = packet(node), args_of(node)
     if op == "split_with_sizes":
         for i, part in enumerate(labels):
