@@ -248,8 +248,9 @@ ZOO: dict[str, ZooModel] = {
         _decoder(
             "opt", "OPT", hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32
         ),
-        # Falcon's fused query_key_value in two layouts: per key/value group (the new decoder
-        # architecture, grouped-query) and q, k, v interleaved per head.
+        # Falcon's fused query_key_value in three layouts: per key/value group (the new decoder
+        # architecture, grouped-query), q, k, v interleaved per head, and multi-query (Falcon-7B:
+        # one key and one value head for every query head, which keeps the heads).
         _decoder(
             "falcon",
             "Falcon",
@@ -260,6 +261,13 @@ ZOO: dict[str, ZooModel] = {
         ),
         _decoder(
             "falcon_per_head", "Falcon", hidden_size=64, num_attention_heads=4, multi_query=False
+        ),
+        _decoder(
+            "falcon_mqa",
+            "Falcon",
+            hidden_size=64,
+            num_attention_heads=4,
+            heads_blocked="one key/value head for every query head",
         ),
         # Fused query_key_value as (B, N, H, 3, D). Its attention folds the heads into the batch
         # for baddbmm with ALiBi biases computed in the graph for every head: heads stay.
