@@ -34,6 +34,8 @@ HEADS_BLOCKED = sorted(n for n, m in ZOO.items() if m.heads_blocked)
 QUICK = MeasureConfig(batch_size=2, warmup=0, repeats=1)
 # Ops whose weight operand is a dense matrix product: none of their weights may be left out.
 _MATMULS = {"linear", "addmm", "mm", "matmul", "einsum", "conv1d", "conv2d", "conv3d"}
+# A weight may reach them transposed (Falcon's ``x @ W.T``).
+_TRANSPOSES = {"t", "numpy_T", "transpose", "permute"}
 
 
 def params(program: torch.export.ExportedProgram) -> int:
@@ -67,15 +69,20 @@ def check_interface(
     return reloaded
 
 
+def _op(node: torch.fx.Node) -> str:
+    return str(getattr(getattr(node.target, "overloadpacket", None), "__name__", ""))
+
+
 def matmul_weights(program: torch.export.ExportedProgram) -> set[int]:
     """Storages of every parameter a dense matrix product multiplies by."""
     found: set[int] = set()
     params_by_node = program.graph_signature.inputs_to_parameters
     for node in program.graph.nodes:
-        op = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
-        if node.op != "call_function" or op not in _MATMULS:
+        if node.op != "call_function" or _op(node) not in _MATMULS:
             continue
         for arg in pytree.tree_leaves((node.args, node.kwargs)):
+            if isinstance(arg, torch.fx.Node) and _op(arg) in _TRANSPOSES:
+                arg = arg.args[0]
             name = params_by_node.get(getattr(arg, "name", ""))
             if name is not None and program.state_dict[name].dim() >= 2:
                 found.add(program.state_dict[name].untyped_storage().data_ptr())
