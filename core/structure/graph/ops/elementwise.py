@@ -30,6 +30,8 @@ UNARY = (
     "contiguous", "detach", "alias", "_to_copy", "to", "abs", "neg", "exp", "sqrt", "rsqrt",
     "pow", "clamp", "clamp_min", "clamp_max", "square", "erf", "log", "log1p", "reciprocal",
     "lift_fresh_copy", "feature_dropout", "alpha_dropout", "identity", "detach_",
+    # In place (MobileNetV2's classifier dropout exports as dropout_).
+    "dropout_", "silu_", "gelu_", "sigmoid_", "tanh_", "clamp_", "hardswish_", "leaky_relu_",
 )  # fmt: skip
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "rsub", "true_divide", "masked_fill")
 # In place on a temporary (Falcon's ``mlp_output += attention_output``): channels as the above.
