@@ -140,7 +140,13 @@ def table(rows: list[Row], config: MeasureConfig) -> str:
         "channels with everything coupled to them (the residual stream of a transformer is kept",
         "where RMSNorm's mean runs over it, so Llama-family models shrink in their MLPs and",
         "attention); head pruning removes whole heads — in grouped-query attention (Llama,",
-        "Mistral, Qwen2, Phi-3) a key/value head together with the query heads that read it.",
+        "Mistral, Qwen2, Phi-3) a key/value head together with the query heads that read it,",
+        "and in a fused projection that interleaves q, k and v per head (GPT-NeoX, Falcon,",
+        "CodeGen) a head's rows of it with the output projection's columns it fed. Heads stay,",
+        "with the reason in the last column, where removing some would change what the others",
+        "compute: BLOOM folds them into the batch for its ALiBi biases, Falcon's multi-query",
+        "attention (Falcon-7B) has one key/value head for all of them, and OLMo 2 normalises q",
+        "and k over every head at once.",
         "",
     ]
     return "\n".join(lines)

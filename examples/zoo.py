@@ -33,12 +33,16 @@ class Logits(nn.Module):
 
 @dataclass(frozen=True)
 class ZooModel:
-    """A transformers architecture at test size; ``attention`` when it has heads to prune."""
+    """A transformers architecture at test size; ``attention`` when it has heads to prune.
+
+    ``heads_blocked``: where head pruning keeps every head by design, the reason the analysis
+    gives for it."""
 
     name: str
     build: Callable[[], nn.Module]
     text: bool
     attention: bool
+    heads_blocked: str = ""
 
     def example(self, batch: int = 2) -> torch.Tensor:
         if self.text:
@@ -70,12 +74,27 @@ def _text(
     return build
 
 
+def _classifier(name: str, family: str, attention: bool, **kw: Any) -> ZooModel:
+    """An image classifier from ``{family}Config`` and ``{family}ForImageClassification``."""
+    build = _vision(f"{family}Config", f"{family}ForImageClassification", **kw)
+    return ZooModel(name, build, text=False, attention=attention)
+
+
+def _decoder(
+    name: str, family: str, config: str = "", heads_blocked: str = "", **kw: Any
+) -> ZooModel:
+    """A causal LM from ``{family}Config`` (or ``config``) and ``{family}ForCausalLM``."""
+    build = _text(config or f"{family}Config", f"{family}ForCausalLM", **kw)
+    return ZooModel(name, build, text=True, attention=True, heads_blocked=heads_blocked)
+
+
 _LLAMA_LIKE: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 96,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+_HEAD_DIM_16: dict[str, Any] = {**_LLAMA_LIKE, "head_dim": 16}  # families defaulting to 128+
 _VIT_LIKE: dict[str, Any] = {
     "image_size": 32,
     "patch_size": 8,
@@ -84,6 +103,16 @@ _VIT_LIKE: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
 }
+_CONVNEXT_LIKE: dict[str, Any] = {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2}
+_SWIN_LIKE: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 4,
+    "embed_dim": 16,
+    "depths": [1, 1],
+    "num_heads": [2, 4],
+    "window_size": 4,
+}
+_BEIT_LIKE: dict[str, Any] = {**_VIT_LIKE, "use_relative_position_bias": True}
 _BERT_LIKE: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -94,68 +123,47 @@ _BERT_LIKE: dict[str, Any] = {
 ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in (
-        ZooModel(
+        _classifier(
             "resnet",
-            _vision(
-                "ResNetConfig",
-                "ResNetForImageClassification",
-                embedding_size=16,
-                hidden_sizes=[16, 32],
-                depths=[1, 1],
-                layer_type="bottleneck",
-            ),
-            text=False,
+            "ResNet",
             attention=False,
+            embedding_size=16,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            layer_type="bottleneck",
         ),
-        ZooModel(
-            "mobilenet_v2",
-            _vision(
-                "MobileNetV2Config",
-                "MobileNetV2ForImageClassification",
-                depth_multiplier=0.25,
-                image_size=32,
-            ),
-            text=False,
+        _classifier(
+            "mobilenet_v2", "MobileNetV2", attention=False, depth_multiplier=0.25, image_size=32
+        ),
+        _classifier("convnext", "ConvNext", attention=False, **_CONVNEXT_LIKE),
+        # Global response normalisation: each channel divided by the mean over channels.
+        _classifier("convnextv2", "ConvNextV2", attention=False, **_CONVNEXT_LIKE),
+        _classifier(
+            "efficientnet",
+            "EfficientNet",
             attention=False,
+            image_size=32,
+            width_coefficient=0.25,
+            depth_coefficient=0.25,
+            hidden_dim=320,  # the width of its last convolution at this width_coefficient
         ),
-        ZooModel(
-            "convnext",
-            _vision(
-                "ConvNextConfig",
-                "ConvNextForImageClassification",
-                hidden_sizes=[16, 32],
-                depths=[1, 1],
-                num_stages=2,
-            ),
-            text=False,
-            attention=False,
-        ),
-        ZooModel(
-            "vit",
-            _vision("ViTConfig", "ViTForImageClassification", **_VIT_LIKE),
-            text=False,
+        _classifier("vit", "ViT", attention=True, **_VIT_LIKE),
+        _classifier("deit", "DeiT", attention=True, **_VIT_LIKE),
+        _classifier("swin", "Swin", attention=True, **_SWIN_LIKE),
+        # Cosine attention, a per-head logit scale, a position bias made by an MLP.
+        _classifier("swinv2", "Swinv2", attention=True, **_SWIN_LIKE),
+        # Relative position bias tables, interpolated before their rows are gathered.
+        _classifier("beit", "Beit", attention=True, **_BEIT_LIKE),
+        _classifier("data2vec_vision", "Data2VecVision", attention=True, **_BEIT_LIKE),
+        _classifier(
+            "mobilevit",
+            "MobileViT",
             attention=True,
-        ),
-        ZooModel(
-            "deit",
-            _vision("DeiTConfig", "DeiTForImageClassification", **_VIT_LIKE),
-            text=False,
-            attention=True,
-        ),
-        ZooModel(
-            "swin",
-            _vision(
-                "SwinConfig",
-                "SwinForImageClassification",
-                image_size=32,
-                patch_size=4,
-                embed_dim=16,
-                depths=[1, 1],
-                num_heads=[2, 4],
-                window_size=4,
-            ),
-            text=False,
-            attention=True,
+            image_size=32,
+            hidden_sizes=[32, 32, 32],
+            neck_hidden_sizes=[8, 16, 16, 16, 16, 16, 32],
+            num_attention_heads=4,
+            expand_ratio=2.0,
         ),
         ZooModel(
             "bert",
@@ -195,44 +203,82 @@ ZOO: dict[str, ZooModel] = {
             text=True,
             attention=True,
         ),
-        ZooModel(
+        _decoder(
             "gpt_neo",
-            _text(
-                "GPTNeoConfig",
-                "GPTNeoForCausalLM",
-                hidden_size=32,
-                num_layers=2,
-                num_heads=4,
-                attention_types=[[["global", "local"], 1]],
-                window_size=4,
-                attention="eager",
-            ),
-            text=True,
-            attention=True,
+            "GPTNeo",
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+            attention="eager",
         ),
-        ZooModel(
-            "llama",
-            _text("LlamaConfig", "LlamaForCausalLM", **_LLAMA_LIKE),
-            text=True,
-            attention=True,
+        # Fused query_key_value, q, k and v interleaved per head: (B, N, H, 3*D), chunked.
+        _decoder(
+            "gpt_neox", "GPTNeoX", hidden_size=64, intermediate_size=96, num_attention_heads=4
         ),
-        ZooModel(
-            "mistral",
-            _text("MistralConfig", "MistralForCausalLM", sliding_window=None, **_LLAMA_LIKE),
-            text=True,
-            attention=True,
+        # Rotary embedding on interleaved pairs (stack((-x2, x1), -1)); CodeGen's fused qkv.
+        _decoder("gptj", "GPTJ", n_embd=64, n_head=4, rotary_dim=8, n_positions=32),
+        _decoder("codegen", "CodeGen", n_embd=64, n_head=4, rotary_dim=8, n_positions=32),
+        _decoder("llama", "Llama", **_LLAMA_LIKE),
+        _decoder("mistral", "Mistral", sliding_window=None, **_LLAMA_LIKE),
+        _decoder("qwen2", "Qwen2", **_LLAMA_LIKE),
+        _decoder("qwen3", "Qwen3", **_HEAD_DIM_16),  # RMSNorm over each head's q and k
+        _decoder("phi3", "Phi3", pad_token_id=0, **_LLAMA_LIKE),
+        _decoder("phi", "Phi", hidden_size=64, intermediate_size=96, num_attention_heads=4),
+        _decoder("stablelm", "StableLm", **_LLAMA_LIKE),
+        _decoder(
+            "olmo2",
+            "Olmo2",
+            # Its q and k RMSNorms normalise over every head at once: removing heads would
+            # change the others' statistics, and RMSNorm's mean is not followed.
+            heads_blocked="reduces over the channels",
+            **_LLAMA_LIKE,
         ),
-        ZooModel(
-            "qwen2",
-            _text("Qwen2Config", "Qwen2ForCausalLM", **_LLAMA_LIKE),
-            text=True,
-            attention=True,
+        _decoder("gemma", "Gemma", **_HEAD_DIM_16),
+        _decoder("gemma2", "Gemma2", attention="eager", sliding_window=4, **_HEAD_DIM_16),
+        _decoder(
+            "gemma3",
+            "Gemma3",
+            config="Gemma3TextConfig",
+            attention="eager",
+            sliding_window=4,
+            **_HEAD_DIM_16,
         ),
-        ZooModel(
-            "phi3",
-            _text("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **_LLAMA_LIKE),
-            text=True,
-            attention=True,
+        _decoder(
+            "opt", "OPT", hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32
+        ),
+        # Falcon's fused query_key_value in three layouts: per key/value group (the new decoder
+        # architecture, grouped-query), q, k, v interleaved per head, and multi-query (Falcon-7B:
+        # one key and one value head for every query head, which keeps the heads).
+        _decoder(
+            "falcon",
+            "Falcon",
+            hidden_size=64,
+            num_attention_heads=4,
+            new_decoder_architecture=True,
+            num_kv_heads=2,
+        ),
+        _decoder(
+            "falcon_per_head", "Falcon", hidden_size=64, num_attention_heads=4, multi_query=False
+        ),
+        _decoder(
+            "falcon_mqa",
+            "Falcon",
+            hidden_size=64,
+            num_attention_heads=4,
+            heads_blocked="one key/value head for every query head",
+        ),
+        # Fused query_key_value as (B, N, H, 3, D). Its attention folds the heads into the batch
+        # for baddbmm with ALiBi biases computed in the graph for every head: heads stay.
+        _decoder(
+            "bloom",
+            "Bloom",
+            attention="eager",
+            hidden_size=32,
+            n_head=4,
+            n_layer=2,
+            heads_blocked="folds the heads into the batch dimension",
         ),
     )
 }

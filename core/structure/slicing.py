@@ -290,7 +290,63 @@ def reexport(
     try:
         return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
+        # A view that held only for the layout the upload was traced with: once more with
+        # reshapes (the same ops otherwise, so the common case keeps the upload's graph).
+        if not views_as_reshapes(gm):
+            raise PruningError(f"the pruned program did not export again: {exc}") from exc
+    try:
+        return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
         raise PruningError(f"the pruned program did not export again: {exc}") from exc
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node that is a view of it (through chains of views)."""
+    found, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            schema = getattr(user.target, "_schema", None)
+            returns = schema.returns if schema is not None else ()
+            if user not in found and returns and returns[0].alias_info is not None:
+                found.add(user)
+                todo.append(user)
+    return found
+
+
+def _mutated(nodes: set[fx.Node]) -> bool:
+    """Whether an in-place op writes to any of ``nodes``."""
+    for node in nodes:
+        for user in node.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and any(
+                a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+            ):
+                return True
+    return False
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> bool:
+    """``view`` -> ``reshape`` where nothing writes through either tensor.
+
+    Export drops a ``.contiguous()`` that was a no-op when it traced (SDPA's output laid out as
+    ``(B, N, H, D)`` already: Data2VecVision's ``permute(...).contiguous().view(...)``); traced
+    again, the same op can return another layout and the bare ``view`` fails. ``reshape`` is the
+    same values whatever the layout, and only aliasing, which nothing here observes, differs.
+    Returns whether any view changed.
+    """
+    view = torch.ops.aten.view.default
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not view:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or _mutated(_aliases(source) | _aliases(node)):
+            continue
+        node.target = torch.ops.aten.reshape.default
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def _example_inputs(

@@ -285,3 +285,105 @@ class SqueezeExcite(nn.Module):
 
 
 ARCHS["se"] = Arch("se", lambda w: SqueezeExcite(8 * w), (3, 8, 8))
+
+
+class FusedHeadsAttention(nn.Module):
+    """One fused projection whose q, k and v are interleaved per head, as transformers' decoders
+    lay them out (nothing like timm's ``(3, H, D)``, where q, k and v are contiguous blocks):
+
+    - ``neox``: GPT-NeoX, ``view(B, N, H, 3*D)`` then ``chunk(3, dim=-1)``
+    - ``per_head``: Falcon, ``view(B, N, 3*H, D)``, ``unflatten(-2, (H, 3))``, ``unbind(-2)``
+    - ``bloom``: BLOOM, ``view(B, N, H, 3, D)`` then ``[..., i, :]``
+    - ``grouped``: Falcon's new decoder, ``view(B, N, KV, r + 2, D)``: each key/value group's
+      ``r`` queries, then its key and its value; keys and values repeated for the queries
+
+    ``block(g)`` is the slice of fused rows that one prunable unit (a head, or a key/value
+    group) owns; ``columns(g)`` the output projection's columns it feeds.
+    """
+
+    def __init__(self, dim: int = 16, heads: int = 4, layout: str = "neox", kv: int = 2):
+        super().__init__()
+        self.heads, self.head_dim, self.layout = heads, dim // heads, layout
+        self.kv = kv if layout == "grouped" else heads
+        fused = (heads + 2 * kv) * self.head_dim if layout == "grouped" else 3 * dim
+        self.qkv = nn.Linear(dim, fused)
+        self.proj = nn.Linear(dim, dim)
+
+    def block(self, g: int) -> slice:
+        size = self.qkv.out_features // self.kv
+        return slice(g * size, (g + 1) * size)
+
+    def columns(self, g: int) -> list[int]:
+        per = self.heads // self.kv * self.head_dim
+        return list(range(g * per, (g + 1) * per))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h, d = self.heads, self.head_dim
+        fused = self.qkv(x)
+        if self.layout == "neox":
+            q, k, v = fused.view(b, n, h, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+        elif self.layout == "bloom":
+            per_head = fused.view(b, n, h, 3, d)
+            q, k, v = (per_head[..., i, :].transpose(1, 2) for i in range(3))
+        elif self.layout == "per_head":
+            parts = fused.view(b, n, -1, d).unflatten(-2, (h, 3)).unbind(-2)
+            q, k, v = (p.transpose(1, 2) for p in parts)
+        else:
+            groups = fused.view(b, n, -1, d).view(b, n, self.kv, -1, d)
+            q = groups[..., :-2, :].flatten(-3, -2).transpose(1, 2)
+            k, v = (groups[..., i, :].transpose(1, 2) for i in (-2, -1))
+            r = h // self.kv
+            k, v = (t[:, :, None].expand(b, self.kv, r, n, d).reshape(b, h, n, d) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class InterpolatedBiasAttention(nn.Module):
+    """BEiT's relative position bias: a (positions, heads) table that is reshaped, interpolated
+    and extended with extra rows *before* the rows are gathered and added to each head's scores
+    (Swin gathers from the parameter itself)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads, self.tokens = heads, tokens
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn(9 + 1, heads))  # a 3x3 grid, then one extra row
+        self.register_buffer("where", torch.randint(0, 10, (tokens * tokens,)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.heads
+        grid = self.table[:9].reshape(1, 3, 3, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(3, 3), mode="bilinear", align_corners=False)
+        table = torch.cat([grid.permute(0, 2, 3, 1).reshape(9, -1), self.table[9:]])
+        bias = table[self.where].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        q, k, v = (m(x).view(b, n, h, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class CosineAttention(nn.Module):
+    """Swin V2's attention: q and k normalised within each head (``F.normalize``), scaled by a
+    per-head ``logit_scale.clamp(max=...).exp()``, plus a per-head bias an MLP makes from
+    coordinates, added to the scores explicitly."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(heads, 1, 1) + 1))
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads))
+        self.register_buffer("coords", torch.randn(tokens * tokens, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scores = scores * torch.clamp(self.logit_scale, max=4.6).exp()
+        bias = self.mlp(self.coords).view(n, n, -1).permute(2, 0, 1)
+        y = (scores + 16 * torch.sigmoid(bias).unsqueeze(0)).softmax(-1) @ v
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))

@@ -137,8 +137,8 @@ class _Weight(nn.Module):
 
 
 class Spellings(nn.Module):
-    """The same kind of layer written four ways: addmm with an (in, out) weight (GPT-2's Conv1D),
-    ``x @ W.t()``, an einsum projection and ``nn.Linear``."""
+    """The same kind of layer written five ways: addmm with an (in, out) weight (GPT-2's Conv1D),
+    ``x @ W.t()``, an einsum projection, ``x @ W.T`` (Falcon's FalconLinear) and ``nn.Linear``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,12 +146,14 @@ class Spellings(nn.Module):
         self.bias = nn.Parameter(torch.randn(12))
         self.mm = _Weight(10, 12)  # (out, in)
         self.ein = _Weight(8, 10)  # (out, in)
+        self.numpy_t = _Weight(8, 8)  # (out, in)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(torch.addmm(self.bias, x, self.conv1d.weight))
         h = torch.relu(h @ self.mm.weight.t())
         h = torch.relu(torch.einsum("bi,oi->bo", h, self.ein.weight))
+        h = torch.relu(h @ self.numpy_t.weight.T)
         return self.head(h)
 
 
@@ -160,7 +162,7 @@ def test_every_spelling_of_a_linear_layer_is_one_prunable_layer(tmp_path: Path) 
 
     program = export(Spellings(), (6,))
     analysis = analyze(program.module())
-    for layer in ("conv1d", "mm", "ein"):
+    for layer in ("conv1d", "mm", "ein", "numpy_t"):
         group = analysis.group_of_layer(layer)
         assert group is not None
         assert group.prunable, group.blocked
@@ -172,6 +174,7 @@ def test_every_spelling_of_a_linear_layer_is_one_prunable_layer(tmp_path: Path) 
         "conv1d": ("linear", 0),
         "mm": ("linear", 1),
         "ein": ("linear", 1),
+        "numpy_t": ("linear", 1),
         "head": ("linear", 1),
     }
 
@@ -182,6 +185,7 @@ def test_every_spelling_of_a_linear_layer_is_one_prunable_layer(tmp_path: Path) 
     assert tuple(state["conv1d.weight"].shape) == (6, 6)  # its output columns went
     assert tuple(state["mm.weight"].shape) == (5, 6)
     assert tuple(state["ein.weight"].shape) == (4, 5)
+    assert tuple(state["numpy_t.weight"].shape) == (4, 4)
     reference = program.module()
     mask_channels(reference, result.analysis, result.plan.keep)
     x = torch.randn(5, 6)

@@ -173,7 +173,12 @@ def describe(
         if op in _TRANSPOSES:
             source = param_by_placeholder.get(_tensor_input(node_inputs, "self", at) or "")
             out = _tensor_output(node, at)
-            if source is not None and out is not None and _swaps_2d(op, node_inputs, at):
+            if (
+                source is not None
+                and out is not None
+                and _swaps_2d(op, node_inputs, at)
+                and (op != _NUMPY_T or len(weights[source].sizes) == 2)
+            ):
                 transposed[out] = source
             continue
         parameter: str | None
@@ -241,8 +246,15 @@ _PROJECTIONS: Final[Mapping[str, str]] = {
     "torch.ops.aten.matmul.default": "other",
     "torch.ops.aten.einsum.default": "tensors",
 }
+# ``W.T`` (Falcon's FalconLinear) reverses every dim: a swap for the matrices it is counted on.
+_NUMPY_T: Final = "torch.ops.aten.numpy_T.default"
 _TRANSPOSES: Final = frozenset(
-    {"torch.ops.aten.t.default", "torch.ops.aten.transpose.int", "torch.ops.aten.permute.default"}
+    {
+        "torch.ops.aten.t.default",
+        "torch.ops.aten.transpose.int",
+        "torch.ops.aten.permute.default",
+        _NUMPY_T,
+    }
 )
 
 
@@ -274,7 +286,7 @@ def _ints(node_inputs: Mapping[str, Any], name: str, at: str) -> list[int] | Non
 
 def _swaps_2d(op: str, node_inputs: Mapping[str, Any], at: str) -> bool:
     """Whether a transpose-like op swaps the two dims of a matrix."""
-    if op == "torch.ops.aten.t.default":
+    if op in ("torch.ops.aten.t.default", _NUMPY_T):
         return True
     if op == "torch.ops.aten.permute.default":
         return [d % 2 for d in _ints(node_inputs, "dims", at) or []] == [1, 0]

@@ -23,7 +23,7 @@ from core.structure.graph.model import (
     Space,
 )
 from core.structure.graph.nodes import Blocked, args_of, flat_labels, nodes_in, packet
-from core.structure.graph.ops import attention  # importing ops registers every handler
+from core.structure.graph.ops import attention, shape  # importing ops registers every handler
 from core.structure.graph.registry import handler_for
 
 # Handled whatever their target: tuple indexing (operator.getitem) and reading a size.
@@ -204,9 +204,12 @@ class Analyzer:
     def run(self) -> GraphAnalysis:
         """Label every node, then build the groups (once per analyzer)."""
         matches, internal = attention.find_mha(self.gm) if self.heads else ([], set())
+        tables = shape.gathered_tables(self.gm) if self.heads else {}
         for node in self.gm.graph.nodes:
             if node in internal:
                 self._labels[node] = None  # followed as a whole by attach_mha
+            elif node in tables:
+                self._labels[node] = shape.start_table(self, node, tables[node])
             elif node.op in ("placeholder", "get_attr"):
                 self._labels[node] = None
             elif node.op == "output":
@@ -314,6 +317,9 @@ class Analyzer:
                 # one bias entry per head), times the repeats.
                 if q_group.size * kv.unit != kv_group.size * kv.repeat * query.unit:
                     reason = f"{why}: query and key/value heads do not line up"
+                elif kv.unit > 1 and kv_group.size == kv.unit and kv.repeat > 1:
+                    # Key/value heads go with their query heads; the only one cannot go.
+                    reason = f"{why}: one key/value head for every query head (multi-query)"
                 elif q_group.id == kv_group.id:
                     reason = f"{why}: keys repeated onto themselves"
                 elif kv_group.follows not in (None, q_group.id) or (

@@ -85,11 +85,18 @@ def static_size(size: object) -> int | None:
 
 
 def prefix_match(prefix: Sequence[object], out: Sequence[object]) -> int | None:
-    """The k for which ``out[:k]`` holds as many elements as ``prefix``, or None."""
+    """The k for which ``out[:k]`` holds as many elements as ``prefix``, or None.
+
+    Size-1 dims right after the prefix go with it (the largest such k): MobileViT's single
+    patch, ``(4B, 1, C) -> (4B, 1, H, D)``, keeps its sequence dim and splits C into heads,
+    rather than splitting ``1*C`` into three dims."""
+    found = None
     for k in range(len(out) + 1):
         if same_size(prefix, out[:k]):
-            return k
-    return None
+            found = k
+        elif found is not None:
+            break
+    return found
 
 
 def nodes_in(tree: object) -> Iterator[fx.Node]:

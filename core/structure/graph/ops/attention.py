@@ -42,6 +42,10 @@ def coupled_heads(ctx: Analyzer, node: fx.Node, tensors: Sequence[object]) -> La
     for t, lab in zip(tensors, known, strict=True):
         if lab.unit == 1 or rank_of(t) != rank or lab.dim != known[0].dim or lab.dim >= rank - 2:
             raise Blocked(f"{node.name} attends over channels that are not whole heads")
+    if all(lab == known[0] for lab in known):
+        # One fused projection's heads read alike (Falcon's per-group queries, key and value):
+        # head positions line up already, however many positions each head has.
+        return known[0]
     plain = [lab for lab in known if lab.repeat == 1]
     if not plain:
         raise Blocked(f"{node.name} attends with repeated keys and no query heads")

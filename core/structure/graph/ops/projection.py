@@ -47,14 +47,15 @@ class Weight:
 
 
 def _transposed(node: fx.Node) -> fx.Node | None:
-    """The parameter behind ``t(p)``/``transpose(p, 0, 1)``/``permute(p, [1, 0])``, else None."""
+    """The parameter behind ``t(p)``/``p.T``/``transpose(p, 0, 1)``/``permute(p, [1, 0])``, else
+    None."""
     if node.op != "call_function":
         return None
     op, args = packet(node), args_of(node)
     source = args[0] if args else None
     if not isinstance(source, fx.Node) or source.op != "get_attr":
         return None
-    if op == "t":
+    if op in ("t", "numpy_T"):
         return source
     if op == "transpose" and {norm_dim(const_int(d), 2) for d in args[1:3]} == {0, 1}:
         return source

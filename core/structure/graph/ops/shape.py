@@ -105,6 +105,13 @@ def t(ctx: Analyzer, node: fx.Node) -> Label | None:
     return None if label is None else label.moved(1 - label.dim)
 
 
+@register_op("numpy_T")
+def numpy_t(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """``x.T``: every dimension reversed (Falcon's ``FalconLinear`` reads its weight as ``W.T``)."""
+    label = ctx.label_of(args_of(node)[0])
+    return None if label is None else label.moved(rank_of(args_of(node)[0]) - 1 - label.dim)
+
+
 @register_op("unsqueeze")
 def unsqueeze(ctx: Analyzer, node: fx.Node) -> Label | None:
     label = ctx.label_of(args_of(node)[0])
@@ -220,11 +227,57 @@ def expand(ctx: Analyzer, node: fx.Node) -> Label | None:
     out_rank = len(args_of(node)[1])
     moved = label.moved(out_rank - rank_of(args_of(node)[0]) + label.dim)
     size = args_of(node)[1][moved.dim]
+    before = static_size((shape_of(args_of(node)[0]) or ())[label.dim])
+    copies = static_size((shape_of(node) or ())[moved.dim])
+    if label.unit > 1 and before == 1 and copies is not None and copies > 1:
+        # One head broadcast to several (multi-query keys and values): copies of it.
+        moved = Label(moved.dim, label.spaces, label.inner, label.unit, label.repeat * copies)
     if isinstance(size, int) and size != -1:
         ctx.rewrite(node, 1, moved.dim, moved)
     elif isinstance(size, fx.Node):
         raise Blocked(f"{node.name} expands to a computed channel count")
     return moved
+
+
+@register_op("expand_as")
+def expand_as(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """``x.expand_as(y)``: ``x`` broadcast to ``y``'s shape (``F.normalize``'s norm); the
+    channels are ``x``'s, and ``y``'s where it has them, coupled."""
+    x, other = args_of(node)[:2]
+    label, target = ctx.label_of(x), ctx.label_of(other)
+    out = shape_of(node) or ()
+    if label is not None:
+        label = label.moved(len(out) - rank_of(x) + label.dim)
+        if static_size((shape_of(x) or ())[label.dim - len(out) + rank_of(x)]) != static_size(
+            out[label.dim]
+        ):
+            raise Blocked(f"{node.name} expands the channel dimension")
+    if label is not None and target is not None:
+        if label.dim != target.dim:
+            raise Blocked(f"{node.name} expands channels onto others on another dimension")
+        ctx.union(label, target, node.name)
+    return label
+
+
+@register_op("stack")
+def stack(ctx: Analyzer, node: fx.Node) -> Label | None:
+    """Tensors stacked along a new dim (GPT-J's rotary ``stack((-x2, x1), dim=-1)``): their
+    channels couple and move past the new dim."""
+    tensors = list(args_of(node)[0])
+    labels = [ctx.label_of(t) for t in tensors]
+    if all(lab is None for lab in labels):
+        return None
+    if any(lab is None for lab in labels):
+        raise Blocked(f"{node.name} stacks channels with an untracked tensor")
+    known = [lab for lab in labels if lab is not None]
+    dim = norm_dim(
+        const_int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, rank_of(tensors[0]) + 1
+    )
+    for lab in known[1:]:
+        if lab.dim != known[0].dim:
+            raise Blocked(f"{node.name} stacks channels on different dimensions")
+        ctx.union(known[0], lab, node.name)
+    return known[0].moved(known[0].dim + 1) if dim <= known[0].dim else known[0]
 
 
 @register_op("cat", "concat")
@@ -311,29 +364,86 @@ def _param_operand(ctx: Analyzer, node: fx.Node, tensor: object, label: Label) -
 
 @register_op("index")
 def index(ctx: Analyzer, node: fx.Node) -> Label | None:
-    """``table[idx]``: with head pruning, a 2-D parameter table gathered along its rows (Swin's
-    relative position bias, one column per head) starts a space over its columns, so the heads it
-    feeds can take their column with them."""
+    """``table[idx]``: rows gathered from a tensor whose channels are its columns (a relative
+    position bias table, one column per head; see :func:`gathered_tables`) keep them."""
     args = args_of(node)
     source, indices = args[0], args[1] if len(args) > 1 else None
-    labelled = [n for n in nodes_in((args, node.kwargs)) if ctx.result_of(n) is not None]
-    if labelled:
+    label = ctx.label_of(source)
+    others = [n for n in nodes_in((args[1:], node.kwargs)) if ctx.result_of(n) is not None]
+    if label is not None and not others and isinstance(indices, (list, tuple)):
+        gathered = [i for i in indices if i is not None]
+        if len(indices) == 1 and len(gathered) == 1 and label.dim >= 1:
+            # Only dim 0 is indexed: the index's dims replace it.
+            return label.moved(label.dim - 1 + rank_of(gathered[0]))
+    if label is not None or others:
         raise Blocked(f"{node.name} indexes with or into channels")
-    table_shape = shape_of(source) or ()
-    if (
-        not ctx.heads
-        or ctx.param(source) is None
-        or len(table_shape) != 2
-        or not isinstance(indices, (list, tuple))
-        or len(indices) != 1
-        or static_size(table_shape[1]) is None
-    ):
-        ctx.freeze_params(node, f"{node.name} gathers from it")
-        return None
-    rank = len(shape_of(node) or ())
-    name = str(ctx.param(source))
-    out = ctx.new_space(int(table_shape[1]), name.removesuffix(".weight"), node, rank - 1)
-    ctx.member(source, 1, out.moved(1), "param")
+    ctx.freeze_params(node, f"{node.name} gathers from it")
+    return None
+
+
+# Ops that move, resize or join a table's rows and keep its columns apart.
+_TABLE_LAYOUT = (
+    *RESHAPE, *_COPIES, "permute", "transpose", "slice", "cat", "concat", "unsqueeze", "squeeze",
+    "upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "to",
+)  # fmt: skip
+
+
+def gathered_tables(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """2-D parameters that only layout ops turn into what ``index`` gathers rows from: a
+    relative position bias table, one column per head (Swin gathers from the parameter itself;
+    BEiT first interpolates it and appends its class-token rows). Each -> its columns.
+
+    With head pruning their columns start a space at the parameter, so the heads the gathered
+    bias is added to can take their columns with them through whatever reshapes them. A table
+    computed otherwise (Swin V2's MLP over coordinates) starts its space where a layer makes it."""
+    tables: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or packet(node) != "index" or not _biases_scores(node):
+            continue
+        found: list[fx.Node] = []
+        todo, seen = [node.args[0]], set()
+        while todo:
+            item = todo.pop()
+            if not isinstance(item, fx.Node) or item in seen:
+                continue
+            seen.add(item)
+            if item.op == "placeholder" or (
+                item.op == "call_function" and packet(item) not in _TABLE_LAYOUT
+            ):
+                found = []  # computed, not moved: not a table
+                break
+            if item.op == "get_attr":
+                shape = shape_of(item) or ()
+                if len(shape) == 2 and static_size(shape[1]) is not None:
+                    found.append(item)
+                continue
+            todo.extend(nodes_in((args_of(item), item.kwargs)))
+        for table in found:
+            tables[table] = int(shape_of(table)[1])  # type: ignore[index]
+    return tables
+
+
+def _biases_scores(node: fx.Node) -> bool:
+    """Whether what ``node`` gathers, moved and added to, reaches attention scores (SDPA's mask
+    or a softmax): a position bias, not a rotary table (GPT-J gathers its sines and cosines)."""
+    todo, seen = [node], set()
+    while todo:
+        item = todo.pop()
+        for user in item.users:
+            op = packet(user)
+            if op in ("scaled_dot_product_attention", "softmax", "_softmax"):
+                return True
+            if user not in seen and (op in _TABLE_LAYOUT or op in ("add", "expand")):
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def start_table(ctx: Analyzer, node: fx.Node, columns: int) -> Label:
+    """A gathered table's columns: a space of their own, sliced with the heads they meet."""
+    name = str(ctx.param(node))
+    out = ctx.new_space(columns, name.removesuffix(".weight"), node, 1)
+    ctx.member(node, 1, out, "param")
     return out
 
 
@@ -364,25 +474,34 @@ def split_channels(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     count = len(val) if isinstance(val, (list, tuple)) else 0
     if label is None:
         return tuple([None] * count) if count else None
-    dim_arg = args_of(node)[2] if len(args_of(node)) > 2 else node.kwargs.get("dim", 0)
-    if norm_dim(const_int(dim_arg), rank_of(args_of(node)[0])) == label.dim:
+    at = 1 if packet(node) == "unbind" else 2  # unbind(x, dim); chunk/split(x, n, dim)
+    dim_arg = args_of(node)[at] if len(args_of(node)) > at else node.kwargs.get("dim", 0)
+    dim = norm_dim(const_int(dim_arg), rank_of(args_of(node)[0]))
+    if dim == label.dim:
         return _split_space(ctx, node, label, val)
-    return tuple([label] * count)
+    # Along another dim every part keeps the channels; unbind removes that dim.
+    return tuple([_drop(label, dim) if packet(node) == "unbind" else label] * count)
 
 
 def _split_space(ctx: Analyzer, node: fx.Node, label: Label, parts: Any) -> tuple[Label, ...]:
-    """Chunk along the channels (q/k/v, GLU halves): each part becomes a space of its own."""
+    """Chunk along the channels (q/k/v, GLU halves): each part becomes a space of its own.
+
+    Along a heads dim the parts are whole heads (Falcon's multi-query ``split([H, 1, 1])`` of
+    its fused heads into the queries, the key and the value)."""
     spaces = ctx.leaves(label.spaces)
-    if len(spaces) != 1 or label.inner != 1 or label.unit != 1:
+    if len(spaces) != 1 or label.inner != 1 or label.repeat != 1:
         raise Blocked(f"{node.name} splits concatenated or flattened channels")
     (space,) = spaces
     if ctx.is_coupled(space):
         raise Blocked(f"{node.name} splits channels already coupled to others")
     sizes = [static_size(p.shape[label.dim]) for p in parts]
-    if any(size is None for size in sizes) or sum(s for s in sizes if s) != ctx.space(space).size:
+    widths = [int(size or 0) * label.unit for size in sizes]
+    if any(size is None for size in sizes) or sum(widths) != ctx.space(space).size:
         raise Blocked(f"{node.name} splits the channels into parts of unknown size")
-    children = ctx.split_space(space, [int(size or 0) for size in sizes], node, label.dim)
-    labels = tuple(Label(label.dim, (c,)) for c in children)
+    children = ctx.split_space(space, widths, node, label.dim)
+    for child in children if label.unit > 1 else ():
+        ctx.set_head_size(child, label.unit)
+    labels = tuple(Label(label.dim, (c,), 1, label.unit) for c in children)
     op, args = packet(node), args_of(node)
     if op == "split_with_sizes":
         for i, part in enumerate(labels):
@@ -409,6 +528,9 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
     d = label.dim
     k = prefix_match(src[:d], out)
     if k is None or k >= len(out):
+        if label.unit > 1 and prefix_match(src[: d + 1], out) is not None:
+            # BLOOM's (B, H, N, D) -> (B*H, N, D); only nn.MultiheadAttention's is followed.
+            raise Blocked(f"{node.name} folds the heads into the batch dimension")
         raise Blocked(f"{node.name} moves the channels across other dimensions")
     op = packet(node)
     j = d + 1
@@ -425,6 +547,8 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
                     new = Label(k, label.spaces, label.inner, label.unit, label.repeat * trailing)
                 elif trailing == label.unit and label.inner == 1 and label.repeat == 1:
                     new = Label(k, label.spaces)
+                elif label.inner == 1 and label.unit % (trailing * label.repeat) == 0:
+                    new = _merge_fused_heads(ctx, node, label, src, d, j, k, trailing)
                 else:
                     raise Blocked(f"{node.name} merges heads with other dimensions")
             else:
@@ -447,12 +571,62 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
             if any(t is None for t in tail):
                 break
             split = math.prod(t for t in tail if t is not None)
+            if label.unit > 1 and label.inner == 1 and label.repeat == 1 and split > 1:
+                new = _group_heads(ctx, node, label, k, split)
+                _rewrite_size(ctx, node, op, k, new)
+                return new
             if label.inner % split == 0:
                 new = Label(k, label.spaces, label.inner // split)
                 _rewrite_size(ctx, node, op, k, new)
                 return new
             break
     raise Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+
+
+def _group_heads(ctx: Analyzer, node: fx.Node, label: Label, k: int, split: int) -> Label:
+    """(.., H*g, D) -> (.., H, g, D): consecutive heads grouped into one of ``g`` times their size.
+
+    Fused projections that interleave q, k and v per head: Falcon splits its output into heads
+    of D, then regroups each head's q, k and v (``unflatten(-2, (H, 3))``) or each key/value
+    group's queries, key and value (``view(.., KV, r + 2, D)``). The new dim indexes whole
+    groups, which are what can go; the ``g`` dim is inside them."""
+    unit = label.unit * split
+    for s in ctx.leaves(label.spaces):
+        if ctx.space(s).size % unit:
+            raise Blocked(f"{node.name} groups heads that do not divide the channels")
+        ctx.set_head_size(s, unit)
+    return Label(k, label.spaces, 1, unit)
+
+
+def _merge_fused_heads(
+    ctx: Analyzer,
+    node: fx.Node,
+    label: Label,
+    src: Sequence[object],
+    d: int,
+    j: int,
+    k: int,
+    trailing: int,
+) -> Label:
+    """Heads of a fused projection merged with dims inside them, where each head carries only a
+    part of its channels (q, k and v interleaved per head: GPT-NeoX's ``(H, 3*D)`` chunked into
+    three ``(H, D)``).
+
+    Merged with the innermost dims, these are new channels (``H*D``, what the output projection
+    reads): a space of their own that loses head ``h``'s ``D`` channels when the fused heads lose
+    head ``h``. Merged with a dim that is not the last (Falcon's ``(KV, r, D) -> (KV*r, D)``), they
+    are still heads: ``repeat`` positions of the new dim per fused head."""
+    if j < len(src):
+        return Label(k, label.spaces, 1, label.unit, label.repeat * trailing)
+    heads = static_size(src[d])
+    if heads is None:
+        raise Blocked(f"{node.name} merges an unknown number of heads")
+    width = trailing * label.repeat  # channels each fused head leaves here
+    merged = ctx.new_space(heads * trailing, ctx.space(label.spaces[0]).producer, node, k)
+    (space,) = merged.spaces
+    ctx.set_head_size(space, width)
+    ctx.link_kv(label, Label(k, merged.spaces, 1, width), node.name)
+    return merged
 
 
 def _broadcast_copies(node: fx.Node, start: int, stop: int) -> bool:
@@ -470,17 +644,39 @@ def _broadcast_copies(node: fx.Node, start: int, stop: int) -> bool:
 def _split_heads(
     ctx: Analyzer, node: fx.Node, label: Label, size: object, out: Sequence[object], k: int
 ) -> Label | None:
-    """(.., C, ..) -> (.., H, D, ..): with head pruning, a label over the H heads."""
+    """(.., C, ..) -> (.., H, D, ..): with head pruning, a label over the H heads.
+
+    Also (.., H, P, D, ..) when every user picks along P: BLOOM's ``view(B, N, H, 3, D)``, q, k
+    and v interleaved per head, taken apart by ``[..., i, :]`` (timm's ``(3, H, D)`` is picked
+    apart along its first dim instead: see :func:`_split_parts`)."""
     if not ctx.heads or label.inner != 1 or label.unit != 1 or k + 2 > len(out):
         return None
-    head_size = static_size(out[k + 1])
-    if head_size is None or not same_size([out[k], out[k + 1]], [size]):
+    if same_size([out[k], out[k + 1]], [size]):
+        head_size = static_size(out[k + 1])
+    elif k + 3 <= len(out) and same_size(out[k : k + 3], [size]) and _picked_along(node, k + 1):
+        inside = [static_size(s) for s in out[k + 1 : k + 3]]
+        head_size = None if None in inside else math.prod(s for s in inside if s is not None)
+    else:
+        return None
+    if head_size is None:
         return None
     for s in ctx.leaves(label.spaces):
         if ctx.space(s).size % head_size or ctx.head_size(s) not in (None, head_size):
             raise Blocked(f"{node.name} splits channels into heads of different sizes")
         ctx.set_head_size(s, head_size)
     return Label(k, label.spaces, 1, head_size)
+
+
+def _picked_along(node: fx.Node, dim: int) -> bool:
+    """Whether every user of ``node`` takes it apart along ``dim`` (select, slice or unbind)."""
+    rank = len(shape_of(node) or ())
+    for user in node.users:
+        args = args_of(user)
+        if packet(user) not in ("select", "slice", "unbind") or len(args) < 2:
+            return False
+        if not isinstance(args[1], int) or norm_dim(args[1], rank) != dim:
+            return False
+    return bool(node.users)
 
 
 def _split_parts(
@@ -522,7 +718,7 @@ def _rewrite_size(ctx: Analyzer, node: fx.Node, op: str, k: int, label: Label) -
         elif isinstance(size, fx.Node):
             raise Blocked(f"{node.name} reshapes to a computed channel count")
     elif op == "unflatten":
-        start = norm_dim(const_int(args_of(node)[1]), len(shape_of(node) or ()))
+        start = norm_dim(const_int(args_of(node)[1]), rank_of(args_of(node)[0]))
         sizes = args_of(node)[2]
         if start <= k < start + len(sizes):
             size = sizes[k - start]
