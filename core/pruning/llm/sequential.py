@@ -11,8 +11,9 @@ collected on the outputs of the groups before it as already pruned and freed onc
 pruned, so at most one Hessian exists at a time. Each group's calibration forwards stop at the
 group's first linear (nothing after it changes its input), so the four groups of a Llama layer
 cost about one forward of the layer, not four. Wanda's statistics are vectors: one pass per
-layer, each forward after the first ending at the last linear's input. Calibration forwards take as many samples at a time as ``memory_budget`` allows: by
-default a fifth of one decoder layer's weight bytes (at least 64 MiB), at least one sample.
+layer, each forward after the first ending at the last linear's input. Calibration forwards take
+as many samples at a time as ``memory_budget`` allows: by default a fifth of one decoder layer's
+weight bytes (at least 64 MiB), at least one sample.
 
 Example (a plain ``transformers`` model, no service)::
 
