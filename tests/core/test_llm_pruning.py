@@ -493,6 +493,11 @@ def test_sparsegpt_factors_the_hessian_in_its_own_buffer(
     direct = float(((w - pruned).double() @ x.double()).square().sum())
     assert error_on_data(w, pruned, hinv, swept) == pytest.approx(direct, rel=1e-3)
     assert reconstruction_error(w, pruned, xxt) == pytest.approx(direct, rel=1e-3)
+    # As the Hessian hook keeps it: the lower triangle only.
+    lower = xxt.clone()
+    upper = torch.triu_indices(width, width, 1)
+    lower[upper[0], upper[1]] = float("nan")
+    assert reconstruction_error(w, pruned, lower) == pytest.approx(direct, rel=1e-3)
 
 
 @pytest.mark.parametrize("panel", [512, 16, 7])

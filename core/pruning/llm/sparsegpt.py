@@ -355,12 +355,14 @@ def reconstruction_error(
     before: torch.Tensor, after: torch.Tensor, xxt: torch.Tensor, *, rows: int = 256
 ) -> float:
     """``||(W - W')X||_F^2``: the squared error the change adds to the layer's outputs, summed
-    over the calibration tokens ``X`` (from ``X X^T``).
+    over the calibration tokens ``X`` (from ``X X^T``, of which only the lower triangle is read:
+    all :class:`~core.pruning.llm.masks.Hessian` keeps).
 
     Computed ``rows`` output rows at a time in float32 (summed in float64), so it needs no
     float64 copy of the Hessian and no full ``(out, in)`` temporaries.
     """
-    h = xxt.to(torch.float32)
+    h = torch.tril(xxt).to(torch.float32)
+    h += torch.tril(h, -1).mT
     total = 0.0
     for start in range(0, before.shape[0], rows):
         delta = before[start : start + rows].to(torch.float32) - after[start : start + rows].to(
