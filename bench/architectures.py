@@ -142,11 +142,12 @@ def table(rows: list[Row], config: MeasureConfig) -> str:
         "attention); head pruning removes whole heads — in grouped-query attention (Llama,",
         "Mistral, Qwen2, Phi-3) a key/value head together with the query heads that read it,",
         "and in a fused projection that interleaves q, k and v per head (GPT-NeoX, Falcon,",
-        "CodeGen) a head's rows of it with the output projection's columns it fed. Heads stay,",
-        "with the reason in the last column, where removing some would change what the others",
-        "compute: BLOOM folds them into the batch for its ALiBi biases, Falcon's multi-query",
-        "attention (Falcon-7B) has one key/value head for all of them, and OLMo 2 normalises q",
-        "and k over every head at once.",
+        "CodeGen) a head's rows of it with the output projection's columns it fed. Multi-query",
+        "attention (`falcon_mqa`: Falcon-7B; `gemma_mqa`: Gemma-2B) has one key/value head for",
+        "all query heads: it stays, and query heads go on their own, the counts that repeat it",
+        "rewritten. Heads stay, with the reason in the last column, where removing some would",
+        "change what the others compute: BLOOM folds them into the batch for its ALiBi biases,",
+        "and OLMo 2 normalises q and k over every head at once.",
         "",
     ]
     return "\n".join(lines)

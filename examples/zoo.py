@@ -236,6 +236,9 @@ ZOO: dict[str, ZooModel] = {
             **_LLAMA_LIKE,
         ),
         _decoder("gemma", "Gemma", **_HEAD_DIM_16),
+        # Gemma-2B's multi-query attention: repeat_kv of one key/value head for every query
+        # head. Query heads go on their own; the key/value head stays.
+        _decoder("gemma_mqa", "Gemma", **{**_HEAD_DIM_16, "num_key_value_heads": 1}),
         _decoder("gemma2", "Gemma2", attention="eager", sliding_window=4, **_HEAD_DIM_16),
         _decoder(
             "gemma3",
@@ -250,7 +253,7 @@ ZOO: dict[str, ZooModel] = {
         ),
         # Falcon's fused query_key_value in three layouts: per key/value group (the new decoder
         # architecture, grouped-query), q, k, v interleaved per head, and multi-query (Falcon-7B:
-        # one key and one value head for every query head, which keeps the heads).
+        # one key and one value head for every query head; query heads go on their own).
         _decoder(
             "falcon",
             "Falcon",
@@ -262,13 +265,7 @@ ZOO: dict[str, ZooModel] = {
         _decoder(
             "falcon_per_head", "Falcon", hidden_size=64, num_attention_heads=4, multi_query=False
         ),
-        _decoder(
-            "falcon_mqa",
-            "Falcon",
-            hidden_size=64,
-            num_attention_heads=4,
-            heads_blocked="one key/value head for every query head",
-        ),
+        _decoder("falcon_mqa", "Falcon", hidden_size=64, num_attention_heads=4),
         # Fused query_key_value as (B, N, H, 3, D). Its attention folds the heads into the batch
         # for baddbmm with ALiBi biases computed in the graph for every head: heads stay.
         _decoder(

@@ -96,33 +96,71 @@ def test_cosine_attention_loses_its_heads_scales_and_mlp_bias_rows_together() ->
 
 
 class MultiQuery(nn.Module):
-    """Falcon-7B: one fused projection holding H query heads, then one key and one value head,
-    split apart along the heads and the key/value repeated for every query head."""
+    """One key and one value head read by every query head. ``falcon``: Falcon-7B's fused
+    projection of H query heads then the key and the value head, split apart along the heads and
+    expanded; ``repeat_kv``: Gemma-2B's separate projections, the key/value head viewed with an
+    inferred head count (``view(B, N, -1, D)``) and repeated by transformers' ``repeat_kv``."""
 
-    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+    def __init__(self, dim: int = 16, heads: int = 4, layout: str = "falcon") -> None:
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, (heads + 2) * self.head_dim)
+        self.heads, self.head_dim, self.layout = heads, dim // heads, layout
+        if layout == "falcon":
+            self.qkv = nn.Linear(dim, (heads + 2) * self.head_dim)
+        else:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * self.head_dim)
         self.proj = nn.Linear(dim, dim)
+
+    def query_rows(self, head: int) -> slice:
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         h, d = self.heads, self.head_dim
-        fused = self.qkv(x).view(b, n, -1, d)
-        q, k, v = (t.transpose(1, 2) for t in fused.split([h, 1, 1], dim=2))
-        k, v = (t.expand(b, h, n, d) for t in (k, v))
+        if self.layout == "falcon":
+            fused = self.qkv(x).view(b, n, -1, d)
+            q, k, v = (t.transpose(1, 2) for t in fused.split([h, 1, 1], dim=2))
+            k, v = (t.expand(b, h, n, d) for t in (k, v))
+        else:
+            q = self.q(x).view(b, n, -1, d).transpose(1, 2)
+            k, v = (t.view(b, n, -1, d).transpose(1, 2) for t in self.kv(x).chunk(2, dim=-1))
+            k, v = (t[:, :, None].expand(b, 1, h, n, d).reshape(b, h, n, d) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
-def test_multi_query_attention_keeps_its_heads_and_says_why() -> None:
-    program = export(MultiQuery(), (5, 16))
+@pytest.mark.parametrize("layout", ["falcon", "repeat_kv"])
+def test_multi_query_attention_loses_query_heads_and_keeps_its_key_value_head(
+    layout: str,
+) -> None:
+    torch.manual_seed(0)
+    model = MultiQuery(layout=layout)
+    query = model.qkv if layout == "falcon" else model.q
+    useless = 2  # a query head that produces nothing
+    with torch.no_grad():
+        query.weight[model.query_rows(useless)] = 0.0
+        query.bias[model.query_rows(useless)] = 0.0
+    program = export(model, (5, 16))
     analysis = analyze(program.module(), heads=True)
-    qkv = [g for g in analysis.groups if any(lay == "qkv" for lay in g.layers)]
-    reasons = {r for g in qkv for r in g.blocked}
-    assert any("one key/value head for every query head" in r for r in reasons), reasons
+    reasons = {r for g in analysis.groups for r in g.blocked}
+    assert any("the one key/value head of multi-query attention stays" in r for r in reasons)
+
     result = prune_program(program, heads())
-    assert result.program.state_dict["qkv.weight"].shape == (24, 16)
+    kept_heads = sorted({c // 4 for c in result.kept_in["proj"]})
+    assert len(kept_heads) == 2
+    assert useless not in kept_heads
+    state = result.program.state_dict
+    if layout == "falcon":
+        # Two query heads' rows went; the key and value rows (the last 8) all stay.
+        assert result.kept_out["qkv"] == [
+            r for h in kept_heads for r in range(4 * h, 4 * h + 4)
+        ] + [*range(16, 24)]
+        assert state["qkv.weight"].shape == (16, 16)
+    else:
+        assert state["q.weight"].shape == (8, 16)
+        assert state["kv.weight"].shape == (8, 16)
+    assert state["proj.weight"].shape == (16, 8)
+    assert_matches_masked(program, result, (5, 16))
 
 
 class OneToken(nn.Module):

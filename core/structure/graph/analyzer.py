@@ -51,6 +51,9 @@ class Analyzer:
         # (query heads, repeated key/value heads, where): grouped-query attention, settled once
         # the groups are known
         self._kv_links: list[tuple[Label, Label, str]] = []
+        # Constants that hold how many times key/value heads are repeated (repeat_kv's expand
+        # and reshape): with one key/value head they count the query heads instead.
+        self._repeat_sites: list[Rewrite] = []
         self.memo: dict[object, object] = {}  # what a handler worked out for later nodes
 
     # --- spaces and their coupling ----------------------------------------------------------
@@ -171,6 +174,12 @@ class Analyzer:
     ) -> None:
         """Argument ``arg`` (at ``index`` in it) of ``node`` is the channel count of ``label``."""
         self._rewrites.append(Rewrite(node.name, arg, index, label, factor))
+
+    def repeat_site(self, node: fx.Node, arg: int, index: int | None, label: Label) -> None:
+        """Argument ``arg`` (at ``index``) of ``node`` holds how many times the key/value heads
+        of ``label`` are repeated: the query head count under multi-query attention (one
+        key/value head), where query heads can then go on their own."""
+        self._repeat_sites.append(Rewrite(node.name, arg, index, label))
 
     def freeze_params(self, node: fx.Node, why: str) -> None:
         """Parameters ``node`` reads cannot be sliced: their groups are blocked."""
@@ -318,8 +327,11 @@ class Analyzer:
                 if q_group.size * kv.unit != kv_group.size * kv.repeat * query.unit:
                     reason = f"{why}: query and key/value heads do not line up"
                 elif kv.unit > 1 and kv_group.size == kv.unit and kv.repeat > 1:
-                    # Key/value heads go with their query heads; the only one cannot go.
-                    reason = f"{why}: one key/value head for every query head (multi-query)"
+                    # Multi-query: the only key/value head stays, read by every query head
+                    # that is left; the repeat counts then follow the query heads.
+                    reason = self._multi_query(query, kv, q_group, kv_group, why)
+                    if reason is None:
+                        continue
                 elif q_group.id == kv_group.id:
                     reason = f"{why}: keys repeated onto themselves"
                 elif kv_group.follows not in (None, q_group.id) or (
@@ -342,6 +354,32 @@ class Analyzer:
             reasons = [r for g in linked for r in g.blocked]
             for g in linked if len(linked) > 1 else ():
                 g.blocked[:] = list(dict.fromkeys(reasons))
+
+    def _multi_query(
+        self, query: Label, kv: Label, q_group: ChannelGroup, kv_group: ChannelGroup, why: str
+    ) -> str | None:
+        """Let ``q_group`` lose heads alone, its repeat constants rewritten to the query heads
+        kept, and keep ``kv_group``'s one head; the reason both stay where a repeat count is
+        not a constant this can rewrite."""
+        leaves = set(kv.spaces)
+        mine = [r for r in self._repeat_sites if set(self.leaves(r.label.spaces)) <= leaves]
+        # Sizes of the repeated heads dim: one head times the repeats, the query head count.
+        sites = mine + [r for r in kv_group.rewrites if r.label.repeat > 1]
+        if not sites or any(r.label.repeat != kv.repeat for r in sites):
+            return f"{why}: one key/value head for every query head (multi-query)"
+        heads = Label(0, query.spaces, 1, query.unit)
+        keys = {(r.node, r.arg, r.index) for r in sites}
+        kv_group.rewrites[:] = [
+            r for r in kv_group.rewrites if (r.node, r.arg, r.index) not in keys
+        ]
+        for site in sites:
+            rewrite = Rewrite(site.node, site.arg, site.index, heads, site.factor)
+            if rewrite not in q_group.rewrites:
+                q_group.rewrites.append(rewrite)
+        kept = f"{why}: the one key/value head of multi-query attention stays"
+        if kept not in kv_group.blocked:
+            kv_group.blocked.append(kept)
+        return None
 
     def _groups(self) -> tuple[dict[int, ChannelGroup], dict[int, int]]:
         """One group per root of the spaces that were not split, and each space's root."""

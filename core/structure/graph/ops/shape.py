@@ -527,6 +527,8 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
         raise Blocked(f"{node.name} reshapes a tensor of unknown shape")
     d = label.dim
     k = prefix_match(src[:d], out)
+    if ctx.heads:
+        k = _inferred_heads(node, out, k, d)
     if k is None or k >= len(out):
         if label.unit > 1 and prefix_match(src[: d + 1], out) is not None:
             # BLOOM's (B, H, N, D) -> (B*H, N, D); only nn.MultiheadAttention's is followed.
@@ -545,6 +547,7 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
                 elif _broadcast_copies(node, d + 1, j):
                     # repeat_kv: (KV, n_rep) copies of each key/value head -> KV * n_rep heads.
                     new = Label(k, label.spaces, label.inner, label.unit, label.repeat * trailing)
+                    _repeat_sites(ctx, node, d + 1, j, new)
                 elif trailing == label.unit and label.inner == 1 and label.repeat == 1:
                     new = Label(k, label.spaces)
                 elif label.inner == 1 and label.unit % (trailing * label.repeat) == 0:
@@ -581,6 +584,19 @@ def reshape(ctx: Analyzer, node: fx.Node) -> NodeLabel:
                 return new
             break
     raise Blocked(f"{node.name} splits the channels (attention heads are `head` pruning)")
+
+
+def _inferred_heads(node: fx.Node, out: Sequence[object], k: int | None, d: int) -> int | None:
+    """``view(B, N, -1, D)`` of ``D`` channels (one key/value head of multi-query attention):
+    the size-1 dim the view infers is a count of heads split off the channels, not a dim that
+    goes with the prefix as :func:`prefix_match` (which gives ``k``) would take it. Where the
+    prefix really ends."""
+    sizes = args_of(node)[1] if packet(node) in ("reshape", "view") else None
+    if k is None or not isinstance(sizes, (list, tuple)) or len(sizes) != len(out):
+        return k
+    while k > d and static_size(out[k - 1]) == 1 and sizes[k - 1] == -1:
+        k -= 1
+    return k
 
 
 def _group_heads(ctx: Analyzer, node: fx.Node, label: Label, k: int, split: int) -> Label:
@@ -627,6 +643,16 @@ def _merge_fused_heads(
     ctx.set_head_size(space, width)
     ctx.link_kv(label, Label(k, merged.spaces, 1, width), node.name)
     return merged
+
+
+def _repeat_sites(ctx: Analyzer, node: fx.Node, start: int, stop: int, label: Label) -> None:
+    """repeat_kv's ``expand`` size of the one broadcast dim ``start`` (``stop = start + 1``): the
+    repeats of ``label``'s heads, which no rewrite of the heads dim holds."""
+    expanded = args_of(node)[0]
+    sizes = args_of(expanded)[1] if isinstance(expanded, fx.Node) else None
+    if stop == start + 1 and isinstance(sizes, (list, tuple)) and isinstance(sizes[start], int):
+        assert isinstance(expanded, fx.Node)
+        ctx.repeat_site(expanded, 1, start, label)
 
 
 def _broadcast_copies(node: fx.Node, start: int, stop: int) -> bool:
