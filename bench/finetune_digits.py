@@ -71,6 +71,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "defaults": {},
     "defaults+kd": {"loss": "distillation", "alpha": 0.5, "temperature": 4.0},
     "defaults+kd1": {"loss": "distillation", "alpha": 1.0, "temperature": 4.0},
+    # Pruning settings (the schedule) go to the pruning spec, the rest to the fine-tune.
+    "gradual": {"schedule": {"kind": "iterative", "rounds": 5, "fine_tune_budget": "shared"}},
 }
 
 
@@ -83,11 +85,13 @@ def shears_variant(
     seed: int,
     sparsity: float = SPARSITY,
 ) -> dict[str, float]:
+    pruning = {k: v for k, v in overrides.items() if k in PruningSpec.model_fields}
+    tune = {k: v for k, v in overrides.items() if k not in pruning}
     spec = JobSpec(
         pruning=PruningSpec(
-            criterion="l1", granularity="unstructured", sparsity=sparsity, scope="global"
+            criterion="l1", granularity="unstructured", sparsity=sparsity, scope="global", **pruning
         ),
-        fine_tune=FineTuneSpec(**{**USER_BUDGET, "seed": seed, **overrides}),  # type: ignore[arg-type]
+        fine_tune=FineTuneSpec(**{**USER_BUDGET, "seed": seed, **tune}),  # type: ignore[arg-type]
         evaluation=EvaluationSpec(),
     )
     quick = MeasureConfig(batch_size=32, warmup=0, repeats=1)
@@ -286,6 +290,18 @@ def one_seed(
             results[name] = shears_variant(
                 model_path, train, test, root / f"{name}-{sparsity}", VARIANTS[name], seed, sparsity
             )
+            for draw in range(1, draws + 1):
+                # Shears on other batch orders too: its fine-tune seed draws the order, as the
+                # plain loop's generator seed does (seed + 1000 x draw on both sides).
+                results[f"{name}@order{draw}"] = shears_variant(
+                    model_path,
+                    train,
+                    test,
+                    root / f"{name}-{sparsity}-order{draw}",
+                    VARIANTS[name],
+                    seed + 1000 * draw,
+                    sparsity,
+                )
         loops: dict[str, Callable[[nn.Module, Any, Any, int], None]] = {
             "plain_loop": plain_loop,
             "same_order": same_order_loop,
@@ -308,6 +324,7 @@ LABELS = {
     "defaults": "Shears, today's defaults",
     "defaults+kd": "Shears, today's defaults + distillation from the dense model (alpha 0.5)",
     "defaults+kd1": "Shears, today's defaults + distillation only (alpha 1.0)",
+    "gradual": "Shears, 5 rounds sharing the fine-tune's steps (`fine_tune_budget: shared`)",
     "plain_loop": "torch.nn.utils.prune + plain loop (AdamW defaults, constant lr)",
     "same_order": "torch.nn.utils.prune + plain loop fed Shears' batch order",
 }
@@ -339,16 +356,55 @@ def table(results: list[dict[str, dict[str, float]]], keys: list[str]) -> str:
         f"| dense (no pruning) | | {100 * med('dense', 'tuned'):.2f}% "
         f"| {per_seed('dense', 'tuned')} | | 0% |",
     ]
-    others = ["same_order", *(f"order{d}" for d in range(1, 10))]
-    peers = ["plain_loop"] + [p for p in others if all(p in r for r in results)]
+    # Further batch orders are summed up below, not listed one by one.
+    peers = ["plain_loop"] + (["same_order"] if all("same_order" in r for r in results) else [])
     for key in [*keys, *peers]:
         lines.append(
-            f"| {LABELS.get(key, ORDER_LABEL.format(key[5:]))} "
+            f"| {_label(key)} "
             f"| {100 * med(key, 'pruned'):.2f}% | {100 * med(key, 'tuned'):.2f}% "
             f"| {per_seed(key, 'tuned')} | {versus(results, key) if key in keys else ''} "
             f"| {100 * med(key, 'sparsity'):.2f}% |"
         )
+    pooled = [_pooled(results, key) for key in keys if all(f"{key}@order1" in r for r in results)]
+    if pooled:
+        lines += [
+            "",
+            "| pooled over seeds × batch orders | runs | after fine-tune (median) | mean "
+            "| − plain loop, mean (won/tied/lost) |",
+            "| --- | ---: | ---: | ---: | --- |",
+            *(mine for mine, _ in pooled),
+            pooled[0][1],  # the plain loop's runs, the same for every row above
+        ]
     return "\n".join(lines)
+
+
+def _label(key: str) -> str:
+    name, _, draw = key.partition("@order")
+    if draw:
+        return f"{LABELS[name]}, batch order drawn with seed + {draw}000"
+    return LABELS.get(key, ORDER_LABEL.format(key[5:]))
+
+
+def _pooled(results: list[dict[str, dict[str, float]]], key: str) -> tuple[str, str]:
+    """Shears' ``key`` and the plain loop, each on the seed's own order and every drawn one:
+    the median over all those runs, and Shears minus the plain loop paired by seed and draw."""
+    draws = [d for d in range(1, 10) if all(f"{key}@order{d}" in r for r in results)]
+    mine = [r[key]["tuned"] for r in results] + [
+        r[f"{key}@order{d}"]["tuned"] for r in results for d in draws
+    ]
+    peer = [r["plain_loop"]["tuned"] for r in results] + [
+        r[f"order{d}"]["tuned"] for r in results for d in draws
+    ]
+    diffs = [100 * (a - b) for a, b in zip(mine, peer, strict=True)]
+    won, lost = sum(d > 1e-6 for d in diffs), sum(d < -1e-6 for d in diffs)
+    versus = f"{statistics.mean(diffs):+.2f} ({won}/{len(diffs) - won - lost}/{lost})"
+    rows = []
+    for label, runs, diff in ((LABELS[key], mine, versus), (LABELS["plain_loop"], peer, "")):
+        rows.append(
+            f"| {label} | {len(runs)} | {100 * statistics.median(runs):.2f}% "
+            f"| {100 * statistics.mean(runs):.2f}% | {diff} |"
+        )
+    return rows[0], rows[1]
 
 
 def main() -> None:
@@ -357,7 +413,10 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
     parser.add_argument("--variants", nargs="*", default=["defaults"], choices=list(VARIANTS))
     parser.add_argument(
-        "--order-draws", type=int, default=0, help="also run the plain loop on N other orders"
+        "--order-draws",
+        type=int,
+        default=0,
+        help="also run Shears and the plain loop on N other batch orders",
     )
     parser.add_argument("--out", type=Path, help="also write the raw figures (JSON) there")
     parser.add_argument(
@@ -396,11 +455,14 @@ def main() -> None:
     for s in sparsities:
         tables[s] = table([raw[str(seed)][str(s)] for seed in seeds], variants)
         print(f"Sparsity {s:.0%}:\n{tables[s]}", flush=True)
+    draws = sum(all(f"order{d}" in cell for cell in cells) for d in range(1, 10))
     if args.write:
-        write_doc(tables, seeds, variants)
+        write_doc(tables, seeds, variants, draws)
 
 
-def write_doc(tables: dict[float, str], seeds: list[int], variants: list[str]) -> None:
+def write_doc(
+    tables: dict[float, str], seeds: list[int], variants: list[str], draws: int = 0
+) -> None:
     import sklearn
 
     command = (
@@ -410,10 +472,19 @@ def write_doc(tables: dict[float, str], seeds: list[int], variants: list[str]) -
         + " ".join(map(str, tables))
         + " --variants "
         + " ".join(variants)
+        + (f" --order-draws {draws}" if draws else "")
         + " --write"
     )
     budget = ", ".join(f"{k} {v}" for k, v in USER_BUDGET.items())
     body = "\n\n".join(f"Sparsity {s:.0%}:\n\n{t}" for s, t in tables.items())
+    pooled = (
+        f" Below each table, every method again on the seed's batch order and {draws} others"
+        " (order d drawn with seed + 1000·d, by Shears' fine-tune seed and by the plain"
+        " loop's generator alike), pooled: runs = seeds × orders, and Shears minus the plain"
+        " loop paired by seed and order."
+        if draws
+        else ""
+    )
     section = f"""{SECTION}
 
 The residual CNN of `examples/models.py` (width 16: two residual blocks with BatchNorm) trained on
@@ -423,7 +494,7 @@ one global L1 ranking and fine-tunes with the user's budget of issue 12 ({budget
 through `core.pipeline.run` with only the named settings changed, the peer with
 torch.nn.utils.prune and a plain eager loop. Test accuracy (top-1), medians over seeds {seeds}
 (one test image is 0.22 points); "− plain loop" is the mean over seeds of Shears' accuracy minus
-the plain loop's, in points, with the seeds won/tied/lost:
+the plain loop's, in points, with the seeds won/tied/lost.{pooled}
 
 {body}
 

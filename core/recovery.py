@@ -30,6 +30,7 @@ from core.formats.base import ModelInfo
 from core.formats.pt2.program import module_on
 from core.progress import FRACTION, ProgressCallback, between
 from core.pruning.rounds import RoundHook
+from core.schedule import round_steps, rounds_of, shares_budget
 from core.spec import FineTuneSpec, JobSpec
 
 StepCallback = Callable[[int, int, dict[str, float] | None], None]
@@ -192,9 +193,11 @@ class RecoveryStages:
         evaluate again."""
         self.refresh_statistics(model)
         after_pruning = self.evaluate(model, "evaluate_after_pruning", "after pruning")
+        rounds = rounds_of(self.spec.pruning)
+        tune = self._round_tune(rounds, rounds)
         tuned = (
-            self._train(model, self.spec.fine_tune, self.train.checkpoint, self._on_step)
-            if self.spec.fine_tune is not None
+            self._train(model, tune, self.train.checkpoint, self._on_step)
+            if tune is not None
             else None
         )
         after_tuning = (
@@ -217,20 +220,27 @@ class RecoveryStages:
         fraction = between("fine_tune", "fine_tune_end", step / max(total, 1))
         self.progress("fine_tuning", fraction, message, summary)
 
+    def _round_tune(self, round_: int, rounds: int) -> FineTuneSpec | None:
+        """The fine-tune after round ``round_`` of ``rounds`` (the last: the final fine-tune),
+        its steps from :func:`core.schedule.round_steps`. A shared budget moves the seed on
+        each round, so that every round trains on other batches."""
+        tune = self.spec.fine_tune
+        shared = shares_budget(self.spec.pruning)
+        if tune is None or rounds == 1 or (round_ == rounds and not shared):
+            return tune
+        between, last = round_steps(rounds, self._total_steps(tune), shared=shared)
+        update: dict[str, Any] = {"steps": last if round_ == rounds else between, "epochs": None}
+        if shared:
+            update["seed"] = tune.seed + round_ - 1
+        return tune.model_copy(update=update)
+
     def round_hook(self, rounds: int) -> RoundHook:
         """The hook between the rounds of an iterative schedule: evaluate (an event per round
-        with ``{"round", "rounds", ...metrics}``) and fine-tune for ``1/rounds`` of the spec's
-        steps. The full fine-tune still runs after the last round, as in a one-shot job."""
-        tune = self.spec.fine_tune
-        share = (
-            tune.model_copy(
-                update={"steps": max(1, self._total_steps(tune) // rounds), "epochs": None}
-            )
-            if tune is not None
-            else None
-        )
+        with ``{"round", "rounds", ...metrics}``) and fine-tune for the round's share of the
+        spec's steps (:func:`core.schedule.round_steps`)."""
 
         def hook(t: int, n: int, model: Any) -> None:
+            share = self._round_tune(t, n)
             self.refresh_statistics(model)
             metrics = self.evaluate(model, "prune", f"after round {t} of {n}")
             if metrics is not None:

@@ -34,6 +34,27 @@ def rounds_of(spec: PruningSpec) -> int:
     return spec.schedule.rounds if spec.schedule.kind == "iterative" else 1
 
 
+def shares_budget(spec: PruningSpec) -> bool:
+    """Whether the rounds spend the fine-tune's own steps (``fine_tune_budget: shared``)."""
+    return spec.schedule.kind == "iterative" and spec.schedule.fine_tune_budget == "shared"
+
+
+def round_steps(rounds: int, total: int, *, shared: bool) -> tuple[int, int]:
+    """Optimizer steps of the fine-tune after each round but the last, and after the last, for
+    a fine-tune of ``total`` steps.
+
+    Added budget (and one shot): ``total / rounds`` between rounds, then all ``total``. Shared:
+    half of ``total`` spread over the rounds while the sparsity climbs, the rest (at least
+    half) at the final sparsity, so the job trains ``total`` steps in all.
+    """
+    if rounds <= 1:
+        return 0, total
+    if shared:
+        between = max(1, total // (2 * (rounds - 1)))
+        return between, max(1, total - between * (rounds - 1))
+    return max(1, total // rounds), total
+
+
 def at_fraction(spec: PruningSpec, fraction: float) -> PruningSpec:
     """``spec`` with its sparsity and every per-layer override scaled by ``fraction``."""
     if fraction >= 1.0:

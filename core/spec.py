@@ -61,6 +61,16 @@ class IterativeSchedule(_Frozen):
 
     kind: Literal["iterative"]
     rounds: int = Field(default=5, ge=1, le=100, description="Number of pruning steps.")
+    fine_tune_budget: Literal["added", "shared"] = Field(
+        default="added",
+        description=(
+            "`added`: each round but the last is followed by 1/rounds of the fine-tune's steps, "
+            "and the whole fine-tune runs after the last round. `shared`: the rounds spend the "
+            "fine-tune's own steps, half of them spread evenly between the rounds while the "
+            "sparsity climbs, the other half after the last round (gradual pruning within the "
+            "user's budget)."
+        ),
+    )
 
 
 Schedule = Annotated[OneShotSchedule | IterativeSchedule, Field(discriminator="kind")]

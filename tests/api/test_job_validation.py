@@ -43,6 +43,10 @@ def test_unknown_model_is_404(api: Api) -> None:
         ({**GOOD, "criterion": "lp"}, ["body", "pruning"]),
         ({**GOOD, "criterion": "bn_scale"}, ["body", "pruning"]),
         ({**GOOD, "granularity": "n:m", "n_m": [4, 2]}, ["body", "pruning"]),
+        (
+            {**GOOD, "schedule": {"kind": "iterative", "fine_tune_budget": "doubled"}},
+            ["body", "pruning", "schedule", "iterative", "fine_tune_budget"],
+        ),
     ],
 )
 def test_malformed_pruning_is_422_at_its_field(

@@ -11,7 +11,7 @@ import torch
 
 from core.errors import Cancelled, DatasetMismatch, InvalidSpec
 from core.formats.pt2.program import load_program
-from core.pipeline import MeasureConfig, PipelineData, TrainingConfig, run
+from core.pipeline import MeasureConfig, PipelineData, PipelineResult, TrainingConfig, run
 from core.spec import CalibrationSpec, EvaluationSpec, FineTuneSpec, JobSpec, PruningSpec
 from tests.factories import DIGITS_PRUNABLE, Digits, save_npz
 
@@ -20,18 +20,27 @@ PRUNE_90 = PruningSpec(criterion="l1", granularity="unstructured", sparsity=0.9,
 RECOVER = FineTuneSpec(epochs=8, batch_size=32, lr=5e-3, warmup_steps=10)
 
 
-def test_prune_fine_tune_evaluate(digits: Digits, tmp_path: Path) -> None:
-    spec = JobSpec(pruning=PRUNE_90, fine_tune=RECOVER, evaluation=EvaluationSpec())
-    calls: list[tuple[str, float, str, dict | None]] = []
+def run_digits(
+    spec: JobSpec, digits: Digits, out: Path, training: TrainingConfig | None = None
+) -> tuple[PipelineResult, list[tuple]]:
+    """``spec`` through the pipeline on the digits; the result and every progress call."""
+    calls: list[tuple] = []
     result = run(
         spec,
         digits.model_path,
-        tmp_path / "out",
+        out,
         measure=FAST,
         on_progress=lambda *args: calls.append(args),
         data=PipelineData(fine_tune=digits.train, evaluation=digits.test),
-        training=TrainingConfig(checkpoint=tmp_path / "ckpt" / "ft.pt", checkpoint_every_steps=20),
+        training=training,
     )
+    return result, calls
+
+
+def test_prune_fine_tune_evaluate(digits: Digits, tmp_path: Path) -> None:
+    spec = JobSpec(pruning=PRUNE_90, fine_tune=RECOVER, evaluation=EvaluationSpec())
+    training = TrainingConfig(checkpoint=tmp_path / "ckpt" / "ft.pt", checkpoint_every_steps=20)
+    result, calls = run_digits(spec, digits, tmp_path / "out", training)
     m = result.metrics
     assert m.eval_before["accuracy"] == pytest.approx(digits.dense_accuracy, abs=1e-6)
     assert m.eval_after_pruning["accuracy"] < m.eval_before["accuracy"] - 0.05
@@ -150,6 +159,43 @@ def test_round_hook_evaluates_and_trains_a_share_between_rounds(digits: Digits) 
     assert steps[-1][2] == "round 1: step 86/86"  # a quarter of 8 epochs x 43 batches
     for name, was_zero in zeros.items():
         assert torch.all(program.state_dict[f"{name}.weight"][was_zero] == 0)
+
+
+def test_a_shared_budget_spends_the_fine_tunes_steps_across_the_rounds(
+    digits: Digits, tmp_path: Path
+) -> None:
+    gradual = PruningSpec(
+        **{
+            **PRUNE_90.model_dump(),
+            "schedule": {"kind": "iterative", "rounds": 3, "fine_tune_budget": "shared"},
+        }
+    )
+    spec = JobSpec(
+        pruning=gradual,
+        fine_tune=FineTuneSpec(epochs=2, batch_size=32, lr=5e-3),
+        evaluation=EvaluationSpec(),
+    )
+    result, calls = run_digits(spec, digits, tmp_path / "out")
+    # 2 epochs x 43 batches = 86 steps: 21 after each of the first two rounds, 44 after the
+    # last, and no more.
+    messages = [c[2] for c in calls if c[0] == "fine_tuning"]
+    assert [m for m in messages if m.endswith("/21")][-1] == "round 2: step 21/21"
+    assert "round 1: step 21/21" in messages
+    final = [m for m in messages if not m.startswith("round")]
+    assert len(final) == 44 + 1  # one call before the first step, one after each
+    assert "step 42/44" in final
+    assert not any(m.startswith("round 3") for m in messages)
+    rounds = [
+        c[3] for c in calls if c[0] == "pruning" and len(c) > 3 and c[3] and "sparsity" in c[3]
+    ]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["sparsity"] < rounds[1]["sparsity"] < 0.9
+    assert result.metrics.sparsity == pytest.approx(0.9, abs=1e-3)
+    program, _ = load_program(result.model_path)
+    weights = [program.state_dict[f"{n}.weight"] for n in DIGITS_PRUNABLE]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.9, abs=1e-3)
+    assert result.metrics.eval_after_fine_tune["accuracy"] > 0.8
 
 
 def test_channel_pruning_fine_tunes_the_smaller_program(digits: Digits, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from core.formats.pt2.program import load_program
 from core.pipeline import MeasureConfig, run
-from core.schedule import agp_fractions, at_fraction, relative_step
+from core.schedule import agp_fractions, at_fraction, relative_step, round_steps, shares_budget
 from core.spec import JobSpec, PruningSpec
 from tests.core.archs import ResidualCNN, export
 from tests.factories import PRUNABLE, export_resnet
@@ -33,6 +33,37 @@ def test_agp_is_cubic_and_ends_at_the_target() -> None:
     assert at_fraction(spec, 0.5).layer_sparsity == {"a*": pytest.approx(0.2)}
     # Relative steps compose back to the target: (1 - 0.5)(1 - r) = 1 - 0.8.
     assert relative_step(spec, 0.625, 1.0).sparsity == pytest.approx(1 - 0.2 / 0.5)
+
+
+def test_a_shared_budget_trains_the_fine_tunes_steps_half_while_the_sparsity_climbs() -> None:
+    # Added: a round's share between rounds, then the whole fine-tune (today's default).
+    assert round_steps(5, 110, shared=False) == (22, 110)
+    # Shared: 4 x 13 steps between the five rounds, the other 58 at the final sparsity.
+    assert round_steps(5, 110, shared=True) == (13, 58)
+    for rounds in (2, 3, 5, 9):
+        for total in (1, 7, 86, 344):
+            between, last = round_steps(rounds, total, shared=True)
+            assert between >= 1
+            assert last >= total / 2 or total < 2 * (rounds - 1)
+            if total >= 2 * (rounds - 1):
+                assert between * (rounds - 1) + last == total
+    assert round_steps(1, 50, shared=True) == (0, 50)
+    shared = PruningSpec(
+        criterion="l1",
+        granularity="unstructured",
+        sparsity=0.5,
+        schedule={"kind": "iterative", "rounds": 3, "fine_tune_budget": "shared"},
+    )
+    assert shares_budget(shared)
+    added = shared.model_dump() | {"schedule": {"kind": "iterative", "rounds": 3}}
+    assert not shares_budget(PruningSpec(**added))
+    with pytest.raises(ValueError, match="fine_tune_budget"):
+        PruningSpec(
+            criterion="l1",
+            granularity="unstructured",
+            sparsity=0.5,
+            schedule={"kind": "iterative", "fine_tune_budget": "doubled"},
+        )
 
 
 def test_n_m_is_one_shot_only() -> None:
