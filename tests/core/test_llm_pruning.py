@@ -661,7 +661,9 @@ def test_sparsegpt_reconstructs_as_well_as_a_plain_reference(arch: str) -> None:
     assert len(mine) == len(theirs)
     ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
     print(f"{arch}: ours/reference error per linear", [f"{r:.3f}" for r in ratios])
-    assert all(0.8 < r < 1.25 for r in ratios), ratios
+    # Every group calibrated on the layer as it came, as the reference does: the same error up
+    # to float32 against float64.
+    assert all(0.99 < r < 1.01 for r in ratios), ratios
     # And both beat pruning the same weights without the OBS updates (Wanda at 50%).
     wanda = BUILD[arch]()
     wanda_errors = []
@@ -675,6 +677,21 @@ def test_sparsegpt_reconstructs_as_well_as_a_plain_reference(arch: str) -> None:
             with torch.no_grad():
                 module.weight.copy_(kept if isinstance(module, nn.Linear) else kept.t())
     assert sum(mine) < sum(wanda_errors)
+
+
+def test_true_sequential_calibrates_each_group_on_the_groups_pruned_before_it() -> None:
+    ids = calibration_ids(16, 32)
+    models = {mode: tiny_llama() for mode in (False, True)}
+    for mode, model in models.items():
+        ratios = {name: 0.5 for name in prunable_linears(model)}
+        prune_causal_lm(model, ratios, criterion="sparsegpt", input_ids=ids, true_sequential=mode)
+    plain, chained = (prunable_linears(models[mode]) for mode in (False, True))
+    first = {"q_proj", "k_proj", "v_proj"}
+    for name, linear in plain.items():
+        same = torch.equal(linear.module.weight, chained[name].module.weight)
+        # The first group of the first layer reads the same input either way; every later
+        # group reads a pruned group's output under true_sequential.
+        assert same == (name.startswith("model.layers.0.") and name.split(".")[-1] in first), name
 
 
 # -- a trained model ------------------------------------------------------------------------------
@@ -743,16 +760,19 @@ def trained() -> SimpleNamespace:
 
 SETTINGS = {"70%": (0.7, None), "2:4": (0.5, (2, 4))}
 # Outlier features: log-normal per-feature scales of this spread. Measured on the trained model
-# over scale seeds 0-2 (seed 0 is what runs here), transformers 5.25: Wanda / magnitude perplexity
-# 0.978, 0.913, 0.906 at 70% and 0.990, 0.961, 0.942 at 2:4; SparseGPT / Wanda 0.874, 0.866, 0.871
-# at 70% and 0.958, 0.958, 0.960 at 2:4 (transformers 5.24 trained a slightly different model:
-# Wanda / magnitude 0.93, 0.88, 0.87 at 70%). Without the scales Wanda / magnitude is about 1 (no
-# order); at spread 1.0 SparseGPT's dampening (1% of the mean diagonal) swamps the small features
-# and it falls behind Wanda.
-SIGMA = 0.5
-# (Wanda / magnitude, SparseGPT / Wanda) must be below these: the worst measured ratio plus about
-# 1% at 70%; at 2:4, where the gaps are 1-6%, only the strict order.
-SLACK = {"70%": (0.99, 0.97), "2:4": (1.0, 1.0)}
+# over scale seeds 0-2 (seed 0 is what runs here), transformers 5.25, on the CI machine of
+# 2026-12-05: Wanda / magnitude perplexity 0.909, 0.889, 0.909 at 70% and 0.984, 0.928, 0.944 at
+# 2:4; SparseGPT / Wanda 0.881, 0.880, 0.868 at 70% and 0.952, 0.954, 0.951 at 2:4. At spread 0.5
+# (used until then) the same seeds gave Wanda / magnitude 0.983-0.944 at 70% and 1.001, 0.973,
+# 0.963 at 2:4 there, where an earlier machine's float rounding had trained a model with 0.99 at
+# seed 0: too close to 1 to order. Without the scales Wanda / magnitude is about 1 (no order); at
+# spread 1.0 SparseGPT's dampening (1% of the mean diagonal) swamps the small features and it
+# falls behind Wanda.
+SIGMA = 0.7
+# (Wanda / magnitude, SparseGPT / Wanda) must be below these: at 70% the worst measured ratio plus
+# about 4% (a model trained on another CPU moved these ratios by up to 0.07); at 2:4, where the gaps
+# are 2-7%, only the strict order.
+SLACK = {"70%": (0.95, 0.92), "2:4": (1.0, 1.0)}
 
 
 def _pruned_perplexity(model: nn.Module, criterion: str, setting: str, trained: Any) -> float:
