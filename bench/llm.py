@@ -394,7 +394,13 @@ def quality(args: argparse.Namespace) -> None:
 def _scale_one(a: argparse.Namespace) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from core.allocator import set_mmap_threshold
+
     torch.set_num_threads(a.threads)
+    # SHEARS_MALLOC_MMAP_THRESHOLD_BYTES of a worker (off by default, as here); e.g.
+    # --malloc-mmap-threshold 4194304 (DEFAULT_MMAP_THRESHOLD) for a memory-bound one.
+    threshold = a.malloc_mmap_threshold or 0
+    set_mmap_threshold(threshold)
     config = LlamaConfig(
         vocab_size=a.vocab,
         hidden_size=a.hidden,
@@ -446,6 +452,7 @@ def _scale_one(a: argparse.Namespace) -> dict[str, Any]:
         "method": a.method,
         "setting": a.setting,
         "layers": a.layers,
+        "malloc_mmap_threshold": threshold,
         "parameters": params,
         "build_seconds": build,
         "rss_model_mib": rss_model,
@@ -505,6 +512,11 @@ def scale(a: argparse.Namespace) -> None:
         *([] if a.memory_budget_mib is None else ["--memory-budget-mib", str(a.memory_budget_mib)]),
         "--threads",
         str(a.threads),
+        *(
+            []
+            if a.malloc_mmap_threshold is None
+            else ["--malloc-mmap-threshold", str(a.malloc_mmap_threshold)]
+        ),
     ]
     WORK.mkdir(parents=True, exist_ok=True)
     r = _child(argv, a.llmc_python if a.impl == "llmcompressor" else sys.executable)
@@ -574,6 +586,12 @@ def main() -> None:
         s.add_argument("--memory-budget-mib", type=float, default=None)
         # Intra-op threads of every implementation (1: steadier beside another busy process).
         s.add_argument("--threads", type=int, default=2)
+        s.add_argument(
+            "--malloc-mmap-threshold",
+            type=int,
+            default=None,
+            help="glibc mmap threshold in bytes, as SHEARS_MALLOC_MMAP_THRESHOLD_BYTES (default 0)",
+        )
         s.add_argument("--out", default=str(ROOT / "docs/data/llm_scale.json"))
     a = p.parse_args()
     if a.cmd == "quality":

@@ -1,6 +1,7 @@
-"""The worker process's own life: announce itself while it runs, and pin each pool child to its
-GPU before the child touches CUDA. Connected when the worker loads its tasks (the API, which
-imports only ``worker.celery_app``, never runs these)."""
+"""The worker process's own life: announce itself while it runs, pin each pool child to its GPU
+before the child touches CUDA, and set the allocator to give large freed blocks back. Connected
+when the worker loads its tasks (the API, which imports only ``worker.celery_app``, never runs
+these)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from core.allocator import set_mmap_threshold
 from shears.settings import get_settings
 from worker.devices import pin_child
 from worker.presence import Presence
@@ -31,6 +33,8 @@ _setup: dict[str, Any] = {}
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]
 def _remember(sender: str, instance: Any, **_: Any) -> None:
+    # Before any job: the pool's children are forks and inherit it (a solo pool runs jobs here).
+    _set_allocator()
     _setup["worker"] = sender
     _setup["queues"] = sorted(instance.app.amqp.queues.consume_from)
     _setup["concurrency"] = int(instance.concurrency or 1)
@@ -50,6 +54,12 @@ def _announce(**_: Any) -> None:
 def _withdraw(**_: Any) -> None:
     if _presence is not None:
         _presence.stop()
+
+
+def _set_allocator() -> None:
+    threshold = get_settings().malloc_mmap_threshold_bytes
+    if set_mmap_threshold(threshold):
+        log.info("allocator maps large blocks", mmap_threshold_bytes=threshold)
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
