@@ -228,8 +228,8 @@ class RecoveryStages:
         shared = shares_budget(self.spec.pruning)
         if tune is None or rounds == 1 or (round_ == rounds and not shared):
             return tune
-        between, last = round_steps(rounds, self._total_steps(tune), shared=shared)
-        update: dict[str, Any] = {"steps": last if round_ == rounds else between, "epochs": None}
+        each, last = round_steps(rounds, self._total_steps(tune), shared=shared)
+        update: dict[str, Any] = {"steps": last if round_ == rounds else each, "epochs": None}
         if shared:
             update["seed"] = tune.seed + round_ - 1
         return tune.model_copy(update=update)
