@@ -336,7 +336,11 @@ ORDER_LABEL = "torch.nn.utils.prune + plain loop, batch order drawn with seed + 
 def versus(results: list[dict[str, dict[str, float]]], key: str) -> str:
     """Mean over seeds of Shears minus the plain loop after fine-tuning, in points, and the
     seeds won/tied/lost."""
-    diffs = [100 * (r[key]["tuned"] - r["plain_loop"]["tuned"]) for r in results]
+    return _summary([100 * (r[key]["tuned"] - r["plain_loop"]["tuned"]) for r in results])
+
+
+def _summary(diffs: list[float]) -> str:
+    """Differences in points as ``mean (won/tied/lost)``."""
     won = sum(d > 1e-6 for d in diffs)
     lost = sum(d < -1e-6 for d in diffs)
     return f"{statistics.mean(diffs):+.2f} ({won}/{len(diffs) - won - lost}/{lost})"
@@ -395,11 +399,9 @@ def _pooled(results: list[dict[str, dict[str, float]]], key: str) -> tuple[str, 
     peer = [r["plain_loop"]["tuned"] for r in results] + [
         r[f"order{d}"]["tuned"] for r in results for d in draws
     ]
-    diffs = [100 * (a - b) for a, b in zip(mine, peer, strict=True)]
-    won, lost = sum(d > 1e-6 for d in diffs), sum(d < -1e-6 for d in diffs)
-    versus = f"{statistics.mean(diffs):+.2f} ({won}/{len(diffs) - won - lost}/{lost})"
+    paired = _summary([100 * (a - b) for a, b in zip(mine, peer, strict=True)])
     rows = []
-    for label, runs, diff in ((LABELS[key], mine, versus), (LABELS["plain_loop"], peer, "")):
+    for label, runs, diff in ((LABELS[key], mine, paired), (LABELS["plain_loop"], peer, "")):
         rows.append(
             f"| {label} | {len(runs)} | {100 * statistics.median(runs):.2f}% "
             f"| {100 * statistics.mean(runs):.2f}% | {diff} |"

@@ -51,8 +51,9 @@ class Analyzer:
         # (query heads, repeated key/value heads, where): grouped-query attention, settled once
         # the groups are known
         self._kv_links: list[tuple[Label, Label, str]] = []
-        # Constants that hold how many times key/value heads are repeated (repeat_kv's expand
-        # and reshape): with one key/value head they count the query heads instead.
+        # Constants that hold how many times key/value heads are repeated and that no rewrite
+        # of the heads dim holds (repeat_kv's expand size): with one key/value head they count
+        # the query heads instead.
         self._repeat_sites: list[Rewrite] = []
         self.memo: dict[object, object] = {}  # what a handler worked out for later nodes
 
