@@ -55,7 +55,12 @@ def _reset_peak() -> None:
 
 
 def measured(fn: Any) -> dict[str, float]:
-    """Wall time and extra peak RSS (MiB) of ``fn()``."""
+    """Wall time and extra peak RSS (MiB) of ``fn()``. The heap's free pages go back to the OS
+    first, so the baseline counts what is live, not what building the model left free (which
+    the prune could reuse unseen: up to ~70 MiB of run-to-run spread at the 1 B widths)."""
+    from core.allocator import release_free_memory
+
+    release_free_memory()
     before = _status_kib("VmRSS")
     _reset_peak()
     start = time.perf_counter()

@@ -74,8 +74,10 @@ def main() -> None:
     for owner, name, label in [
         (seq_mod, "capture_inputs", "capture first-layer inputs"),
         (seq_mod, "input_groups", "group linears by input"),
+        (seq_mod, "_probe", "group linears by input"),
         (seq_mod, "_collect", "calibration passes"),
         (seq_mod, "_collect_hessian", "calibration passes"),
+        (seq_mod, "_collect_hessians", "calibration passes"),
         (masks_mod.Hessian, "__call__", "Hessian accumulation (X Xᵀ)"),
         (seq_mod, "inverse_hessian_", "Cholesky / inverse"),
         (seq_mod, "sweep", "OBS sweep"),

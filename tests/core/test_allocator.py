@@ -1,4 +1,5 @@
-"""The allocator setting a worker applies: large freed blocks go back to the OS at once."""
+"""How freed memory goes back to the OS: the allocator setting a worker may apply (large freed
+blocks at once), and the release SparseGPT asks for between its phases."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from core.allocator import set_mmap_threshold
 _CHILD = textwrap.dedent(
     """
     import os, sys, torch
-    from core.allocator import set_mmap_threshold
+    from core.allocator import release_free_memory, set_mmap_threshold
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -25,6 +26,8 @@ _CHILD = textwrap.dedent(
     pinned = [torch.ones(256) for _ in range(64)]  # small blocks allocated after them
     before = rss()
     del chunks
+    if sys.argv[1] == "release":
+        assert release_free_memory()
     print(before - rss())
     """
 )
@@ -41,6 +44,13 @@ def test_a_fixed_threshold_returns_freed_blocks_at_once() -> None:
     returned = _returned_mib("set")
     assert returned >= 0.9 * 96, returned
     print(f"returned {returned:.0f} MiB with the threshold, {_returned_mib('default'):.0f} without")
+
+
+def test_the_release_returns_what_the_heap_kept() -> None:
+    kept = _returned_mib("default")
+    returned = _returned_mib("release")
+    assert returned >= 0.9 * 96, (returned, kept)
+    assert kept < 0.5 * 96, kept  # else this test shows nothing about the release
 
 
 def test_zero_leaves_the_allocators_own_policy() -> None:

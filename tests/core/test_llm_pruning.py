@@ -603,7 +603,7 @@ def test_each_group_is_calibrated_up_to_its_first_linear_only() -> None:
     counter = down.register_forward_pre_hook(lambda *_: calls.append(1))
     for group in groups:
         calls.clear()
-        stopped = sequential._collect_hessian(layer, group, inputs)
+        (stopped,) = sequential._collect_hessians(layer, [group], inputs)
         reached = len(calls)
         full = Hessian(group.linears[0].shape[1], torch.device("cpu"))
         handle = group.linears[0].module.register_forward_hook(full)
@@ -616,6 +616,40 @@ def test_each_group_is_calibrated_up_to_its_first_linear_only() -> None:
         # down_proj is called last: only its own group's forwards reach it, stopping there.
         assert reached == (len(inputs.calls) if group is groups[-1] else 0)
     counter.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hessians_that_fit_the_budget_are_collected_in_one_pass(arch: str) -> None:
+    """Where a layer's Hessians fit in ``memory_budget`` they are collected in one pass that
+    takes the grouping forward's batch too: two passes over the samples per layer instead of
+    five, and the same Hessians, so the same pruned weights, as one at a time."""
+    ids = calibration_ids()
+    models = {budget: BUILD[arch]() for budget in (1, 2**30)}
+    passes: dict[int, list[int]] = {}
+    for budget, model in models.items():
+        counts = passes.setdefault(budget, [])
+        for block in _blocks(model):
+            block.register_forward_pre_hook(lambda *_, c=counts: c.append(1))
+        ratios = {name: 0.5 for name in prunable_linears(model)}
+        results = prune_causal_lm(
+            model,
+            ratios,
+            criterion="sparsegpt",
+            input_ids=ids,
+            batch_size=3,
+            memory_budget=budget,
+        )
+        assert all(r.error is not None and r.error > 0 for r in results.values())
+    layers, batches = len(_blocks(models[1])), 3  # 8 samples: 3 + 3 + 2
+    # Capturing the first layer's inputs stops at its call, once per batch. Then per layer, one
+    # at a time: the grouping batch, the first group's other batches, three groups' passes and
+    # the outputs (but the last layer's); together: the grouping batch and the others.
+    fixed = batches + (layers - 1) * batches
+    assert sum(passes[1]) == fixed + layers * (1 + (batches - 1) + 3 * batches)
+    assert sum(passes[2**30]) == fixed + layers * batches
+    one, together = (prunable_linears(models[b]) for b in (1, 2**30))
+    for name, linear in one.items():
+        assert torch.equal(linear.module.weight, together[name].module.weight), name
 
 
 @pytest.mark.parametrize("subset", ["all", "attention"])

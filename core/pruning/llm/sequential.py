@@ -6,15 +6,17 @@ squared norm; SparseGPT: ``X X^T``), its linears are pruned, and the layer is ru
 produce the next layer's inputs. Magnitude needs no data and runs no forward pass.
 
 SparseGPT goes through a layer's linears in groups that read the same input (q/k/v, o, gate/up
-and down in a Llama layer), last group first: one ``X X^T`` per group, freed once the group is
-pruned, so at most one Hessian exists at a time. Pruning a group changes only what the groups
-after it read, so every group is calibrated on the layer as it came, as the reference code and
-llm-compressor calibrate all of them in one pass. Each group's calibration forwards stop at the
-group's first linear (nothing after it changes its input), so the four groups of a Llama layer
-cost about one forward of the layer, not four. Wanda's statistics are vectors: one pass per
-layer, each forward after the first ending at the last linear's input. Calibration forwards take
-as many samples at a time as ``memory_budget`` allows: by default a fifth of one decoder layer's
-weight bytes (at least 64 MiB), at least one sample.
+and down in a Llama layer), last group first, each with one ``X X^T`` freed once the group is
+pruned. Pruning a group changes only what the groups after it read, so every group is calibrated
+on the layer as it came, as the reference code and llm-compressor calibrate all of them in one
+pass. Where all of a layer's Hessians fit in ``memory_budget`` they are collected in one pass
+too; otherwise one at a time, so at most one Hessian exists at a time, each group's forwards
+stopping at its first linear (nothing after it changes its input): the four groups of a Llama
+layer then cost about one forward of the layer, not four. The forward that groups the linears
+(the first batch) also serves the Hessians collected first. Wanda's statistics are vectors: one
+pass per layer, each forward after the first ending at the last linear's input. Calibration
+forwards take as many samples at a time as ``memory_budget`` allows: by default a fifth of one
+decoder layer's weight bytes (at least 64 MiB), at least one sample.
 
 Example (a plain ``transformers`` model, no service)::
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.allocator import release_free_memory
 from core.criteria import CRITERIA as CRITERIA_TABLE
 from core.criteria import needs_data
 from core.pruning.llm.calibrate import LayerInputs, StopForward, capture_inputs
@@ -188,32 +191,6 @@ def _collect_norms(
     return stats
 
 
-def _collect_hessian(layer: DecoderLayer, group: InputGroup, inputs: LayerInputs) -> Hessian:
-    """``X X^T`` of the input ``group`` reads, over every sample.
-
-    Where the layer calls the group's first linear once per forward, each forward stops there
-    (:class:`StopForward`): nothing after it in the layer can change its input, and a Llama
-    layer's four groups then cost about one forward of the layer instead of four.
-    """
-    lead = group.linears[0]
-    hessian = Hessian(lead.shape[1], lead.weight.device)
-
-    def stop(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        hessian(module, args, None)
-        raise StopForward
-
-    handle = (
-        lead.module.register_forward_pre_hook(stop)
-        if group.called_once
-        else lead.module.register_forward_hook(hessian)
-    )
-    try:
-        inputs.run(layer.module)
-    finally:
-        handle.remove()
-    return hessian
-
-
 @dataclass(frozen=True)
 class InputGroup:
     """Linears that read the same input tensor; ``called_once``: the layer calls the first of
@@ -222,12 +199,24 @@ class InputGroup:
     linears: list[Linear]
     called_once: bool
 
+    @property
+    def hessian_bytes(self) -> int:
+        """The size of the group's one ``X X^T`` (float32, ``in x in``)."""
+        return self.linears[0].shape[1] ** 2 * 4
 
-def input_groups(
-    layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs
-) -> list[InputGroup]:
-    """``targets`` grouped by the input tensor they read, groups in the order the layer calls
-    them (one forward of the first batch; linears it never calls come last, each alone)."""
+
+@dataclass(frozen=True)
+class _Probe:
+    """What one forward of the first batch tells about a layer: ``groups`` (see
+    :func:`input_groups`) and ``first``, each group's input in that batch by its first linear's
+    name (for groups called once), so the Hessians collected before anything is pruned need not
+    run that batch again."""
+
+    groups: list[InputGroup]
+    first: dict[str, torch.Tensor]
+
+
+def _probe(layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs) -> _Probe:
     seen: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
 
@@ -245,16 +234,76 @@ def input_groups(
     finally:
         for handle in handles:
             handle.remove()
-    groups: list[tuple[torch.Tensor | None, list[Linear]]] = []
+    members: list[tuple[torch.Tensor | None, list[Linear]]] = []
     by_name = {lin.name: lin for lin in targets}
     for name, x in seen.items():
-        group = next((g for key, g in groups if key is x), None)
+        group = next((g for key, g in members if key is x), None)
         if group is None:
-            groups.append((x, [by_name[name]]))
+            members.append((x, [by_name[name]]))
         else:
             group.append(by_name[name])
-    groups += [(None, [lin]) for lin in targets if lin.name not in seen]
-    return [InputGroup(group, calls.get(group[0].name) == 1) for _, group in groups]
+    members += [(None, [lin]) for lin in targets if lin.name not in seen]
+    groups = [InputGroup(group, calls.get(group[0].name) == 1) for _, group in members]
+    first = {
+        g.linears[0].name: x
+        for (x, _), g in zip(members, groups, strict=True)
+        if x is not None and g.called_once
+    }
+    return _Probe(groups, first)
+
+
+def input_groups(
+    layer: DecoderLayer, targets: list[Linear], inputs: LayerInputs
+) -> list[InputGroup]:
+    """``targets`` grouped by the input tensor they read, groups in the order the layer calls
+    them (one forward of the first batch; linears it never calls come last, each alone)."""
+    return _probe(layer, targets, inputs).groups
+
+
+def _collect_hessians(
+    layer: DecoderLayer,
+    groups: list[InputGroup],
+    inputs: LayerInputs,
+    first: Mapping[str, torch.Tensor] | None = None,
+) -> list[Hessian]:
+    """``X X^T`` of the input each of ``groups`` reads (given in the order the layer calls
+    them), over every sample, in one pass.
+
+    Where the layer calls each group's first linear once per forward, each forward stops at the
+    last of them (:class:`StopForward`): nothing after it can change what the groups read, so a
+    Llama layer's four groups collected one by one cost about one forward of the layer, not four.
+    ``first``: the first batch's inputs by first-linear name (:class:`_Probe`), taken instead of
+    running that batch where every group has one.
+    """
+    leads = [group.linears[0] for group in groups]
+    hessians = [Hessian(lead.shape[1], lead.weight.device) for lead in leads]
+    stops = all(group.called_once for group in groups)
+    start = 0
+    if first is not None and stops and all(lead.name in first for lead in leads):
+        for lead, hessian in zip(leads, hessians, strict=True):
+            hessian(lead.module, (first[lead.name],), None)
+        start = 1
+
+    def collect(
+        hessian: Hessian, last: bool
+    ) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            hessian(module, args, None)
+            if last and stops:
+                raise StopForward
+
+        return hook
+
+    handles = [
+        lead.module.register_forward_pre_hook(collect(hessian, lead is leads[-1]))
+        for lead, hessian in zip(leads, hessians, strict=True)
+    ]
+    try:
+        inputs.run(layer.module, start=start)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
 
 
 def _prune_layer(
@@ -265,6 +314,7 @@ def _prune_layer(
     criterion: str,
     n_m: tuple[int, int] | None,
     true_sequential: bool = False,
+    hessian_budget: int = 0,
 ) -> dict[str, LinearResult]:
     results: dict[str, LinearResult] = {}
     if criterion == "wanda":
@@ -273,16 +323,35 @@ def _prune_layer(
             _wanda(linear, stats.pop(linear.name), ratios[linear.name], n_m)
             results[linear.name] = LinearResult(linear.name)
         return results
-    groups = input_groups(layer, targets, inputs)
+    probe = _probe(layer, targets, inputs)
+    groups = probe.groups
     # Last group first: pruning a group changes only what the groups after it read, so each
     # group is calibrated on the layer as it was (what the reference code and llm-compressor do,
-    # all groups at once), with one Hessian alive at a time. ``true_sequential``: first group
-    # first, each calibrated on the groups before it as pruned (GPTQ's --true-sequential).
-    for group in groups if true_sequential else groups[::-1]:
-        # One Hessian for the group (its linears read the same X); freed when it is done.
-        hessian = _collect_hessian(layer, group, inputs)
-        results.update(_sparsegpt(group.linears, hessian, ratios, n_m))
-        del hessian
+    # all groups at once). Where all the layer's Hessians fit in ``hessian_budget`` they are
+    # collected in one pass; else one at a time, one Hessian alive at a time.
+    # ``true_sequential``: first group first, each calibrated on the groups before it as pruned
+    # (GPTQ's --true-sequential).
+    if true_sequential:
+        rounds = [[group] for group in groups]
+    elif sum(group.hessian_bytes for group in groups) <= hessian_budget:
+        rounds = [groups]
+    else:
+        rounds = [[group] for group in groups[::-1]]
+    # The grouping batch's inputs serve the first round (nothing is pruned before it); the
+    # others are dropped now, not held through that round's forwards.
+    leads = {group.linears[0].name for group in rounds[0]}
+    first: dict[str, torch.Tensor] | None = {
+        name: x for name, x in probe.first.items() if name in leads
+    }
+    del probe
+    for members in rounds:
+        pending = list(zip(members, _collect_hessians(layer, members, inputs, first), strict=True))
+        first = None
+        release_free_memory()  # the forwards' temporaries, before the sweeps' largest buffers
+        while pending:
+            group, hessian = pending.pop()  # the last the layer calls first; freed once done
+            results.update(_sparsegpt(group.linears, hessian, ratios, n_m))
+            del group, hessian
     return {lin.name: results[lin.name] for group in groups for lin in group.linears}
 
 
@@ -309,7 +378,8 @@ def prune_causal_lm(
         n_m: keep ``n`` of every ``m`` consecutive input features instead of a ratio.
         input_ids: ``(num_samples, seq_len)`` calibration token ids (Wanda, SparseGPT).
         batch_size: samples per forward; default: as many as ``memory_budget`` allows.
-        memory_budget: bytes a calibration forward may use (see :func:`calibration_batch`);
+        memory_budget: bytes a calibration forward may use (see :func:`calibration_batch`),
+            and SparseGPT's Hessians of a layer together, to be collected in one pass;
             default: ``CALIBRATION_SHARE`` of the first decoder layer's weight bytes.
         on_layer: called before each decoder layer is calibrated.
         true_sequential: SparseGPT calibrates each group of a layer's linears on the groups
@@ -327,6 +397,7 @@ def prune_causal_lm(
         raise ValueError(f"unknown criterion {criterion!r}; one of {sorted(CRITERIA)}")
     layers = decoder_layers(model)
     inputs: LayerInputs | None = None
+    budget = 0
     if needs_data(criterion):
         if input_ids is None or input_ids.numel() == 0:
             raise ValueError(f"criterion {criterion!r} needs calibration input_ids")
@@ -349,7 +420,9 @@ def prune_causal_lm(
                 continue
             if targets:
                 results.update(
-                    _prune_layer(layer, targets, inputs, ratios, criterion, n_m, true_sequential)
+                    _prune_layer(
+                        layer, targets, inputs, ratios, criterion, n_m, true_sequential, budget
+                    )
                 )
             if index + 1 < len(layers):
                 inputs.advance(layer.module)

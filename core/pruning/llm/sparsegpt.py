@@ -336,17 +336,21 @@ def error_on_data(
 
     ``after`` is the sweep's float32 result: a model stored in a narrower dtype adds its
     rounding, which this does not count (it would need the Hessian the factorisation
-    overwrote). Rows are taken ``rows`` at a time, so no ``(out, in)`` temporary is made.
+    overwrote). Rows are taken ``rows`` at a time into one buffer, reused: no ``(out, in)``
+    temporary, and no new allocation per chunk (at the 1 B widths, fresh ones per chunk raised
+    the prune's peak by ~35 MiB, the heap reusing pages given back before the sweep).
     """
     damped = 0.0
     dead = 0.0
+    any_dead = bool(hinv.dead.any())
+    buffer = torch.empty(min(rows, before.shape[0]), before.shape[1], device=before.device)
     for start in range(0, before.shape[0], rows):
-        delta = before[start : start + rows].to(torch.float32) - after[start : start + rows].to(
-            torch.float32
-        )
-        square = delta.square()
+        stop = min(start + rows, before.shape[0])
+        square = buffer[: stop - start]
+        torch.sub(before[start:stop], after[start:stop], out=square)
+        square.square_()
         damped += float(square.sum(dtype=torch.float64))
-        if bool(hinv.dead.any()):
+        if any_dead:
             dead += float(square[:, hinv.dead].sum(dtype=torch.float64))
     return max(0.0, swept - hinv.damping * damped - dead)
 
