@@ -343,7 +343,9 @@ def error_on_data(
     damped = 0.0
     dead = 0.0
     any_dead = bool(hinv.dead.any())
-    buffer = torch.empty(min(rows, before.shape[0]), before.shape[1], device=before.device)
+    buffer = torch.empty(
+        min(rows, before.shape[0]), before.shape[1], dtype=torch.float32, device=before.device
+    )
     for start in range(0, before.shape[0], rows):
         stop = min(start + rows, before.shape[0])
         square = buffer[: stop - start]
