@@ -8,6 +8,12 @@ A one-layer Llama from a config (random float32 weights, seed 0), 16 random bloc
 by name where they exist, so the same script times older code too (run it from a checkout of
 that code). "calibration forwards" is the rest of the calibration passes: what the layer's own
 forwards take besides the Hessian hooks. ``--save`` writes the pruned weights for comparison.
+
+``--memory`` also gives each phase's peak RSS above the baseline (the model built, the heap's
+free pages given back): at every entry to and exit from a wrapped function the kernel's
+high-water mark is read, credited to the innermost phase running since the last such point,
+and reset (``/proc/self/clear_refs``), so the peaks are exact, not sampled. "outside the phases"
+is the rest of ``prune_causal_lm``: the layer's output pass, among others.
 """
 
 from __future__ import annotations
@@ -25,9 +31,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.llm import add_widths
+from bench.llm import _reset_peak, _status_kib, add_widths
 
 T: defaultdict[str, float] = defaultdict(float)
+OUTSIDE = "outside the phases"
+
+
+class PeakByPhase:
+    """The high-water mark of RSS (KiB) credited to the innermost phase running."""
+
+    def __init__(self) -> None:
+        self.stack = [OUTSIDE]
+        self.peak_kib: defaultdict[str, int] = defaultdict(int)
+        self.timeline: list[tuple[str, int, int]] = []  # (phase, RSS at its start, its peak)
+        self.on = False
+        self.start_kib = 0
+
+    def boundary(self) -> None:
+        if self.on:
+            label = self.stack[-1]
+            peak = _status_kib("VmHWM")
+            self.peak_kib[label] = max(self.peak_kib[label], peak)
+            self.timeline.append((label, self.start_kib, peak))
+            _reset_peak()
+            self.start_kib = _status_kib("VmRSS")
+
+
+MEMORY = PeakByPhase()
 
 
 def _timed(owner: Any, name: str, label: str) -> None:
@@ -36,11 +66,15 @@ def _timed(owner: Any, name: str, label: str) -> None:
         return
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        MEMORY.boundary()
+        MEMORY.stack.append(label)
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
             T[label] += time.perf_counter() - start
+            MEMORY.boundary()
+            MEMORY.stack.pop()
 
     setattr(owner, name, wrapper)
 
@@ -50,6 +84,7 @@ def main() -> None:
     add_widths(p, (1024, 2816, 16, 2), samples=16)
     p.add_argument("--n-m", action="store_true", help="2:4 instead of 50%% unstructured")
     p.add_argument("--save", default=None)
+    p.add_argument("--memory", action="store_true", help="peak extra RSS per phase (MiB)")
     a = p.parse_args()
     torch.set_num_threads(2)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -89,11 +124,22 @@ def main() -> None:
     from core.pruning.llm import prunable_linears, prune_causal_lm
 
     ratios = dict.fromkeys(prunable_linears(model), 0.5)
+    baseline = 0
+    if a.memory:
+        from core.allocator import release_free_memory
+
+        release_free_memory()
+        baseline = _status_kib("VmRSS")
+        _reset_peak()
+        MEMORY.start_kib = baseline
+        MEMORY.on = True
     start = time.perf_counter()
     results = prune_causal_lm(
         model, ratios, criterion="sparsegpt", input_ids=ids, n_m=(2, 4) if a.n_m else None
     )
     total = time.perf_counter() - start
+    MEMORY.boundary()
+    MEMORY.on = False
     phases = {k: round(v, 2) for k, v in T.items()}
     if "calibration passes" in phases:
         passes = phases.pop("calibration passes")
@@ -103,6 +149,13 @@ def main() -> None:
             {
                 "total_seconds": round(total, 2),
                 "phases_seconds": phases,
+                "peak_extra_mib": {
+                    k: round((v - baseline) / 1024) for k, v in MEMORY.peak_kib.items()
+                },
+                "timeline_extra_mib": [
+                    (k, round((a - baseline) / 1024), round((b - baseline) / 1024))
+                    for k, a, b in MEMORY.timeline
+                ],
                 "errors": {k: r.error for k, r in results.items()},
                 "load_average_1min": os.getloadavg()[0],
                 "args": vars(a),

@@ -33,11 +33,10 @@ from core.pruning.llm import (
     prune_causal_lm,
     sequential,
 )
-from core.pruning.llm.masks import FeatureNorms, Hessian, add_lower_gram_, planned_removals
+from core.pruning.llm.masks import FeatureNorms, Hessian, planned_removals
+from core.pruning.llm.panels import UpperPanels, invert_factor_
 from core.pruning.llm.sparsegpt import (
     DAMPING,
-    _upper_inverse_factor_cpu,
-    _upper_inverse_factor_torch,
     error_on_data,
     inverse_hessian_,
     reconstruction_error,
@@ -481,10 +480,10 @@ def test_sparsegpt_factors_the_hessian_in_its_own_buffer(
     damped.diagonal().add_(DAMPING * damped.diagonal().mean())
     plain = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
 
-    buffer = xxt.clone()
+    buffer = UpperPanels.from_lower(xxt)
     hinv = inverse_hessian_(buffer)
-    assert hinv.u.data_ptr() == buffer.data_ptr()  # no second Hessian-sized buffer
-    torch.testing.assert_close(hinv.u, plain, rtol=1e-4, atol=1e-6)
+    assert hinv.u.flat.data_ptr() == buffer.flat.data_ptr()  # no second Hessian-sized buffer
+    torch.testing.assert_close(hinv.u.dense(), plain, rtol=1e-4, atol=1e-6)
     pruned = w.clone()
     swept = sweep(pruned, hinv, 0.5, n_m=n_m)
     torch.testing.assert_close(pruned, sparsegpt(w, xxt, 0.5, n_m=n_m))
@@ -493,48 +492,54 @@ def test_sparsegpt_factors_the_hessian_in_its_own_buffer(
     direct = float(((w - pruned).double() @ x.double()).square().sum())
     assert error_on_data(w, pruned, hinv, swept) == pytest.approx(direct, rel=1e-3)
     assert reconstruction_error(w, pruned, xxt) == pytest.approx(direct, rel=1e-3)
-    # As the Hessian hook keeps it: the lower triangle only.
+    # Given only a lower triangle, both read nothing else.
     lower = xxt.clone()
     upper = torch.triu_indices(width, width, 1)
     lower[upper[0], upper[1]] = float("nan")
     assert reconstruction_error(w, pruned, lower) == pytest.approx(direct, rel=1e-3)
+    torch.testing.assert_close(sparsegpt(w, lower, 0.5, n_m=n_m), pruned)
 
 
-@pytest.mark.parametrize("panel", [512, 16, 7])
-def test_the_gram_update_fills_the_lower_triangle(panel: int) -> None:
-    """``x^T x`` added to the lower triangle in place, panel by panel, equals the full
-    product's there (to float32 rounding; at the service's panel width, bitwise here)."""
+@pytest.mark.parametrize("panel", [128, 16, 7])
+def test_the_gram_update_fills_the_upper_panels(panel: int) -> None:
+    """``x^T x`` added panel by panel, in place, equals the full product on and above the
+    diagonal (to float32 rounding), in about half the square's bytes."""
     torch.manual_seed(0)
     x = torch.randn(300, 40)
     start = torch.randn(40, 40)
     start = start @ start.T
-    buffer = start.clone()
-    pointer = buffer.data_ptr()
-    add_lower_gram_(buffer, x, panel)
-    add_lower_gram_(buffer, x[:7], panel)
+    buffer = UpperPanels.from_lower(start, panel)
+    pointer = buffer.flat.data_ptr()
+    buffer.add_gram_(x)
+    buffer.add_gram_(x[:7])
     want = start.double() + x.double().T @ x.double() + x[:7].double().T @ x[:7].double()
-    assert buffer.data_ptr() == pointer
-    torch.testing.assert_close(buffer.double().tril(), want.tril(), rtol=1e-5, atol=1e-3)
-    # Above the diagonal panels nothing is written.
-    assert torch.equal(buffer.triu(panel), start.triu(panel))
+    assert buffer.flat.data_ptr() == pointer
+    torch.testing.assert_close(buffer.dense().double(), want.triu(), rtol=1e-5, atol=1e-3)
+    # A 5,632-input down_proj's Hessian in the service's panels: 51% of the square.
+    assert UpperPanels.numel(5632) / 5632**2 < 0.52
 
 
-@pytest.mark.parametrize("factor", [_upper_inverse_factor_cpu, _upper_inverse_factor_torch])
-def test_the_inverse_factor_reads_the_lower_triangle_only(factor: object) -> None:
-    """Both ways to the factor of ``H^-1`` (LAPACK in place on the CPU, torch's calls on other
-    devices, run here on the CPU) read only the lower triangle the Hessian hook keeps."""
+@pytest.mark.parametrize(("n", "panel"), [(33, 7), (33, 16), (97, 16), (257, 128)])
+def test_the_panel_factor_is_the_cholesky_factor_of_the_inverse(n: int, panel: int) -> None:
+    """Factored in place, panel by panel, the Hessian becomes the upper Cholesky factor of its
+    inverse, reading the upper triangle only (the diagonal blocks' lower halves are NaN here);
+    rows of it across panels read as the dense factor's."""
     torch.manual_seed(0)
-    x = torch.randn(33, 200)
-    h = x @ x.T + torch.eye(33)
-    plain = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    buffer = h.clone()
-    upper = torch.triu_indices(33, 33, 1)
-    buffer[upper[0], upper[1]] = float("nan")
-    if factor is _upper_inverse_factor_cpu:
-        _upper_inverse_factor_cpu(buffer)
-    else:
-        _upper_inverse_factor_torch(buffer.mT)
-    torch.testing.assert_close(buffer.mT, plain, rtol=1e-4, atol=1e-5)
+    x = torch.randn(n, 4 * n)
+    h = x @ x.T + torch.eye(n)
+    plain = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(h.double())), upper=True
+    )
+    buffer = UpperPanels.from_lower(h, panel)
+    for block in buffer.diagonal_blocks():
+        rows = block.shape[0]
+        below = torch.tril_indices(rows, rows, -1)
+        block[below[0], below[1]] = float("nan")
+    invert_factor_(buffer)
+    factor = buffer.dense()
+    torch.testing.assert_close(factor.double(), plain, rtol=1e-4, atol=1e-5)
+    for a, b in [(0, min(panel, n)), (panel, min(2 * panel, n)), (3, n - 2), (panel - 1, n)]:
+        torch.testing.assert_close(buffer.rows(a, b), factor[a:b, a:])
 
 
 def _column_by_column(
@@ -565,21 +570,22 @@ def _column_by_column(
     return w
 
 
-@pytest.mark.parametrize("n_m", [None, (2, 4)])
+@pytest.mark.parametrize("n_m", [None, (2, 4), (1, 3)])
 def test_the_blocked_sweep_is_the_column_by_column_sweep(n_m: tuple[int, int] | None) -> None:
     """Runs of columns, products for the rest of each block and the transposed layout change
     the order of float32 sums only: same masks, weights equal up to rounding (300 columns: two
-    blocks of 128 and a short one, runs that do not divide it)."""
+    blocks of 128 and a short one, runs that do not divide it; with m = 3 blocks of 126, whose
+    rows of the factor straddle its panels of 128)."""
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(300, 2000, generator=generator) * torch.rand(300, 1, generator=generator)
     w = torch.randn(40, 300, generator=generator)
     w[w.abs() < 0.05] = 0.0  # zeros held from an earlier round
-    hinv = inverse_hessian_(x @ x.T)
+    hinv = inverse_hessian_(UpperPanels.from_lower(x @ x.T))
     ours = w.clone()
     torch.set_num_threads(2)  # the sweep runs on one thread and gives the caller's count back
     sweep(ours, hinv, 0.5, n_m=n_m)
     assert torch.get_num_threads() == 2
-    plain = _column_by_column(w.double(), hinv.u.double(), 0.5, n_m)
+    plain = _column_by_column(w.double(), hinv.u.dense().double(), 0.5, n_m)
     assert torch.equal(ours == 0, plain == 0)
     torch.testing.assert_close(ours.double(), plain, rtol=1e-4, atol=1e-4)
 
@@ -611,7 +617,7 @@ def test_each_group_is_calibrated_up_to_its_first_linear_only() -> None:
             inputs.run(layer.module)
         finally:
             handle.remove()
-        assert torch.equal(stopped.xxt, full.xxt)
+        assert torch.equal(stopped.xxt.flat, full.xxt.flat)
         assert stopped.tokens == full.tokens == 8 * 32
         # down_proj is called last: only its own group's forwards reach it, stopping there.
         assert reached == (len(inputs.calls) if group is groups[-1] else 0)
@@ -620,11 +626,18 @@ def test_each_group_is_calibrated_up_to_its_first_linear_only() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_hessians_that_fit_the_budget_are_collected_in_one_pass(arch: str) -> None:
-    """Where a layer's Hessians fit in ``memory_budget`` they are collected in one pass that
-    takes the grouping forward's batch too: two passes over the samples per layer instead of
-    five, and the same Hessians, so the same pruned weights, as one at a time."""
+    """Consecutive groups whose Hessians fit in ``memory_budget`` together are collected in one
+    pass, and the first pass takes the grouping forward's batch too: per layer two passes over
+    the samples when all fit, three when all but the MLP's output projection do, five one at a
+    time; and the same Hessians, so the same pruned weights, every way."""
     ids = calibration_ids()
-    models = {budget: BUILD[arch]() for budget in (1, 2**30)}
+    hidden = prunable_linears(BUILD[arch]())
+    width = min(lin.shape[1] for lin in hidden.values())
+    # The three groups that read the hidden width (q/k/v, o, the MLP's input) fit; the MLP's
+    # output projection, which reads the wider intermediate, does not.
+    mixed = 3 * UpperPanels.numel(width) * 4
+    assert UpperPanels.numel(max(lin.shape[1] for lin in hidden.values())) * 4 > mixed
+    models = {budget: BUILD[arch]() for budget in (1, mixed, 2**30)}
     passes: dict[int, list[int]] = {}
     for budget, model in models.items():
         counts = passes.setdefault(budget, [])
@@ -643,13 +656,17 @@ def test_hessians_that_fit_the_budget_are_collected_in_one_pass(arch: str) -> No
     layers, batches = len(_blocks(models[1])), 3  # 8 samples: 3 + 3 + 2
     # Capturing the first layer's inputs stops at its call, once per batch. Then per layer, one
     # at a time: the grouping batch, the first group's other batches, three groups' passes and
-    # the outputs (but the last layer's); together: the grouping batch and the others.
+    # the outputs (but the last layer's); in two runs, one pass less than the runs; together:
+    # the grouping batch and the others.
     fixed = batches + (layers - 1) * batches
     assert sum(passes[1]) == fixed + layers * (1 + (batches - 1) + 3 * batches)
+    assert sum(passes[mixed]) == fixed + layers * (1 + (batches - 1) + batches)
     assert sum(passes[2**30]) == fixed + layers * batches
-    one, together = (prunable_linears(models[b]) for b in (1, 2**30))
-    for name, linear in one.items():
-        assert torch.equal(linear.module.weight, together[name].module.weight), name
+    one = prunable_linears(models[1])
+    for budget in (mixed, 2**30):
+        other = prunable_linears(models[budget])
+        for name, linear in one.items():
+            assert torch.equal(linear.module.weight, other[name].module.weight), (budget, name)
 
 
 @pytest.mark.parametrize("subset", ["all", "attention"])

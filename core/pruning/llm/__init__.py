@@ -3,8 +3,9 @@
 
 Modules: :mod:`.layers` (decoder layers and their linears), :mod:`.calibrate` (capturing and
 replaying a decoder layer's inputs), :mod:`.masks` (row-wise and n:m masks, Wanda and Hessian
-statistics), :mod:`.sparsegpt` (the OBS reconstruction), :mod:`.sequential` (the layer-by-layer
-loop) and :mod:`.pruner` (the registered :class:`LanguageModelPruner`). ``width`` and ``depth``:
+statistics), :mod:`.sparsegpt` (the OBS reconstruction), :mod:`.panels` (its Hessian: the upper
+triangle in row panels, factored in place), :mod:`.sequential` (the layer-by-layer loop) and
+:mod:`.pruner` (the registered :class:`LanguageModelPruner`). ``width`` and ``depth``:
 :mod:`.structure` (the registered ``StructurePruner``), :mod:`.importance`, :mod:`.width`,
 :mod:`.depth` and :mod:`.llm_config`.
 """

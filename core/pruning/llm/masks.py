@@ -12,12 +12,11 @@ from torch import nn
 
 from core.allocation import removal_count
 from core.masks import nm_mask, nm_removed
+from core.pruning.llm.panels import UpperPanels
 
 # Rows handled at a time: tokens converted to float32 inside the hooks (no statistic holds a
 # wider copy of a whole batch of activations), weight rows ranked by ``row_mask``.
 CHUNK_ROWS = 1024
-# Rows of the Hessian's lower triangle added by one product.
-GRAM_PANEL = 512
 
 
 def ranked(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -89,33 +88,16 @@ class Hessian:
     """Forward hook accumulating ``X X^T`` (``(in, in)``, float32) over all tokens a linear sees;
     SparseGPT's Hessian is ``2 X X^T`` up to a scale that does not change its result.
 
-    Only the lower triangle of ``xxt`` is kept (what :func:`~core.pruning.llm.sparsegpt.
-    inverse_hessian_` reads), a panel of rows at a time: about half the products of the full
-    ``X X^T`` (:func:`add_lower_gram_`).
+    Only the upper triangle is kept, in row panels (:class:`~core.pruning.llm.panels.
+    UpperPanels`, about half the bytes of the square), and only it is computed: about half the
+    products of the full ``X X^T``.
     """
 
     def __init__(self, in_features: int, device: torch.device) -> None:
-        self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.xxt = UpperPanels.zeros(in_features, device)
         self.tokens = 0
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
         for x in _rows(inputs[0]):
-            add_lower_gram_(self.xxt, x)
+            self.xxt.add_gram_(x)
             self.tokens += int(x.shape[0])
-
-
-def add_lower_gram_(xxt: torch.Tensor, x: torch.Tensor, panel: int = GRAM_PANEL) -> None:
-    """Add ``x^T x`` (``x``: ``(tokens, in)``) to the lower triangle of ``xxt`` in place (and
-    to the part of the upper one inside the diagonal panels).
-
-    Rows ``a:b`` need columns ``:b`` only: ``(n/panel + 1) / (2 n/panel)`` of the full
-    product's operations, each panel one product written straight into ``xxt``. Here, per
-    4,096 tokens on 2 threads: 0.79 vs 1.40 s at 5,632 inputs, 0.11 vs 0.18 s at 2,048, the
-    same float32 values as the full product. (BLAS ``ssyrk`` through scipy took 0.60 s but
-    slowed the layer's own forwards by more than it saved: its thread pool and torch's
-    contend for the two cores.)
-    """
-    n = xxt.shape[0]
-    for a in range(0, n, panel):
-        b = min(a + panel, n)
-        xxt[a:b, :b].addmm_(x[:, a:b].t(), x[:, :b])

@@ -9,10 +9,9 @@ SparseGPT goes through a layer's linears in groups that read the same input (q/k
 and down in a Llama layer), last group first, each with one ``X X^T`` freed once the group is
 pruned. Pruning a group changes only what the groups after it read, so every group is calibrated
 on the layer as it came, as the reference code and llm-compressor calibrate all of them in one
-pass. Where all of a layer's Hessians fit in ``memory_budget`` they are collected in one pass
-too; otherwise one at a time, so at most one Hessian exists at a time, each group's forwards
-stopping at its first linear (nothing after it changes its input): the four groups of a Llama
-layer then cost about one forward of the layer, not four. The forward that groups the linears
+pass. Consecutive groups whose Hessians fit in ``memory_budget`` together are collected in one
+pass, a group too large for it alone, each pass's forwards stopping at its last group's first
+linear (nothing after it changes their inputs). The forward that groups the linears
 (the first batch) also serves the Hessians collected first. Wanda's statistics are vectors: one
 pass per layer, each forward after the first ending at the last linear's input. Calibration
 forwards take as many samples at a time as ``memory_budget`` allows: by default a fifth of one
@@ -42,6 +41,7 @@ from core.criteria import needs_data
 from core.pruning.llm.calibrate import LayerInputs, StopForward, capture_inputs
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers
 from core.pruning.llm.masks import FeatureNorms, Hessian, keep_mask, ranked
+from core.pruning.llm.panels import UpperPanels
 from core.pruning.llm.sparsegpt import error_on_data, inverse_hessian_, sweep
 
 # The criteria table (core.criteria) says which criteria rank language models and need data.
@@ -201,8 +201,8 @@ class InputGroup:
 
     @property
     def hessian_bytes(self) -> int:
-        """The size of the group's one ``X X^T`` (float32, ``in x in``)."""
-        return self.linears[0].shape[1] ** 2 * 4
+        """The size of the group's one ``X X^T`` (float32, its upper triangle in panels)."""
+        return UpperPanels.numel(self.linears[0].shape[1]) * 4
 
 
 @dataclass(frozen=True)
@@ -306,6 +306,29 @@ def _collect_hessians(
     return hessians
 
 
+def _rounds_last_first(groups: list[InputGroup], budget: int) -> list[list[InputGroup]]:
+    """``groups`` (in the order the layer calls them) cut into runs whose Hessians together fit
+    in ``budget``, the last run first: each run's Hessians are collected in one pass, and a
+    group too large for the budget is a run of its own.
+
+    Last first: pruning a group changes only what the groups after it read, so every group is
+    calibrated on the layer as it came (what the reference code and llm-compressor do, all
+    groups at once). Packed from the end, the runs of a Llama layer at the 1 B widths are
+    ``[down]`` (62 MiB) and ``[q/k/v, o, gate/up]`` (3 x 8.5 MiB) against a 64 MiB budget: two
+    Hessian passes, not four.
+    """
+    rounds: list[list[InputGroup]] = []
+    size = budget + 1  # the first group always opens a run
+    for group in reversed(groups):
+        if size + group.hessian_bytes <= budget:
+            rounds[-1].insert(0, group)
+            size += group.hessian_bytes
+        else:
+            rounds.append([group])
+            size = group.hessian_bytes
+    return rounds
+
+
 def _prune_layer(
     layer: DecoderLayer,
     targets: list[Linear],
@@ -325,18 +348,13 @@ def _prune_layer(
         return results
     probe = _probe(layer, targets, inputs)
     groups = probe.groups
-    # Last group first: pruning a group changes only what the groups after it read, so each
-    # group is calibrated on the layer as it was (what the reference code and llm-compressor do,
-    # all groups at once). Where all the layer's Hessians fit in ``hessian_budget`` they are
-    # collected in one pass; else one at a time, one Hessian alive at a time.
     # ``true_sequential``: first group first, each calibrated on the groups before it as pruned
     # (GPTQ's --true-sequential).
-    if true_sequential:
-        rounds = [[group] for group in groups]
-    elif sum(group.hessian_bytes for group in groups) <= hessian_budget:
-        rounds = [groups]
-    else:
-        rounds = [[group] for group in groups[::-1]]
+    rounds = (
+        [[group] for group in groups]
+        if true_sequential
+        else _rounds_last_first(groups, hessian_budget)
+    )
     # The grouping batch's inputs serve the first round (nothing is pruned before it); the
     # others are dropped now, not held through that round's forwards.
     leads = {group.linears[0].name for group in rounds[0]}
@@ -379,7 +397,7 @@ def prune_causal_lm(
         input_ids: ``(num_samples, seq_len)`` calibration token ids (Wanda, SparseGPT).
         batch_size: samples per forward; default: as many as ``memory_budget`` allows.
         memory_budget: bytes a calibration forward may use (see :func:`calibration_batch`),
-            and SparseGPT's Hessians of a layer together, to be collected in one pass;
+            and the SparseGPT Hessians collected together in one pass;
             default: ``CALIBRATION_SHARE`` of the first decoder layer's weight bytes.
         on_layer: called before each decoder layer is calibrated.
         true_sequential: SparseGPT calibrates each group of a layer's linears on the groups

@@ -10,9 +10,11 @@ With n:m the mask is chosen per run of ``m`` columns instead.
 The sweep is organised for speed, not a different result: each block is held transposed (a
 column of ``W`` is a contiguous row), its columns are taken in runs of ``STEP``, each column
 updated by the runs' earlier columns with one small product (left-looking) and the rest of the
-block by one product per run; the factor of ``H^-1`` comes from one Cholesky factorisation and
-one in-place triangular inverse. Given the same Hessian, the masks are those of the column-by-
-column form and the weights equal up to float32 rounding (``tests/core/test_llm_pruning.py``).
+block by one product per run. The Hessian, and the factor of ``H^-1`` that overwrites it, are
+held as their upper triangles in row panels of one block each (:mod:`.panels`): half the
+square's bytes, and each block's rows of the factor are one panel. Given the same Hessian, the
+masks are those of the column-by-column form and the weights equal up to float32 rounding
+(``tests/core/test_llm_pruning.py``).
 
 Two choices differ from the reference code, both for exact counts: each block removes exactly
 ``round(s x rows x columns)`` weights (the reference thresholds with ``<=``, which can take
@@ -27,13 +29,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.linalg import lapack
 
 from core.allocation import removal_count
+from core.pruning.llm.panels import PANEL, UpperPanels, invert_factor_
 
-BLOCK = 128
+BLOCK = PANEL
 DAMPING = 0.01
 # Columns of a block taken one by one before one product updates the rest of the block.
 STEP = 16
@@ -47,90 +48,37 @@ BLOCK_THREADS = 1
 
 @dataclass(frozen=True)
 class InverseHessian:
-    """What the OBS sweep needs of a Hessian, held in the Hessian's own buffer.
+    """What the OBS sweep needs of a Hessian, held in the Hessian's own panels.
 
-    ``u`` is the upper Cholesky factor of the dampened ``H^-1`` (a column-major view of the
-    buffer ``X X^T`` was collected in, which it overwrote); ``damping`` is the value added to the
-    diagonal and ``dead`` marks the inputs that were always zero (their diagonal set to 1 before
-    dampening): with them the error of a sweep on the undampened Hessian follows from the sweep
-    itself (:func:`sweep`).
+    ``u`` is the upper Cholesky factor of the dampened ``H^-1`` (it overwrote the ``X X^T`` it
+    was factored from); ``damping`` is the value added to the diagonal and ``dead`` marks the
+    inputs that were always zero (their diagonal set to 1 before dampening): with them the error
+    of a sweep on the undampened Hessian follows from the sweep itself (:func:`sweep`).
     """
 
-    u: torch.Tensor
+    u: UpperPanels
     damping: float
     dead: torch.Tensor
 
 
-def inverse_hessian_(xxt: torch.Tensor, damping: float = DAMPING) -> InverseHessian:
-    """Factor ``xxt`` (``(in, in)``, float32, symmetric) in place into :class:`InverseHessian`.
-
-    Only the lower triangle of ``xxt`` is read (all :class:`~core.pruning.llm.masks.Hessian`
-    keeps). The Hessian of a wide linear (``intermediate^2``) is the largest allocation of the
-    whole prune. LAPACK factors a column-major matrix in place, and ``xxt.mT`` is one (the
-    transpose of a symmetric matrix); handed a row-major one, torch would factor a copy of it.
-    """
-    if xxt.dtype != torch.float32 or xxt.dim() != 2 or not xxt.is_contiguous():
-        raise ValueError(f"xxt must be a contiguous float32 matrix, got {xxt.dtype}")
-    h = xxt.mT
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    diag[dead] = 1.0  # an input that is always zero: its column is decoupled
-    value = damping * float(diag.mean())
-    diag.add_(value)
-    if h.device.type == "cpu":
-        _upper_inverse_factor_cpu(xxt)
-    else:
-        _upper_inverse_factor_torch(h)
-    return InverseHessian(h, value, dead)
-
-
-def _upper_inverse_factor_torch(h: torch.Tensor) -> None:
-    """Overwrite the column-major ``h`` with the upper Cholesky factor of its inverse, reading
-    its upper triangle (the row-major buffer's lower one) only: torch's calls, for devices
-    other than the CPU."""
-    torch.linalg.cholesky(h, upper=True, out=h)
-    torch.cholesky_inverse(h, upper=True, out=h)
-    torch.linalg.cholesky(h, upper=True, out=h)
-
-
-def _upper_inverse_factor_cpu(buffer: torch.Tensor) -> None:
-    """Overwrite the symmetric positive definite ``buffer`` (row-major, float32; its lower
-    triangle is read) with the upper Cholesky factor ``U`` of its inverse, column-major (read it
-    through ``buffer.mT``).
-
-    With ``J`` the reversal of rows and columns and ``J H J = L Lᵀ``, ``U = J L⁻¹ J``:
-    ``Uᵀ U = J L⁻ᵀ L⁻¹ J = H⁻¹`` and ``U`` is upper triangular with a positive diagonal. One
-    Cholesky and one triangular inverse (LAPACK ``strtri``, in place) instead of Cholesky,
-    ``cholesky_inverse`` and a second Cholesky: ``2n³/3`` operations instead of ``5n³/3``, and
-    torch's ``cholesky_inverse`` runs far below the CPU's speed (5,632²: 7-15 s vs 2.5-3 s).
-    """
-    h = buffer.mT  # column-major: LAPACK works on it in place
-    # Reversed, the buffer's lower triangle becomes its upper one: h's lower, which is all the
-    # lower Cholesky factorisation reads.
-    _reverse_(buffer)
-    torch.linalg.cholesky(h, out=h)
-    lower = h.numpy()  # the same memory, Fortran order
-    inverse, info = lapack.strtri(lower, lower=1, overwrite_c=1)
-    if info != 0:  # a Cholesky factor has a positive diagonal: not expected
-        raise ValueError(f"strtri failed: info={info}")
-    if not np.shares_memory(inverse, lower):  # f2py copied after all: write it back
-        lower[...] = inverse
-    _reverse_(buffer)
-
-
-def _reverse_(matrix: torch.Tensor, chunk: int = 16) -> None:
-    """Reverse the order of the rows and of the columns of a square ``matrix`` in place,
-    ``chunk`` rows at a time: at 256 rows the freed copies stayed in the heap (+34 MiB RSS at
-    5,632²), at 16 they are 3 MiB."""
-    n = matrix.shape[0]
-    half = n // 2
-    for a in range(0, half, chunk):
-        b = min(a + chunk, half)
-        top = matrix[a:b].flip(0, 1)  # a copy
-        matrix[a:b] = matrix[n - b : n - a].flip(0, 1)
-        matrix[n - b : n - a] = top
-    if n % 2:
-        matrix[half] = matrix[half].flip(0)
+def inverse_hessian_(xxt: UpperPanels, damping: float = DAMPING) -> InverseHessian:
+    """Factor ``xxt`` (float32, its upper triangle in panels) in place into
+    :class:`InverseHessian`: the Hessian of a wide linear is the largest allocation of the
+    whole prune, and no second one is made."""
+    if xxt.flat.dtype != torch.float32:
+        raise ValueError(f"xxt must be float32, got {xxt.flat.dtype}")
+    blocks = xxt.diagonal_blocks()
+    dead = torch.cat([block.diagonal() == 0 for block in blocks])
+    total = 0.0
+    for block in blocks:
+        diag = block.diagonal()
+        diag[diag == 0] = 1.0  # an input that is always zero: its column is decoupled
+        total += float(diag.sum(dtype=torch.float64))
+    value = damping * total / xxt.n
+    for block in blocks:
+        block.diagonal().add_(value)
+    invert_factor_(xxt)
+    return InverseHessian(xxt, value, dead)
 
 
 def _block_mask(
@@ -192,7 +140,7 @@ def sparsegpt(
         >>> (sparsegpt(w, x @ x.T, 0.5) == 0).sum().item()
         128
     """
-    hinv = inverse_hessian_(xxt.to(torch.float32, copy=True).contiguous(), damping)
+    hinv = inverse_hessian_(UpperPanels.from_lower(xxt), damping)
     w = weight.to(torch.float32, copy=True)
     sweep(w, hinv, sparsity, n_m=n_m, block=block)
     return w
@@ -228,17 +176,18 @@ def sweep(
             if frozen_all is not None
             else torch.zeros(rows, i2 - i1, dtype=torch.bool, device=w.device)
         )
+        u_rows = u.rows(i1, i2)  # U[i1:i2, i1:]
         with _threads(BLOCK_THREADS):
-            err1 = _block(w, u, frozen, sparsity, n_m, i1, i2, step)
+            err1 = _block(w, u_rows[:, : i2 - i1], frozen, sparsity, n_m, i1, i2, step)
         # In place: ``w[:, i2:] -= err1 @ ...`` would hold a product nearly the size of ``w``.
-        w[:, i2:].addmm_(err1.t(), u[i1:i2, i2:], alpha=-1.0)
-        total += float(err1.square().sum(dtype=torch.float64))
+        w[:, i2:].addmm_(err1.t(), u_rows[:, i2 - i1 :], alpha=-1.0)
+        total += _sum_of_squares(err1)
     return total
 
 
 def _block(
     w: torch.Tensor,
-    u: torch.Tensor,
+    u_block: torch.Tensor,
     frozen: torch.Tensor,
     sparsity: float,
     n_m: tuple[int, int] | None,
@@ -246,9 +195,9 @@ def _block(
     i2: int,
     step: int,
 ) -> torch.Tensor:
-    """Prune and update columns ``i1:i2`` of ``w`` in place; returns their errors,
-    transposed (``(B, out)``)."""
-    hinv1 = u[i1:i2, i1:i2].contiguous()  # (B, B), from a column-major view
+    """Prune and update columns ``i1:i2`` of ``w`` in place (``u_block``: ``U[i1:i2, i1:i2]``);
+    returns their errors, transposed (``(B, out)``)."""
+    hinv1 = u_block.contiguous()  # (B, B)
     diag = torch.diagonal(hinv1)
     # The block transposed, (B, out): each column of w a contiguous row.
     w1 = w[:, i1:i2].t().contiguous()
@@ -322,6 +271,13 @@ def _columns(
         w1[i] = q
 
 
+def _sum_of_squares(matrix: torch.Tensor) -> float:
+    """The sum of the squares of a float32 matrix's entries: each row's in float32, the rows'
+    in float64. Not ``square().sum(dtype=torch.float64)``, whose float64 cast of the whole
+    matrix kept ~10 MiB resident per call at the 1 B widths (+35 MiB in ``error_on_data``)."""
+    return float(torch.linalg.vector_norm(matrix, dim=1).to(torch.float64).square().sum())
+
+
 def error_on_data(
     before: torch.Tensor,
     after: torch.Tensor,
@@ -350,10 +306,9 @@ def error_on_data(
         stop = min(start + rows, before.shape[0])
         square = buffer[: stop - start]
         torch.sub(before[start:stop], after[start:stop], out=square)
-        square.square_()
-        damped += float(square.sum(dtype=torch.float64))
+        damped += _sum_of_squares(square)
         if any_dead:
-            dead += float(square[:, hinv.dead].sum(dtype=torch.float64))
+            dead += _sum_of_squares(square[:, hinv.dead])
     return max(0.0, swept - hinv.damping * damped - dead)
 
 
