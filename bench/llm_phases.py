@@ -4,10 +4,11 @@
     .venv/bin/python bench/llm_phases.py --hidden 2048 --intermediate 5632 --heads 32 --kv-heads 4
 
 A one-layer Llama from a config (random float32 weights, seed 0), 16 random blocks of 512 tokens,
-50% unstructured (``--n-m`` for 2:4), 2 threads. The functions of ``core.pruning.llm`` are wrapped
-by name where they exist, so the same script times older code too (run it from a checkout of
-that code). "calibration forwards" is the rest of the calibration passes: what the layer's own
-forwards take besides the Hessian hooks. ``--save`` writes the pruned weights for comparison.
+50% unstructured (``--n-m`` for 2:4), 2 threads (``--threads``). The functions of
+``core.pruning.llm`` are wrapped by name where they exist, so the same script times older code
+too (run it from a checkout of that code). "calibration forwards" is the rest of the calibration
+passes: what the layer's own forwards take besides the Hessian hooks. ``--save`` writes the
+pruned weights for comparison.
 
 ``--memory`` also gives each phase's peak RSS above the baseline (the model built, the heap's
 free pages given back): at every entry to and exit from a wrapped function the kernel's
@@ -85,8 +86,9 @@ def main() -> None:
     p.add_argument("--n-m", action="store_true", help="2:4 instead of 50%% unstructured")
     p.add_argument("--save", default=None)
     p.add_argument("--memory", action="store_true", help="peak extra RSS per phase (MiB)")
+    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import core.pruning.llm  # noqa: F401  (the submodules below, not the re-exported functions)
