@@ -304,11 +304,11 @@ def error_on_data(
     )
     for start in range(0, before.shape[0], rows):
         stop = min(start + rows, before.shape[0])
-        square = buffer[: stop - start]
-        torch.sub(before[start:stop], after[start:stop], out=square)
-        damped += _sum_of_squares(square)
+        delta = buffer[: stop - start]
+        torch.sub(before[start:stop], after[start:stop], out=delta)
+        damped += _sum_of_squares(delta)
         if any_dead:
-            dead += _sum_of_squares(square[:, hinv.dead])
+            dead += _sum_of_squares(delta[:, hinv.dead])
     return max(0.0, swept - hinv.damping * damped - dead)
 
 
