@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--save", default=None)
     p.add_argument("--memory", action="store_true", help="peak extra RSS per phase (MiB)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-budget-mib", type=float, default=None, help="prune_causal_lm's")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -136,8 +137,16 @@ def main() -> None:
         MEMORY.start_kib = baseline
         MEMORY.on = True
     start = time.perf_counter()
+    budget = {}  # only passed when set: older code may have no such parameter
+    if a.memory_budget_mib is not None:
+        budget["memory_budget"] = int(a.memory_budget_mib * 2**20)
     results = prune_causal_lm(
-        model, ratios, criterion="sparsegpt", input_ids=ids, n_m=(2, 4) if a.n_m else None
+        model,
+        ratios,
+        criterion="sparsegpt",
+        input_ids=ids,
+        n_m=(2, 4) if a.n_m else None,
+        **budget,
     )
     total = time.perf_counter() - start
     MEMORY.boundary()

@@ -669,6 +669,38 @@ def test_hessians_that_fit_the_budget_are_collected_in_one_pass(arch: str) -> No
             assert torch.equal(linear.module.weight, other[name].module.weight), (budget, name)
 
 
+@pytest.mark.parametrize(("dtype", "runs"), [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_the_default_allowance_collects_a_llama_layers_hessians_in_one_pass(
+    dtype: torch.dtype, runs: int
+) -> None:
+    """At the 1 B widths (hidden 2,048, MLP 5,632; built on the meta device, no weights) the four
+    Hessians of a float32 Llama layer (88 MiB) fit the default allowance together, though the
+    MLP's output projection's alone (62 MiB) nearly fills the forward's 64 MiB budget; with
+    bfloat16 weights, whose Hessians are still float32, that one takes a pass alone."""
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    layer = decoder_layers(model)[0]
+    by_name = {lin.name.split(".")[-1]: lin for lin in layer.linears}
+    groups = [
+        sequential.InputGroup([by_name[name] for name in names], called_once=True)
+        for names in (["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"])
+    ] + [sequential.InputGroup([by_name["down_proj"]], called_once=True)]
+    hessians = sum(group.hessian_bytes for group in groups)
+    assert 85 * 2**20 < hessians < 90 * 2**20
+    assert groups[-1].hessian_bytes < sequential.default_memory_budget(layer) < hessians
+    rounds = sequential._rounds_last_first(groups, sequential.default_hessian_budget(layer))
+    assert len(rounds) == runs
+    assert [group for run in reversed(rounds) for group in run] == groups
+
+
 @pytest.mark.parametrize("subset", ["all", "attention"])
 def test_wanda_statistics_stop_at_the_last_linear_after_the_first_batch(subset: str) -> None:
     """After the first batch, Wanda's pass ends at the input of the last target linear the layer

@@ -9,9 +9,10 @@ SparseGPT goes through a layer's linears in groups that read the same input (q/k
 and down in a Llama layer), last group first, each with one ``X X^T`` freed once the group is
 pruned. Pruning a group changes only what the groups after it read, so every group is calibrated
 on the layer as it came, as the reference code and llm-compressor calibrate all of them in one
-pass. Consecutive groups whose Hessians fit in ``memory_budget`` together are collected in one
-pass, a group too large for it alone, each pass's forwards stopping at its last group's first
-linear (nothing after it changes their inputs). The forward that groups the linears
+pass. Consecutive groups whose Hessians fit in the Hessian allowance together are collected in
+one pass (by default about half the layer's weight bytes: all four of a float32 Llama layer), a
+group too large for it alone, each pass's forwards stopping at its last group's first linear
+(nothing after it changes their inputs). The forward that groups the linears
 (the first batch) also serves the Hessians collected first. Wanda's statistics are vectors: one
 pass per layer, each forward after the first ending at the last linear's input. Calibration
 forwards take as many samples at a time as ``memory_budget`` allows: by default a fifth of one
@@ -58,6 +59,14 @@ CALIBRATION_SHARE = 0.2
 # (a 5 M-parameter Llama, docs/benchmarks.md), all per-forward overhead; at the widths the goal
 # is measured at (hidden >= 1,024, 512 tokens) one sample's working set is already above it.
 CALIBRATION_FLOOR = 64 * 2**20
+# The Hessians SparseGPT collects in one pass may take this share of one decoder layer's weight
+# bytes (never less than the forward's budget). The four of a Llama layer are about 0.52 of its
+# float32 weights at any width (``X X^T`` of the hidden width three times, of the MLP's width once,
+# each as its upper triangle), so they are collected in one pass: at the 1 B widths 88 MiB of
+# Hessians instead of 62 and then 26, one forward through the attention less per layer (2.3 of
+# 31 s, docs/benchmarks.md), inside the memory goal's 20% (peak 0.82x its bound, one layer).
+# With bfloat16 weights the MLP's output projection, whose Hessian is float32, takes a pass alone.
+HESSIAN_SHARE = 0.6
 # Weights ranked at a time by magnitude and Wanda (whole rows): each temporary of the ranking
 # (scores, their sorted copy, int64 indices) is then a few MiB, not the size of the weight.
 RANK_ELEMENTS = 2**20
@@ -134,6 +143,13 @@ def default_memory_budget(layer: DecoderLayer) -> int:
     working memory a calibration forward gets unless the caller says otherwise."""
     weights = sum(p.numel() * p.element_size() for p in layer.module.parameters())
     return max(int(weights * CALIBRATION_SHARE), CALIBRATION_FLOOR)
+
+
+def default_hessian_budget(layer: DecoderLayer) -> int:
+    """``HESSIAN_SHARE`` of ``layer``'s weight bytes, at least :func:`default_memory_budget`:
+    the bytes of the SparseGPT Hessians collected in one pass unless the caller says otherwise."""
+    weights = sum(p.numel() * p.element_size() for p in layer.module.parameters())
+    return max(int(weights * HESSIAN_SHARE), default_memory_budget(layer))
 
 
 def calibration_batch(
@@ -315,7 +331,7 @@ def _rounds_last_first(groups: list[InputGroup], budget: int) -> list[list[Input
     calibrated on the layer as it came (what the reference code and llm-compressor do, all
     groups at once). Packed from the end, the runs of a Llama layer at the 1 B widths are
     ``[down]`` (62 MiB) and ``[q/k/v, o, gate/up]`` (3 x 8.5 MiB) against a 64 MiB budget: two
-    Hessian passes, not four.
+    Hessian passes, not four; one against the default allowance (:func:`default_hessian_budget`).
     """
     rounds: list[list[InputGroup]] = []
     size = budget + 1  # the first group always opens a run
@@ -397,8 +413,9 @@ def prune_causal_lm(
         input_ids: ``(num_samples, seq_len)`` calibration token ids (Wanda, SparseGPT).
         batch_size: samples per forward; default: as many as ``memory_budget`` allows.
         memory_budget: bytes a calibration forward may use (see :func:`calibration_batch`),
-            and the SparseGPT Hessians collected together in one pass;
-            default: ``CALIBRATION_SHARE`` of the first decoder layer's weight bytes.
+            and the SparseGPT Hessians collected together in one pass; default:
+            ``CALIBRATION_SHARE`` of the first decoder layer's weight bytes for a forward,
+            ``HESSIAN_SHARE`` for the Hessians (:func:`default_hessian_budget`).
         on_layer: called before each decoder layer is calibrated.
         true_sequential: SparseGPT calibrates each group of a layer's linears on the groups
             before it as already pruned, instead of on the layer as it came (the default, as
@@ -415,12 +432,13 @@ def prune_causal_lm(
         raise ValueError(f"unknown criterion {criterion!r}; one of {sorted(CRITERIA)}")
     layers = decoder_layers(model)
     inputs: LayerInputs | None = None
-    budget = 0
+    hessians = 0
     if needs_data(criterion):
         if input_ids is None or input_ids.numel() == 0:
             raise ValueError(f"criterion {criterion!r} needs calibration input_ids")
         ids = input_ids.long()
         budget = default_memory_budget(layers[0]) if memory_budget is None else memory_budget
+        hessians = default_hessian_budget(layers[0]) if memory_budget is None else memory_budget
         size = batch_size or calibration_batch(model, layers[0], int(ids.shape[1]), budget)
         inputs = capture_inputs(model, layers[0].module, ids, batch_size=size)
     results: dict[str, LinearResult] = {}
@@ -439,7 +457,7 @@ def prune_causal_lm(
             if targets:
                 results.update(
                     _prune_layer(
-                        layer, targets, inputs, ratios, criterion, n_m, true_sequential, budget
+                        layer, targets, inputs, ratios, criterion, n_m, true_sequential, hessians
                     )
                 )
             if index + 1 < len(layers):
