@@ -33,7 +33,7 @@ from core.pruning.llm import (
     prune_causal_lm,
     sequential,
 )
-from core.pruning.llm.masks import FeatureNorms, Hessian, planned_removals
+from core.pruning.llm.masks import FeatureNorms, Hessian, planned_removals, row_mask
 from core.pruning.llm.panels import UpperPanels, invert_factor_
 from core.pruning.llm.sparsegpt import (
     DAMPING,
@@ -699,6 +699,29 @@ def test_the_default_allowance_collects_a_llama_layers_hessians_in_one_pass(
     rounds = sequential._rounds_last_first(groups, sequential.default_hessian_budget(layer))
     assert len(rounds) == runs
     assert [group for run in reversed(rounds) for group in run] == groups
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.99, 1.0])
+def test_row_masks_remove_what_a_stable_sort_ranks_lowest(sparsity: float) -> None:
+    """Magnitude's and Wanda's row masks come from a selection, not a sort: the same positions as
+    the first ``k`` of a stable ascending sort of each row, on rows with many equal scores, with
+    already-zero weights ranked at -1, and with NaN, in rows of a few columns to 700."""
+    generator = torch.Generator().manual_seed(0)
+    ties = torch.randn(300, 33, generator=generator)
+    ties[torch.rand(300, 33, generator=generator) < 0.6] = -1.0
+    nan = torch.randn(50, 40, generator=generator)
+    nan[3, 5] = nan[7, 0] = float("nan")
+    nan[9] = float("nan")
+    for scores in (
+        torch.rand(3000, 700, generator=generator),
+        torch.randint(0, 5, (500, 64), generator=generator).float(),
+        ties,
+        nan,
+    ):
+        k = removal_count(sparsity, scores.shape[1])
+        lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        expected = torch.ones_like(scores, dtype=torch.bool).scatter_(1, lowest, False)
+        assert torch.equal(row_mask(scores, sparsity), expected)
 
 
 @pytest.mark.parametrize("subset", ["all", "attention"])

@@ -68,7 +68,7 @@ CALIBRATION_FLOOR = 64 * 2**20
 # With bfloat16 weights the MLP's output projection, whose Hessian is float32, takes a pass alone.
 HESSIAN_SHARE = 0.6
 # Weights ranked at a time by magnitude and Wanda (whole rows): each temporary of the ranking
-# (scores, their sorted copy, int64 indices) is then a few MiB, not the size of the weight.
+# (scores, the selection's copy, the masks) is then a few MiB, not the size of the weight.
 RANK_ELEMENTS = 2**20
 
 LayerObserver = Callable[[int, DecoderLayer, LayerInputs | None], None]
