@@ -66,8 +66,9 @@ CALIBRATION_FLOOR = 16 * 2**20
 # bytes (never less than the forward's budget). The four of a Llama layer are about 0.52 of its
 # float32 weights at any width (``X X^T`` of the hidden width three times, of the MLP's width once,
 # each as its upper triangle), so they are collected in one pass: at the 1 B widths 88 MiB of
-# Hessians instead of 62 and then 26, one forward through the attention less per layer (2.3 of
-# 31 s, docs/benchmarks.md), inside the memory goal's 20% (peak 0.82x its bound, one layer).
+# Hessians instead of 62 and then 26, one forward through the attention less per layer (its
+# forwards 10.9 -> 7.8 s, one thread, docs/benchmarks.md), inside the memory goal's 20% (peak
+# 0.94x its bound over 4 layers, 0.78x before).
 # With bfloat16 weights the MLP's output projection, whose Hessian is float32, takes a pass alone.
 HESSIAN_SHARE = 0.6
 # Weights ranked at a time by magnitude and Wanda (whole rows): each temporary of the ranking
