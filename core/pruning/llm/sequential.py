@@ -145,15 +145,17 @@ def _sparsegpt(
 def default_memory_budget(layer: DecoderLayer) -> int:
     """``CALIBRATION_SHARE`` of ``layer``'s weight bytes, at least ``CALIBRATION_FLOOR``: the
     working memory a calibration forward gets unless the caller says otherwise."""
-    weights = sum(p.numel() * p.element_size() for p in layer.module.parameters())
-    return max(int(weights * CALIBRATION_SHARE), CALIBRATION_FLOOR)
+    return max(int(_weight_bytes(layer) * CALIBRATION_SHARE), CALIBRATION_FLOOR)
 
 
 def default_hessian_budget(layer: DecoderLayer) -> int:
     """``HESSIAN_SHARE`` of ``layer``'s weight bytes, at least :func:`default_memory_budget`:
     the bytes of the SparseGPT Hessians collected in one pass unless the caller says otherwise."""
-    weights = sum(p.numel() * p.element_size() for p in layer.module.parameters())
-    return max(int(weights * HESSIAN_SHARE), default_memory_budget(layer))
+    return max(int(_weight_bytes(layer) * HESSIAN_SHARE), default_memory_budget(layer))
+
+
+def _weight_bytes(layer: DecoderLayer) -> int:
+    return sum(p.numel() * p.element_size() for p in layer.module.parameters())
 
 
 def calibration_batch(
