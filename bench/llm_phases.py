@@ -3,8 +3,9 @@
     .venv/bin/python bench/llm_phases.py                                   # half the 1 B widths
     .venv/bin/python bench/llm_phases.py --hidden 2048 --intermediate 5632 --heads 32 --kv-heads 4
 
-A one-layer Llama from a config (random float32 weights, seed 0), 16 random blocks of 512 tokens,
-50% unstructured (``--n-m`` for 2:4), 2 threads (``--threads``). The functions of
+A one-layer Llama from a config (random float32 weights, seed 0; ``--layers`` for more, each but
+the last then has its output pass), 16 random blocks of 512 tokens, 50% unstructured (``--n-m``
+for 2:4), 2 threads (``--threads``), SparseGPT (``--criterion wanda`` for Wanda). The functions of
 ``core.pruning.llm`` are wrapped by name where they exist, so the same script times older code
 too (run it from a checkout of that code). "calibration forwards" is the rest of the calibration
 passes: what the layer's own forwards take besides the Hessian hooks. ``--save`` writes the
@@ -87,6 +88,8 @@ def main() -> None:
     p.add_argument("--save", default=None)
     p.add_argument("--memory", action="store_true", help="peak extra RSS per phase (MiB)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1, help="decoder layers (the last: no output)")
+    p.add_argument("--criterion", default="sparsegpt", choices=["sparsegpt", "wanda"])
     p.add_argument("--memory-budget-mib", type=float, default=None, help="prune_causal_lm's")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -101,7 +104,7 @@ def main() -> None:
         vocab_size=8000,
         hidden_size=a.hidden,
         intermediate_size=a.intermediate,
-        num_hidden_layers=1,
+        num_hidden_layers=a.layers,
         num_attention_heads=a.heads,
         num_key_value_heads=a.kv_heads,
         max_position_embeddings=4096,
@@ -122,6 +125,9 @@ def main() -> None:
         (sgpt_mod, "_block_mask", "of which mask selection"),
         (sgpt_mod, "_run_mask", "of which mask selection"),
         (seq_mod, "error_on_data", "reconstruction-error report"),
+        (seq_mod, "_collect_norms", "Wanda's statistics pass"),
+        (masks_mod, "row_mask", "row masks"),
+        (seq_mod.LayerInputs, "advance", "output passes"),
     ]:
         _timed(owner, name, label)
     from core.pruning.llm import prunable_linears, prune_causal_lm
@@ -143,7 +149,7 @@ def main() -> None:
     results = prune_causal_lm(
         model,
         ratios,
-        criterion="sparsegpt",
+        criterion=a.criterion,
         input_ids=ids,
         n_m=(2, 4) if a.n_m else None,
         **budget,

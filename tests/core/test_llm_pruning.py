@@ -29,11 +29,12 @@ from core.pruning.llm import (
     LayerInputs,
     capture_inputs,
     decoder_layers,
+    masks,
     prunable_linears,
     prune_causal_lm,
     sequential,
 )
-from core.pruning.llm.masks import FeatureNorms, Hessian, planned_removals, row_mask
+from core.pruning.llm.masks import FeatureNorms, Hessian, kth_lowest, planned_removals, row_mask
 from core.pruning.llm.panels import UpperPanels, invert_factor_
 from core.pruning.llm.sparsegpt import (
     DAMPING,
@@ -722,6 +723,49 @@ def test_row_masks_remove_what_a_stable_sort_ranks_lowest(sparsity: float) -> No
         lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
         expected = torch.ones_like(scores, dtype=torch.bool).scatter_(1, lowest, False)
         assert torch.equal(row_mask(scores, sparsity), expected)
+
+
+def _kth_cases() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    n = 20 * masks.SELECT_SAMPLE
+    scores = torch.randn(n, generator=generator).square()
+    frozen = scores.clone()
+    frozen[torch.rand(n, generator=generator) < 0.3] = -1.0  # weights zero already
+    ties = torch.randint(0, 50, (n,), generator=generator).float()
+    nan = scores.clone()
+    nan[torch.randint(0, n, (500,), generator=generator)] = float("nan")
+    return [scores, frozen, ties, nan]
+
+
+@pytest.mark.parametrize("share", [0.0001, 0.3, 0.5, 0.7, 0.9, 0.998, 1.0])
+def test_kth_lowest_selects_what_kthvalue_does(share: float) -> None:
+    """SparseGPT's block threshold: the k-th lowest value and how many are at most it, as
+    ``torch.kthvalue`` and a count give them, on plain scores, scores with -1 for held zeros,
+    many ties, and NaN; away from the top the bracket drawn from the sample holds the answer
+    (the selection among all values is the fallback, not the rule)."""
+    for values in _kth_cases():
+        k = max(1, round(share * values.numel()))
+        expected = torch.kthvalue(values, k).values
+        threshold, at_most = kth_lowest(values, k)
+        assert torch.equal(threshold, expected) or (threshold.isnan() and expected.isnan())
+        assert at_most == int((values <= expected).sum())
+        bracketed = masks._bracketed_kth(values, k)
+        if share <= 0.9 and not values.isnan().any():
+            assert bracketed is not None
+            assert torch.equal(bracketed[0], expected)
+
+
+def test_kth_lowest_falls_back_where_the_sample_misleads() -> None:
+    """A systematic sample that lands only on outliers brackets the wrong values: the bracket
+    is refused and the full selection gives the answer."""
+    n = 20 * masks.SELECT_SAMPLE
+    values = torch.arange(n, dtype=torch.float32)
+    values[:: n // masks.SELECT_SAMPLE] = 1e9  # every sampled position holds an outlier
+    k = n // 2
+    assert masks._bracketed_kth(values, k) is None
+    threshold, at_most = kth_lowest(values, k)
+    assert torch.equal(threshold, torch.kthvalue(values, k).values)
+    assert at_most == k
 
 
 @pytest.mark.parametrize("subset", ["all", "attention"])

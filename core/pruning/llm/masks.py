@@ -7,6 +7,8 @@ keeps the earlier zeros (rounds are nested) and the counts stay exact.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,6 +19,11 @@ from core.pruning.llm.panels import UpperPanels
 # Rows handled at a time: tokens converted to float32 inside the hooks (no statistic holds a
 # wider copy of a whole batch of activations), weight rows ranked by ``row_mask``.
 CHUNK_ROWS = 1024
+# Values sampled by ``kth_lowest`` to bracket the one it selects; inputs up to 16 times this
+# many are selected among directly (there the bracket's passes cost what the selection does).
+SELECT_SAMPLE = 4096
+# How far, in standard deviations of a random sample's rank, the bracket reaches either side.
+SELECT_SPREAD = 4.0
 
 
 def ranked(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,49 @@ def _row_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
         exact = torch.zeros_like(removed[ties]).scatter_(1, lowest, True)
         removed[ties] = exact
     return ~removed
+
+
+def kth_lowest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The ``k``-th lowest of the 1-D float ``values`` (1-based; NaN ranks highest, as in
+    ``torch.kthvalue``) and how many values are at most it.
+
+    ``torch.kthvalue`` copies and selects among every value (7 ms for 720 K floats on one
+    thread). A systematic sample brackets the answer first, and the selection runs among the
+    few values inside the bracket: about a third of the time, the same value. A bracket that
+    misses (the sample unlike the rest) falls back to the full selection.
+    """
+    found = _bracketed_kth(values, k)
+    if found is not None:
+        return found
+    threshold = torch.kthvalue(values, k).values
+    return threshold, int(torch.count_nonzero(values <= threshold))
+
+
+def _bracketed_kth(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | None:
+    """:func:`kth_lowest` selected inside a bracket drawn from a sample, or None where the
+    input is small, ``k`` lies near its top, or the bracket does not hold the answer."""
+    n = values.numel()
+    if n <= 16 * SELECT_SAMPLE:
+        return None
+    sample = values[:: n // SELECT_SAMPLE]
+    size = sample.numel()
+    share = k / n
+    spread = SELECT_SPREAD * math.sqrt(size * share * (1.0 - share)) + 2.0
+    low, high = math.floor(share * size - spread), math.ceil(share * size + spread)
+    if high > size:
+        # No upper bound would let NaN into the bracket, where it no longer ranks highest.
+        return None
+    inside = values <= torch.kthvalue(sample, high).values  # NaN: never inside
+    below = 0
+    if low >= 1:
+        lower = values < torch.kthvalue(sample, low).values
+        below = int(torch.count_nonzero(lower))
+        inside.logical_and_(lower.logical_not_())
+    candidates = values[inside]
+    if not below < k <= below + candidates.numel():
+        return None
+    threshold = torch.kthvalue(candidates, k - below).values
+    return threshold, below + int(torch.count_nonzero(candidates <= threshold))
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from core.allocation import removal_count
+from core.pruning.llm.masks import kth_lowest
 from core.pruning.llm.panels import PANEL, UpperPanels, invert_factor_
 
 BLOCK = PANEL
@@ -95,9 +96,9 @@ def _block_mask(
         return torch.zeros_like(w1, dtype=torch.bool) if frozen is None else frozen.clone()
     # The k-th lowest score by selection (topk's k lowest cost about the same, a sort 6-7x);
     # with no other score equal to it, the mask is every score up to it.
-    threshold = torch.kthvalue(scores.flatten(), k).values
+    threshold, at_most = kth_lowest(scores.flatten(), k)
     mask = scores <= threshold
-    if int(mask.sum()) > k:
+    if at_most > k:
         # Ties: of the scores equal to the threshold, the first ones in the (out, B) block's
         # row order.
         mask = scores < threshold
@@ -181,7 +182,9 @@ def sweep(
     step = _step(block, n_m)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        frozen = None if frozen_all is None else frozen_all[:, i1:i2].t()
+        # Transposed through a contiguous copy, as the block is (each op on a strided view of
+        # the mask went element by element: 11 vs 0.9 ms per block of gate_proj).
+        frozen = None if frozen_all is None else frozen_all[:, i1:i2].contiguous().t().contiguous()
         u_rows = u.rows(i1, i2)  # U[i1:i2, i1:]
         with _threads(BLOCK_THREADS):
             err1 = _block(w, u_rows[:, : i2 - i1], frozen, sparsity, n_m, i1, i2, step)
@@ -214,9 +217,7 @@ def _block(
     if n_m is None:
         # Chosen on the block before its loop; equal scores are taken in row order.
         mask1 = _block_mask(w1, diag, frozen, sparsity)
-        # A column's error is its pruned weights over the factor's diagonal: the division by
-        # infinity gives the kept ones 0 in the same op.
-        divisor = torch.where(mask1, diag.unsqueeze(1), torch.inf)
+        divisor = _divisor(mask1, diag)
     else:
         mask1 = torch.empty_like(w1, dtype=torch.bool)
         divisor = torch.empty_like(w1)
@@ -227,8 +228,18 @@ def _block(
         _columns(w1, err1, mask1, divisor, hinv1, columns, frozen, j1, j2, n_m)
         # The rest of the block at once, then the next run of columns.
         w1[j2:].addmm_(hinv1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
-    w[:, i1:i2] = w1.masked_fill_(mask1, 0.0).t().contiguous()
+    # Times the kept-mask, then + 0.0 so a pruned negative weight is +0.0, not -0.0: the
+    # result of masked_fill_, which on a bool mask takes 4-5x as long here.
+    w[:, i1:i2] = w1.mul_(mask1.logical_not()).add_(0.0).t().contiguous()
     return err1
+
+
+def _divisor(mask: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """What each weight's error is its value over: the factor's diagonal where pruned, infinity
+    where kept (the kept weights' error is 0 in the same division). The diagonal is positive, so
+    ``d / 1 = d`` and ``d / 0 = inf``: a float division, ~5x faster than ``torch.where`` on the
+    bool mask."""
+    return diag.unsqueeze(1) / mask.to(diag.dtype)
 
 
 @contextmanager
@@ -284,7 +295,7 @@ def _columns(
                 run = torch.addmm(run, hinv1[j1:i, i:j].t(), err1[j1:i], alpha=-1.0)
             held = None if frozen is None else frozen[i:j]
             mask1[i:j] = _run_mask(run, diag[i:j], held, *n_m)
-            divisor[i:j] = torch.where(mask1[i:j], diag[i:j].unsqueeze(1), torch.inf)
+            divisor[i:j] = _divisor(mask1[i:j], diag[i:j])
         col = w1[i]
         if i > j1:
             col.addmv_(err1[j1:i].t(), columns[i, j1:i], alpha=-1.0)
