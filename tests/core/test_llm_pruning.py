@@ -29,7 +29,6 @@ from core.pruning.llm import (
     LayerInputs,
     capture_inputs,
     decoder_layers,
-    masks,
     prunable_linears,
     prune_causal_lm,
     sequential,
@@ -725,53 +724,44 @@ def test_row_masks_remove_what_a_stable_sort_ranks_lowest(sparsity: float) -> No
         assert torch.equal(row_mask(scores, sparsity), expected)
 
 
-def _kth_cases() -> list[torch.Tensor]:
+@pytest.mark.parametrize("share", [0.0001, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_lowest_selects_what_kthvalue_does(share: float, dtype: torch.dtype) -> None:
+    """Thresholds of SparseGPT's blocks (one long row) and of Wanda's and magnitude's rows: the
+    value ``torch.kthvalue`` selects, on plain scores, scores with -1 for held zeros, many ties,
+    and NaN (ranked highest); bfloat16 has no numpy type and goes through torch."""
     generator = torch.Generator().manual_seed(0)
-    n = 20 * masks.SELECT_SAMPLE
-    scores = torch.randn(n, generator=generator).square()
-    frozen = scores.clone()
-    frozen[torch.rand(n, generator=generator) < 0.3] = -1.0  # weights zero already
-    ties = torch.randint(0, 50, (n,), generator=generator).float()
-    nan = scores.clone()
-    nan[torch.randint(0, n, (500,), generator=generator)] = float("nan")
-    return [scores, frozen, ties, nan]
-
-
-@pytest.mark.parametrize("share", [0.0001, 0.3, 0.5, 0.7, 0.9, 0.998, 1.0])
-def test_kth_lowest_selects_what_kthvalue_does(share: float) -> None:
-    """SparseGPT's block threshold: the k-th lowest value and how many are at most it, as
-    ``torch.kthvalue`` and a count give them, on plain scores, scores with -1 for held zeros,
-    many ties, and NaN; away from the top the bracket drawn from the sample holds the answer
-    (the selection among all values is the fallback, not the rule)."""
-    for values in _kth_cases():
-        k = max(1, round(share * values.numel()))
-        expected = torch.kthvalue(values, k).values
-        threshold, at_most = kth_lowest(values, k)
-        assert torch.equal(threshold, expected) or (threshold.isnan() and expected.isnan())
-        assert at_most == int((values <= expected).sum())
-        bracketed = masks._bracketed_kth(values, k)
-        if share <= 0.9 and not values.isnan().any():
-            assert bracketed is not None
-            assert torch.equal(bracketed[0], expected)
-
-
-def test_kth_lowest_falls_back_where_the_sample_misleads() -> None:
-    """A systematic sample that lands only on outliers brackets the wrong values: the bracket
-    is refused and the full selection gives the answer."""
-    n = 20 * masks.SELECT_SAMPLE
-    values = torch.arange(n, dtype=torch.float32)
-    values[:: n // masks.SELECT_SAMPLE] = 1e9  # every sampled position holds an outlier
-    k = n // 2
-    assert masks._bracketed_kth(values, k) is None
-    threshold, at_most = kth_lowest(values, k)
-    assert torch.equal(threshold, torch.kthvalue(values, k).values)
-    assert at_most == k
+    plain = torch.rand(64, 700, generator=generator)
+    frozen = plain.clone()
+    frozen[torch.rand(64, 700, generator=generator) < 0.3] = -1.0
+    ties = torch.randint(0, 20, (64, 700), generator=generator).float()
+    nan = plain.clone()
+    nan[torch.rand(64, 700, generator=generator) < 0.05] = float("nan")
+    for values in (plain, frozen, ties, nan):
+        for shaped in (values.to(dtype), values.to(dtype).flatten()):
+            k = max(1, round(share * shaped.shape[-1]))
+            expected = torch.kthvalue(shaped, k, dim=-1, keepdim=True).values
+            got = kth_lowest(shaped, k)
+            assert got.dtype == expected.dtype
+            assert torch.equal(got.isnan(), expected.isnan())
+            assert torch.equal(got.nan_to_num(), expected.nan_to_num())
 
 
 @pytest.mark.parametrize("subset", ["all", "attention"])
-def test_wanda_statistics_stop_at_the_last_linear_after_the_first_batch(subset: str) -> None:
+def test_wanda_statistics_stop_at_the_last_linear_after_the_first_batch(
+    subset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After the first batch, Wanda's pass ends at the input of the last target linear the layer
-    calls: the same statistics as full forwards, and nothing after that linear runs again."""
+    calls: the same statistics as full forwards, and nothing after that linear runs again. The
+    linears that read one tensor share its norms: computed once per distinct input (q/k/v,
+    o, gate/up, down), the same values as each linear's own."""
+    terms = FeatureNorms.terms
+    computed: list[int] = []
+
+    def counted(x: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        computed.append(1)
+        return terms(x)
+
     model = tiny_llama()
     layer = decoder_layers(model)[0]
     inputs = capture_inputs(model, layer.module, calibration_ids(), batch_size=3)
@@ -781,10 +771,13 @@ def test_wanda_statistics_stop_at_the_last_linear_after_the_first_batch(subset: 
     last = targets[-1].module  # down_proj, or o_proj for the attention subset
     finished: list[int] = []
     counter = last.register_forward_hook(lambda *_: finished.append(1))
+    monkeypatch.setattr(FeatureNorms, "terms", staticmethod(counted))
     stopped = sequential._collect_norms(layer, targets, inputs)
+    monkeypatch.undo()
     counter.remove()
     assert len(inputs.calls) == 3
     assert len(finished) == 1  # the first batch only
+    assert len(computed) == 3 * (4 if subset == "all" else 2)
     full = {lin.name: FeatureNorms(lin.shape[1], torch.device("cpu")) for lin in targets}
     handles = [lin.module.register_forward_hook(full[lin.name]) for lin in targets]
     try:

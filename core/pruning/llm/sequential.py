@@ -181,16 +181,24 @@ def _collect_norms(
     each target was called exactly once, later batches stop at the last one's input
     (:class:`StopForward`): what comes after it (``down_proj`` itself and the residual in a
     Llama layer, about a quarter of its products) changes no statistic.
+
+    Linears called one after another on the same tensor (q/k/v, gate/up) share its norms,
+    computed once.
     """
     stats: dict[str, FeatureNorms] = {}
     order: list[str] = []
     last: list[str] = []  # the name to stop at, once known
+    # The input seen last and its terms; the tensor itself is held, so no later input can reuse
+    # its memory and pass for it.
+    previous: list[tuple[torch.Tensor, list[tuple[torch.Tensor, int]]]] = []
 
     def hook(
         name: str, stat: FeatureNorms
     ) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def collect(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            stat(module, args, None)
+            if not previous or previous[0][0] is not args[0]:
+                previous[:] = [(args[0], FeatureNorms.terms(args[0]))]
+            stat.add(previous[0][1])
             order.append(name)
             if last and name == last[0]:
                 raise StopForward
@@ -210,6 +218,7 @@ def _collect_norms(
     finally:
         for handle in handles:
             handle.remove()
+        previous.clear()
     return stats
 
 

@@ -94,11 +94,11 @@ def _block_mask(
     k = removal_count(sparsity, scores.numel())
     if not k:
         return torch.zeros_like(w1, dtype=torch.bool) if frozen is None else frozen.clone()
-    # The k-th lowest score by selection (topk's k lowest cost about the same, a sort 6-7x);
-    # with no other score equal to it, the mask is every score up to it.
-    threshold, at_most = kth_lowest(scores.flatten(), k)
+    # The k-th lowest score by selection (a sort costs several times as much); with no other
+    # score equal to it, the mask is every score up to it.
+    threshold = kth_lowest(scores.flatten(), k)
     mask = scores <= threshold
-    if at_most > k:
+    if int(torch.count_nonzero(mask)) > k:
         # Ties: of the scores equal to the threshold, the first ones in the (out, B) block's
         # row order.
         mask = scores < threshold
