@@ -11,6 +11,7 @@ import copy
 import inspect
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -588,6 +589,31 @@ def test_the_blocked_sweep_is_the_column_by_column_sweep(n_m: tuple[int, int] | 
     plain = _column_by_column(w.double(), hinv.u.dense().double(), 0.5, n_m)
     assert torch.equal(ours == 0, plain == 0)
     torch.testing.assert_close(ours.double(), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_the_grouping_batchs_inputs_are_not_held_through_the_hessian_pass() -> None:
+    """The first batch's inputs, kept from grouping the linears, are added to the Hessians and
+    let go before the pass runs the other batches: none is alive in their forwards (at the 1 B
+    widths they were 24 MiB on top of the pass's peak)."""
+    model = tiny_llama()
+    layer = decoder_layers(model)[0]
+    inputs = capture_inputs(model, layer.module, calibration_ids(), batch_size=3)
+    probe = sequential._probe(layer, list(layer.linears), inputs)
+    groups, first = probe.groups, dict(probe.first)
+    del probe
+    held = [weakref.ref(x) for x in first.values()]
+    assert len(held) == 4
+    assert all(ref() is not None for ref in held)
+    alive: list[int] = []
+    handle = layer.module.register_forward_pre_hook(
+        lambda *_: alive.append(sum(ref() is not None for ref in held))
+    )
+    try:
+        hessians = sequential._collect_hessians(layer, groups, inputs, first)
+    finally:
+        handle.remove()
+    assert alive == [0, 0]  # the second and third batches; the first came from the probe
+    assert all(hessian.tokens == 8 * 32 for hessian in hessians)
 
 
 def test_each_group_is_calibrated_up_to_its_first_linear_only() -> None:
