@@ -220,7 +220,7 @@ def _run_claimed(job_id: str, attempt: int, settings: Settings) -> None:
             if searched is not None:
                 search.record_achieved(job_id, attempt, spec, searched, result)
                 result.artifacts["sensitivity"] = searched.sensitivity
-            _record_success(job_id, attempt, tenant, result, storage, stored)
+            _record_success(job_id, attempt, tenant, result, storage, stored, checkpoint_dir)
             finished = True
     except Cancelled as exc:
         _discard(storage, stored, workdir, inputs)
@@ -320,8 +320,10 @@ def _record_success(
     result: PipelineResult,
     storage: Storage,
     stored: list[StoredFile],
+    checkpoint_dir: str,
 ) -> None:
-    """Make the files durable first, then write everything about them in one transaction."""
+    """Make the files durable first, then write everything about them in one transaction; the
+    fine-tuning checkpoint goes before that transaction commits."""
     files = {**result.artifacts, "report": result.report_path}
     formats = {**_ARTIFACT_FORMATS, "model": result.format}
 
@@ -391,5 +393,12 @@ def _record_success(
             # caller's handler removes the files and records the cancel if the job is still ours.
             raise Cancelled("the job was cancelled or taken over before its results were recorded")
         repo.add_event(session, job_id, "done", "succeeded", {"status": "succeeded"})
+        # The job is ours and its row locked until the commit, so no other attempt is using the
+        # checkpoint; deleted after the commit, a client that read "succeeded" at once could
+        # still find it in the bucket. A failure is left to the cleanup after the job.
+        try:
+            storage.delete_prefix(checkpoint_dir)
+        except StorageError as exc:
+            log.warning("checkpoint not deleted", error=str(exc))
     log.info("job succeeded", sparsity=result.metrics.sparsity, pid=os.getpid())
     _announce(job_id, "job.succeeded")

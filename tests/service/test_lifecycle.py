@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from core.pipeline import PipelineResult
 from shears.db import repository as repo
 from shears.db.engine import make_engine, make_sessionmaker
 from shears.db.migrate import upgrade
 from shears.db.tables import Job, Model, new_id, utcnow
 from shears.settings import get_settings
+from shears.storage import storage_from_settings
+from tests.api.rows import METRICS
 
 
 @pytest.fixture
@@ -107,3 +110,51 @@ def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(sessions) 
         assert job.error_type == "too_many_attempts"
         assert "limit 2" in job.error_message
         assert job.attempts == 3
+
+
+def _result(tmp_path: Path) -> PipelineResult:
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    return PipelineResult(metrics=METRICS, layers=(), format="pt2", report_path=report)
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_a_success_is_committed_with_the_fine_tuning_checkpoint_already_gone(
+    sessions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owned: bool
+) -> None:
+    """A client that reads "succeeded" finds no checkpoint in storage: it is deleted inside the
+    transaction that records the success (once it wrote the job's row, so no other attempt
+    holds it). An attempt that lost the job leaves the checkpoint to the one that took it."""
+    from worker import db, lifecycle
+
+    monkeypatch.setattr(lifecycle, "_announce", lambda *_: None)  # no broker in this test
+    monkeypatch.setattr(db, "_sessions", None)  # an engine on this test's database
+    monkeypatch.setattr(db, "_engine", None)
+    job_id = add_job(sessions)
+    with sessions.begin() as session:
+        assert repo.claim_job(session, job_id, lease_seconds=60) == 1
+    if not owned:
+        with sessions.begin() as session:
+            session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+        with sessions.begin() as session:
+            assert repo.claim_job(session, job_id, lease_seconds=60) == 2
+    storage = storage_from_settings(get_settings())
+    checkpoint_dir = f"checkpoints/default/{job_id}"
+    saved = tmp_path / "fine_tune.pt"
+    saved.write_bytes(b"state")
+    storage.put_file(saved, f"{checkpoint_dir}/fine_tune.pt")
+    assert storage.size(f"{checkpoint_dir}/fine_tune.pt") == 5
+
+    stored: list = []
+    record = lifecycle._record_success
+    args = (job_id, 1, "default", _result(tmp_path), storage, stored, checkpoint_dir)
+    if owned:
+        record(*args)
+    else:
+        with pytest.raises(lifecycle.Cancelled):
+            record(*args)
+    with sessions() as session:
+        assert session.get(Job, job_id).status == ("succeeded" if owned else "running")
+    assert storage.size(f"{checkpoint_dir}/fine_tune.pt") == (None if owned else 5)
+    assert db._engine is not None
+    db._engine.dispose()
