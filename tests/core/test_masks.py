@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core import masks
 from core.allocation import allocate, removal_count
 from core.formats.pt2.program import load_program
 from core.importance import lamp_scores
@@ -48,6 +49,27 @@ def test_n_m_holds_in_every_group(w: torch.Tensor, nm: tuple[int, int]) -> None:
         kept_min = torch.where(k, r, torch.inf).amin(-1)
         dropped_max = torch.where(~k, r, -torch.inf).amax(-1)
         assert (kept_min >= dropped_max).all()
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 2), (1, 4), (3, 4), (4, 8)])
+def test_n_m_keeps_what_topk_keeps_and_gives_ties_to_the_earlier_weight(n: int, m: int) -> None:
+    """Short runs are ranked lane by lane, longer ones by topk: the same masks as topk's where
+    no two scores of a run are equal; an equal score goes to the earlier position; NaN ranks
+    highest."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(64, 40 * m, generator=generator)
+    runs = scores.reshape(64, -1, m)
+    expected = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, runs.topk(n, -1).indices, True)
+    assert torch.equal(nm_mask(scores, n, m), expected.reshape(scores.shape))
+    ties = torch.randint(0, 2, (64, 40 * m), generator=generator).float()
+    ties[0, 1] = float("nan")
+    keep = nm_mask(ties, n, m)
+    assert bool(keep[0, 1])
+    tied = ties.reshape(64, -1, m)
+    order = torch.sort(-tied.nan_to_num(nan=torch.inf), dim=-1, stable=True).indices[..., :n]
+    stable = torch.zeros_like(tied, dtype=torch.bool).scatter_(-1, order, True)
+    if m <= masks.LANE_RANK_MAX_M:  # longer runs: topk's own order among equal scores
+        assert torch.equal(keep, stable.reshape(ties.shape))
 
 
 def test_n_m_leaves_a_layer_at_zero_dense() -> None:
