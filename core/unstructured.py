@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from core.allocation import Allocation, removal_count
+
+# What numpy selects among for ``kth_lowest`` (it has no bfloat16; others go to torch).
+_NUMPY_SELECTS = (torch.float32, torch.float64, torch.int32, torch.int64)
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -21,6 +25,19 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         drop = torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices
         keep[drop] = False
     return keep.reshape(scores.shape)
+
+
+def kth_lowest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th lowest (1-based) along the last dimension of ``values``, that dimension
+    kept with size 1; NaN ranks highest (as in ``torch.kthvalue``).
+
+    On the CPU by numpy's introselect: ``torch.kthvalue`` took 4-13x as long on one thread here
+    (512 rows x 2,048 columns 14.9 vs 1.3 ms, 720 K values in one row 7.2 vs 0.8 ms).
+    """
+    if values.device.type == "cpu" and values.dtype in _NUMPY_SELECTS:
+        picked = np.partition(values.detach().numpy(), k - 1, axis=-1)[..., k - 1 : k]
+        return torch.from_numpy(np.ascontiguousarray(picked))  # not a view of the whole copy
+    return torch.kthvalue(values, k, dim=-1, keepdim=True).values
 
 
 class _Ranker(Protocol):
@@ -41,7 +58,7 @@ class _TensorRanker:
 
     def kth(self, names: Sequence[str], k: int) -> float:
         flat = torch.cat([self.scores[n].reshape(-1) for n in names])
-        return float(torch.kthvalue(flat, k).values)
+        return float(kth_lowest(flat, k))
 
     def below_and_equal(self, name: str, threshold: float) -> tuple[int, int]:
         s = self.scores[name]
@@ -124,7 +141,7 @@ def unstructured_masks(
 # k-th smallest |w| over any set of layers is found by a two-level radix select on the float32 bit
 # pattern of |w| (monotone for non-negative floats), reading the weights chunk by chunk. Extra
 # memory is a few chunk-sized temporaries and two 65,536-bin histograms, whatever the model size.
-# Sets of up to _EXACT weights are selected exactly (torch.kthvalue), within the same budget.
+# Sets of up to _EXACT weights are selected exactly (kth_lowest), within the same budget.
 
 _CHUNK = 1 << 22
 _BINS = 1 << 16
@@ -162,7 +179,7 @@ class _MagnitudeRanker:
             keys = torch.cat(
                 [part for n in names for part in _magnitude_keys(self.weights[n], self.chunk)]
             )
-            return float(int(torch.kthvalue(keys, k).values))
+            return float(int(kth_lowest(keys, k)))
         high_hist = self._histogram(names, None).cumsum_(0)
         high = int(torch.searchsorted(high_hist, k))
         before = int(high_hist[high - 1]) if high else 0

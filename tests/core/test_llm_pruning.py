@@ -34,7 +34,7 @@ from core.pruning.llm import (
     prune_causal_lm,
     sequential,
 )
-from core.pruning.llm.masks import FeatureNorms, Hessian, kth_lowest, planned_removals, row_mask
+from core.pruning.llm.masks import FeatureNorms, Hessian, planned_removals, row_mask
 from core.pruning.llm.panels import UpperPanels, invert_factor_
 from core.pruning.llm.sparsegpt import (
     DAMPING,
@@ -45,6 +45,7 @@ from core.pruning.llm.sparsegpt import (
     sweep,
 )
 from core.spec import PruningSpec
+from core.unstructured import kth_lowest
 
 VOCAB = 256
 
@@ -751,11 +752,12 @@ def test_row_masks_remove_what_a_stable_sort_ranks_lowest(sparsity: float) -> No
 
 
 @pytest.mark.parametrize("share", [0.0001, 0.3, 0.5, 0.9, 1.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int32])
 def test_kth_lowest_selects_what_kthvalue_does(share: float, dtype: torch.dtype) -> None:
-    """Thresholds of SparseGPT's blocks (one long row) and of Wanda's and magnitude's rows: the
-    value ``torch.kthvalue`` selects, on plain scores, scores with -1 for held zeros, many ties,
-    and NaN (ranked highest); bfloat16 has no numpy type and goes through torch."""
+    """Thresholds of SparseGPT's blocks (one long row), of Wanda's and magnitude's rows and of
+    global ranking (int32 magnitude keys among them): the value ``torch.kthvalue`` selects, on
+    plain scores, scores with -1 for held zeros, many ties, and NaN (ranked highest); bfloat16
+    has no numpy type and goes through torch."""
     generator = torch.Generator().manual_seed(0)
     plain = torch.rand(64, 700, generator=generator)
     frozen = plain.clone()
@@ -763,8 +765,10 @@ def test_kth_lowest_selects_what_kthvalue_does(share: float, dtype: torch.dtype)
     ties = torch.randint(0, 20, (64, 700), generator=generator).float()
     nan = plain.clone()
     nan[torch.rand(64, 700, generator=generator) < 0.05] = float("nan")
-    for values in (plain, frozen, ties, nan):
-        for shaped in (values.to(dtype), values.to(dtype).flatten()):
+    integer = not dtype.is_floating_point
+    for values in (plain, frozen, ties) if integer else (plain, frozen, ties, nan):
+        typed = (values * 1000).to(dtype) if integer else values.to(dtype)
+        for shaped in (typed, typed.flatten()):
             k = max(1, round(share * shaped.shape[-1]))
             expected = torch.kthvalue(shaped, k, dim=-1, keepdim=True).values
             got = kth_lowest(shaped, k)

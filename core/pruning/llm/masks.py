@@ -7,19 +7,17 @@ keeps the earlier zeros (rounds are nested) and the counts stay exact.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from core.allocation import removal_count
 from core.masks import nm_mask, nm_removed
 from core.pruning.llm.panels import UpperPanels
+from core.unstructured import kth_lowest
 
 # Rows handled at a time: tokens converted to float32 inside the hooks (no statistic holds a
 # wider copy of a whole batch of activations), weight rows ranked by ``row_mask``.
 CHUNK_ROWS = 1024
-# What numpy selects among for ``kth_lowest`` (it has no bfloat16; others go to torch).
-_NUMPY_SELECTS = (torch.float32, torch.float64)
 
 
 def ranked(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -54,19 +52,6 @@ def _row_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
         exact = torch.zeros_like(removed[ties]).scatter_(1, lowest, True)
         removed[ties] = exact
     return ~removed
-
-
-def kth_lowest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th lowest (1-based) along the last dimension of ``values``, that dimension
-    kept with size 1; NaN ranks highest (as in ``torch.kthvalue``).
-
-    On the CPU by numpy's introselect: ``torch.kthvalue`` took 4-13x as long on one thread here
-    (512 rows x 2,048 columns 14.9 vs 1.3 ms, 720 K values in one row 7.2 vs 0.8 ms).
-    """
-    if values.device.type == "cpu" and values.dtype in _NUMPY_SELECTS:
-        picked = np.partition(values.detach().numpy(), k - 1, axis=-1)[..., k - 1 : k]
-        return torch.from_numpy(np.ascontiguousarray(picked))  # not a view of the whole copy
-    return torch.kthvalue(values, k, dim=-1, keepdim=True).values
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None) -> torch.Tensor:

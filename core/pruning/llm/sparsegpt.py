@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from core.allocation import removal_count
-from core.pruning.llm.masks import kth_lowest
 from core.pruning.llm.panels import PANEL, UpperPanels, invert_factor_
+from core.unstructured import kth_lowest
 
 BLOCK = PANEL
 DAMPING = 0.01
