@@ -69,6 +69,20 @@ def measured(fn: Any) -> dict[str, float]:
     return {"seconds": seconds, "extra_mib": (_status_kib("VmHWM") - before) / 1024}
 
 
+def load_resident(path: Path) -> Any:
+    """``LlamaForCausalLM.from_pretrained(path)`` with every weight copied out of the
+    memory-mapped safetensors file into the process's own memory. Loaded weights are pages of
+    the file, resident only once read: the prune's first forward would page them in and count
+    the model's own decoder weights as its extra memory (~11 MiB of the 4.9 M model's, for
+    every implementation alike)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    for param in model.parameters():
+        param.data = param.data.clone()
+    return model
+
+
 def prune_shears(
     model: Any,
     calibration: torch.Tensor,
@@ -249,14 +263,12 @@ def prepare(minutes: float, seed: int = 0) -> dict[str, Any]:
 def _quality_one(impl: str, method: str, setting: str, repeats: int, ref: str) -> dict[str, Any]:
     """One implementation, one setting, in this process: ``repeats`` prunes of a freshly loaded
     model; the last pruned decoder-layer weights are saved for the parent to score."""
-    from transformers import LlamaForCausalLM
-
     torch.set_num_threads(2)
     blocks = torch.load(WORK / "blocks.pt")
     sparsity, n_m = SETTINGS[setting]
     runs = []
     for _ in range(repeats):
-        model = LlamaForCausalLM.from_pretrained(WORK / "model").eval()
+        model = load_resident(WORK / "model")
         args = (model, blocks["calibration"], method, sparsity, n_m)
         if impl == "shears":
             fn = prune_shears(*args)
@@ -437,9 +449,7 @@ def _scale_one(a: argparse.Namespace) -> dict[str, Any]:
         path = WORK / f"scale-model-{a.layers}"
         model.save_pretrained(path)
         del model
-        model = LlamaForCausalLM.from_pretrained(path).eval()
-        for param in model.parameters():  # out of the memory-mapped file, into the baseline
-            param.data = param.data.clone()
+        model = load_resident(path)
         fn = prune_llmc(model, calibration, a.method, sparsity, n_m)
     rss_model = _status_kib("VmRSS") / 1024
     r = measured(fn)
