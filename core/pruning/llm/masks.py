@@ -20,9 +20,10 @@ from core.unstructured import kth_lowest
 CHUNK_ROWS = 1024
 
 
-def ranked(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``scores`` with the positions where ``weight`` is already zero ranked lowest of all."""
-    return scores.masked_fill(weight == 0, -1.0)
+def ranked_(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``scores``, in place, with the positions where ``weight`` is already zero ranked lowest
+    of all."""
+    return scores.masked_fill_(weight == 0, -1.0)
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -31,12 +32,15 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     Ties go to the earlier column (as a stable sort orders them, as in the Wanda reference code).
     """
     k = removal_count(sparsity, scores.shape[1])
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if k:
-        # A few rows at a time: the selection's copy of a whole wide layer would be its size.
-        for start in range(0, scores.shape[0], CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            keep[rows] = _row_keep(scores[rows], k)
+    if not k:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if scores.shape[0] <= CHUNK_ROWS:
+        return _row_keep(scores, k)
+    keep = torch.empty_like(scores, dtype=torch.bool)
+    # A few rows at a time: the selection's copy of a whole wide layer would be its size.
+    for start in range(0, scores.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        keep[rows] = _row_keep(scores[rows], k)
     return keep
 
 
@@ -51,7 +55,7 @@ def _row_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
         lowest = torch.sort(scores[ties], dim=1, stable=True).indices[:, :k]
         exact = torch.zeros_like(removed[ties]).scatter_(1, lowest, True)
         removed[ties] = exact
-    return ~removed
+    return removed.logical_not_()
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None) -> torch.Tensor:
@@ -98,10 +102,9 @@ class FeatureNorms:
     def terms(x: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """What ``x`` adds: each chunk's squared feature norms (float64) and its token count,
         in the order they are summed (so linears that read the same input can share them)."""
-        return [
-            (torch.linalg.vector_norm(c, dim=0).square().to(torch.float64), int(c.shape[0]))
-            for c in _rows(x)
-        ]
+        # Squares summed, not ``vector_norm(dim=0) ** 2``: on one thread 2-5x faster on a
+        # (512, 2,048-5,632) chunk, and 5-10x closer to the float64 sum (1-2e-7 against 1-1.5e-6).
+        return [(c.square().sum(dim=0).to(torch.float64), int(c.shape[0])) for c in _rows(x)]
 
     def add(self, terms: list[tuple[torch.Tensor, int]]) -> None:
         for sum_sq, tokens in terms:

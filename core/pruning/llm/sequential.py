@@ -41,7 +41,7 @@ from core.criteria import CRITERIA as CRITERIA_TABLE
 from core.criteria import needs_data
 from core.pruning.llm.calibrate import LayerInputs, StopForward, capture_inputs
 from core.pruning.llm.layers import DecoderLayer, Linear, decoder_layers
-from core.pruning.llm.masks import FeatureNorms, Hessian, keep_mask, ranked
+from core.pruning.llm.masks import FeatureNorms, Hessian, keep_mask, ranked_
 from core.pruning.llm.panels import UpperPanels
 from core.pruning.llm.sparsegpt import error_on_data, inverse_hessian_, sweep
 
@@ -103,8 +103,8 @@ def _prune_rows(
     for start in range(0, matrix.shape[0], step):
         rows = matrix[start : start + step]
         w = rows.to(dtype)
-        scores = w.abs() if factor is None else w.abs() * factor
-        rows.mul_(keep_mask(ranked(scores, w), sparsity, n_m))
+        scores = w.abs() if factor is None else w.abs().mul_(factor)
+        rows.mul_(keep_mask(ranked_(scores, w), sparsity, n_m))
 
 
 def _magnitude(linear: Linear, sparsity: float, n_m: tuple[int, int] | None) -> None:
