@@ -34,6 +34,7 @@ from core.pruning.llm import (
     prune_causal_lm,
     sequential,
 )
+from core.pruning.llm.layers import Linear
 from core.pruning.llm.masks import FeatureNorms, Hessian, planned_removals, row_mask
 from core.pruning.llm.panels import UpperPanels, invert_factor_
 from core.pruning.llm.sparsegpt import (
@@ -775,6 +776,24 @@ def test_kth_lowest_selects_what_kthvalue_does(share: float, dtype: torch.dtype)
             assert got.dtype == expected.dtype
             assert torch.equal(got.isnan(), expected.isnan())
             assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+def test_wanda_removes_held_zeros_before_live_weights_that_score_zero() -> None:
+    """A weight already zero ranks below every other weight, also below a live weight whose
+    score is 0 because its input feature never fired: each row ends with exactly the asked
+    share of zeros, where ranking both at 0 would remove the earlier live ones too."""
+    generator = torch.Generator().manual_seed(0)
+    module = nn.Linear(40, 6, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(6, 40, generator=generator) + 1.0)
+        module.weight[:, 30:] = 0.0  # held from an earlier round
+    norms = FeatureNorms(40, torch.device("cpu"))
+    norms.sum_sq = torch.rand(40, dtype=torch.float64, generator=generator) + 0.5
+    norms.sum_sq[:15] = 0.0  # features that never fired
+    sequential._wanda(Linear("mlp.down_proj", module, False), norms, 0.5, None)
+    zeros = (module.weight == 0).sum(dim=1)
+    assert zeros.tolist() == [20] * 6
+    assert bool((module.weight[:, 30:] == 0).all())
 
 
 def test_wanda_feature_norms_are_the_float64_sum_of_squares() -> None:
