@@ -22,7 +22,7 @@ CHUNK_ROWS = 1024
 
 def ranked_(scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``scores``, in place, with the positions where ``weight`` is already zero ranked lowest
-    of all (rows without a zero, most of them, are checked in one pass and left as they are)."""
+    of all. A ``weight`` with no zero (nearly always) costs one pass and no mask."""
     if not bool(weight.all()):
         scores.masked_fill_(weight == 0, -1.0)
     return scores
