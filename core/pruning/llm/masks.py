@@ -34,15 +34,12 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     Ties go to the earlier column (as a stable sort orders them, as in the Wanda reference code).
     """
     k = removal_count(sparsity, scores.shape[1])
-    if not k:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if scores.shape[0] <= CHUNK_ROWS:
-        return _row_keep(scores, k)
-    keep = torch.empty_like(scores, dtype=torch.bool)
-    # A few rows at a time: the selection's copy of a whole wide layer would be its size.
-    for start in range(0, scores.shape[0], CHUNK_ROWS):
-        rows = slice(start, start + CHUNK_ROWS)
-        keep[rows] = _row_keep(scores[rows], k)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        # A few rows at a time: the selection's copy of a whole wide layer would be its size.
+        for start in range(0, scores.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            keep[rows] = _row_keep(scores[rows], k)
     return keep
 
 
