@@ -169,7 +169,8 @@ def refine_by_measurement(
     less than the MACs behind it (memory-bound layers, fixed costs). The first step scales the
     budget by the overshoot; the next ones follow the secant through the last two measurements,
     or scale again where the secant does not fall (a timing that rose as the budget fell is
-    noise: the secant would ask for the same budget again). Returns the first choice within
+    noise: the secant would ask for the same budget again) or falls below what the proxy can
+    reach. Returns the first choice within
     ``value``; if ``tries`` do not get there, the one measured lowest (the job reports the
     target as not met)."""
     aim = value * 0.99  # a little under: the artifact is measured again, with its own noise
@@ -177,21 +178,36 @@ def refine_by_measurement(
     choices = [choose_at(value)]
     measured = [measure(choices[0].ratios)]
     while measured[-1] > value and len(measured) < tries:
-        budget = budgets[-1] * aim / measured[-1]
+        steps = [budgets[-1] * aim / measured[-1]]
         if len(measured) > 1 and measured[-1] < measured[-2]:
             slope = (budgets[-1] - budgets[-2]) / (measured[-1] - measured[-2])
-            budget = budgets[-1] + (aim - measured[-1]) * slope
-        budget = min(max(budget, 1e-3), budgets[-1])
-        try:
-            choice = choose_at(budget)
-        except InvalidSpec:
+            # The secant first. Where the last timing fell by no more than noise, it points
+            # past anything the proxy can reach: the scaled step is still tried then.
+            steps.insert(0, budgets[-1] + (aim - measured[-1]) * slope)
+        reached = _first_reachable(steps, budgets[-1], choose_at)
+        if reached is None:
             break  # the proxy cannot go lower: keep the closest choice there was
+        budget, choice = reached
         budgets.append(budget)
         choices.append(choice)
         measured.append(measure(choice.ratios))
     if measured[-1] <= value:
         return choices[-1]
     return choices[min(range(len(measured)), key=measured.__getitem__)]
+
+
+def _first_reachable(
+    steps: Sequence[float], last: float, choose_at: Callable[[float], Choice]
+) -> tuple[float, Choice] | None:
+    """The first of ``steps`` (each held within ``(0, last]``) the proxy can choose at, and its
+    choice; None where it can reach none."""
+    for step in steps:
+        budget = min(max(step, 1e-3), last)
+        try:
+            return budget, choose_at(budget)
+        except InvalidSpec:
+            continue
+    return None
 
 
 def curves_from_cells(
