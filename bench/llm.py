@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -337,25 +336,22 @@ def _score(impls: list[str], method: str, setting: str) -> dict[str, dict[str, f
                 mod.weight.data.copy_(w[name])
         zeros = sum(int((t == 0).sum()) for t in w.values())
         total = sum(t.numel() for t in w.values())
-        same = sum(int(((t == 0) == (pruned["shears"][k] == 0)).sum()) for k, t in w.items())
+        others = ["shears"]
         if impl == PEER_COUNTS:  # the control: does it remove what the peers remove?
-            out[impl] = {
-                f"mask_agreement_with_{peer}": sum(
-                    int(((t == 0) == (pruned[peer][k] == 0)).sum()) for k, t in w.items()
-                )
-                / total
-                for peer in impls
-                if peer not in ("shears", PEER_COUNTS)
-            }
+            others += [p for p in impls if p not in ("shears", PEER_COUNTS)]
         out[impl] = {
-            **out.get(impl, {}),
             "perplexity": evaluate_perplexity(model, blocks["evaluation"], device="cpu")[
                 "perplexity"
             ],
             "sparsity": zeros / total,
-            "mask_agreement_with_shears": same / total,
+            **{f"mask_agreement_with_{o}": _agreement(w, pruned[o]) / total for o in others},
         }
     return out
+
+
+def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
+    """Positions whose zero/non-zero state is the same in ``a`` and ``b``."""
+    return sum(int(((t == 0) == (b[k] == 0)).sum()) for k, t in a.items())
 
 
 def _child(argv: list[str], python: str = sys.executable) -> dict[str, Any]:
@@ -372,9 +368,11 @@ def _summary(values: list[float]) -> dict[str, float]:
 def _controls(info: dict[str, Any], method: str, setting: str) -> list[str]:
     """``[PEER_COUNTS]`` where Shears' per-row Wanda counts differ from the peers' (70% of the
     4.9 M model's 688-wide ``down_proj`` rows: 482 against 481), else none."""
+    from core.allocation import removal_count  # Shears' count: round(s x n), halves up
+
     sparsity, n_m = SETTINGS[setting]
     widths = (info["config"]["hidden_size"], info["config"]["intermediate_size"])
-    differs = any(math.floor(sparsity * w + 0.5) != int(sparsity * w) for w in widths)
+    differs = any(removal_count(sparsity, w) != int(sparsity * w) for w in widths)
     return [PEER_COUNTS] if method == "wanda" and n_m is None and differs else []
 
 
